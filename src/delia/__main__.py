@@ -1,0 +1,3 @@
+from delia.cli import main
+
+main()

