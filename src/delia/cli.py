@@ -106,7 +106,9 @@ def _columns(pairs: list[str] | None) -> dict[str, str] | None:
     return out
 
 
-FormatOpt = Annotated[str, typer.Option("--format", "-f", help="auto, messages, prompt-completion, alpaca or sharegpt.")]
+FormatOpt = Annotated[
+    str, typer.Option("--format", "-f", help="auto, messages, prompt-completion, alpaca or sharegpt.")
+]
 ColumnsOpt = Annotated[
     list[str] | None,
     typer.Option("--columns", "-c", help="FIELD=COLUMN, repeatable: map a format's field to the file's column."),

@@ -147,7 +147,9 @@ def load_model(name: str | Path = DEFAULT_MODEL, *, dtype: str = "auto", device:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), use_safetensors=_has_safetensors(path))
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, dtype), use_safetensors=_has_safetensors(path)
+    )
     return model.to(device).eval(), load_tokenizer(path, resolved=True)
 
 
