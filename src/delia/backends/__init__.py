@@ -79,8 +79,8 @@ def request_seeds(n_prompts: int, params: SamplingParams, seeds: Sequence[int] |
 
 
 def get_backend(name: str, model: str, **options: Any) -> Backend:
-    """Build back end `name` for `model` (a name `resolve_model` accepts, or for `openai` the local
-    tokenizer's model). `options` go to the back end's constructor: see `hf.HFBackend.load`,
+    """Build back end `name` for `model` (a name `resolve_model` accepts; for `openai`, the model name the
+    server knows). `options` go to the back end's constructor: see `hf.HFBackend.load`,
     `vllm.VLLMBackend` and `openai.OpenAIBackend`.
     """
     if name == "hf":
@@ -94,5 +94,5 @@ def get_backend(name: str, model: str, **options: Any) -> Backend:
     if name == "openai":
         from delia.backends.openai import OpenAIBackend
 
-        return OpenAIBackend(**options)
+        return OpenAIBackend(model=model, **options)
     raise DeliaError(f"unknown back end {name!r}; expected one of {', '.join(BACKENDS)}")
