@@ -61,7 +61,7 @@ def with_config(func):
     """Add `--config FILE.yaml` to a stage function's CLI: the file's keys are its option names."""
     option = typer.Option("--config", help="YAML file whose keys set any of this command's options.",
                           is_eager=True, callback=_load_config, exists=True, dir_okay=False)
-    sig = inspect.signature(func)
+    sig = inspect.signature(func, eval_str=True)  # stage modules may use `from __future__ import annotations`
     extra = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None,
                               annotation=Annotated[Path | None, option])
 
@@ -70,7 +70,7 @@ def with_config(func):
         return func(*args, **kwargs)
 
     wrapper.__signature__ = sig.replace(parameters=[*sig.parameters.values(), extra])  # type: ignore[attr-defined]
-    wrapper.__annotations__ = {**func.__annotations__, "config": extra.annotation}
+    wrapper.__annotations__ = {**{n: p.annotation for n, p in sig.parameters.items()}, "config": extra.annotation}
     return wrapper
 
 
