@@ -36,6 +36,7 @@ app.add_typer(model_app, name="model")
 # verb -> "module:function". Each function is also the Python API of its stage.
 STAGES: dict[str, str] = {}
 STAGES["eval"] = "delia.evaluate:evaluate"
+STAGES["probe"] = "delia.probe:probe"
 
 
 def _load_config(ctx: typer.Context, _param: Any, value: Path | None) -> Path | None:

@@ -6,7 +6,8 @@ Outputs: `OUT/predictions.jsonl` (one row per eval row, with its scores) and `OU
 (aggregates and settings), each written atomically.
 """
 
-# No `from __future__ import annotations`: typer reads the Annotated options at runtime through cli.with_config.
+from __future__ import annotations
+
 import time
 from collections import Counter
 from pathlib import Path
