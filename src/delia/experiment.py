@@ -1,0 +1,105 @@
+"""The experiment config that `delia run` reads: one YAML names the model, the task, the pool, the arms and seeds.
+
+Stage sections (`sample`, `train`, `eval`) pass their keys straight to the stage functions, so any
+option of `delia sample` / `delia train` / `delia eval` can be set here under the same name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from delia.errors import DeliaError
+
+
+class Task(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    train: Path = Field(description="Task training rows (any format `delia data` reads).")
+    eval: Path = Field(description="Task evaluation rows; the last assistant turn is the reference.")
+    metric: str = Field("format", description="format, translation, exact or contains.")
+    metric_config: dict[str, Any] = Field(default_factory=dict, description="MetricConfig fields for `metric`.")
+    add_tokens: dict[str, str | None] = Field(
+        default_factory=dict, description="New special tokens, each with the instruction it stands for (or null)."
+    )
+
+
+class Arm(BaseModel):
+    """One way of training: plain SFT (ratio 0) or DELIA at a ratio of diverse rows per task row."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    ratio: float = Field(0.0, ge=0, description="Diverse rows per task row; 0 is plain SFT.")
+    train: dict[str, Any] = Field(default_factory=dict, description="Overrides of the experiment's train settings.")
+
+
+class Experiment(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "experiment"
+    model: str = "smollm2-135m"
+    task: Task
+    pool: Path | None = Field(None, description="Diverse query pool; needed by any arm with ratio > 0.")
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    arms: list[Arm] = Field(default_factory=lambda: [Arm(name="sft", ratio=0), Arm(name="delia", ratio=100)])
+    baseline: str | None = Field(None, description="Arm the others are compared with; default: the first ratio-0 arm.")
+    eval_base: bool = Field(True, description="Also evaluate the untuned model.")
+    sample: dict[str, Any] = Field(default_factory=dict, description="Options of `delia sample`.")
+    mix: dict[str, Any] = Field(default_factory=dict, description="Options of `delia mix` (e.g. allow_short).")
+    train: dict[str, Any] = Field(default_factory=dict, description="Options of `delia train`.")
+    eval: dict[str, Any] = Field(default_factory=dict, description="Options of `delia eval`.")
+    bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples for the 95% intervals.")
+
+    @field_validator("arms")
+    @classmethod
+    def _unique_arms(cls, arms: list[Arm]) -> list[Arm]:
+        names = [a.name for a in arms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"arm names must be unique, got {names}")
+        return arms
+
+    @model_validator(mode="after")
+    def _check(self) -> Experiment:
+        if any(a.ratio > 0 for a in self.arms) and self.pool is None:
+            raise ValueError("an arm has ratio > 0 but no `pool` of diverse queries is given")
+        if self.baseline is not None and self.baseline not in {a.name for a in self.arms}:
+            raise ValueError(f"baseline {self.baseline!r} is not an arm")
+        return self
+
+    @property
+    def baseline_arm(self) -> str | None:
+        if self.baseline:
+            return self.baseline
+        return next((a.name for a in self.arms if a.ratio == 0), None)
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Read and validate an experiment YAML; relative data paths are taken from the YAML's folder."""
+    import yaml
+    from pydantic import ValidationError
+
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as e:
+        raise DeliaError(f"{path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise DeliaError(f"{path}: invalid YAML: {e}") from None
+    try:
+        exp = Experiment.model_validate(raw)
+    except ValidationError as e:
+        lines = [f"{path}: field '{'.'.join(map(str, err['loc']))}': {err['msg']}" for err in e.errors()]
+        raise DeliaError("invalid experiment config\n" + "\n".join(lines)) from None
+    base = path.resolve().parent
+
+    def rel(p: Path | None) -> Path | None:
+        if p is None or p.is_absolute() or str(p).startswith("demo-data:"):
+            return None
+        return (base / p).resolve()
+
+    exp.task.train, exp.task.eval = rel(exp.task.train) or exp.task.train, rel(exp.task.eval) or exp.task.eval
+    exp.pool = rel(exp.pool) or exp.pool
+    return exp

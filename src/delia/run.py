@@ -1,0 +1,228 @@
+"""`delia run`: every stage of an experiment for every arm and seed, each stage cached by a hash of its inputs.
+
+A stage's folder is `OUT/stages/<stage>-<hash>/`; it counts as done only when its `stage.json` exists,
+so a rerun skips finished stages and an interrupted one continues where it stopped (sampling and
+training resume inside their folder). Changing any input (data, model, option) changes the hash.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from delia import __version__
+from delia.experiment import Experiment, load_experiment
+from delia.files import sha256_file, sha256_json, write_json
+
+console = Console(stderr=True)
+
+
+class StageCache:
+    """Runs a stage in a folder named by the hash of its inputs, unless that folder is already complete."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.done: list[str] = []
+        self.skipped: list[str] = []
+
+    def run(self, stage: str, label: str, inputs: dict[str, Any], fn: Callable[[Path], Any]) -> tuple[Path, dict]:
+        key = sha256_json({"stage": stage, "inputs": inputs, "delia": __version__})[:12]
+        folder = self.root / f"{stage}-{key}"
+        marker = folder / "stage.json"
+        if marker.exists():
+            self.skipped.append(f"{stage}:{label}")
+            console.print(f"[dim]cached[/] {stage} {label} -> {folder}", highlight=False)
+            return folder, json.loads(marker.read_text(encoding="utf-8"))
+        folder.mkdir(parents=True, exist_ok=True)
+        console.rule(f"{stage} {label}")
+        start = time.perf_counter()
+        result = fn(folder)
+        record = {"stage": stage, "label": label, "inputs": inputs, "wall_s": round(time.perf_counter() - start, 2),
+                  "result": result}
+        write_json(marker, record)
+        self.done.append(f"{stage}:{label}")
+        return folder, json.loads(marker.read_text(encoding="utf-8"))
+
+
+def model_fingerprint(folder: str) -> str:
+    """Cheap identity of a model folder: its config and the names and sizes of its weight files."""
+    p = Path(folder)
+    if not p.is_dir():
+        return folder  # hub id
+    files = sorted((f.name, f.stat().st_size) for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".json"))
+    return sha256_json({"config": (p / "config.json").read_text(encoding="utf-8"), "files": files})
+
+
+def _resolve_demo_path(path: Path) -> Path:
+    """`demo-data:NAME` names a file of the prepared demo data (prepared, and cached, on first use)."""
+    s = str(path)
+    if not s.startswith("demo-data:"):
+        return path
+    from delia.demo_data import prepare_demo_data
+
+    return prepare_demo_data() / s.split(":", 1)[1]
+
+
+def run_experiment(exp: Experiment, out: Path) -> dict[str, Any]:
+    """Sample, mix, train, evaluate and probe every arm and seed of `exp`; write the report into `out`."""
+    from delia.evaluate import evaluate
+    from delia.mix import mix
+    from delia.models import resolve_model
+    from delia.report import RunResult, write_report
+    from delia.sample import sample
+    from delia.train import train
+
+    exp.task.train, exp.task.eval = _resolve_demo_path(exp.task.train), _resolve_demo_path(exp.task.eval)
+    if exp.pool is not None:
+        exp.pool = _resolve_demo_path(exp.pool)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = StageCache(out / "stages")
+    model_path = resolve_model(exp.model)
+    model_id = {"model": exp.model, "fingerprint": model_fingerprint(model_path)}
+    data_hashes = {"task_train": sha256_file(exp.task.train), "task_eval": sha256_file(exp.task.eval)}
+    if exp.pool is not None:
+        data_hashes["pool"] = sha256_file(exp.pool)
+
+    metric_cfg = None
+    if exp.task.metric_config:
+        import yaml
+
+        metric_cfg = out / "metric_config.yaml"
+        metric_cfg.write_text(yaml.safe_dump({"kind": exp.task.metric, **exp.task.metric_config}), encoding="utf-8")
+    eval_kwargs = {"metric": exp.task.metric, "metric_config": metric_cfg, **exp.eval}
+    eval_inputs = {"data": data_hashes["task_eval"], "metric": exp.task.metric,
+                   "metric_config": exp.task.metric_config, "options": exp.eval}
+    token_specs = [f"{t}={d}" if d else t for t, d in exp.task.add_tokens.items()]
+    described = {t: d for t, d in exp.task.add_tokens.items() if d}
+    probe_kwargs = {"token": [f"{t}={d}" for t, d in described.items()], "data": exp.task.eval}
+
+    samples = None
+    if any(a.ratio > 0 for a in exp.arms):
+        folder, _ = cache.run("sample", "pool", {"model": model_id, "pool": data_hashes["pool"], "options": exp.sample},
+                              lambda d: sample(exp.pool, d / "samples.jsonl", model=model_path, **exp.sample))
+        samples = folder / "samples.jsonl"
+        sample_s = _wall(folder)
+
+    runs: list[RunResult] = []
+    if exp.eval_base:
+        folder, rec = cache.run("eval", "base", {"model": model_id, **eval_inputs},
+                                lambda d: evaluate(exp.task.eval, d, model=model_path, **eval_kwargs))
+        base = RunResult("base", None, None, folder, wall_s={"eval": rec["wall_s"]})
+        if described:
+            from delia.probe import probe
+
+            probe_inputs = {"model": model_id, **probe_kwargs, "data": data_hashes["task_eval"]}
+            pfolder, _ = cache.run("probe", "base", probe_inputs, lambda d: probe(d, model=model_path, **probe_kwargs))
+            base.probe = json.loads((pfolder / "probe.json").read_text(encoding="utf-8"))
+        runs.append(base)
+
+    for arm in exp.arms:
+        for seed in exp.seeds:
+            label = f"{arm.name} seed {seed}"
+            wall: dict[str, float] = {}
+            if arm.ratio > 0:
+                assert samples is not None
+                mix_inputs = {"task": data_hashes["task_train"], "diverse": sha256_file(samples), "ratio": arm.ratio,
+                              "seed": seed, "options": exp.mix}
+                folder, rec = cache.run("mix", label, mix_inputs, lambda d, r=arm.ratio, s=seed: mix(
+                    exp.task.train, samples, d / "mixed.jsonl", ratio=r, seed=s, **exp.mix))
+                train_data, data_hash = folder / "mixed.jsonl", sha256_file(folder / "mixed.jsonl")
+                wall.update(sample=sample_s, mix=rec["wall_s"])
+            else:
+                train_data, data_hash = exp.task.train, data_hashes["task_train"]
+            options = {**exp.train, **arm.train, "seed": seed}
+            tfolder, rec = cache.run(
+                "train", label, {"model": model_id, "data": data_hash, "tokens": token_specs, "options": options},
+                lambda d, td=train_data, o=options: train(td, d / "adapter", model=model_path, add_token=token_specs,
+                                                          eval_data=exp.task.eval, resume=True, **o))
+            adapter = tfolder / "adapter"
+            wall["train"] = rec["wall_s"]
+            efolder, rec = cache.run("eval", label, {"adapter": rec["inputs"], **eval_inputs},
+                                     lambda d, a=adapter: evaluate(exp.task.eval, d, adapter=a, **eval_kwargs))
+            wall["eval"] = rec["wall_s"]
+            result = RunResult(arm.name, arm.ratio, seed, efolder, train_dir=adapter, wall_s=wall,
+                               trained_tokens=_trained_tokens(adapter))
+            if described:
+                from delia.probe import probe
+
+                pfolder, _ = cache.run("probe", label, {"adapter": rec["inputs"], **probe_kwargs,
+                                                        "data": data_hashes["task_eval"]},
+                                       lambda d, a=adapter: probe(d, adapter=a, data=exp.task.eval))
+                result.probe = json.loads((pfolder / "probe.json").read_text(encoding="utf-8"))
+            runs.append(result)
+
+    manifest = {"experiment": exp.model_dump(mode="json"), "model": model_id, "data_sha256": data_hashes,
+                "versions": _versions(), "stages_run": cache.done, "stages_cached": cache.skipped}
+    md, html, summary = write_report(out, exp.name, runs, exp.baseline_arm, manifest, exp.bootstrap)
+    write_json(out / "manifest.json", manifest)
+    return {"report_md": str(md), "report_html": str(html), "summary": summary,
+            "stages_run": cache.done, "stages_cached": cache.skipped}
+
+
+def _wall(folder: Path) -> float:
+    return json.loads((folder / "stage.json").read_text(encoding="utf-8"))["wall_s"]
+
+
+def _trained_tokens(adapter: Path) -> int | None:
+    meta = adapter / "delia_train.json"
+    if not meta.exists():
+        return None
+    return json.loads(meta.read_text(encoding="utf-8")).get("tokens_trained")
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("delia", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "sacrebleu"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            continue
+    return out
+
+
+def print_summary(result: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    summary = result["summary"]
+    table = Table(title="results (mean [95% interval]; Δ vs baseline)")
+    table.add_column("arm")
+    table.add_column("ratio")
+    for m in summary["metrics"]:
+        table.add_column(m)
+        table.add_column(f"Δ {m}")
+    for name, a in summary["arms"].items():
+        cells = [name, "–" if a["ratio"] is None else f"{a['ratio']:g}"]
+        for m in summary["metrics"]:
+            mean, lo, hi = a["metrics"][m]
+            cells.append(f"{mean:.3f} [{lo:.3f}, {hi:.3f}]")
+            d = a["delta"].get(m)
+            cells.append(f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]" if d else "–")
+        table.add_row(*cells)
+    Console().print(table)
+    console.print(f"report: {result['report_md']}\n        {result['report_html']}", highlight=False)
+
+
+def run(
+    experiment: Annotated[Path, typer.Argument(help="Experiment YAML (see examples/).", exists=True, dir_okay=False)],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default runs/<name>).")] = None,
+) -> dict[str, Any]:
+    """Run an experiment: sample, mix, train and eval every arm and seed, then write report.md and report.html.
+
+    Finished stages are cached by a hash of their inputs: a rerun skips them, an interrupted run continues.
+
+    Examples:\n
+      delia run examples/demo.yaml\n
+      delia run examples/paper-format.yaml --out runs/paper
+    """
+    exp = load_experiment(experiment)
+    result = run_experiment(exp, out or Path("runs") / exp.name)
+    print_summary(result)
+    return result
