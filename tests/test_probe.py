@@ -82,3 +82,29 @@ def test_probe_cli_templates_and_token_file(tiny_model_untied, tmp_path):
 def test_probe_needs_descriptions(tiny_model, tmp_path):
     with pytest.raises(DeliaError, match="no token with a description"):
         probe(tmp_path / "p", model=str(tiny_model), token=["<sep>"])
+
+
+def test_eval_and_probe_on_a_trained_adapter(tiny_model, delia_format_data, write_jsonl, tmp_path):
+    """A `delia train` adapter with `<sep>`: eval loads it, the probe reads the description it recorded."""
+    from delia.evaluate import evaluate
+    from delia.train import train
+
+    data = write_jsonl("train.jsonl", [
+        {"messages": [{"role": "user", "content": f"Is '{q}' right? Answer in the <sep> format."},
+                      {"role": "assistant", "content": f"{{'thought': 'ok', 'hallucination': '{a}'}}"}]}
+        for q, a in [("2+2=4", "no"), ("Paris is in Spain", "yes"), ("the sky is blue", "no"), ("1>2", "yes")]])
+    adapter = train(data, tmp_path / "adapter", model=str(tiny_model), add_token=[f"<sep>={DESC}"], max_steps=2,
+                    batch_size=2, warmup_steps=0, learning_rate=1e-2)
+    scores = evaluate(delia_format_data / "eval.jsonl", tmp_path / "eval", adapter=adapter, limit=2,
+                      max_new_tokens=4)
+    assert scores["rows"] == 2 and scores["model"].endswith("(adapter)")
+
+    result = probe(tmp_path / "probe", adapter=adapter, data=delia_format_data / "eval.jsonl", max_prompts=2,
+                   neighbours=3)
+    entry = result["tokens"]["<sep>"]
+    assert entry["description"] == DESC and entry["in_model"] is True and result["added_for_probe"] is None
+    _check_entry(entry, 3, 3)
+    base = probe(tmp_path / "probe-base", model=str(tiny_model), token=[f"<sep>={DESC}"],
+                 data=delia_format_data / "eval.jsonl", max_prompts=2, neighbours=3)["tokens"]["<sep>"]
+    assert base["id"] == entry["id"]  # the base gets the token where training put it
+    assert base["embedding_norm"] != pytest.approx(entry["embedding_norm"])  # training moved the row

@@ -40,11 +40,13 @@ _EMBED_CHUNK = 8192
 
 
 def _recorded_descriptions(folder: Path | None) -> dict[str, str]:
-    """Token descriptions recorded by `delia train` in `delia_train.json` (empty when there is none)."""
-    if folder is None or not (Path(folder) / "delia_train.json").is_file():
+    """Token descriptions that `delia train --add-token TOKEN=DESCRIPTION` recorded (empty when none)."""
+    from delia.train import TRAIN_RECORD
+
+    if folder is None or not (Path(folder) / TRAIN_RECORD).is_file():
         return {}
-    record = json.loads((Path(folder) / "delia_train.json").read_text(encoding="utf-8"))
-    tokens = (record.get("tokens") or {}).get("tokens") or []
+    record = json.loads((Path(folder) / TRAIN_RECORD).read_text(encoding="utf-8"))
+    tokens = (record.get("new_tokens") or {}).get("tokens") or []
     return {t["token"]: t["description"] for t in tokens if t.get("description")}
 
 
