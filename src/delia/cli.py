@@ -35,6 +35,8 @@ app.add_typer(model_app, name="model")
 
 # verb -> "module:function". Each function is also the Python API of its stage.
 STAGES: dict[str, str] = {}
+STAGES["mix"] = "delia.mix:mix"
+STAGES["train"] = "delia.train:train"
 STAGES["eval"] = "delia.evaluate:evaluate"
 STAGES["probe"] = "delia.probe:probe"
 

@@ -1,0 +1,105 @@
+"""`delia mix`: the task rows plus a seeded draw of the model's own diverse answers, shuffled together.
+
+Every task row is kept once; diverse rows are drawn without replacement. The seed fixes both the
+draw and the order, so the same inputs and seed give the same file byte for byte.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from delia.data import ChatData, describe, read_chat, row_id, write_chat
+from delia.errors import DeliaError
+from delia.files import sha256_file, write_json
+
+SOURCES = ("task", "diverse")
+
+
+def summary_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(f"{out.stem if out.suffix in ('.jsonl', '.json') else out.name}.summary.json")
+
+
+def _tagged(record: dict[str, Any], source: str) -> dict[str, Any]:
+    """Keep the conversation, its id and its source; any other fields go under `meta` (one schema for all rows)."""
+    meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
+    extra = {k: v for k, v in record.items() if k not in ("messages", "id", "meta", "source")}
+    return {"messages": record["messages"], "id": row_id(record), "source": source, "meta": {**extra, **meta}}
+
+
+def mix(
+    task: Annotated[Path, typer.Argument(help="Task training rows (any format `delia data` reads).")],
+    diverse: Annotated[Path, typer.Argument(help="Diverse rows: the messages JSONL `delia sample` writes.")],
+    out: Annotated[Path, typer.Argument(help="Output: .jsonl (messages JSONL) or a folder (saved HF dataset).")],
+    ratio: Annotated[float | None, typer.Option(help="Diverse rows per task row, e.g. 100 (the paper's).")] = None,
+    diverse_count: Annotated[int | None, typer.Option(help="Number of diverse rows (instead of --ratio).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the draw and the shuffle.")] = 0,
+    allow_short: Annotated[bool, typer.Option(
+        help="Take the whole pool when it has fewer rows than asked (with a warning) instead of failing.")] = False,
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="Tokenizer for the token counts in the summary ('' to skip them).")] = "smollm2-135m",
+) -> dict[str, Any]:
+    """Mix task rows with diverse rows; writes OUT and OUT.summary.json, returns the summary.
+
+    Each output row keeps `source` ("task" or "diverse") and `id`. The summary counts rows and
+    tokens per source.
+
+    Examples:\n
+      delia mix task.jsonl diverse.jsonl mix.jsonl --ratio 100\n
+      delia mix task.jsonl diverse.jsonl mix.jsonl --diverse-count 5000 --seed 1
+    """
+    if (ratio is None) == (diverse_count is None):
+        raise DeliaError("pass exactly one of --ratio or --diverse-count")
+    if (ratio is not None and ratio < 0) or (diverse_count is not None and diverse_count < 0):
+        raise DeliaError("--ratio and --diverse-count must not be negative")
+    task_data = read_chat(task)
+    pool = read_chat(diverse).records
+    if not task_data.records:
+        raise DeliaError(f"{task}: no task rows")
+    wanted = diverse_count if diverse_count is not None else round(ratio * len(task_data.records))  # type: ignore[operator]
+    short = wanted > len(pool)
+    if short and not allow_short:
+        raise DeliaError(f"{diverse}: the pool has {len(pool)} rows but {wanted} diverse rows are asked for "
+                         f"({len(task_data.records)} task rows); sample more, lower --ratio, or pass --allow-short")
+    console = Console(stderr=True)
+    if short:
+        console.print(f"[yellow]warning:[/] {diverse} has only {len(pool)} rows of the {wanted} asked for; "
+                      "using all of them (--allow-short)")
+
+    rng = random.Random(seed)
+    picked = rng.sample(range(len(pool)), min(wanted, len(pool)))
+    rows = [_tagged(r, "task") for r in task_data.records] + [_tagged(pool[i], "diverse") for i in picked]
+    rng.shuffle(rows)
+    write_chat(out, rows)
+
+    tokenizer = None
+    if model:
+        from delia.models import load_tokenizer
+
+        tokenizer = load_tokenizer(model)
+    per_source = {}
+    for source in SOURCES:
+        info = describe(ChatData(str(out), "messages", [r for r in rows if r["source"] == source]), tokenizer)
+        per_source[source] = {k: info[k] for k in ("rows", "prompt_tokens", "response_tokens", "total_tokens")
+                              if k in info}
+    summary = {
+        "out": str(out), "seed": seed, "ratio": ratio, "diverse_count": diverse_count,
+        "diverse_asked": wanted, "short": short, "rows": len(rows), "tokenizer": model or None,
+        "sources": per_source,
+        "inputs": {"task": {"path": str(task), "sha256": _hash(task), "rows": len(task_data.records)},
+                   "diverse": {"path": str(diverse), "sha256": _hash(diverse), "rows": len(pool)}},
+    }
+    write_json(summary_path(out), summary)
+    counts = ", ".join(f"{s}: {v['rows']} rows" + (f" / {v['total_tokens']} tokens" if "total_tokens" in v else "")
+                       for s, v in per_source.items())
+    console.print(f"[green]wrote[/] {len(rows)} rows to {out} ({counts}); summary in {summary_path(out)}")
+    return summary
+
+
+def _hash(path: Path) -> str | None:
+    return sha256_file(path) if path.is_file() else None

@@ -1,0 +1,75 @@
+import json
+from collections import Counter
+
+import pytest
+
+from delia.data import read_chat
+from delia.errors import DeliaError
+from delia.mix import mix, summary_path
+
+
+def _rows(prefix, n, answer="fine"):
+    return [{"messages": [{"role": "user", "content": f"{prefix} question {i}"},
+                          {"role": "assistant", "content": f"{answer} {i}"}], "id": f"{prefix}{i}",
+             "meta": {"n": i}} for i in range(n)]
+
+
+@pytest.fixture
+def inputs(write_jsonl):
+    task = write_jsonl("task.jsonl", [{"prompt": f"task {i}", "completion": f"done {i}", "tag": "t"} for i in range(4)])
+    return task, write_jsonl("diverse.jsonl", _rows("d", 30))
+
+
+def test_ratio_keeps_every_task_row_and_sources(inputs, tmp_path, tiny_model):
+    task, diverse = inputs
+    out = tmp_path / "mix.jsonl"
+    summary = mix(task, diverse, out, ratio=2.5, model=str(tiny_model))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert Counter(r["source"] for r in rows) == {"task": 4, "diverse": 10}
+    assert sorted(r["messages"][0]["content"] for r in rows if r["source"] == "task") == [f"task {i}" for i in range(4)]
+    diverse_ids = [r["id"] for r in rows if r["source"] == "diverse"]
+    assert len(set(diverse_ids)) == 10 and all(i.startswith("d") for i in diverse_ids)
+    assert all(r["meta"] == {"tag": "t"} for r in rows if r["source"] == "task")
+    assert summary["sources"]["task"]["rows"] == 4 and summary["sources"]["diverse"]["rows"] == 10
+    assert summary["sources"]["diverse"]["total_tokens"] > 0
+    assert json.loads(summary_path(out).read_text()) == summary
+    assert [r["source"] for r in rows] != ["task"] * 4 + ["diverse"] * 10  # shuffled together
+
+
+def test_deterministic_for_a_seed(inputs, tmp_path):
+    task, diverse = inputs
+    a, b, c = (tmp_path / f"{n}.jsonl" for n in "abc")
+    mix(task, diverse, a, diverse_count=12, seed=3, model="")
+    mix(task, diverse, b, diverse_count=12, seed=3, model="")
+    mix(task, diverse, c, diverse_count=12, seed=4, model="")
+    assert a.read_bytes() == b.read_bytes()
+    assert a.read_bytes() != c.read_bytes()
+
+
+def test_pool_too_small(inputs, tmp_path):
+    task, diverse = inputs
+    with pytest.raises(DeliaError, match="pool has 30 rows but 40"):
+        mix(task, diverse, tmp_path / "m.jsonl", ratio=10, model="")
+    assert not (tmp_path / "m.jsonl").exists()
+    summary = mix(task, diverse, tmp_path / "m.jsonl", ratio=10, allow_short=True, model="")
+    assert summary["short"] and summary["sources"]["diverse"]["rows"] == 30
+
+
+@pytest.mark.parametrize("kw", [{}, {"ratio": 1, "diverse_count": 3}, {"ratio": -1}])
+def test_needs_one_valid_amount(inputs, tmp_path, kw):
+    with pytest.raises(DeliaError):
+        mix(*inputs, tmp_path / "m.jsonl", model="", **kw)
+
+
+def test_hf_dataset_output_and_cli(inputs, tmp_path):
+    from delia.cli import main
+
+    task, diverse = inputs
+    cfg = tmp_path / "mix.yaml"
+    cfg.write_text("ratio: 1\nseed: 7\nmodel: ''\n")
+    with pytest.raises(SystemExit) as done:
+        main(["mix", str(task), str(diverse), str(tmp_path / "mixed"), "--config", str(cfg)])
+    assert done.value.code == 0
+    data = read_chat(tmp_path / "mixed")
+    assert Counter(r["source"] for r in data.records) == {"task": 4, "diverse": 4}
+    assert json.loads(summary_path(tmp_path / "mixed").read_text())["seed"] == 7
