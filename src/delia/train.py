@@ -1,0 +1,338 @@
+"""`delia train`: LoRA SFT on a chat mixture with TRL's SFTTrainer, loss on the final assistant turn only.
+
+Each row becomes a conversational prompt/completion pair (prompt = every turn before the last
+assistant turn), which TRL turns into completion-only labels. New special tokens are added and
+initialised by `delia.tokens`; their embedding rows are trained as PEFT `modules_to_save` (the only
+way that trains them under TRL's fused LM head, see README "Training"). The output folder is a plain
+PEFT adapter with its tokenizer: transformers + peft load it without delia.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from delia.errors import DeliaError
+from delia.files import sha256_file, sha256_json, write_json, write_jsonl
+
+TRAIN_RECORD = "delia_train.json"
+TRAINER_LOG = "trainer_log.jsonl"
+CHECKPOINTS = "checkpoints"
+RUN_RECORD = "delia_run.json"  # inside CHECKPOINTS: the settings a --resume must match
+BATCHING = ("group_by_length", "random", "packing")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Settings that may differ between a killed run and its --resume.
+_RESUME_FREE = {"resume", "overwrite", "merge", "keep_checkpoints", "out"}
+
+
+def train(
+    data: Annotated[Path, typer.Argument(help="Training rows: a `delia mix` output or any chat dataset.")],
+    out: Annotated[Path, typer.Argument(help="Output folder: the PEFT adapter, its tokenizer and delia_train.json.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Base model: bundled name, folder or .gguf.")] = (
+        "smollm2-135m"),
+    eval_data: Annotated[Path | None, typer.Option(
+        help="Task eval rows: eval loss and important-token loss at every evaluation.")] = None,
+    format: Annotated[str, typer.Option("--format", "-f", help="Format of DATA and EVAL_DATA (auto-detected).")] = (
+        "auto"),
+    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 16,
+    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 16,
+    lora_dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.05,
+    target_modules: Annotated[list[str] | None, typer.Option(
+        "--target-module", help="Module adapted by LoRA, repeatable (default: q/k/v/o projections).")] = None,
+    learning_rate: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-4,
+    lr_scheduler: Annotated[str, typer.Option(help="transformers scheduler name.")] = "constant_with_warmup",
+    warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps.")] = 25,
+    epochs: Annotated[float, typer.Option(help="Passes over DATA.")] = 1.0,
+    max_steps: Annotated[int, typer.Option(help="Stop after this many optimizer steps (-1: run the epochs).")] = -1,
+    batch_size: Annotated[int, typer.Option(help="Rows per device per step.")] = 8,
+    grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.01,
+    max_length: Annotated[int, typer.Option(help="Tokens per row (longer rows are cut at the end).")] = 1024,
+    batching: Annotated[str, typer.Option(
+        help="group_by_length (least padding on DELIA mixtures, see benchmarks/train_throughput.py), "
+             "random, or packing.")] = "group_by_length",
+    precision: Annotated[str, typer.Option(
+        help="auto (bf16 on a GPU that supports it, else fp32), fp32, bf16 or fp16.")] = "auto",
+    gradient_checkpointing: Annotated[bool, typer.Option(help="Trade compute for activation memory.")] = False,
+    add_token: Annotated[list[str] | None, typer.Option(
+        help="New special token, repeatable: TOKEN or TOKEN=DESCRIPTION (what it stands for).")] = None,
+    token_init: Annotated[str, typer.Option(
+        help="Init of new token rows: random (normal, std of the matrix, seeded), mean, mean-noise, description.",
+    )] = "random",
+    important_token: Annotated[list[str] | None, typer.Option(
+        help="Token whose loss is tracked on EVAL_DATA, repeatable (default: the added tokens).")] = None,
+    eval_steps: Annotated[int, typer.Option(help="Evaluate every N steps (with --eval-data).")] = 25,
+    logging_steps: Annotated[int, typer.Option(help="Log the training loss every N steps.")] = 5,
+    save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps (for --resume).")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed of LoRA init, token init, data order and dropout.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in OUT/checkpoints.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a finished or unfinished run in OUT.")] = False,
+    merge: Annotated[bool, typer.Option(help="Also write the merged full model to OUT/merged.")] = False,
+    keep_checkpoints: Annotated[bool, typer.Option(help="Keep OUT/checkpoints after a successful run.")] = False,
+) -> Path:
+    """LoRA SFT of MODEL on DATA; writes a PEFT adapter folder to OUT and returns its path.
+
+    Defaults are the paper's: r=16, alpha=16, dropout 0.05 on q/k/v/o, lr 2e-4 constant with 25
+    warmup steps, 1 epoch. Under `accelerate launch` the same command runs distributed.
+
+    Examples:\n
+      delia train mix.jsonl runs/delia --eval-data task_eval.jsonl --add-token "<sep>"\n
+      delia train mix.jsonl runs/delia --resume\n
+      accelerate launch --config_file configs/accelerate/zero2.yaml -m delia train mix.jsonl runs/delia
+    """
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
+    run = _setup(**settings)
+    return run.fit()
+
+
+class _Run:
+    """A prepared training run: the trainer, and what goes into delia_train.json."""
+
+    def __init__(self, trainer: Any, tokenizer: Any, out: Path, record: dict[str, Any], settings: dict[str, Any]):
+        self.trainer, self.tokenizer, self.out, self.record, self.settings = trainer, tokenizer, out, record, settings
+
+    def checkpoint(self) -> str | None:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        folder = self.out / CHECKPOINTS
+        return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+    def fit(self) -> Path:
+        trainer, out = self.trainer, self.out
+        resume_from = self.checkpoint() if self.settings["resume"] else None
+        if self.settings["resume"] and resume_from is None:
+            print(f"delia train: no checkpoint in {out / CHECKPOINTS}; starting from the beginning", file=sys.stderr)
+        result = trainer.train(resume_from_checkpoint=resume_from)
+        trainer.accelerator.wait_for_everyone()
+        if not trainer.is_world_process_zero():
+            return out
+        tmp = out / ".adapter.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        trainer.save_model(str(tmp))
+        self.tokenizer.save_pretrained(str(tmp))
+        (tmp / "training_args.bin").unlink(missing_ok=True)
+        for f in tmp.iterdir():
+            os.replace(f, out / f.name)
+        tmp.rmdir()
+        write_jsonl(out / TRAINER_LOG, trainer.state.log_history)
+        if self.settings["merge"]:
+            self._merge()
+        if not self.settings["keep_checkpoints"]:
+            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+        self.record.update(
+            steps=trainer.state.global_step, epochs_run=trainer.state.epoch, resumed_from=resume_from,
+            # input tokens of one pass over the data times the passes run (pro rata for a partial epoch)
+            tokens_trained=round(self.record["data"]["train_tokens"] * (trainer.state.epoch or 0)),
+            metrics=result.metrics,
+            outputs=sorted(p.name for p in out.iterdir()) + [TRAIN_RECORD],
+        )
+        write_json(out / TRAIN_RECORD, self.record)  # last: its presence marks a finished run
+        return out
+
+    def _merge(self) -> None:
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        merged = model.merge_and_unload()
+        tmp, final = self.out / ".merged.tmp", self.out / "merged"
+        shutil.rmtree(tmp, ignore_errors=True)
+        merged.save_pretrained(str(tmp))
+        self.tokenizer.save_pretrained(str(tmp))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+
+
+def _to_prompt_completion(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Conversational prompt/completion rows: TRL masks the prompt, so only the last assistant turn is trained."""
+    return [{"prompt": r["messages"][:-1], "completion": [r["messages"][-1]]} for r in records]
+
+
+def _check_out(out: Path, settings: dict[str, Any]) -> None:
+    """Refuse to mix runs in one folder; with --resume, refuse a checkpoint made with other settings."""
+    ckpt = out / CHECKPOINTS
+    if settings["overwrite"]:
+        shutil.rmtree(ckpt, ignore_errors=True)
+        shutil.rmtree(out / "merged", ignore_errors=True)
+        for name in (TRAIN_RECORD, TRAINER_LOG, "important_token_loss.jsonl"):
+            (out / name).unlink(missing_ok=True)
+        return
+    if (out / TRAIN_RECORD).exists():
+        raise DeliaError(f"{out}: holds a finished training run; pass --overwrite to replace it")
+    if ckpt.is_dir() and any(ckpt.iterdir()):
+        if not settings["resume"]:
+            raise DeliaError(f"{out}: holds checkpoints of an unfinished run; pass --resume to continue it "
+                             "or --overwrite to start over")
+        saved = json.loads((ckpt / RUN_RECORD).read_text()) if (ckpt / RUN_RECORD).exists() else {}
+        now = _resume_key(settings)
+        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if diff:
+            raise DeliaError(f"{out}: --resume with settings or data that differ from the checkpointed run: "
+                             f"{', '.join(diff)}")
+
+
+def _resume_key(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in settings.items() if k not in _RESUME_FREE}
+
+
+def _data_hash(path: Path) -> str:
+    return sha256_file(path) if path.is_file() else sha256_json(sorted(p.name for p in path.iterdir()))
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("delia", "torch", "transformers", "trl", "peft", "datasets", "accelerate"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def _precision(precision: str) -> dict[str, bool]:
+    import torch
+
+    if precision not in PRECISIONS:
+        raise DeliaError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def _setup(**s: Any) -> _Run:
+    """Everything up to a ready SFTTrainer; `train` runs it. Tests inspect the trainer it builds."""
+    import datasets
+    import torch
+    from peft import LoraConfig, PeftModel
+    from transformers import AutoModelForCausalLM, set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    from delia.data import read_chat
+    from delia.important import IMPORTANT_LOSS_FILE, encode_rows, important_ids, make_callback
+    from delia.models import load_tokenizer, resolve_model
+    from delia.tokens import add_tokens, embedding_module_names, parse_token_specs
+
+    data, out = Path(s["data"]), Path(s["out"])
+    if s["batching"] not in BATCHING:
+        raise DeliaError(f"unknown batching {s['batching']!r}; expected one of {', '.join(BATCHING)}")
+    precision = _precision(s["precision"])
+    specs = parse_token_specs(s["add_token"])
+    s["data_sha256"] = _data_hash(data)
+    s["eval_data_sha256"] = _data_hash(Path(s["eval_data"])) if s["eval_data"] else None
+    _check_out(out, s)
+
+    records = read_chat(data, s["format"]).records  # type: ignore[arg-type]
+    eval_records = read_chat(s["eval_data"], s["format"]).records if s["eval_data"] else []  # type: ignore[arg-type]
+    if not records:
+        raise DeliaError(f"{data}: no training rows")
+
+    set_seed(s["seed"])
+    path = resolve_model(s["model"])
+    tokenizer = load_tokenizer(path, resolved=True)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tokens = add_tokens(base, tokenizer, specs, s["token_init"], s["seed"]) if specs else None
+
+    in_name, out_name = embedding_module_names(base)
+    modules_to_save = None
+    if tokens:  # train the new rows: the whole embedding (and untied head), tied copies kept tied
+        modules_to_save = [in_name] + ([out_name] if out_name and not tokens["tied_embeddings"] else [])
+    peft_config = LoraConfig(
+        r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=s["lora_dropout"], bias="none",
+        target_modules=s["target_modules"] or ["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM",
+        modules_to_save=modules_to_save, ensure_weight_tying=bool(tokens and tokens["tied_embeddings"]),
+    )
+    has_eval = bool(eval_records)
+    args = SFTConfig(
+        output_dir=str(out / CHECKPOINTS), seed=s["seed"], data_seed=s["seed"], report_to=[],
+        learning_rate=s["learning_rate"], lr_scheduler_type=s["lr_scheduler"], warmup_steps=s["warmup_steps"],
+        num_train_epochs=s["epochs"], max_steps=s["max_steps"], weight_decay=s["weight_decay"],
+        per_device_train_batch_size=s["batch_size"], per_device_eval_batch_size=s["batch_size"],
+        gradient_accumulation_steps=s["grad_accum"], gradient_checkpointing=s["gradient_checkpointing"],
+        max_length=s["max_length"], packing=s["batching"] == "packing",
+        train_sampling_strategy="group_by_length" if s["batching"] == "group_by_length" else "random",
+        logging_steps=s["logging_steps"], save_strategy="steps", save_steps=s["save_steps"],
+        eval_strategy="steps" if has_eval else "no", eval_steps=s["eval_steps"], eval_on_start=has_eval,
+        dataset_num_proc=None, **precision,
+    )
+    datasets.disable_progress_bars()
+    trainer = SFTTrainer(
+        model=base, args=args, processing_class=tokenizer, peft_config=peft_config,
+        train_dataset=datasets.Dataset.from_list(_to_prompt_completion(records)),
+        eval_dataset=datasets.Dataset.from_list(_to_prompt_completion(eval_records)) if has_eval else None,
+    )
+    dropped = None if s["batching"] == "packing" else {  # packed datasets count blocks, not rows
+        "train": len(records) - len(trainer.train_dataset),
+        "eval": len(eval_records) - (len(trainer.eval_dataset) if has_eval else 0)}
+    if dropped and any(dropped.values()):
+        print(f"delia train: dropped rows whose prompt alone fills --max-length {s['max_length']} "
+              f"(no response token left to train on): {dropped}", file=sys.stderr)
+        if len(trainer.train_dataset) == 0 or (has_eval and len(trainer.eval_dataset) == 0):
+            raise DeliaError(f"no {'training' if len(trainer.train_dataset) == 0 else 'eval'} row fits in "
+                             f"--max-length {s['max_length']}; raise it")
+    if not isinstance(trainer.model, PeftModel):  # never fall back to full-model training silently
+        raise DeliaError("the trainer did not wrap the model with the LoRA adapter")
+
+    chosen = s["important_token"] or [t for t, _ in specs]
+    if has_eval and chosen:
+        trainer.add_callback(make_callback(encode_rows(tokenizer, eval_records, s["max_length"]),
+                                           important_ids(tokenizer, chosen), out / IMPORTANT_LOSS_FILE))
+
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    record = {
+        "settings": {k: v for k, v in s.items() if not k.endswith("_sha256")},
+        "model": {"name": str(Path(s["model"]).resolve()) if Path(s["model"]).exists() else s["model"],
+                  "path": path},
+        "seed": s["seed"],
+        "data": {"path": str(data), "sha256": s["data_sha256"], "rows": len(records),
+                 "train_tokens": sum(len(x) for x in trainer.train_dataset["input_ids"]),
+                 "sources": _sources(records), "dropped_too_long": dropped},
+        "eval_data": {"path": s["eval_data"], "sha256": s["eval_data_sha256"], "rows": len(eval_records)},
+        "versions": _versions(),
+        "device": str(trainer.args.device),
+        "precision": next((k for k, on in precision.items() if on), "fp32"),
+        "peft": {"target_modules": sorted(peft_config.target_modules), "modules_to_save": modules_to_save,
+                 "trainable_params": trainable, "total_params": total},
+        "new_tokens": tokens,
+        "important_tokens": chosen if has_eval else [],
+    }
+    if trainer.is_world_process_zero():
+        write_json(out / CHECKPOINTS / RUN_RECORD, _resume_key(s))
+    return _Run(trainer, tokenizer, out, record, s)
+
+
+def _sources(records: list[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in records:
+        key = str(r.get("source", "unknown"))
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def load_trained(adapter: str | Path, device: str | None = None) -> tuple[Any, Any]:
+    """(base model + adapter in eval mode, the adapter's tokenizer): what evaluation calls "the trained model".
+
+    The base is the model named in delia_train.json (resolved again, so a bundled name works on
+    another machine), else the adapter config's path; embeddings grow to the tokenizer when it is longer.
+    """
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoTokenizer
+
+    from delia.models import load_model
+
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").exists():
+        raise DeliaError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
+    record = adapter / TRAIN_RECORD
+    base = (json.loads(record.read_text())["model"]["name"] if record.exists()
+            else PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path)
+    model, _ = load_model(base, device=device)
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter))
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return PeftModel.from_pretrained(model, str(adapter)).eval(), tokenizer
