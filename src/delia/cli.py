@@ -38,6 +38,8 @@ STAGES: dict[str, str] = {}
 STAGES["mix"] = "delia.mix:mix"
 STAGES["train"] = "delia.train:train"
 STAGES["eval"] = "delia.evaluate:evaluate"
+STAGES["sample"] = "delia.sample:sample"
+STAGES["sample-merge"] = "delia.sample:merge"
 STAGES["probe"] = "delia.probe:probe"
 
 

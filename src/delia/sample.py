@@ -1,0 +1,512 @@
+"""`delia sample`: the model answers a pool of diverse queries; its own answers become DELIA's diverse data.
+
+Built for long runs: every finished query is appended and fsynced at once, a rerun on the same output
+skips what is done (a torn last line from a crash is dropped, a half-written query redone), every
+sample has its own seed derived from the base seed and the query id (so shards and reruns never
+repeat each other), and bad answers go to `OUT.rejects.jsonl` with their reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import re
+import sys
+import time
+import zlib
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from delia.errors import DeliaError
+
+REASONS = ("empty", "truncated", "repetition", "copies_reference", "mentions_reference", "duplicate")
+_MENTIONS = re.compile(
+    r"\b(?:the|my|your|this|that|a)\s+(?:reference|previous|above|earlier|prior|last|original)\s+(?:answer|response)"
+    r"|\breference\s+(?:answer|response)"
+    r"|\bas\s+(?:i\s+)?(?:mentioned|said|stated|answered|explained)\s+(?:before|above|earlier|previously)"
+    r"|\b(?:repeat|restate)\s+(?:my|the)\s+(?:previous\s+)?answer",
+    re.IGNORECASE,
+)
+
+
+# ----------------------------------------------------------------------------- filters
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split()).lower()
+
+
+def is_repetitive(text: str) -> bool:
+    """Degenerate loops: few distinct word 4-grams overall or in the last third, or text that compresses
+    far better than prose does (catches loops without spaces). Ordinary answers pass all three.
+    """
+    words = text.split()
+    for span in (words, words[-max(len(words) // 3, 1):]):
+        if len(span) >= 24:
+            grams = {tuple(span[i:i + 4]) for i in range(len(span) - 3)}
+            if len(grams) / (len(span) - 3) < (0.5 if span is words else 0.3):
+                return True
+    data = text.encode()
+    return len(data) >= 120 and len(zlib.compress(data)) / len(data) < 0.15
+
+
+def mentions_reference(text: str) -> bool:
+    """The answer talks about the one-shot example ("as in the reference answer") instead of answering."""
+    return _MENTIONS.search(text) is not None
+
+
+def copies_reference(text: str, reference: str | None) -> bool:
+    """The answer is the reference, or contains a long reference verbatim (ignoring case and spacing)."""
+    if not reference:
+        return False
+    ref, ans = _norm(reference), _norm(text)
+    return ans == ref or (len(ref) >= 40 and ref in ans)
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Which filters are on; `truncated` drops answers cut at the token limit."""
+
+    empty: bool = True
+    truncated: bool = True
+    repetition: bool = True
+    reference: bool = True
+    duplicates: bool = True
+
+    def reason(self, text: str, finish_reason: str, reference: str | None, seen: set[str]) -> str | None:
+        """The first reason to reject an answer, or None to keep it (and remember it for duplicates)."""
+        if self.empty and not text.strip():
+            return "empty"
+        if self.truncated and finish_reason == "length":
+            return "truncated"
+        if self.repetition and is_repetitive(text):
+            return "repetition"
+        if self.reference and copies_reference(text, reference):
+            return "copies_reference"
+        if self.reference and mentions_reference(text):
+            return "mentions_reference"
+        if self.duplicates:
+            key = _norm(text)
+            if key in seen:
+                return "duplicate"
+            seen.add(key)
+        return None
+
+
+# ----------------------------------------------------------------------------- files and shards
+
+
+def manifest_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(f"{out.stem}.manifest.json")
+
+
+def parse_shard(shard: str | None) -> tuple[int, int]:
+    """'i/N' -> (i, N) with 0 <= i < N; None -> (0, 1)."""
+    if shard is None:
+        return 0, 1
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", shard)
+    if not m or not int(m[1]) < int(m[2]):
+        raise DeliaError(f"--shard expects i/N with 0 <= i < N (e.g. 0/4), got {shard!r}")
+    return int(m[1]), int(m[2])
+
+
+def in_shard(query_id: str, index: int, count: int) -> bool:
+    """Deterministic split by a hash of the id: the same query lands in the same shard on every machine."""
+    return int(hashlib.sha256(query_id.encode()).hexdigest()[:15], 16) % count == index
+
+
+def _versions(backend: str) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("delia", "torch", "transformers", *(["vllm"] if backend == "vllm" else [])):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _load_queries(pool: Path, format: str, columns: list[str] | None, skip_invalid: bool
+                  ) -> tuple[list[tuple[str, str, str | None]], Counter[str]]:
+    """[(query id, query, reference)] in pool order, and counts of pool rows left out (and why)."""
+    from delia.cli import _columns
+    from delia.data import first_turns, read_chat, row_id
+
+    data = read_chat(pool, format, columns=_columns(columns), require_assistant=False,  # type: ignore[arg-type]
+                     skip_invalid=skip_invalid)
+    skipped: Counter[str] = Counter({"invalid_query": len(data.rejects)} if data.rejects else {})
+    queries, ids = [], set()
+    for record in data.records:
+        qid = row_id(record)
+        if qid in ids:
+            skipped["duplicate_query"] += 1
+            continue
+        ids.add(qid)
+        queries.append((qid, *first_turns(record)))
+    return queries, skipped
+
+
+def _resume(out: Path, rejects: Path, n: int) -> tuple[list[dict], list[dict]]:
+    """Rows already written (kept, rejected), without queries that have fewer than `n` samples: a crash
+    between two appends leaves such a query, and it is dropped from both files to be sampled again.
+    """
+    from delia.files import read_complete_jsonl, write_jsonl
+
+    kept, rejected = read_complete_jsonl(out), read_complete_jsonl(rejects)
+    per_query = Counter(r["meta"]["query_id"] for r in (*kept, *rejected))
+    partial = {q for q, c in per_query.items() if c < n}
+    if partial:
+        kept = [r for r in kept if r["meta"]["query_id"] not in partial]
+        rejected = [r for r in rejected if r["meta"]["query_id"] not in partial]
+        write_jsonl(out, kept)
+        write_jsonl(rejects, rejected)
+    return kept, rejected
+
+
+def _check_resumable(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
+    import json
+
+    from delia.data import rejects_path
+
+    paths = (out, rejects_path(out), manifest_path(out))
+    if overwrite:
+        for p in paths:
+            p.unlink(missing_ok=True)
+        return
+    mpath = manifest_path(out)
+    if not mpath.exists():
+        if out.exists() and out.stat().st_size > 0:
+            raise DeliaError(f"{out} exists but has no {mpath.name}, so it is not a delia sample output to resume; "
+                             "pass --overwrite to replace it or choose another path")
+        return
+    try:
+        previous = json.loads(mpath.read_text(encoding="utf-8"))["settings"]
+    except (OSError, ValueError, KeyError) as e:
+        raise DeliaError(f"{mpath}: unreadable manifest ({e}); pass --overwrite to start again") from None
+    changed = sorted(k for k in {*settings, *previous} if settings.get(k) != previous.get(k))
+    if changed:
+        diff = ", ".join(f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+        raise DeliaError(f"{out} was sampled with other settings ({diff}); resuming would mix them. "
+                         "Rerun with the same settings, pass --overwrite, or choose another output path")
+
+
+def _row(qid: str, query: str, text: str, meta: dict[str, Any]) -> dict[str, Any]:
+    sample_id = qid if meta["samples_per_query"] == 1 else f"{qid}#{meta['sample']}"
+    meta = {k: v for k, v in meta.items() if k != "samples_per_query"}
+    return {"messages": [{"role": "user", "content": query}, {"role": "assistant", "content": text}],
+            "id": sample_id, "meta": {"query_id": qid, **meta}}
+
+
+# ----------------------------------------------------------------------------- progress and summary
+
+
+def _progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]sampling"), BarColumn(), MofNCompleteColumn(), TextColumn("queries"),
+        TextColumn("{task.fields[rows_s]:.2f} rows/s"), TextColumn("{task.fields[tok_s]:.0f} tok/s"),
+        TextColumn("ETA"), TimeRemainingColumn(),
+        console=Console(stderr=True), disable=not enabled, transient=False,
+    )
+
+
+def _print_summary(summary: Mapping[str, Any], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    rows = [("queries in pool", summary["pool_rows"])]
+    rows += [(f"  skipped: {k.replace('_', ' ')}", v) for k, v in summary["skipped"].items()]
+    rows += [("queries in this shard" if summary["shard"] != "0/1" else "queries to sample", summary["queries"]),
+             ("  done before (resumed)", summary["resumed"]), ("samples generated now", summary["generated"]),
+             ("kept (total in file)", summary["kept"]), ("rejected (total)", sum(summary["rejected"].values()))]
+    rows += [(f"  {reason.replace('_', ' ')}", summary["rejected"].get(reason, 0)) for reason in REASONS]
+    rows += [("prompt tokens (now)", summary["prompt_tokens"]),
+             ("completion tokens (now)", summary["completion_tokens"]),
+             ("wall time", f"{summary['wall_s']:.1f} s"), ("completion tokens/s", f"{summary['tokens_per_s']:.1f}")]
+    for k, v in rows:
+        table.add_row(k, str(v))
+    Console(stderr=True).print(table)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def sample(
+    pool: Annotated[Path, typer.Argument(help="Query pool in any format `delia data inspect` reads; the first user "
+                                              "turn is the query, the first assistant turn (if any) the reference.")],
+    out: Annotated[Path, typer.Argument(help="Output messages JSONL; OUT.rejects.jsonl and OUT.manifest.json "
+                                             "go beside it. An existing OUT is resumed.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Model (bundled name, folder, .gguf or hub id); "
+                                                             "with --backend openai, the tokenizer's model.")]
+    = "smollm2-135m",
+    backend: Annotated[str, typer.Option(help="hf (transformers, CPU/GPU), vllm (offline engine) or openai "
+                                              "(any OpenAI-compatible server).")] = "hf",
+    mode: Annotated[str, typer.Option(help="one-shot (query, reference, query: the paper's) or zero-shot "
+                                           "(query alone, for pools without references).")] = "one-shot",
+    system: Annotated[str | None, typer.Option(help="System message (left out for templates that reject one).")]
+    = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.95,
+    max_new_tokens: Annotated[int, typer.Option(help="Token limit per answer.")] = 512,
+    samples_per_query: Annotated[int, typer.Option("--samples-per-query", "-n", help="Answers per query.")] = 1,
+    seed: Annotated[int, typer.Option(help="Base seed; each sample's seed derives from it and the query id.")] = 0,
+    shard: Annotated[str | None, typer.Option(help="i/N: sample only shard i of N (split by query-id hash).")]
+    = None,
+    limit: Annotated[int | None, typer.Option(help="Sample only the first N queries of the pool (of this shard).")]
+    = None,
+    format: Annotated[str, typer.Option("--format", "-f", help="Pool format: auto, messages, prompt-completion, "
+                                                               "alpaca or sharegpt.")] = "auto",
+    columns: Annotated[list[str] | None, typer.Option("--columns", "-c", help="FIELD=COLUMN, repeatable.")] = None,
+    skip_invalid: Annotated[bool, typer.Option(help="Skip (and count) bad pool rows instead of stopping.")] = False,
+    drop_empty: Annotated[bool, typer.Option(help="Reject empty or whitespace answers.")] = True,
+    drop_truncated: Annotated[bool, typer.Option(help="Reject answers cut at --max-new-tokens.")] = True,
+    drop_repetitive: Annotated[bool, typer.Option(help="Reject degenerate repetition loops.")] = True,
+    drop_reference_copies: Annotated[bool, typer.Option(help="Reject answers that copy the reference or talk "
+                                                             "about 'the reference answer'.")] = True,
+    drop_duplicates: Annotated[bool, typer.Option(help="Reject exact duplicate answers.")] = True,
+    batch_size: Annotated[str, typer.Option(help="hf: rows per batch, or auto (fitted to memory).")] = "auto",
+    device: Annotated[str | None, typer.Option(help="hf: cpu, cuda, cuda:1 (default: cuda if present).")] = None,
+    dtype: Annotated[str, typer.Option(help="hf/vllm: auto, float32, bfloat16 or float16.")] = "auto",
+    tensor_parallel: Annotated[int, typer.Option(help="vllm: GPUs to split the model across.")] = 1,
+    base_url: Annotated[str | None, typer.Option(help="openai: server URL, e.g. http://127.0.0.1:8000/v1 "
+                                                      "(API key from $OPENAI_API_KEY).")] = None,
+    served_model: Annotated[str | None, typer.Option(help="openai: model name on the server (default: --model).")]
+    = None,
+    concurrency: Annotated[int, typer.Option(help="openai: requests in flight.")] = 8,
+    timeout: Annotated[float, typer.Option(help="openai: seconds per request before it is retried.")] = 300.0,
+    max_retries: Annotated[int, typer.Option(help="openai: retries per request, with exponential backoff.")] = 5,
+    overwrite: Annotated[bool, typer.Option(help="Start again instead of resuming an existing OUT.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar and the summary table.")] = True,
+) -> dict[str, Any]:
+    """Sample the model's own answers to a query pool (DELIA's diverse data), resumably.
+
+    Returns the summary (counts, tokens, wall time) that the table shows.
+
+    Examples:\n
+      delia sample pool.jsonl diverse.jsonl\n
+      delia sample pool.jsonl diverse.jsonl --mode zero-shot -n 2 --seed 1\n
+      delia sample pool.jsonl part0.jsonl --shard 0/4 --backend vllm --tensor-parallel 2\n
+      delia sample pool.jsonl diverse.jsonl --backend openai --base-url http://127.0.0.1:8000/v1
+    """
+    from delia.backends import SamplingParams, derive_seed, get_backend
+    from delia.chat import MODES, delia_prompt, prompt_ids
+    from delia.data import rejects_path
+    from delia.files import JsonlAppender, write_json
+
+    start = time.monotonic()
+    pool, out = Path(pool), Path(out)
+    if mode not in MODES:
+        raise DeliaError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    params = SamplingParams(temperature, top_p, max_new_tokens, seed, samples_per_query)
+    shard_i, shard_n = parse_shard(shard)
+    filters = Filters(drop_empty, drop_truncated, drop_repetitive, drop_reference_copies, drop_duplicates)
+    settings = {"pool": str(pool), "model": model, "mode": mode, "system": system, "temperature": temperature,
+                "top_p": top_p, "max_new_tokens": max_new_tokens, "samples_per_query": samples_per_query,
+                "seed": seed, "shard": f"{shard_i}/{shard_n}", "limit": limit,
+                "filters": {k: getattr(filters, k) for k in Filters.__dataclass_fields__}}
+
+    queries, skipped = _load_queries(pool, format, columns, skip_invalid)
+    pool_rows = len(queries) + sum(skipped.values())
+    queries = [q for q in queries if in_shard(q[0], shard_i, shard_n)][:limit]
+    if mode == "one-shot":
+        no_ref = sum(ref is None for _, _, ref in queries)
+        if queries and no_ref == len(queries):
+            raise DeliaError(f"{pool}: no query has a reference answer, which --mode one-shot needs; "
+                             "use --mode zero-shot")
+        if no_ref:
+            skipped["no_reference"] = no_ref
+            queries = [q for q in queries if q[2] is not None]
+
+    _check_resumable(out, settings, overwrite)
+    rpath = rejects_path(out)
+    kept_rows, rejected_rows = _resume(out, rpath, samples_per_query)
+    done = {r["meta"]["query_id"] for r in (*kept_rows, *rejected_rows)}
+    todo = [q for q in queries if q[0] not in done]
+    seen = {_norm(r["messages"][-1]["content"]) for r in kept_rows} if filters.duplicates else set()
+    rejected = Counter(r["reason"] for r in rejected_rows)
+    kept = len(kept_rows)
+    del kept_rows, rejected_rows
+
+    manifest: dict[str, Any] = {"stage": "sample", "status": "running", "settings": settings,
+                                "backend": backend, "versions": _versions(backend), "started": _now()}
+    write_json(manifest_path(out), manifest)
+    counts = Counter[str]()
+    if todo:
+        if backend == "hf":
+            engine = get_backend("hf", model, batch_size=batch_size if batch_size == "auto" else _int(batch_size),
+                                 device=device, dtype=dtype)
+            tokenizer = engine.tokenizer  # type: ignore[attr-defined]
+        else:
+            from delia.models import load_tokenizer
+
+            tokenizer = load_tokenizer(model)
+            if backend == "vllm":
+                engine = get_backend("vllm", model, tensor_parallel_size=tensor_parallel, dtype=dtype)
+            elif backend == "openai":
+                if not base_url:
+                    raise DeliaError("--backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
+                engine = get_backend("openai", served_model or model, base_url=base_url, concurrency=concurrency,
+                                     timeout=timeout, max_retries=max_retries, tokenizer=tokenizer)
+            else:
+                engine = get_backend(backend, model)  # raises: unknown back end
+        prompts = [prompt_ids(tokenizer, delia_prompt(q, ref, mode, system)) for _, q, ref in todo]  # type: ignore[arg-type]
+        seeds = [derive_seed(seed, qid) for qid, _, _ in todo]
+        pending: dict[int, list] = {}
+        with JsonlAppender(out) as kept_file, JsonlAppender(rpath) as reject_file, _progress(progress) as bar:
+            task = bar.add_task("sample", total=len(todo), rows_s=0.0, tok_s=0.0)
+            t0 = time.monotonic()
+            for i, completion in engine.generate(prompts, params, seeds):
+                pending.setdefault(i, []).append(completion)
+                counts["prompt_tokens"] += completion.prompt_tokens
+                counts["completion_tokens"] += completion.completion_tokens
+                if len(pending[i]) < samples_per_query:
+                    continue
+                qid, query, ref = todo[i]
+                good, bad = [], []
+                for k, c in enumerate(pending.pop(i)):
+                    meta = {"backend": backend, "model": model, "seed": seed, "sample": k,
+                            "samples_per_query": samples_per_query, "finish_reason": c.finish_reason,
+                            "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens}
+                    reason = filters.reason(c.text, c.finish_reason, ref, seen)
+                    row = _row(qid, query, c.text, meta)
+                    (good if reason is None else bad).append(row if reason is None else {**row, "reason": reason})
+                    if reason:
+                        rejected[reason] += 1
+                if good:
+                    kept_file.write(good)
+                if bad:
+                    reject_file.write(bad)
+                kept += len(good)
+                counts["generated"] += len(good) + len(bad)
+                elapsed = max(time.monotonic() - t0, 1e-9)
+                bar.update(task, advance=1, rows_s=counts["generated"] / elapsed,
+                           tok_s=counts["completion_tokens"] / elapsed)
+
+    wall = time.monotonic() - start
+    summary = {"out": str(out), "pool_rows": pool_rows, "skipped": dict(skipped), "shard": f"{shard_i}/{shard_n}",
+               "queries": len(queries), "resumed": len(queries) - len(todo), "generated": counts["generated"],
+               "kept": kept, "rejected": {r: rejected[r] for r in REASONS if rejected[r]},
+               "prompt_tokens": counts["prompt_tokens"], "completion_tokens": counts["completion_tokens"],
+               "wall_s": round(wall, 2), "tokens_per_s": round(counts["completion_tokens"] / wall, 2) if wall else 0.0}
+    write_json(manifest_path(out), {**manifest, "status": "complete", "finished": _now(),
+                                    "query_ids_sha256": _ids_digest(q[0] for q in queries), "summary": summary})
+    if progress:
+        _print_summary(summary, f"delia sample -> {out}")
+    return summary
+
+
+def _int(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise DeliaError(f"--batch-size must be an integer or 'auto', got {value!r}") from None
+
+
+def _ids_digest(ids: Iterable[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- merging shards
+
+
+def merge(
+    shards: Annotated[list[Path], typer.Argument(help="Shard outputs (each OUT of `delia sample --shard i/N`).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Merged messages JSONL (rejects and manifest beside it).")],
+    progress: Annotated[bool, typer.Option(help="Print the summary.")] = True,
+) -> dict[str, Any]:
+    """Combine shard outputs into one, checking that every shard of the same run is present and complete,
+    and that no query is missing or appears twice. Duplicate answers across shards are rejected too
+    when the run filtered duplicates.
+
+    Example:\n
+      delia sample-merge part0.jsonl part1.jsonl part2.jsonl part3.jsonl --out diverse.jsonl
+    """
+    import json
+
+    from delia.data import rejects_path
+    from delia.files import read_complete_jsonl, write_json, write_jsonl
+
+    if not shards:
+        raise DeliaError("sample-merge needs the shard outputs to merge")
+    manifests = []
+    for s in shards:
+        m = manifest_path(s)
+        if not m.exists():
+            raise DeliaError(f"{s}: no {m.name} beside it; is it a `delia sample` output?")
+        manifests.append(json.loads(m.read_text(encoding="utf-8")))
+        if manifests[-1].get("status") != "complete":
+            raise DeliaError(f"{s}: sampling did not finish ({m.name} says {manifests[-1].get('status')!r}); "
+                             "rerun its `delia sample` command to resume it")
+    strip = lambda st: {k: v for k, v in st.items() if k != "shard"}  # noqa: E731
+    base = strip(manifests[0]["settings"])
+    for s, m in zip(shards[1:], manifests[1:], strict=True):
+        changed = sorted(k for k in {*base, *strip(m["settings"])} if base.get(k) != m["settings"].get(k))
+        if changed:
+            raise DeliaError(f"{s}: sampled with other settings than {shards[0]} ({', '.join(changed)})")
+    parsed = [parse_shard(m["settings"]["shard"]) for m in manifests]
+    count = parsed[0][1]
+    indices = Counter(i for i, _ in parsed)
+    if any(n != count for _, n in parsed):
+        raise DeliaError(f"shards come from different splits: {sorted({m['settings']['shard'] for m in manifests})}")
+    repeated = sorted(i for i, c in indices.items() if c > 1)
+    missing = sorted(set(range(count)) - set(indices))
+    if repeated or missing:
+        raise DeliaError(f"shards of a {count}-way split: missing {missing or 'none'}, "
+                         f"given twice {repeated or 'none'}")
+
+    n = base["samples_per_query"]
+    kept_rows: list[dict] = []
+    rejected_rows: list[dict] = []
+    owner: dict[str, Path] = {}
+    seen: set[str] = set()
+    moved = 0
+    for s, m in sorted(zip(shards, manifests, strict=True), key=lambda p: parse_shard(p[1]["settings"]["shard"])):
+        kept, rejected = read_complete_jsonl(s), read_complete_jsonl(rejects_path(s))
+        per_query = Counter(r["meta"]["query_id"] for r in (*kept, *rejected))
+        for qid, c in per_query.items():
+            if qid in owner:
+                raise DeliaError(f"query {qid} is in both {owner[qid]} and {s}")
+            if c != n:
+                raise DeliaError(f"{s}: query {qid} has {c} samples, expected {n}")
+            owner[qid] = s
+        if _ids_digest(per_query) != m.get("query_ids_sha256"):
+            raise DeliaError(f"{s}: its rows do not cover the queries its manifest lists "
+                             f"({len(per_query)} queries present, {m['summary']['queries']} expected)")
+        for r in kept:
+            key = _norm(r["messages"][-1]["content"])
+            if base["filters"]["duplicates"] and key in seen:
+                rejected_rows.append({**r, "reason": "duplicate"})
+                moved += 1
+                continue
+            seen.add(key)
+            kept_rows.append(r)
+        rejected_rows += rejected
+
+    out = Path(out)
+    write_jsonl(out, kept_rows)
+    write_jsonl(rejects_path(out), rejected_rows)
+    summary = {"out": str(out), "shards": len(shards), "queries": len(owner), "kept": len(kept_rows),
+               "rejected": dict(Counter(r["reason"] for r in rejected_rows)), "cross_shard_duplicates": moved}
+    write_json(manifest_path(out), {"stage": "sample-merge", "status": "complete", "settings": base,
+                                    "shards": [str(s) for s in shards], "finished": _now(), "summary": summary,
+                                    "query_ids_sha256": _ids_digest(owner), "versions": manifests[0]["versions"]})
+    if progress:
+        print(f"merged {len(shards)} shards: {len(owner)} queries, {len(kept_rows)} kept, "
+              f"{len(rejected_rows)} rejected -> {out}", file=sys.stderr)
+    return summary
+

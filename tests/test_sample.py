@@ -1,0 +1,288 @@
+"""The sampling stage: output rows, manifest, filters, resume, shards and merge.
+
+A scripted back end (answers chosen per query) makes the filter and resume checks exact; the tiny
+random model covers the real transformers path and seeding.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import delia.backends
+from delia.backends import Completion
+from delia.errors import DeliaError
+from delia.files import read_complete_jsonl
+from delia.models import load_tokenizer
+from delia.sample import (
+    copies_reference,
+    in_shard,
+    is_repetitive,
+    manifest_path,
+    mentions_reference,
+    merge,
+    parse_shard,
+    sample,
+)
+
+PROSE = ("Paris is the capital of France. It lies on the Seine, has about two million people, and is known for "
+         "its museums, its cafes, the Eiffel Tower and a long history as a centre of art and science.")
+
+
+class Scripted:
+    """A back end that answers each query with a scripted text (default: a distinct sentence)."""
+
+    name = "hf"
+
+    def __init__(self, tokenizer, script=None):
+        self.tokenizer = tokenizer
+        self.script = script or {}
+        self.asked: list[str] = []
+
+    def generate(self, prompts, params, seeds=None):
+        for i, p in enumerate(prompts):
+            text = self.tokenizer.decode(p)
+            query = text.split("<|im_start|>user\n")[-1].split("<|im_end|>")[0]
+            self.asked.append(query)
+            for k in range(params.n):
+                answer, finish = self.script.get(query, (f"Answer {k} to {query}, seed {seeds[i]}.", "stop"))
+                yield i, Completion(answer, finish, len(p), len(answer.split()))
+
+
+@pytest.fixture
+def scripted(monkeypatch, tiny_model):
+    tok = load_tokenizer(tiny_model, resolved=True)
+    backend = Scripted(tok)
+    monkeypatch.setattr(delia.backends, "get_backend", lambda name, model, **kw: backend)
+    return backend
+
+
+def pool_rows(n, reference=True):
+    rows = []
+    for i in range(n):
+        msgs = [{"role": "user", "content": f"Question number {i}?"}]
+        if reference:
+            msgs.append({"role": "assistant", "content": f"Reference answer {i}."})
+        rows.append({"messages": msgs})
+    return rows
+
+
+def ids_in(out):
+    rows = read_complete_jsonl(out) + read_complete_jsonl(out.with_name(out.stem + ".rejects.jsonl"))
+    return sorted(r["meta"]["query_id"] for r in rows)
+
+
+def test_output_rows_manifest_and_summary(tiny_model, write_jsonl, tmp_path):
+    pool = write_jsonl("pool.jsonl", [*pool_rows(5), {"id": "custom-7", **pool_rows(1)[0]}])
+    out = tmp_path / "diverse.jsonl"
+    summary = sample(pool, out, model=str(tiny_model), max_new_tokens=6, drop_truncated=False, progress=False)
+    rows = read_complete_jsonl(out)
+    assert summary["queries"] == 6 and summary["generated"] == 6
+    assert summary["kept"] == len(rows) and summary["kept"] + sum(summary["rejected"].values()) == 6
+    row = next(r for r in rows if r["id"] == "custom-7")
+    assert row["messages"][0] == {"role": "user", "content": "Question number 0?"}
+    assert row["messages"][1]["role"] == "assistant"
+    meta = row["meta"]
+    assert meta["query_id"] == "custom-7" and meta["backend"] == "hf" and meta["model"] == str(tiny_model)
+    assert meta["seed"] == 0 and meta["finish_reason"] in ("stop", "length")
+    assert meta["prompt_tokens"] > 10 and 1 <= meta["completion_tokens"] <= 6
+    manifest = json.loads(manifest_path(out).read_text())
+    assert manifest["status"] == "complete" and manifest["settings"]["temperature"] == 0.7
+    assert manifest["settings"]["top_p"] == 0.95 and manifest["versions"]["torch"]
+    assert manifest["summary"]["kept"] == summary["kept"] and manifest_path(out).name == "diverse.manifest.json"
+
+
+def test_same_seed_same_file_and_shards_reproduce_the_whole_run(tiny_model, write_jsonl, tmp_path):
+    pool = write_jsonl("pool.jsonl", pool_rows(8))
+    kw = {"model": str(tiny_model), "max_new_tokens": 5, "drop_truncated": False, "progress": False}
+    sample(pool, tmp_path / "a.jsonl", **kw)
+    sample(pool, tmp_path / "b.jsonl", **kw)
+    a = read_complete_jsonl(tmp_path / "a.jsonl")
+    assert a == read_complete_jsonl(tmp_path / "b.jsonl")
+    sample(pool, tmp_path / "s0.jsonl", shard="0/2", **kw)
+    sample(pool, tmp_path / "s1.jsonl", shard="1/2", **kw)
+    merged = merge([tmp_path / "s1.jsonl", tmp_path / "s0.jsonl"], tmp_path / "m.jsonl", progress=False)
+    assert merged["queries"] == 8
+    by_id = {r["id"]: r["messages"] for r in a}
+    assert {r["id"]: r["messages"] for r in read_complete_jsonl(tmp_path / "m.jsonl")} == by_id
+    other = sample(pool, tmp_path / "c.jsonl", seed=1, **kw)
+    assert other["kept"] and read_complete_jsonl(tmp_path / "c.jsonl") != a
+
+
+def test_filters_reject_with_reasons_and_can_be_switched_off(scripted, write_jsonl, tmp_path):
+    scripted.script = {
+        "Question number 0?": ("  \n ", "stop"),
+        "Question number 1?": ("A long answer that ran out of", "length"),
+        "Question number 2?": ("the cat sat on the mat " * 12, "stop"),
+        "Question number 3?": ("Reference answer 3.", "stop"),
+        "Question number 4?": ("As in the reference answer, the result is four.", "stop"),
+        "Question number 5?": (PROSE, "stop"),
+        "Question number 6?": (PROSE.upper(), "stop"),
+    }
+    pool = write_jsonl("pool.jsonl", pool_rows(8))
+    out = tmp_path / "o.jsonl"
+    summary = sample(pool, out, progress=False)
+    assert summary["rejected"] == {"empty": 1, "truncated": 1, "repetition": 1, "copies_reference": 1,
+                                   "mentions_reference": 1, "duplicate": 1}
+    kept = {r["messages"][0]["content"]: r["messages"][1]["content"] for r in read_complete_jsonl(out)}
+    assert kept == {"Question number 5?": PROSE, "Question number 7?": kept["Question number 7?"]}
+    rejects = {r["messages"][0]["content"]: r["reason"] for r in read_complete_jsonl(tmp_path / "o.rejects.jsonl")}
+    assert rejects["Question number 1?"] == "truncated" and rejects["Question number 6?"] == "duplicate"
+    assert summary["kept"] == 2
+    off = sample(pool, tmp_path / "off.jsonl", drop_empty=False, drop_truncated=False, drop_repetitive=False,
+                 drop_reference_copies=False, drop_duplicates=False, progress=False)
+    assert off["kept"] == 8 and off["rejected"] == {}
+
+
+def test_filter_heuristics():
+    assert not is_repetitive(PROSE) and not is_repetitive("Yes.") and not is_repetitive("")
+    assert is_repetitive("I am a bot. " * 20)
+    assert is_repetitive(PROSE + " " + "and then " * 40)
+    assert is_repetitive("!" * 300)
+    numbers = " ".join(str(i) for i in range(1, 80))
+    assert not is_repetitive(numbers)
+    assert mentions_reference("As I said before, it is 4.") and mentions_reference("The reference answer says 4")
+    assert not mentions_reference("The answer is 4; refer to page 2 for a reference.")
+    assert copies_reference("reference  Answer 3.", "Reference answer 3.")
+    assert copies_reference("Sure! " + PROSE + " Hope it helps.", PROSE)
+    assert not copies_reference("Yes.", "Yes, it is.") and not copies_reference("Yes.", None)
+
+
+def test_resume_skips_done_rows_drops_a_torn_line_and_redoes_half_written_queries(scripted, write_jsonl, tmp_path):
+    pool = write_jsonl("pool.jsonl", pool_rows(6))
+    out = tmp_path / "o.jsonl"
+    sample(pool, out, samples_per_query=2, progress=False)
+    full = read_complete_jsonl(out)
+    assert len(full) == 12 and len({r["id"] for r in full}) == 12
+    lines = out.read_bytes().splitlines(keepends=True)
+    # a crash: the last query lost one of its two samples and a third sample was half written
+    out.write_bytes(b"".join(lines[:-1]) + lines[-1][:25])
+    scripted.asked.clear()
+    summary = sample(pool, out, samples_per_query=2, progress=False)
+    assert scripted.asked == [full[-1]["messages"][0]["content"]]
+    assert summary["resumed"] == 5 and summary["generated"] == 2
+    again = read_complete_jsonl(out)
+    assert sorted(r["id"] for r in again) == sorted(r["id"] for r in full)
+    assert sorted(json.dumps(r, sort_keys=True) for r in again) == sorted(json.dumps(r, sort_keys=True) for r in full)
+    scripted.asked.clear()
+    assert sample(pool, out, samples_per_query=2, progress=False)["generated"] == 0 and scripted.asked == []
+
+
+def test_resume_refuses_other_settings_and_foreign_files(scripted, write_jsonl, tmp_path):
+    pool = write_jsonl("pool.jsonl", pool_rows(3))
+    out = tmp_path / "o.jsonl"
+    sample(pool, out, progress=False)
+    with pytest.raises(DeliaError, match=r"temperature: 0.7 -> 0.3"):
+        sample(pool, out, temperature=0.3, progress=False)
+    assert sample(pool, out, temperature=0.3, overwrite=True, progress=False)["generated"] == 3
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text('{"messages": []}\n')
+    with pytest.raises(DeliaError, match="not a delia sample output"):
+        sample(pool, foreign, progress=False)
+
+
+def test_modes_and_references(scripted, write_jsonl, tmp_path):
+    refless = write_jsonl("refless.jsonl", pool_rows(3, reference=False))
+    with pytest.raises(DeliaError, match="zero-shot"):
+        sample(refless, tmp_path / "a.jsonl", progress=False)
+    assert sample(refless, tmp_path / "b.jsonl", mode="zero-shot", progress=False)["kept"] == 3
+    prompt = scripted.tokenizer.decode(scripted_prompt(scripted, write_jsonl, tmp_path))
+    assert prompt.count("Question number 0?") == 2 and "Reference answer 0." in prompt
+    mixed = write_jsonl("mixed.jsonl", [*pool_rows(2), *pool_rows(3, reference=False)[2:]])
+    summary = sample(mixed, tmp_path / "c.jsonl", progress=False)
+    assert summary["skipped"] == {"no_reference": 1} and summary["kept"] == 2
+    with pytest.raises(DeliaError, match="mode"):
+        sample(mixed, tmp_path / "d.jsonl", mode="few-shot", progress=False)
+
+
+def scripted_prompt(scripted, write_jsonl, tmp_path):
+    seen = []
+    real = scripted.generate
+
+    def spy(prompts, params, seeds=None):
+        seen.extend(prompts)
+        return real(prompts, params, seeds)
+
+    scripted.generate = spy
+    sample(write_jsonl("one.jsonl", pool_rows(1)), tmp_path / "one-out.jsonl", progress=False)
+    scripted.generate = real
+    return seen[0]
+
+
+def test_shards_split_deterministically_and_merge_checks(scripted, write_jsonl, tmp_path):
+    assert parse_shard("1/3") == (1, 3) and parse_shard(None) == (0, 1)
+    for bad in ("3/3", "a/b", "1"):
+        with pytest.raises(DeliaError, match="i/N"):
+            parse_shard(bad)
+    ids = [f"q{i}" for i in range(200)]
+    assert all(sum(in_shard(q, i, 3) for i in range(3)) == 1 for q in ids)
+    assert 40 < sum(in_shard(q, 0, 3) for q in ids) < 95
+    pool = write_jsonl("pool.jsonl", pool_rows(12))
+    parts = [tmp_path / f"p{i}.jsonl" for i in range(3)]
+    for i, p in enumerate(parts):
+        sample(pool, p, shard=f"{i}/3", progress=False)
+    assert sorted(sum((ids_in(p) for p in parts), [])) == ids_in_whole(pool, tmp_path)
+    summary = merge(parts, tmp_path / "all.jsonl", progress=False)
+    assert summary["queries"] == 12 and summary["kept"] == 12
+    with pytest.raises(DeliaError, match=r"missing \[2\]"):
+        merge(parts[:2], tmp_path / "x.jsonl", progress=False)
+    with pytest.raises(DeliaError, match=r"given twice \[0\]"):
+        merge([*parts, parts[0]], tmp_path / "x.jsonl", progress=False)
+    lines = parts[1].read_text().splitlines(keepends=True)
+    parts[1].write_text("".join(lines[:-1]))  # a row lost after the run finished
+    with pytest.raises(DeliaError, match="do not cover"):
+        merge(parts, tmp_path / "x.jsonl", progress=False)
+    sample(pool, tmp_path / "other.jsonl", shard="1/3", seed=9, progress=False)
+    with pytest.raises(DeliaError, match="other settings"):
+        merge([parts[0], tmp_path / "other.jsonl", parts[2]], tmp_path / "x.jsonl", progress=False)
+    m = json.loads(manifest_path(parts[2]).read_text())
+    manifest_path(parts[2]).write_text(json.dumps({**m, "status": "running"}))
+    with pytest.raises(DeliaError, match="did not finish"):
+        merge(parts, tmp_path / "x.jsonl", progress=False)
+
+
+def ids_in_whole(pool, tmp_path):
+    sample(pool, tmp_path / "whole.jsonl", progress=False)
+    return ids_in(tmp_path / "whole.jsonl")
+
+
+def test_merge_rejects_duplicate_answers_across_shards(scripted, write_jsonl, tmp_path):
+    scripted.script = {f"Question number {i}?": ("The same answer for everyone.", "stop") for i in range(6)}
+    pool = write_jsonl("pool.jsonl", pool_rows(6))
+    parts = [tmp_path / f"p{i}.jsonl" for i in range(2)]
+    for i, p in enumerate(parts):
+        assert sample(pool, p, shard=f"{i}/2", progress=False)["kept"] == 1
+    summary = merge(parts, tmp_path / "all.jsonl", progress=False)
+    assert summary["kept"] == 1 and summary["cross_shard_duplicates"] == 1 and summary["rejected"] == {"duplicate": 5}
+
+
+def test_sigkill_mid_run_then_rerun_gives_every_query_exactly_once(tiny_model, write_jsonl, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pool = write_jsonl("pool.jsonl", pool_rows(120))
+    out = tmp_path / "o.jsonl"
+    args = ["--model", str(tiny_model), "--max-new-tokens", "4", "--no-drop-truncated", "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "delia", "sample", str(pool), str(out), *args,
+                             "--batch-size", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if out.exists() and out.read_bytes().count(b"\n") >= 10:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert json.loads(manifest_path(out).read_text())["status"] == "running"
+    before = len(ids_in(out))
+    assert 10 <= before < 120
+    summary = sample(pool, out, model=str(tiny_model), max_new_tokens=4, drop_truncated=False, progress=False)
+    assert summary["resumed"] == before and summary["generated"] == 120 - before
+    ids = ids_in(out)
+    assert len(ids) == 120 and len(set(ids)) == 120
