@@ -120,7 +120,7 @@ def test_translation_matches_sacrebleu():
     hyps = ["the cat sat on the mat", "hello there my friend", "góðan daginn", ""]
     refs = ["the cat is on the mat", "hello here my friend", "góðan dag", "nothing"]
     s = score(MetricConfig(kind="translation"), hyps, refs)
-    assert s.primary == "chrf"
+    assert s.primary == "chrf_sentence_mean" and s.primary in s.row_means
     assert s.metrics["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score)
     assert s.metrics["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
     for h, r, row in zip(hyps, refs, s.rows, strict=True):
@@ -176,6 +176,7 @@ def test_exact_and_contains_normalise():
     assert [r["exact"] for r in exact.rows] == [True, False, True, False, True, False]
     assert [r["contains"] for r in contains.rows] == [True, True, True, False, True, False]
     assert exact.metrics == {"exact_match": 0.5, "n": 6} and contains.primary == "contains"
+    assert all(x.primary in x.row_means for x in (exact, contains))
 
 
 def test_metric_config_yaml_and_errors(tmp_path):

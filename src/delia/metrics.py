@@ -103,7 +103,8 @@ class MetricConfig(BaseModel):
 @dataclass
 class Scores:
     """Per-row scores and aggregates. `metrics[m]` is the mean of `rows[i][row_means[m]]` over rows where
-    that value is not None (booleans count as 0/1); `primary` names the headline metric."""
+    that value is not None (booleans count as 0/1); `primary`, the headline metric, is always such a mean so
+    it can be bootstrapped over rows (for translation the corpus-level chrF and BLEU are in `metrics` too)."""
 
     kind: str
     primary: str
@@ -274,7 +275,7 @@ def _score_translation(outputs: Sequence[str], references: Sequence[str], config
         metrics["comet"] = comet_system
         row_means["comet"] = "comet"
     metrics["n"] = len(rows)
-    return Scores("translation", "chrf", metrics, rows, row_means, notes)
+    return Scores("translation", "chrf_sentence_mean", metrics, rows, row_means, notes)
 
 
 def normalize_answer(text: str) -> str:
