@@ -131,7 +131,7 @@ def run_experiment(exp: Experiment, out: Path) -> dict[str, Any]:
                 mix_inputs = {"task": data_hashes["task_train"], "diverse": sha256_file(samples), "ratio": arm.ratio,
                               "seed": seed, "options": exp.mix}
                 folder, rec = cache.run("mix", label, mix_inputs, lambda d, r=arm.ratio, s=seed: mix(
-                    exp.task.train, samples, d / "mixed.jsonl", ratio=r, seed=s, **exp.mix))
+                    exp.task.train, samples, d / "mixed.jsonl", ratio=r, seed=s, model=model_path, **exp.mix))
                 train_data, data_hash = folder / "mixed.jsonl", sha256_file(folder / "mixed.jsonl")
                 wall.update(sample=sample_s, mix=rec["wall_s"])
             else:
@@ -141,9 +141,9 @@ def run_experiment(exp: Experiment, out: Path) -> dict[str, Any]:
                 "train", label, {"model": model_id, "data": data_hash, "tokens": token_specs, "options": options},
                 lambda d, td=train_data, o=options: train(td, d / "adapter", model=model_path, add_token=token_specs,
                                                           eval_data=exp.task.eval, resume=True, **o))
-            adapter = tfolder / "adapter"
+            adapter, trained = tfolder / "adapter", rec["inputs"]
             wall["train"] = rec["wall_s"]
-            efolder, rec = cache.run("eval", label, {"adapter": rec["inputs"], **eval_inputs},
+            efolder, rec = cache.run("eval", label, {"adapter": trained, **eval_inputs},
                                      lambda d, a=adapter: evaluate(exp.task.eval, d, adapter=a, **eval_kwargs))
             wall["eval"] = rec["wall_s"]
             result = RunResult(arm.name, arm.ratio, seed, efolder, train_dir=adapter, wall_s=wall,
@@ -151,7 +151,7 @@ def run_experiment(exp: Experiment, out: Path) -> dict[str, Any]:
             if described:
                 from delia.probe import probe
 
-                pfolder, _ = cache.run("probe", label, {"adapter": rec["inputs"], **probe_kwargs,
+                pfolder, _ = cache.run("probe", label, {"adapter": trained, **probe_kwargs,
                                                         "data": data_hashes["task_eval"]},
                                        lambda d, a=adapter: probe(d, adapter=a, data=exp.task.eval))
                 result.probe = json.loads((pfolder / "probe.json").read_text(encoding="utf-8"))

@@ -1,0 +1,83 @@
+"""`delia run` end to end on the tiny model: every stage, the report, and a rerun that skips every stage."""
+
+import json
+
+import pytest
+import yaml
+
+from delia.errors import DeliaError
+from delia.experiment import load_experiment
+from delia.run import run_experiment
+
+
+def _task(i: int) -> dict:
+    answer = {"thought": f"checked claim {i}", "hallucination": "yes" if i % 3 == 0 else "no"}
+    return {"messages": [{"role": "user", "content": f"Is claim {i} a hallucination? Answer in the <sep> format."},
+                         {"role": "assistant", "content": repr(answer)}]}
+
+
+@pytest.fixture
+def experiment(tmp_path, tiny_model, write_jsonl):
+    write_jsonl("train.jsonl", [_task(i) for i in range(6)])
+    write_jsonl("eval.jsonl", [_task(i) for i in range(100, 104)])
+    write_jsonl("pool.jsonl", [{"messages": [{"role": "user", "content": f"Tell me about topic {i}."},
+                                             {"role": "assistant", "content": f"Topic {i} is a long story."}]}
+                               for i in range(12)])
+    config = {
+        "name": "tiny", "model": str(tiny_model), "pool": "pool.jsonl", "seeds": [0, 1], "bootstrap": 100,
+        "task": {"train": "train.jsonl", "eval": "eval.jsonl", "metric": "format",
+                 "metric_config": {"required_keys": ["thought", "hallucination"], "exact_keys": True,
+                                   "allowed_values": {"hallucination": ["yes", "no"]}, "label_key": "hallucination"},
+                 "add_tokens": {"<sep>": "a Python dict with the keys thought and hallucination"}},
+        "arms": [{"name": "sft", "ratio": 0}, {"name": "delia", "ratio": 1}],
+        "sample": {"max_new_tokens": 8, "drop_truncated": False, "drop_repetitive": False, "progress": False,
+                   "drop_duplicates": False, "drop_reference_copies": False},
+        "mix": {"allow_short": True},
+        "train": {"max_steps": 2, "batch_size": 2, "warmup_steps": 0, "eval_steps": 1, "logging_steps": 1},
+        "eval": {"max_new_tokens": 8},
+    }
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_run_twice_second_skips_every_stage(experiment, tmp_path):
+    out = tmp_path / "out"
+    first = run_experiment(load_experiment(experiment), out)
+    # sample + base eval + base probe, then per arm and seed: (mix) train eval probe
+    assert len(first["stages_run"]) == 3 + 2 * 3 + 2 * 4 and not first["stages_cached"]
+    summary = first["summary"]
+    assert set(summary["arms"]) == {"base", "sft", "delia"}
+    assert summary["arms"]["delia"]["seeds"] == [0, 1]
+    assert "format_accuracy" in summary["arms"]["delia"]["delta"]
+    assert (out / "report.md").read_text().count("| delia |") == 1
+    assert (out / "report.html").read_text().startswith("<!doctype html>")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["data_sha256"]) == {"task_train", "task_eval", "pool"}
+
+    second = run_experiment(load_experiment(experiment), out)
+    assert second["stages_run"] == []
+    assert sorted(second["stages_cached"]) == sorted(first["stages_run"])
+    assert json.loads(json.dumps(second["summary"])) == json.loads(json.dumps(summary))
+
+
+def test_changed_option_reruns_only_what_depends_on_it(experiment, tmp_path):
+    out = tmp_path / "out"
+    config = yaml.safe_load(experiment.read_text())
+    config.update(seeds=[0], arms=[{"name": "sft", "ratio": 0}], eval_base=False)
+    experiment.write_text(yaml.safe_dump(config))
+    run_experiment(load_experiment(experiment), out)
+    config["eval"]["max_new_tokens"] = 4
+    experiment.write_text(yaml.safe_dump(config))
+    again = run_experiment(load_experiment(experiment), out)
+    assert again["stages_cached"] == ["train:sft seed 0", "probe:sft seed 0"]
+    assert again["stages_run"] == ["eval:sft seed 0"]
+
+
+def test_bad_config_names_the_file_and_field(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"task": {"train": "a.jsonl"}, "arms": [{"name": "x", "ratio": -1}]}))
+    with pytest.raises(DeliaError) as e:
+        load_experiment(path)
+    msg = str(e.value)
+    assert f"{path}: field 'task.eval'" in msg and "arms.0.ratio" in msg
