@@ -66,6 +66,8 @@ def train(
     token_init: Annotated[str, typer.Option(
         help="Init of new token rows: random (normal, std of the matrix, seeded), mean, mean-noise, description.",
     )] = "random",
+    train_rows: Annotated[str, typer.Option(
+        help="Embedding rows trained with --add-token: new (only the added tokens' rows) or all.")] = "new",
     important_token: Annotated[list[str] | None, typer.Option(
         help="Token whose loss is tracked on EVAL_DATA, repeatable (default: the added tokens).")] = None,
     eval_steps: Annotated[int, typer.Option(help="Evaluate every N steps (with --eval-data).")] = 25,
@@ -219,6 +221,8 @@ def _setup(**s: Any) -> _Run:
     from delia.tokens import add_tokens, embedding_module_names, parse_token_specs
 
     data, out = Path(s["data"]), Path(s["out"])
+    if s["train_rows"] not in ("new", "all"):
+        raise DeliaError(f"unknown --train-rows {s['train_rows']!r}; expected new or all")
     if s["batching"] not in BATCHING:
         raise DeliaError(f"unknown batching {s['batching']!r}; expected one of {', '.join(BATCHING)}")
     precision = _precision(s["precision"])
@@ -245,7 +249,8 @@ def _setup(**s: Any) -> _Run:
     peft_config = LoraConfig(
         r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=s["lora_dropout"], bias="none",
         target_modules=s["target_modules"] or ["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM",
-        modules_to_save=modules_to_save, ensure_weight_tying=bool(tokens and tokens["tied_embeddings"]),
+        modules_to_save=list(modules_to_save) if modules_to_save else None,  # PEFT extends the list it gets
+        ensure_weight_tying=bool(tokens and tokens["tied_embeddings"]),
     )
     has_eval = bool(eval_records)
     args = SFTConfig(
@@ -253,7 +258,8 @@ def _setup(**s: Any) -> _Run:
         learning_rate=s["learning_rate"], lr_scheduler_type=s["lr_scheduler"], warmup_steps=s["warmup_steps"],
         num_train_epochs=s["epochs"], max_steps=s["max_steps"], weight_decay=s["weight_decay"],
         per_device_train_batch_size=s["batch_size"], per_device_eval_batch_size=s["batch_size"],
-        gradient_accumulation_steps=s["grad_accum"], gradient_checkpointing=s["gradient_checkpointing"],
+        gradient_accumulation_steps=s["grad_accum"], activation_checkpointing=s["gradient_checkpointing"],
+        dataloader_pin_memory=torch.cuda.is_available(),
         max_length=s["max_length"], packing=s["batching"] == "packing",
         train_sampling_strategy="group_by_length" if s["batching"] == "group_by_length" else "random",
         logging_steps=s["logging_steps"], save_strategy="steps", save_steps=s["save_steps"],
@@ -277,6 +283,9 @@ def _setup(**s: Any) -> _Run:
                              f"--max-length {s['max_length']}; raise it")
     if not isinstance(trainer.model, PeftModel):  # never fall back to full-model training silently
         raise DeliaError("the trainer did not wrap the model with the LoRA adapter")
+
+    if tokens and s["train_rows"] == "new":
+        _train_only_rows(trainer, [t["id"] for t in tokens["tokens"]])
 
     chosen = s["important_token"] or [t for t, _ in specs]
     if has_eval and chosen:
@@ -304,6 +313,22 @@ def _setup(**s: Any) -> _Run:
     if trainer.is_world_process_zero():
         write_json(out / CHECKPOINTS / RUN_RECORD, _resume_key(s))
     return _Run(trainer, tokenizer, out, record, s)
+
+
+def _train_only_rows(trainer: Any, ids: list[int]) -> None:
+    """Keep every embedding row but `ids` at its base value although PEFT trains the whole matrix copy.
+
+    A gradient hook zeroes the other rows' gradients, and the copies are left out of weight decay
+    (decoupled decay would otherwise shrink all rows). Tied copies share one parameter, so one hook.
+    """
+    names = [n for n, p in trainer.model.named_parameters() if p.requires_grad and "modules_to_save" in n]
+    for name, param in trainer.model.named_parameters():
+        if name in names:
+            mask = param.new_zeros(param.shape[0], 1)
+            mask[ids] = 1
+            param.register_hook(lambda grad, mask=mask: grad * mask)
+    decay = trainer.get_decay_parameter_names
+    trainer.get_decay_parameter_names = lambda model: [n for n in decay(model) if "modules_to_save" not in n]
 
 
 def _sources(records: list[dict[str, Any]]) -> dict[str, int]:

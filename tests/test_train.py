@@ -1,0 +1,201 @@
+"""Training on the tiny fixtures (seconds each); one end-to-end run on SmolLM2-135M is marked e2e."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from delia.errors import DeliaError
+from delia.train import TRAIN_RECORD, TRAINER_LOG, _setup, load_trained, train
+
+FAST = {"max_length": 256, "batch_size": 4, "warmup_steps": 0, "learning_rate": 1e-2, "logging_steps": 1}
+
+
+def _conversation(i):
+    return {"messages": [{"role": "user", "content": f"Check item {i} in the <sep> format."},
+                         {"role": "assistant", "content": f"{{'thought': 'item {i} is fine', 'hallucination': 'no'}}"}],
+            "source": "task" if i % 2 else "diverse"}
+
+
+@pytest.fixture
+def rows(write_jsonl):
+    return write_jsonl("train.jsonl", [_conversation(i) for i in range(16)]), write_jsonl(
+        "eval.jsonl", [_conversation(100 + i) for i in range(3)])
+
+
+def _settings(data, out, model, **kw):
+    import inspect
+
+    s = {k: p.default for k, p in inspect.signature(train).parameters.items()
+         if p.default is not inspect.Parameter.empty}
+    return {**s, **FAST, "data": str(data), "out": str(out), "model": str(model), **kw}
+
+
+def test_labels_mask_prompt_tokens(rows, tmp_path, tiny_model):
+    data, _ = rows
+    run = _setup(**_settings(data, tmp_path / "run", tiny_model))
+    tok = run.tokenizer
+    example = run.trainer.train_dataset[0]
+    conv = _conversation(0)["messages"]
+    n_prompt = len(tok.apply_chat_template(conv[:1], add_generation_prompt=True, return_dict=True)["input_ids"])
+    ids, labels = example["input_ids"], example["labels"]
+    assert ids[:n_prompt] == tok.apply_chat_template(conv[:1], add_generation_prompt=True,
+                                                     return_dict=True)["input_ids"]
+    assert labels[:n_prompt] == [-100] * n_prompt
+    assert labels[n_prompt:] == ids[n_prompt:] and len(ids) > n_prompt
+    assert tok.decode(ids[n_prompt:]).startswith("{'thought': 'item 0")
+    batch = next(iter(run.trainer.get_train_dataloader()))
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()  # padding carries no loss either
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_train_new_token_tied_and_untied(rows, tmp_path, tiny_model, tiny_model_untied, tied):
+    data, eval_data = rows
+    model_dir = tiny_model if tied else tiny_model_untied
+    out = train(**_settings(data, tmp_path / "run", model_dir, eval_data=eval_data, add_token=["<sep>"],
+                            max_steps=4, eval_steps=2, merge=True))
+    record = json.loads((out / TRAIN_RECORD).read_text())
+    token = record["new_tokens"]["tokens"][0]
+    sid = token["id"]
+    assert record["steps"] == 4 and record["data"]["sources"] == {"task": 8, "diverse": 8}
+    assert record["peft"]["modules_to_save"] == (["embed_tokens"] if tied else ["embed_tokens", "lm_head"])
+    assert record["peft"]["trainable_params"] < record["peft"]["total_params"] / 2
+    assert {"torch", "transformers", "trl", "peft"} <= set(record["versions"]) and record["data"]["sha256"]
+    assert record["tokens_trained"] > 0 and not (out / "checkpoints").exists()
+
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    base = load_file(str(model_dir / "model.safetensors"))
+    for name in ("embed_tokens", "lm_head"):  # PEFT saves both copies, tied or not
+        trained = next(v for k, v in saved.items() if k.endswith(f"{name}.weight"))
+        before = base.get(f"model.{name}.weight", base.get(f"{name}.weight", base["model.embed_tokens.weight"]))
+        assert abs(float(trained[sid].norm()) - token["init_norm"]) > 1e-4 or name == "lm_head"
+        assert not torch.equal(trained[sid], before[sid])  # the new row was trained from its init
+        torch.testing.assert_close(trained[:sid], before[:sid], atol=0, rtol=0)  # other rows kept (--train-rows new)
+    emb, head = (next(v for k, v in saved.items() if k.endswith(f"{n}.weight")) for n in ("embed_tokens", "lm_head"))
+    assert torch.equal(emb, head) == tied
+
+    log = [json.loads(x) for x in (out / TRAINER_LOG).read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+    important = [json.loads(x) for x in (out / "important_token_loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in important] == [0, 2, 4]
+    assert all(r["count"] == 3 and r["per_token"]["<sep>"]["count"] == 3 and r["prompt_loss"] for r in important)
+    assert important[0]["loss"] != important[-1]["loss"]
+
+    model, tok = load_trained(out, device="cpu")
+    assert tok.convert_tokens_to_ids("<sep>") == sid and not model.training
+    merged = type(model.get_base_model()).from_pretrained(out / "merged")
+    x = torch.tensor([tok("Check <sep> now")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=x).logits, merged(input_ids=x).logits, atol=1e-4, rtol=1e-4)
+    if tied:
+        assert merged.get_input_embeddings().weight.data_ptr() == merged.get_output_embeddings().weight.data_ptr()
+
+
+def test_adapter_loads_with_plain_peft(rows, tmp_path, tiny_model):
+    data, _ = rows
+    out = train(**_settings(data, tmp_path / "run", tiny_model, add_token=["<sep>"], max_steps=2))
+    reference, tok = load_trained(out, device="cpu")
+    x = tok("Check <sep> now")["input_ids"]
+    with torch.no_grad():
+        expected = reference(input_ids=torch.tensor([x])).logits[0, -1].tolist()
+    script = textwrap.dedent(f"""
+        import json, sys, torch
+        from peft import AutoPeftModelForCausalLM
+        from transformers import AutoTokenizer
+        model = AutoPeftModelForCausalLM.from_pretrained({str(out)!r}).eval()
+        tok = AutoTokenizer.from_pretrained({str(out)!r})
+        ids = tok.apply_chat_template([{{"role": "user", "content": "Check <sep> now"}}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
+        gen = model.generate(**ids, max_new_tokens=4, do_sample=False)
+        with torch.no_grad():
+            last = model(input_ids=torch.tensor([{x}])).logits[0, -1].tolist()
+        print(json.dumps({{"delia": any(m.split(".")[0] == "delia" for m in sys.modules), "new": gen.shape[1] -
+                          ids["input_ids"].shape[1], "last": last}}))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["delia"] is False and got["new"] >= 1
+    torch.testing.assert_close(torch.tensor(got["last"]), torch.tensor(expected), atol=1e-4, rtol=1e-4)
+
+
+def test_resume_after_a_crash(rows, tmp_path, tiny_model, monkeypatch):
+    from transformers import Trainer
+
+    data, _ = rows
+    kw = {"max_steps": 6, "save_steps": 2, "add_token": ["<sep>"]}
+    full = train(**_settings(data, tmp_path / "full", tiny_model, **kw))
+
+    real_step, calls = Trainer.training_step, {"n": 0}
+
+    def crash_after_five(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("killed")
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(Trainer, "training_step", crash_after_five)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(**_settings(data, tmp_path / "cut", tiny_model, **kw))
+    monkeypatch.setattr(Trainer, "training_step", real_step)
+    assert not (tmp_path / "cut" / TRAIN_RECORD).exists()
+    with pytest.raises(DeliaError, match="--resume"):
+        train(**_settings(data, tmp_path / "cut", tiny_model, **kw))
+    with pytest.raises(DeliaError, match="max_steps"):
+        train(**_settings(data, tmp_path / "cut", tiny_model, **{**kw, "max_steps": 7}, resume=True))
+
+    out = train(**_settings(data, tmp_path / "cut", tiny_model, **kw, resume=True))
+    record = json.loads((out / TRAIN_RECORD).read_text())
+    assert record["steps"] == 6 and record["resumed_from"].endswith("checkpoint-4")
+    log = [json.loads(x) for x in (out / TRAINER_LOG).read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    a, b = load_file(str(full / "adapter_model.safetensors")), load_file(str(out / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    with pytest.raises(DeliaError, match="finished training run"):
+        train(**_settings(data, tmp_path / "cut", tiny_model, **kw))
+
+
+def test_cli_yaml_config(rows, tmp_path, tiny_model):
+    from delia.cli import main
+
+    data, _ = rows
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(textwrap.dedent(f"""
+        model: {tiny_model}
+        add_token: ["<sep>=answer as a dict with a thought and a label"]
+        token_init: description
+        lora_r: 4
+        max_steps: 1
+        max_length: 128
+        batching: random
+    """))
+    with pytest.raises(SystemExit) as done:
+        main(["train", str(data), str(tmp_path / "run"), "--config", str(cfg), "--lora-alpha", "8"])
+    assert done.value.code == 0
+    record = json.loads((tmp_path / "run" / TRAIN_RECORD).read_text())
+    assert record["settings"]["lora_r"] == 4 and record["settings"]["lora_alpha"] == 8
+    assert record["new_tokens"]["tokens"][0]["description"] == "answer as a dict with a thought and a label"
+    assert record["new_tokens"]["init"] == "description"
+    adapter_cfg = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert adapter_cfg["r"] == 4 and sorted(adapter_cfg["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+
+
+@pytest.mark.e2e
+def test_smollm2_sep_task(delia_format_data, tmp_path):
+    """The authors' <sep> task on SmolLM2-135M: a new row beyond the vocabulary (resize), a few steps."""
+    out = train(delia_format_data / "train.jsonl", tmp_path / "run", eval_data=delia_format_data / "eval.jsonl",
+                add_token=["<sep>"], max_steps=3, eval_steps=3, batch_size=2, max_length=512, warmup_steps=0)
+    record = json.loads((out / TRAIN_RECORD).read_text())
+    assert record["steps"] == 3 and record["new_tokens"]["tokens"][0]["token"] == "<sep>"
+    important = [json.loads(x) for x in (out / "important_token_loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in important] == [0, 3] and important[0]["count"] > 0
+    model, tok = load_trained(out, device="cpu")
+    ids = tok.apply_chat_template([{"role": "user", "content": "Say hi. <sep>"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    assert model.generate(**ids, max_new_tokens=3, do_sample=False).shape[1] > ids["input_ids"].shape[1]
