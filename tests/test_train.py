@@ -95,9 +95,8 @@ def test_train_new_token_tied_and_untied(rows, tmp_path, tiny_model, tiny_model_
         assert merged.get_input_embeddings().weight.data_ptr() == merged.get_output_embeddings().weight.data_ptr()
 
 
-def test_adapter_loads_with_plain_peft(rows, tmp_path, tiny_model):
-    data, _ = rows
-    out = train(**_settings(data, tmp_path / "run", tiny_model, add_token=["<sep>"], max_steps=2))
+def _check_plain_peft(out, cwd):
+    """Load the adapter in a fresh interpreter with transformers + peft only; it generates and its logits match."""
     reference, tok = load_trained(out, device="cpu")
     x = tok("Check <sep> now")["input_ids"]
     with torch.no_grad():
@@ -116,11 +115,17 @@ def test_adapter_loads_with_plain_peft(rows, tmp_path, tiny_model):
         print(json.dumps({{"delia": any(m.split(".")[0] == "delia" for m in sys.modules), "new": gen.shape[1] -
                           ids["input_ids"].shape[1], "last": last}}))
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=cwd)
     assert done.returncode == 0, done.stderr[-2000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["delia"] is False and got["new"] >= 1
     torch.testing.assert_close(torch.tensor(got["last"]), torch.tensor(expected), atol=1e-4, rtol=1e-4)
+
+
+def test_adapter_loads_with_plain_peft(rows, tmp_path, tiny_model):
+    data, _ = rows
+    out = train(**_settings(data, tmp_path / "run", tiny_model, add_token=["<sep>"], max_steps=2))
+    _check_plain_peft(out, tmp_path)
 
 
 def test_resume_after_a_crash(rows, tmp_path, tiny_model, monkeypatch):
@@ -199,3 +204,7 @@ def test_smollm2_sep_task(delia_format_data, tmp_path):
     ids = tok.apply_chat_template([{"role": "user", "content": "Say hi. <sep>"}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)
     assert model.generate(**ids, max_new_tokens=3, do_sample=False).shape[1] > ids["input_ids"].shape[1]
+    weights = load_file(str(out / "adapter_model.safetensors"))  # LoRA + the trained embedding copies only
+    assert not [k for k in weights if "original_module" in k or "lora" not in k and "embed_tokens" not in k
+                and "lm_head" not in k]
+    _check_plain_peft(out, tmp_path)  # the base is resized to the saved tokenizer by PEFT itself

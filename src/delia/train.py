@@ -117,7 +117,10 @@ class _Run:
             return out
         tmp = out / ".adapter.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        trainer.save_model(str(tmp))
+        if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+            trainer.save_model(str(tmp))  # gathers sharded weights
+        else:  # PEFT would add three more copies of a resized embedding matrix ("auto"); its trained copy suffices
+            trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(tmp), save_embedding_layers=False)
         self.tokenizer.save_pretrained(str(tmp))
         (tmp / "training_args.bin").unlink(missing_ok=True)
         for f in tmp.iterdir():
