@@ -41,6 +41,7 @@ STAGES["eval"] = "delia.evaluate:evaluate"
 STAGES["sample"] = "delia.sample:sample"
 STAGES["sample-merge"] = "delia.sample:merge"
 STAGES["probe"] = "delia.probe:probe"
+STAGES["demo-data"] = "delia.demo_data:prepare_demo_data"
 
 
 def _load_config(ctx: typer.Context, _param: Any, value: Path | None) -> Path | None:
