@@ -107,7 +107,9 @@ def test_out_of_memory_splits_the_batch(backend, prompts, monkeypatch):
     assert sizes == [5, 2, 2, 1]  # halved once, then every later batch stays within the new limit
 
 
-def test_sampler_draws_from_the_top_p_distribution():
+@pytest.mark.parametrize("candidates", [256, 2])  # 2: the top-p cut lies beyond the candidates (full sort)
+def test_sampler_draws_from_the_top_p_distribution(monkeypatch, candidates):
+    monkeypatch.setattr("delia.backends.hf.TOP_P_CANDIDATES", candidates)
     probs = torch.tensor([0.5, 0.3, 0.2, 0.0])
     logits = torch.log(probs.clamp(min=1e-12)).repeat(4000, 1)
     seeds = request_seeds(4000, SamplingParams(), None)

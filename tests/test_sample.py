@@ -286,3 +286,30 @@ def test_sigkill_mid_run_then_rerun_gives_every_query_exactly_once(tiny_model, w
     assert summary["resumed"] == before and summary["generated"] == 120 - before
     ids = ids_in(out)
     assert len(ids) == 120 and len(set(ids)) == 120
+
+
+@pytest.mark.e2e
+def test_smollm2_one_shot_sampling_end_to_end(write_jsonl, tmp_path):
+    from delia.chat import delia_prompt, prompt_ids
+    from delia.models import DEFAULT_MODEL
+
+    pool = write_jsonl("pool.jsonl", [
+        {"id": "sky", "messages": [{"role": "user", "content": "Why is the sky blue?"},
+                                   {"role": "assistant", "content": "Air scatters blue light more than red light."}]},
+        {"id": "haiku", "messages": [{"role": "user", "content": "Write a haiku about rain."},
+                                     {"role": "assistant", "content": "Soft rain on the roof / ..."}]},
+        {"id": "py", "messages": [{"role": "user", "content": "How do I reverse a list in Python?"},
+                                  {"role": "assistant", "content": "Use my_list[::-1] or my_list.reverse()."}]},
+    ])
+    out = tmp_path / "o.jsonl"
+    summary = sample(pool, out, max_new_tokens=48, device="cpu", drop_truncated=False, progress=False)
+    assert summary["generated"] == 3 and summary["completion_tokens"] > 10
+    rows = read_complete_jsonl(out)
+    assert rows and all(r["messages"][1]["content"].strip() for r in rows)
+    tok = load_tokenizer(DEFAULT_MODEL)
+    reference = "Air scatters blue light more than red light."
+    ids = prompt_ids(tok, delia_prompt("Why is the sky blue?", reference, "one-shot"))
+    sky = next((r for r in rows if r["id"] == "sky"), None)
+    assert sky is None or sky["meta"]["prompt_tokens"] == len(ids)
+    start = tok.convert_tokens_to_ids("<|im_start|>")  # also SmolLM2's BOS: it must not be doubled
+    assert ids.count(start) == 5 and ids[1] != start  # default system, user, assistant, user, generation prompt

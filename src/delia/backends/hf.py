@@ -12,15 +12,22 @@ from delia.backends import Completion, SamplingParams, request_seeds
 from delia.errors import DeliaError
 
 # Upper bound on rows per batch: beyond this a CPU gains nothing and a GPU runs out of other limits first.
-MAX_ROWS_CPU = 32
+MAX_ROWS_CPU = 64
 MAX_ROWS_GPU = 512
 
 
+# Candidates examined for the top-p cut before falling back to sorting the whole vocabulary.
+TOP_P_CANDIDATES = 256
+
+
 def _sampler(seeds: Sequence[int], params: SamplingParams, vocab: int, device: Any):
-    """A logits processor that makes greedy decoding sample: argmax(logits/T + Gumbel noise) is a draw from
-    softmax(logits/T) (the Gumbel-max trick). Each row draws its noise from its own generator, so its
-    sample is reproducible from its seed alone, whatever else is in the batch. It also keeps the model
-    from picking the padding rows beyond the tokenizer's vocabulary, which decode to nothing.
+    """A logits processor that samples inside greedy decoding: it draws the token itself (top-p, then
+    inverse-CDF with one uniform per row and step) and leaves only that token finite for the argmax.
+
+    Each row draws from its own generator, so its sample is reproducible from its seed alone, whatever
+    else is in the batch. The top-p cut is found among the top 256 tokens (a full sort per row and step
+    costs more than the model's forward pass on CPU), sorting the whole row only when those 256 hold
+    less than `top_p` of the mass. Token ids beyond the tokenizer (padding rows) are never chosen.
     """
     import torch
     from transformers import LogitsProcessor
@@ -35,17 +42,28 @@ def _sampler(seeds: Sequence[int], params: SamplingParams, vocab: int, device: A
                 scores[:, vocab:] = -float("inf")
             if params.greedy:
                 return scores
-            scores = scores / params.temperature
+            probs = (scores / params.temperature).softmax(dim=-1)
             if params.top_p < 1:
-                sorted_scores, order = torch.sort(scores, descending=False, dim=-1)
-                cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-                remove = cumulative <= 1 - params.top_p
-                remove[:, -1] = False  # always keep the most likely token
-                scores = scores.masked_fill(remove.scatter(1, order, remove), -float("inf"))
-            u = torch.stack([torch.rand(scores.shape[-1], generator=g, device=scores.device)
-                             for g in self.generators])
-            gumbel = -torch.log(-torch.log(u.clamp_(min=1e-20, max=1 - 1e-7)))
-            return scores + gumbel
+                probs = probs * (probs >= self._cutoff(probs))
+            cdf = probs.cumsum(dim=-1)
+            u = torch.cat([torch.rand(1, generator=g, device=probs.device) for g in self.generators])
+            token = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).clamp_(max=vocab - 1)
+            return torch.full_like(scores, -float("inf")).scatter_(1, token, 0.0)
+
+        @staticmethod
+        def _cutoff(probs: torch.Tensor) -> torch.Tensor:
+            """Per row, the smallest probability still kept: tokens are kept, most likely first, while the
+            mass before them is below top_p (the most likely token always)."""
+            k = min(TOP_P_CANDIDATES, probs.shape[-1])
+            top, _ = probs.topk(k, dim=-1)
+            short = top[:, :-1].sum(dim=-1) < params.top_p  # the cut may lie beyond the candidates
+            if short.any():
+                full, _ = probs[short].sort(dim=-1, descending=True)
+                top = torch.cat([top, top.new_zeros(top.shape[0], probs.shape[-1] - k)], dim=-1)
+                top[short] = full
+            before = top.cumsum(dim=-1) - top
+            kept = (before < params.top_p).sum(dim=-1, keepdim=True).clamp_(min=1)
+            return top.gather(1, kept - 1)
 
     return SeededSampler()
 
