@@ -44,8 +44,8 @@ def test_greedy_requests_and_output_conversion():
     assert to_completion(out).finish_reason == "stop"
 
 
-def test_engine_calls_with_a_fake_vllm(monkeypatch, tiny_model):
-    calls = []
+def fake_vllm(calls: list) -> types.ModuleType:
+    """A stand-in `vllm` module whose engine records its calls and answers "s<seed>"."""
 
     class LLM:
         def __init__(self, model, **kwargs):
@@ -61,7 +61,12 @@ def test_engine_calls_with_a_fake_vllm(monkeypatch, tiny_model):
     fake = types.ModuleType("vllm")
     fake.LLM = LLM
     fake.SamplingParams = lambda **kw: SimpleNamespace(kw=kw)
-    monkeypatch.setitem(sys.modules, "vllm", fake)
+    return fake
+
+
+def test_engine_calls_with_a_fake_vllm(monkeypatch, tiny_model):
+    calls: list = []
+    monkeypatch.setitem(sys.modules, "vllm", fake_vllm(calls))
     monkeypatch.setattr("delia.backends.vllm.CHUNK", 4)
     backend = get_backend("vllm", str(tiny_model), tensor_parallel_size=2)
     assert calls[0] == ("init", str(tiny_model), {"tensor_parallel_size": 2, "dtype": "auto",

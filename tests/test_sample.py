@@ -172,7 +172,9 @@ def test_resume_skips_done_rows_drops_a_torn_line_and_redoes_half_written_querie
 def test_resume_refuses_other_settings_and_foreign_files(scripted, write_jsonl, tmp_path):
     pool = write_jsonl("pool.jsonl", pool_rows(3))
     out = tmp_path / "o.jsonl"
-    sample(pool, out, progress=False)
+    assert sample(pool, out, limit=2, progress=False)["generated"] == 2
+    extended = sample(pool, out, progress=False)  # a larger --limit extends the run
+    assert (extended["resumed"], extended["generated"], extended["kept"]) == (2, 1, 3)
     with pytest.raises(DeliaError, match=r"temperature: 0.7 -> 0.3"):
         sample(pool, out, temperature=0.3, progress=False)
     assert sample(pool, out, temperature=0.3, overwrite=True, progress=False)["generated"] == 3
@@ -313,3 +315,31 @@ def test_smollm2_one_shot_sampling_end_to_end(write_jsonl, tmp_path):
     assert sky is None or sky["meta"]["prompt_tokens"] == len(ids)
     start = tok.convert_tokens_to_ids("<|im_start|>")  # also SmolLM2's BOS: it must not be doubled
     assert ids.count(start) == 5 and ids[1] != start  # default system, user, assistant, user, generation prompt
+
+
+def test_stage_on_the_openai_and_vllm_back_ends(tiny_model, write_jsonl, tmp_path, monkeypatch):
+    import sys
+
+    from test_backend_openai import FakeServer
+    from test_backend_vllm import fake_vllm
+
+    pool = write_jsonl("pool.jsonl", pool_rows(5))
+    server = FakeServer(fail_every=4)
+    try:
+        summary = sample(pool, tmp_path / "api.jsonl", model=str(tiny_model), backend="openai", base_url=server.url,
+                         served_model="served", concurrency=2, max_retries=3, progress=False)
+    finally:
+        server.close()
+    assert summary["kept"] == 5 and {r["model"] for r in server.requests} == {"served"}
+    rows = read_complete_jsonl(tmp_path / "api.jsonl")
+    assert {r["meta"]["backend"] for r in rows} == {"openai"} and rows[0]["meta"]["completion_tokens"] == 7
+    with pytest.raises(DeliaError, match="--base-url"):
+        sample(pool, tmp_path / "nourl.jsonl", model=str(tiny_model), backend="openai", progress=False)
+
+    calls: list = []
+    monkeypatch.setitem(sys.modules, "vllm", fake_vllm(calls))
+    summary = sample(pool, tmp_path / "vllm.jsonl", model=str(tiny_model), backend="vllm", tensor_parallel=2,
+                     samples_per_query=2, progress=False)
+    assert calls[0][2]["tensor_parallel_size"] == 2 and summary["kept"] == 10
+    texts = [r["messages"][1]["content"] for r in read_complete_jsonl(tmp_path / "vllm.jsonl")]
+    assert len(set(texts)) == 10  # "s<seed>": a distinct seed for each of the 10 samples

@@ -303,7 +303,7 @@ def sample(
       delia sample pool.jsonl part0.jsonl --shard 0/4 --backend vllm --tensor-parallel 2\n
       delia sample pool.jsonl diverse.jsonl --backend openai --base-url http://127.0.0.1:8000/v1
     """
-    from delia.backends import SamplingParams, derive_seed, get_backend
+    from delia.backends import BACKENDS, SamplingParams, derive_seed, get_backend
     from delia.chat import MODES, delia_prompt, prompt_ids
     from delia.data import rejects_path
     from delia.files import JsonlAppender, write_json
@@ -312,12 +312,16 @@ def sample(
     pool, out = Path(pool), Path(out)
     if mode not in MODES:
         raise DeliaError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if backend not in BACKENDS:
+        raise DeliaError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "openai" and not base_url:
+        raise DeliaError("--backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
     params = SamplingParams(temperature, top_p, max_new_tokens, seed, samples_per_query)
     shard_i, shard_n = parse_shard(shard)
     filters = Filters(drop_empty, drop_truncated, drop_repetitive, drop_reference_copies, drop_duplicates)
     settings = {"pool": str(pool), "model": model, "mode": mode, "system": system, "temperature": temperature,
                 "top_p": top_p, "max_new_tokens": max_new_tokens, "samples_per_query": samples_per_query,
-                "seed": seed, "shard": f"{shard_i}/{shard_n}", "limit": limit,
+                "seed": seed, "shard": f"{shard_i}/{shard_n}",
                 "filters": {k: getattr(filters, k) for k in Filters.__dataclass_fields__}}
 
     queries, skipped = _load_queries(pool, format, columns, skip_invalid)
@@ -342,7 +346,7 @@ def sample(
     kept = len(kept_rows)
     del kept_rows, rejected_rows
 
-    manifest: dict[str, Any] = {"stage": "sample", "status": "running", "settings": settings,
+    manifest: dict[str, Any] = {"stage": "sample", "status": "running", "settings": settings, "limit": limit,
                                 "backend": backend, "versions": _versions(backend), "started": _now()}
     write_json(manifest_path(out), manifest)
     counts = Counter[str]()
@@ -357,13 +361,9 @@ def sample(
             tokenizer = load_tokenizer(model)
             if backend == "vllm":
                 engine = get_backend("vllm", model, tensor_parallel_size=tensor_parallel, dtype=dtype)
-            elif backend == "openai":
-                if not base_url:
-                    raise DeliaError("--backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
+            else:
                 engine = get_backend("openai", served_model or model, base_url=base_url, concurrency=concurrency,
                                      timeout=timeout, max_retries=max_retries, tokenizer=tokenizer)
-            else:
-                engine = get_backend(backend, model)  # raises: unknown back end
         prompts = [prompt_ids(tokenizer, delia_prompt(q, ref, mode, system)) for _, q, ref in todo]  # type: ignore[arg-type]
         seeds = [derive_seed(seed, qid) for qid, _, _ in todo]
         pending: dict[int, list] = {}
