@@ -1,0 +1,237 @@
+"""The demo's data preparation on a small fake `evals` wheel (no network); the real one is an e2e test."""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from delia import demo_data as dd
+from delia.errors import DataError, DeliaError
+from delia.files import sha256_file
+
+_rng = random.Random(0)
+_VOCAB = ["".join(_rng.choice(string.ascii_lowercase) for _ in range(_rng.randint(3, 9))) for _ in range(400)]
+
+
+def prose(seed: int, words: int = 60) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(_VOCAB) for _ in range(words)).capitalize() + "."
+
+
+def chat(user: str, ideal, system: str | None = "Answer the question.") -> dict:
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    return {"input": msgs, "ideal": ideal}
+
+
+def build_wheel(path: Path, per_label: int = 70) -> Path:
+    """A wheel laid out like evals': one samples file per task folder under evals/registry/data/."""
+    sys_msg = "Respond with only a 1 or 0 to signify if the user's message includes sarcasm, or not"
+    sarcasm = [chat(f"headline number {i} about {'satire' if i % 2 else 'news'} today", str(i % 2), sys_msg)
+               for i in range(2 * per_label)]
+    sarcasm += [
+        chat("headline number 3 about satire today", "1", sys_msg),  # duplicate, same label: kept once
+        chat("a headline that appears with both labels", "1", sys_msg),
+        chat("a headline that appears with both labels", "0", sys_msg),  # conflict: both dropped
+        chat("too short", "1", sys_msg),
+        chat("a headline with an odd answer here", "maybe", sys_msg),
+    ]
+    files = {
+        "sarcasm/samples.jsonl": sarcasm,
+        "sarcasm/few_shot.jsonl": [{"sample": [{"role": "user", "content": "x"}]}],
+        # 30 long-form rows: the per-task cap keeps 25
+        "essays/samples.jsonl": [chat(f"Write an essay, number {i}.", prose(i)) for i in range(30)],
+        "lists/samples.jsonl": [chat(f"Explain topic {i}.", [prose(100 + i), "a shorter alternative"], None)
+                                for i in range(3)],
+        "short/samples.jsonl": [chat(f"Capital {i}?", "Paris") for i in range(5)],
+        "grid/samples.jsonl": [chat("Solve the maze.", "[" + ", ".join(["right", "down"] * 60) + "]"),
+                               chat("Sort these numbers.", ",".join(str(n) for n in range(300)))],
+        "fewshot/samples.jsonl": [
+            {"input": [{"role": "system", "content": "Q?", "name": "example_user"},
+                       {"role": "user", "content": "Real question?"}], "ideal": prose(200)},
+            {"input": [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+                       {"role": "user", "content": "Q2"}], "ideal": prose(201)},
+        ],
+        "huge/samples.jsonl": [chat("x " * 1500, prose(300))],
+        "steganography/samples.jsonl": [chat(f"Other licence {i}.", prose(400 + i)) for i in range(5)],
+    }
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(dd.PACKAGE["licence_file"], "MIT License\n")
+        for name, rows in files.items():
+            body = "".join(json.dumps(r) + "\n" for r in rows)
+            if name == "essays/samples.jsonl":
+                body += "{not json\n"
+            zf.writestr(dd.DATA_PREFIX + name, body)
+    return path
+
+
+@pytest.fixture
+def fake_wheel(tmp_path, monkeypatch):
+    """Point the cache at tmp and serve a fake wheel instead of downloading; `calls` counts fetches."""
+    monkeypatch.setenv("DELIA_CACHE", str(tmp_path / "cache"))
+    wheel = build_wheel(tmp_path / dd.PACKAGE["file"])
+    calls = []
+
+    def fetch(downloads: Path) -> Path:
+        calls.append(downloads)
+        return wheel
+
+    monkeypatch.setattr(dd, "fetch_wheel", fetch)
+    return calls
+
+
+def read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_builds_balanced_task_and_capped_long_form_pool(fake_wheel, tmp_path):
+    folder = dd.prepare_demo_data()
+    assert folder == tmp_path / "cache" / "data" / f"demo-{dd.DEMO_VERSION}"
+    assert sorted(p.name for p in folder.iterdir()) == ["SOURCES.json", "pool.jsonl", "task_eval.jsonl",
+                                                        "task_train.jsonl"]
+    train, evals = read(folder / "task_train.jsonl"), read(folder / "task_eval.jsonl")
+    assert (len(train), len(evals)) == (dd.TASK_TRAIN_ROWS, dd.TASK_EVAL_ROWS)
+    labels = lambda rows: sorted(json.loads(r["messages"][1]["content"])["sarcastic"] for r in rows)  # noqa: E731
+    assert labels(train) == ["no"] * 40 + ["yes"] * 40
+    assert labels(evals) == ["no"] * 25 + ["yes"] * 25
+    assert not {r["id"] for r in train} & {r["id"] for r in evals}
+    users = [r["messages"][0]["content"] for r in train + evals]
+    assert len(set(users)) == len(users)
+    assert all(u.startswith("Is this news headline sarcastic?\n\nHeadline: headline number ") for u in users)
+    # label follows the source's ideal: odd rows are "1" (sarcastic)
+    for r in train + evals:
+        n = int(r["messages"][0]["content"].split()[-4])
+        assert r["messages"][1]["content"] == json.dumps({"sarcastic": "yes" if n % 2 else "no"})
+
+    pool = read(folder / "pool.jsonl")
+    tasks = [r["task"] for r in pool]
+    assert sorted(set(tasks)) == ["essays", "lists"]
+    assert tasks.count("essays") == dd.POOL_PER_TASK and tasks.count("lists") == 3
+    assert tasks != sorted(tasks)  # shuffled across tasks
+    lists = [r for r in pool if r["task"] == "lists"]
+    assert {r["messages"][1]["content"] for r in lists} == {prose(100 + i) for i in range(3)}
+    essay = next(r for r in pool if r["task"] == "essays")
+    assert essay["messages"][0]["content"].startswith("Answer the question.\n\nWrite an essay, number ")
+    assert essay["id"].startswith("evals:essays/samples.jsonl:")
+
+    sources = json.loads((folder / "SOURCES.json").read_text())
+    assert sources["package"]["name"] == "evals" and sources["package"]["licence"] == "MIT"
+    assert "steganography" in sources["package"]["licence_note"]
+    for name in dd.FILES:
+        assert sources["files"][name]["sha256"] == sha256_file(folder / name)
+    assert sources["files"]["task_train.jsonl"]["skipped"] == {
+        "not_a_labelled_headline": 1, "length": 1, "duplicate": 2, "conflicting_labels": 1}
+    pool_facts = sources["files"]["pool.jsonl"]
+    assert pool_facts["dropped"] == {"reference_short": 5, "reference_not_prose": 2, "not_single_turn_text": 2,
+                                     "too_long": 1, "over_task_cap": 5}
+    assert pool_facts["tasks"] == {"essays": 25, "lists": 3}
+    assert pool_facts["reference_chars"]["min"] >= dd.POOL_MIN_REFERENCE_CHARS
+    assert sources["task_metric"]["label_key"] == "sarcastic"
+
+
+def test_task_references_score_perfectly_under_the_task_metric(fake_wheel):
+    from delia.metrics import MetricConfig, check_format, parse_output
+
+    folder = dd.prepare_demo_data()
+    metric = MetricConfig(**dd.TASK_METRIC)
+    for row in read(folder / "task_eval.jsonl"):
+        value, strict, err = parse_output(row["messages"][1]["content"])
+        assert strict and err is None and check_format(value, metric) is None
+
+
+def test_rerun_reuses_the_folder_and_a_rebuild_is_byte_identical(fake_wheel, tmp_path):
+    folder = dd.prepare_demo_data()
+    assert dd.prepare_demo_data() == folder
+    assert len(fake_wheel) == 1  # the second call neither fetched nor rebuilt
+    other = dd.prepare_demo_data(out=tmp_path / "elsewhere")
+    for name in (*dd.FILES, "SOURCES.json"):
+        assert (other / name).read_bytes() == (folder / name).read_bytes()
+
+
+def test_changed_folder_is_rebuilt_and_force_rebuilds(fake_wheel):
+    folder = dd.prepare_demo_data()
+    original = (folder / "pool.jsonl").read_bytes()
+    (folder / "pool.jsonl").write_bytes(original[:100])
+    assert dd.prepare_demo_data() == folder
+    assert (folder / "pool.jsonl").read_bytes() == original
+    assert len(fake_wheel) == 2
+    dd.prepare_demo_data(force=True)
+    assert len(fake_wheel) == 3 and (folder / "pool.jsonl").read_bytes() == original
+
+
+def test_failed_build_leaves_no_folder_and_keeps_the_old_one(fake_wheel, tmp_path, monkeypatch):
+    import delia.data
+
+    def broken(path, *args, **kwargs):
+        raise DataError(path, "simulated bad row", line=1)
+
+    out, original = tmp_path / "demo", delia.data.read_chat
+    monkeypatch.setattr(delia.data, "read_chat", broken)
+    with pytest.raises(DataError, match="simulated"):
+        dd.prepare_demo_data(out=out)
+    assert list(tmp_path.glob("demo*")) == [] and list(tmp_path.glob(".demo*")) == []
+
+    monkeypatch.setattr(delia.data, "read_chat", original)
+    dd.prepare_demo_data(out=out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(delia.data, "read_chat", broken)
+    with pytest.raises(DataError):
+        dd.prepare_demo_data(out=out, force=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".demo")] == []
+
+
+def test_too_few_task_rows_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(dd, "fetch_wheel", lambda downloads: build_wheel(tmp_path / "w.whl", per_label=30))
+    with pytest.raises(DeliaError, match=r"sarcasm/samples.jsonl: only \d+ usable rows labelled"):
+        dd.prepare_demo_data(out=tmp_path / "demo")
+    assert not (tmp_path / "demo").exists()
+
+
+def test_pip_failure_names_the_package(tmp_path, monkeypatch):
+    def fake_run(cmd, **kwargs):
+        assert cmd[1:4] == ["-m", "pip", "download"] and "--no-deps" in cmd and "--require-hashes" in cmd
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found")
+
+    monkeypatch.setattr(dd.subprocess, "run", fake_run)
+    with pytest.raises(DeliaError, match=r"evals==3\.0\.1\.post1 .*No matching distribution"):
+        dd.fetch_wheel(tmp_path / "downloads")
+    assert [p.name for p in (tmp_path / "downloads").iterdir()] == []
+
+
+def test_is_prose():
+    assert dd.is_prose(prose(1))
+    assert not dd.is_prose("[" + ", ".join(["right", "down", "left"] * 20) + "]")  # few distinct words
+    assert not dd.is_prose(" ".join(f"{n}.5" for n in range(60)))  # numbers
+    assert not dd.is_prose("Short answer with few words.")
+
+
+def test_cli_verb(fake_wheel, tmp_path):
+    from delia.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["demo-data", "--out", str(tmp_path / "via-cli")])
+    assert done.value.code == 0
+    assert len(read(tmp_path / "via-cli" / "task_train.jsonl")) == dd.TASK_TRAIN_ROWS
+
+
+@pytest.mark.e2e
+def test_real_preparation_from_pypi(tmp_path):
+    """The real wheel (downloaded once into $DELIA_CACHE/downloads, 46 MB; ~8 s to build from it)."""
+    from delia.data import read_chat
+
+    folder = dd.prepare_demo_data(out=tmp_path / "demo")
+    sources = json.loads((folder / "SOURCES.json").read_text())
+    counts = {name: len(read_chat(folder / name, "messages").records) for name in dd.FILES}
+    assert counts["task_train.jsonl"] == dd.TASK_TRAIN_ROWS and counts["task_eval.jsonl"] == dd.TASK_EVAL_ROWS
+    assert 300 <= counts["pool.jsonl"] <= 600
+    assert len(sources["files"]["pool.jsonl"]["tasks"]) >= 20
+    assert max(sources["files"]["pool.jsonl"]["tasks"].values()) <= dd.POOL_PER_TASK
+    assert sources["files"]["pool.jsonl"]["reference_chars"]["min"] >= dd.POOL_MIN_REFERENCE_CHARS
+    for name in dd.FILES:
+        assert sources["files"][name]["sha256"] == sha256_file(folder / name)
