@@ -91,6 +91,7 @@ def test_output_rows_manifest_and_summary(tiny_model, write_jsonl, tmp_path):
     assert manifest["status"] == "complete" and manifest["settings"]["temperature"] == 0.7
     assert manifest["settings"]["top_p"] == 0.95 and manifest["versions"]["torch"]
     assert manifest["summary"]["kept"] == summary["kept"] and manifest_path(out).name == "diverse.manifest.json"
+    assert manifest["model_path"] == str(tiny_model) and manifest["backend"] == "hf"
 
 
 def test_same_seed_same_file_and_shards_reproduce_the_whole_run(tiny_model, write_jsonl, tmp_path):

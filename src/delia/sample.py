@@ -350,6 +350,7 @@ def sample(
                                 "backend": backend, "versions": _versions(backend), "started": _now()}
     write_json(manifest_path(out), manifest)
     counts = Counter[str]()
+    model_path = None
     if todo:
         if backend == "hf":
             engine = get_backend("hf", model, batch_size=batch_size if batch_size == "auto" else _int(batch_size),
@@ -364,6 +365,7 @@ def sample(
             else:
                 engine = get_backend("openai", served_model or model, base_url=base_url, concurrency=concurrency,
                                      timeout=timeout, max_retries=max_retries, tokenizer=tokenizer)
+        model_path = tokenizer.name_or_path
         prompts = [prompt_ids(tokenizer, delia_prompt(q, ref, mode, system)) for _, q, ref in todo]  # type: ignore[arg-type]
         seeds = [derive_seed(seed, qid) for qid, _, _ in todo]
         pending: dict[int, list] = {}
@@ -382,10 +384,12 @@ def sample(
                     meta = {"backend": backend, "model": model, "seed": seed, "sample": k,
                             "samples_per_query": samples_per_query, "finish_reason": c.finish_reason,
                             "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens}
-                    reason = filters.reason(c.text, c.finish_reason, ref, seen)
                     row = _row(qid, query, c.text, meta)
-                    (good if reason is None else bad).append(row if reason is None else {**row, "reason": reason})
-                    if reason:
+                    reason = filters.reason(c.text, c.finish_reason, ref, seen)
+                    if reason is None:
+                        good.append(row)
+                    else:
+                        bad.append({**row, "reason": reason})
                         rejected[reason] += 1
                 if good:
                     kept_file.write(good)
@@ -403,7 +407,7 @@ def sample(
                "kept": kept, "rejected": {r: rejected[r] for r in REASONS if rejected[r]},
                "prompt_tokens": counts["prompt_tokens"], "completion_tokens": counts["completion_tokens"],
                "wall_s": round(wall, 2), "tokens_per_s": round(counts["completion_tokens"] / wall, 2) if wall else 0.0}
-    write_json(manifest_path(out), {**manifest, "status": "complete", "finished": _now(),
+    write_json(manifest_path(out), {**manifest, "status": "complete", "finished": _now(), "model_path": model_path,
                                     "query_ids_sha256": _ids_digest(q[0] for q in queries), "summary": summary})
     if progress:
         _print_summary(summary, f"delia sample -> {out}")
