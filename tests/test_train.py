@@ -1,9 +1,11 @@
 """Training on the tiny fixtures (seconds each); one end-to-end run on SmolLM2-135M is marked e2e."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -208,3 +210,21 @@ def test_smollm2_sep_task(delia_format_data, tmp_path):
     assert not [k for k in weights if "original_module" in k or "lora" not in k and "embed_tokens" not in k
                 and "lm_head" not in k]
     _check_plain_peft(out, tmp_path)  # the base is resized to the saved tokenizer by PEFT itself
+
+
+def test_two_cpu_processes_with_accelerate(rows, tmp_path, tiny_model):
+    """`accelerate launch -m delia train` with the shipped CPU config: two gloo processes, one adapter."""
+    data, eval_data = rows
+    config = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "cpu.yaml"
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "delia", "train",
+           str(data), str(out), "--model", str(tiny_model), "--eval-data", str(eval_data), "--add-token", "<sep>",
+           "--max-steps", "2", "--eval-steps", "2", "--batch-size", "2", "--max-length", "128"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((out / TRAIN_RECORD).read_text())
+    assert record["processes"] == 2 and record["steps"] == 2
+    important = [json.loads(x) for x in (out / "important_token_loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in important] == [0, 2]  # written once, by the main process
+    model, tok = load_trained(out, device="cpu")
+    assert tok.convert_tokens_to_ids("<sep>") == record["new_tokens"]["tokens"][0]["id"]

@@ -21,6 +21,7 @@ import typer
 
 from delia.errors import DeliaError
 from delia.files import sha256_file, sha256_json, write_json, write_jsonl
+from delia.important import IMPORTANT_LOSS_FILE
 
 TRAIN_RECORD = "delia_train.json"
 TRAINER_LOG = "trainer_log.jsonl"
@@ -112,15 +113,16 @@ class _Run:
         if self.settings["resume"] and resume_from is None:
             print(f"delia train: no checkpoint in {out / CHECKPOINTS}; starting from the beginning", file=sys.stderr)
         result = trainer.train(resume_from_checkpoint=resume_from)
-        trainer.accelerator.wait_for_everyone()
-        if not trainer.is_world_process_zero():
-            return out
-        tmp = out / ".adapter.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
+        main, tmp = trainer.is_world_process_zero(), out / ".adapter.tmp"
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
         if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
-            trainer.save_model(str(tmp))  # gathers sharded weights
-        else:  # PEFT would add three more copies of a resized embedding matrix ("auto"); its trained copy suffices
+            trainer.save_model(str(tmp))  # every process takes part in gathering the sharded weights
+        elif main:  # PEFT would add three more copies of a resized embedding matrix ("auto"); its trained copy suffices
             trainer.accelerator.unwrap_model(trainer.model).save_pretrained(str(tmp), save_embedding_layers=False)
+        trainer.accelerator.wait_for_everyone()
+        if not main:
+            return out
         self.tokenizer.save_pretrained(str(tmp))
         (tmp / "training_args.bin").unlink(missing_ok=True)
         for f in tmp.iterdir():
@@ -142,7 +144,8 @@ class _Run:
         return out
 
     def _merge(self) -> None:
-        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        """Merge from the saved adapter (on CPU): works the same after sharded (FSDP/ZeRO-3) training."""
+        model, _ = load_trained(self.out, device="cpu")
         merged = model.merge_and_unload()
         tmp, final = self.out / ".merged.tmp", self.out / "merged"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -157,13 +160,15 @@ def _to_prompt_completion(records: list[dict[str, Any]]) -> list[dict[str, Any]]
     return [{"prompt": r["messages"][:-1], "completion": [r["messages"][-1]]} for r in records]
 
 
-def _check_out(out: Path, settings: dict[str, Any]) -> None:
+def _check_out(out: Path, settings: dict[str, Any], main: bool) -> None:
     """Refuse to mix runs in one folder; with --resume, refuse a checkpoint made with other settings."""
     ckpt = out / CHECKPOINTS
     if settings["overwrite"]:
+        if not main:
+            return
         shutil.rmtree(ckpt, ignore_errors=True)
         shutil.rmtree(out / "merged", ignore_errors=True)
-        for name in (TRAIN_RECORD, TRAINER_LOG, "important_token_loss.jsonl"):
+        for name in (TRAIN_RECORD, TRAINER_LOG, IMPORTANT_LOSS_FILE):
             (out / name).unlink(missing_ok=True)
         return
     if (out / TRAIN_RECORD).exists():
@@ -185,7 +190,10 @@ def _resume_key(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def _data_hash(path: Path) -> str:
-    return sha256_file(path) if path.is_file() else sha256_json(sorted(p.name for p in path.iterdir()))
+    """SHA-256 of a data file, or of the names and contents of a saved dataset folder's files."""
+    if path.is_file():
+        return sha256_file(path)
+    return sha256_json({str(p.relative_to(path)): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()})
 
 
 def _versions() -> dict[str, str]:
@@ -214,12 +222,13 @@ def _setup(**s: Any) -> _Run:
     """Everything up to a ready SFTTrainer; `train` runs it. Tests inspect the trainer it builds."""
     import datasets
     import torch
+    from accelerate import PartialState
     from peft import LoraConfig, PeftModel
     from transformers import AutoModelForCausalLM, set_seed
     from trl import SFTConfig, SFTTrainer
 
     from delia.data import read_chat
-    from delia.important import IMPORTANT_LOSS_FILE, encode_rows, important_ids, make_callback
+    from delia.important import encode_rows, important_ids, make_callback
     from delia.models import load_tokenizer, resolve_model
     from delia.tokens import add_tokens, embedding_module_names, parse_token_specs
 
@@ -232,7 +241,9 @@ def _setup(**s: Any) -> _Run:
     specs = parse_token_specs(s["add_token"])
     s["data_sha256"] = _data_hash(data)
     s["eval_data_sha256"] = _data_hash(Path(s["eval_data"])) if s["eval_data"] else None
-    _check_out(out, s)
+    state = PartialState()  # under `accelerate launch`: one check per process, one cleanup, then all go on
+    _check_out(out, s, state.is_main_process)
+    state.wait_for_everyone()
 
     records = read_chat(data, s["format"]).records  # type: ignore[arg-type]
     eval_records = read_chat(s["eval_data"], s["format"]).records if s["eval_data"] else []  # type: ignore[arg-type]
@@ -262,7 +273,9 @@ def _setup(**s: Any) -> _Run:
         num_train_epochs=s["epochs"], max_steps=s["max_steps"], weight_decay=s["weight_decay"],
         per_device_train_batch_size=s["batch_size"], per_device_eval_batch_size=s["batch_size"],
         gradient_accumulation_steps=s["grad_accum"], activation_checkpointing=s["gradient_checkpointing"],
-        dataloader_pin_memory=torch.cuda.is_available(),
+        dataloader_pin_memory=torch.cuda.is_available(), ddp_find_unused_parameters=False,
+        # without a GPU, processes started by `accelerate launch`/torchrun only form one run (gloo) with use_cpu
+        use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
         max_length=s["max_length"], packing=s["batching"] == "packing",
         train_sampling_strategy="group_by_length" if s["batching"] == "group_by_length" else "random",
         logging_steps=s["logging_steps"], save_strategy="steps", save_steps=s["save_steps"],
@@ -288,6 +301,10 @@ def _setup(**s: Any) -> _Run:
         raise DeliaError("the trainer did not wrap the model with the LoRA adapter")
 
     if tokens and s["train_rows"] == "new":
+        if trainer.is_fsdp_enabled or (trainer.is_deepspeed_enabled and
+                                       trainer.accelerator.state.deepspeed_plugin.zero_stage == 3):
+            raise DeliaError("--train-rows new masks gradients of whole parameters, which FSDP and ZeRO-3 shard; "
+                             "pass --train-rows all with these")
         _train_only_rows(trainer, [t["id"] for t in tokens["tokens"]])
 
     chosen = s["important_token"] or [t for t, _ in specs]
@@ -306,7 +323,7 @@ def _setup(**s: Any) -> _Run:
                  "sources": _sources(records), "dropped_too_long": dropped},
         "eval_data": {"path": s["eval_data"], "sha256": s["eval_data_sha256"], "rows": len(eval_records)},
         "versions": _versions(),
-        "device": str(trainer.args.device),
+        "device": str(trainer.args.device), "processes": trainer.args.world_size,
         "precision": next((k for k, on in precision.items() if on), "fp32"),
         "peft": {"target_modules": sorted(peft_config.target_modules), "modules_to_save": modules_to_save,
                  "trainable_params": trainable, "total_params": total},

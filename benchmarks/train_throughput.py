@@ -1,0 +1,184 @@
+"""Training throughput of `delia.train.train` against a plain TRL SFTTrainer script, and padding waste.
+
+On a realistic DELIA mixture (the authors' `<sep>` task rows, read in place from
+../shared/data/delia-format, plus synthetic diverse rows with long answers), in one process, after
+one discarded warm-up step:
+
+1. trained tokens/s (non-padding tokens, TRL's `num_tokens`, over `train_runtime`) of delia and of a
+   plain SFTTrainer script with the same model, data and settings, run alternately; ratio >= 0.95.
+2. padding waste (padding / all positions over one epoch of the real dataloader), the share of
+   positions that carry loss, and measured tokens/s for each batching mode (random order, length
+   grouping, packing). Packing keeps rows whose response was cut off by max_length (TRL drops them
+   otherwise), so its real tokens include context-only rows that train nothing.
+
+    flock /tmp/delia-heavy.lock .venv/bin/python benchmarks/train_throughput.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "delia-format"
+WORDS = ["the", "model", "answers", "each", "question", "with", "care", "and", "detail", "so", "that", "a",
+         "reader", "can", "follow", "every", "step", "of", "its", "reasoning", "about", "history", "science",
+         "language", "cooking", "travel", "music", "sport", "many", "other", "topics", "in", "turn"]
+
+
+def build_mixture(folder: Path, ratio: int, seed: int = 0) -> Path:
+    """The shared task rows (read in place) plus `ratio` synthetic diverse rows per task row, by `delia mix`."""
+    from delia.data import read_chat
+    from delia.mix import mix
+
+    task = SHARED / "train.jsonl"
+    rng = random.Random(seed)
+    diverse = folder / "diverse.jsonl"
+    with open(diverse, "w", encoding="utf-8") as fh:
+        for i in range(len(read_chat(task).records) * ratio):
+            query = " ".join(rng.choices(WORDS, k=rng.randint(6, 30))) + "?"
+            n = min(int(rng.lognormvariate(5.0, 0.7)), 900)  # median ~150 words, long tail
+            answer = " ".join(rng.choices(WORDS, k=max(n, 20))) + "."
+            fh.write(json.dumps({"messages": [{"role": "user", "content": query},
+                                              {"role": "assistant", "content": answer}],
+                                 "id": f"d{i}", "meta": {}}) + "\n")
+    out = folder / "mix.jsonl"
+    mix(task, diverse, out, ratio=ratio, seed=seed, model="")
+    return out
+
+
+def common_settings(args: argparse.Namespace) -> dict:
+    return {"max_steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
+            "learning_rate": 2e-4, "warmup_steps": 0, "logging_steps": 1, "save_steps": 10_000, "seed": 0}
+
+
+def tokens_per_s(log_history: list[dict]) -> tuple[int, float, float]:
+    tokens = max(r["num_tokens"] for r in log_history if "num_tokens" in r)
+    runtime = next(r["train_runtime"] for r in log_history if "train_runtime" in r)
+    return int(tokens), runtime, tokens / runtime
+
+
+def run_delia(data: Path, out: Path, model: str, settings: dict, batching: str) -> tuple[int, float, float]:
+    from delia.train import TRAINER_LOG, train
+
+    train(data, out, model=model, batching=batching, overwrite=True, **settings)
+    return tokens_per_s([json.loads(x) for x in (out / TRAINER_LOG).read_text().splitlines()])
+
+
+def run_plain_trl(data: Path, out: Path, model: str, settings: dict, batching: str) -> tuple[int, float, float]:
+    """What a user would write by hand with TRL: same model, rows, LoRA and SFTConfig settings."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    from delia.models import resolve_model
+
+    set_seed(settings["seed"])
+    path = resolve_model(model)
+    rows = [json.loads(x) for x in data.read_text().splitlines()]
+    ds = Dataset.from_list([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows])
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+        processing_class=AutoTokenizer.from_pretrained(path),
+        train_dataset=ds,
+        peft_config=LoraConfig(r=16, lora_alpha=16, lora_dropout=0.05, task_type="CAUSAL_LM",
+                               target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        args=SFTConfig(output_dir=str(out), report_to=[], bf16=False, activation_checkpointing=False,
+                       max_steps=settings["max_steps"], per_device_train_batch_size=settings["batch_size"],
+                       max_length=settings["max_length"], learning_rate=settings["learning_rate"],
+                       lr_scheduler_type="constant_with_warmup", warmup_steps=0, weight_decay=0.01,
+                       logging_steps=1, save_strategy="no", seed=settings["seed"], data_seed=settings["seed"],
+                       dataloader_pin_memory=False, packing=batching == "packing",
+                       train_sampling_strategy="group_by_length" if batching == "group_by_length" else "random"),
+    )
+    trainer.train()
+    return tokens_per_s(trainer.state.log_history)
+
+
+def padding_waste(data: Path, out: Path, model: str, settings: dict, batching: str) -> dict:
+    """Padding share over one epoch of the dataloader delia builds for this batching mode."""
+    import inspect
+
+    from delia.train import _setup, train
+
+    defaults = {k: p.default for k, p in inspect.signature(train).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    run = _setup(**{**defaults, **settings, "data": str(data), "out": str(out), "model": model,
+                    "batching": batching, "overwrite": True, "max_steps": -1})
+    real = total = batches = loss = 0
+    for batch in run.trainer.get_train_dataloader():
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        real += int(mask.sum()) if mask is not None else ids.numel()
+        loss += int((batch["labels"] != -100).sum())
+        total += ids.numel()
+        batches += 1
+    return {"real_tokens": real, "loss_tokens": loss, "positions": total, "batches": batches,
+            "waste": 1 - real / total, "loss_share": loss / total}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--ratio", type=int, default=3, help="diverse rows per task row")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=3, help="alternating delia/TRL pairs (median taken)")
+    args = p.parse_args()
+
+    import datasets
+    import torch
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    settings = common_settings(args)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        data = build_mixture(tmp, args.ratio)
+        rows = [json.loads(x) for x in data.read_text().splitlines()]
+        default = "group_by_length"
+        n_task = sum(r["source"] == "task" for r in rows)
+        print(f"model {args.model}; {n_task} task rows + {len(rows) - n_task} diverse rows; "
+              f"{args.steps} steps x batch {args.batch_size}, max_length {args.max_length}; "
+              f"torch threads {torch.get_num_threads()}")
+
+        print("\n1. delia train vs plain TRL SFTTrainer (same settings, batching = group_by_length)")
+        run_plain_trl(data, tmp / "warmup", args.model, {**settings, "max_steps": 1}, default)  # one-time costs
+        delia_tps, trl_tps = [], []
+        for r in range(args.rounds):
+            pair = [("trl", run_plain_trl, trl_tps), ("delia", run_delia, delia_tps)]
+            for name, fn, acc in pair[::-1] if r % 2 else pair:  # alternate who goes first
+                tokens, runtime, tps = fn(data, tmp / f"{name}{r}", args.model, settings, default)
+                acc.append(tps)
+                print(f"   round {r} {name:5s}: {tokens} tokens in {runtime:.2f} s = {tps:.1f} tokens/s")
+        ratio = statistics.median(delia_tps) / statistics.median(trl_tps)
+        print(f"   median delia {statistics.median(delia_tps):.1f} tokens/s, TRL {statistics.median(trl_tps):.1f}"
+              f" tokens/s: ratio {ratio:.3f} ({'PASS' if ratio >= 0.95 else 'FAIL'}: >= 0.95 required)")
+
+        print("\n2. padding waste over one epoch and measured throughput per batching mode (delia train)")
+        results = {}
+        for mode in ("random", "group_by_length", "packing"):
+            waste = padding_waste(data, tmp / f"pad-{mode}", args.model, settings, mode)
+            tps = statistics.median(delia_tps) if mode == default else run_delia(
+                data, tmp / f"tps-{mode}", args.model, settings, mode)[2]
+            loss_tps = tps * waste["loss_tokens"] / waste["real_tokens"]
+            results[mode] = loss_tps
+            print(f"   {mode:16s}: {waste['batches']:3d} batches, {waste['positions']:6d} positions, "
+                  f"{waste['real_tokens']:6d} real tokens ({waste['loss_tokens']:6d} with loss), padding waste "
+                  f"{100 * waste['waste']:5.1f}%, positions with loss {100 * waste['loss_share']:5.1f}%, "
+                  f"{tps:.1f} tokens/s = {loss_tps:.1f} loss tokens/s")
+        print(f"   most loss tokens/s: {max(results, key=results.__getitem__)}; delia's default: {default}")
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
