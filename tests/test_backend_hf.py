@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from delia.backends import SamplingParams, derive_seed, get_backend, request_seeds
-from delia.backends.hf import HFBackend, _sampler, plan_batches
+from delia.backends.hf import HFBackend, draw
 from delia.chat import delia_prompt, prompt_ids
 from delia.errors import DeliaError
 
@@ -30,7 +30,7 @@ def run(backend, prompts, params, seeds=None):
     out: dict[int, list] = {}
     for i, c in backend.generate(prompts, params, seeds):
         out.setdefault(i, []).append(c)
-    return out
+    return {i: sorted(v, key=lambda c: c.sample) for i, v in out.items()}
 
 
 def test_same_seed_same_output_and_independent_of_batching(backend, prompts):
@@ -81,30 +81,33 @@ def test_finish_reason_and_token_counts(backend, prompts):
             assert c.completion_tokens == 3
 
 
-def test_plan_batches_longest_first_and_within_limits():
-    lengths = [5, 50, 7, 48, 6, 49]
-    batches = plan_batches(lengths, n=2, max_new_tokens=10, max_rows=4, token_budget=10_000)
-    assert batches == [[1, 5], [3, 2], [4, 0]]
-    tight = plan_batches(lengths, n=1, max_new_tokens=10, max_rows=8, token_budget=130)
-    assert sorted(i for b in tight for i in b) == list(range(6))
-    assert all(len(b) * (lengths[b[0]] + 10) <= 130 or len(b) == 1 for b in tight)
+def test_rows_leave_and_join_the_batch_without_changing_answers(backend, prompts):
+    params = SamplingParams(max_new_tokens=12, seed=2, n=2)
+    whole = run(backend, prompts, params)
+    small = HFBackend(backend.model, backend.tokenizer, batch_size=3)  # rows join as others end
+    assert run(small, prompts, params) == whole
+    tokens = sum(c.completion_tokens for v in whole.values() for c in v)
+    assert small.stats["row_steps"] == tokens - 2 * len(prompts)  # each row's first token comes from its prefill
+    assert small.stats["row_steps"] <= 3 * small.stats["decode_steps"]
 
 
-def test_out_of_memory_splits_the_batch(backend, prompts, monkeypatch):
-    real = HFBackend._generate_batch
-    sizes = []
+def test_out_of_memory_halves_the_rows_and_redoes_unfinished_ones(backend, prompts, monkeypatch):
+    real = HFBackend._forward
+    widths = []
 
-    def flaky(self, prompts_, batch, seeds, params):
-        sizes.append(len(batch))
-        if len(batch) > 2:
+    def flaky(self, ids, mask, positions, cache):
+        widths.append(ids.shape[0])
+        if ids.shape[0] > 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
-        return real(self, prompts_, batch, seeds, params)
+        return real(self, ids, mask, positions, cache)
 
     params = SamplingParams(max_new_tokens=4)
     expected = run(backend, prompts, params)
-    monkeypatch.setattr(HFBackend, "_generate_batch", flaky)
-    assert run(backend, prompts, params) == expected
-    assert sizes == [5, 2, 2, 1]  # halved once, then every later batch stays within the new limit
+    monkeypatch.setattr(HFBackend, "_forward", flaky)
+    small = HFBackend(backend.model, backend.tokenizer, batch_size=8)
+    assert run(small, prompts, params) == expected
+    assert widths[:3] == [5, 4, 2]  # 8 rows (5 prompts) fail, then 4, then 2 fit
+    assert max(widths[2:]) <= 2
 
 
 @pytest.mark.parametrize("candidates", [256, 2])  # 2: the top-p cut lies beyond the candidates (full sort)
@@ -112,19 +115,20 @@ def test_sampler_draws_from_the_top_p_distribution(monkeypatch, candidates):
     monkeypatch.setattr("delia.backends.hf.TOP_P_CANDIDATES", candidates)
     probs = torch.tensor([0.5, 0.3, 0.2, 0.0])
     logits = torch.log(probs.clamp(min=1e-12)).repeat(4000, 1)
-    seeds = request_seeds(4000, SamplingParams(), None)
-    sampler = _sampler([s[0] for s in seeds], SamplingParams(temperature=1.0, top_p=1.0), 3, "cpu")
-    picks = sampler(None, logits.clone()).argmax(-1)
-    freq = torch.bincount(picks, minlength=4).float() / len(picks)
-    assert freq[3] == 0  # beyond the tokenizer's vocabulary: never sampled
-    assert torch.allclose(freq[:3], probs[:3], atol=0.03)
-    top_p = _sampler([s[0] for s in seeds], SamplingParams(temperature=1.0, top_p=0.6), 4, "cpu")
-    freq = torch.bincount(top_p(None, logits.clone()).argmax(-1), minlength=4).float() / 4000
-    assert freq[2] == 0 and math.isclose(freq[0].item(), 0.5 / 0.8, abs_tol=0.03)
-    hot = _sampler([s[0] for s in seeds], SamplingParams(temperature=2.0, top_p=1.0), 3, "cpu")
-    freq = torch.bincount(hot(None, logits.clone()).argmax(-1), minlength=4).float() / 4000
-    flat = probs[:3].sqrt() / probs[:3].sqrt().sum()
-    assert torch.allclose(freq[:3], flat, atol=0.03)
+
+    def freq(params, vocab):
+        gens = [torch.Generator().manual_seed(s[0]) for s in request_seeds(4000, params, None)]
+        return torch.bincount(draw(logits.clone(), gens, params, vocab), minlength=4).float() / 4000
+
+    plain = freq(SamplingParams(temperature=1.0, top_p=1.0), 3)
+    assert plain[3] == 0  # beyond the tokenizer's vocabulary: never sampled
+    assert torch.allclose(plain[:3], probs[:3], atol=0.03)
+    top_p = freq(SamplingParams(temperature=1.0, top_p=0.6), 4)
+    assert top_p[2] == 0 and math.isclose(top_p[0].item(), 0.5 / 0.8, abs_tol=0.03)
+    hot = freq(SamplingParams(temperature=2.0, top_p=1.0), 3)
+    assert torch.allclose(hot[:3], probs[:3].sqrt() / probs[:3].sqrt().sum(), atol=0.03)
+    greedy = draw(logits[:2].clone(), [], SamplingParams(temperature=0), 4)
+    assert greedy.tolist() == [0, 0]
 
 
 def test_bad_settings_are_user_errors(backend):

@@ -47,7 +47,7 @@ class Scripted:
             self.asked.append(query)
             for k in range(params.n):
                 answer, finish = self.script.get(query, (f"Answer {k} to {query}, seed {seeds[i]}.", "stop"))
-                yield i, Completion(answer, finish, len(p), len(answer.split()))
+                yield i, Completion(answer, finish, len(p), len(answer.split()), k)
 
 
 @pytest.fixture

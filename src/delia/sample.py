@@ -380,8 +380,8 @@ def sample(
                     continue
                 qid, query, ref = todo[i]
                 good, bad = [], []
-                for k, c in enumerate(pending.pop(i)):
-                    meta = {"backend": backend, "model": model, "seed": seed, "sample": k,
+                for c in sorted(pending.pop(i), key=lambda c: c.sample):
+                    meta = {"backend": backend, "model": model, "seed": seed, "sample": c.sample,
                             "samples_per_query": samples_per_query, "finish_reason": c.finish_reason,
                             "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens}
                     row = _row(qid, query, c.text, meta)

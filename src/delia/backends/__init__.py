@@ -49,6 +49,7 @@ class Completion:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    sample: int = 0  # which of the prompt's n samples: its seed is derive_seed(prompt seed, sample)
 
 
 class Backend(Protocol):

@@ -1,17 +1,22 @@
-"""transformers back end: batched `generate` with left padding, prompts bucketed by length, batch size
-fitted to memory, and per-row seeded sampling so a row's answer depends on its seed, not its batch.
+"""transformers back end with continuous batching: prompts are prefilled in left-padded groups (longest
+first), decoded together over one KV cache, and each row leaves the batch the step it ends, its slot
+refilled from the queue, so short answers never wait for long ones. The batch is sized to memory;
+every row samples from its own seeded generator, so its answer depends on its seed, not its batch.
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter, deque
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from delia.backends import Completion, SamplingParams, request_seeds
 from delia.errors import DeliaError
 
-# Upper bound on rows per batch: beyond this a CPU gains nothing and a GPU runs out of other limits first.
+# Upper bound on rows decoded together: beyond this a CPU gains little per row and holds more work
+# in flight (lost on a crash); a GPU runs into other limits first.
 MAX_ROWS_CPU = 64
 MAX_ROWS_GPU = 512
 
@@ -20,73 +25,54 @@ MAX_ROWS_GPU = 512
 TOP_P_CANDIDATES = 256
 
 
-def _sampler(seeds: Sequence[int], params: SamplingParams, vocab: int, device: Any):
-    """A logits processor that samples inside greedy decoding: it draws the token itself (top-p, then
-    inverse-CDF with one uniform per row and step) and leaves only that token finite for the argmax.
+def draw(scores: Any, generators: Sequence[Any], params: SamplingParams, vocab: int) -> Any:
+    """Next token per row: greedy, or top-p then inverse-CDF sampling with one uniform per row from
+    that row's own generator (so a row's draw depends on its seed alone).
 
-    Each row draws from its own generator, so its sample is reproducible from its seed alone, whatever
-    else is in the batch. The top-p cut is found among the top 256 tokens (a full sort per row and step
-    costs more than the model's forward pass on CPU), sorting the whole row only when those 256 hold
-    less than `top_p` of the mass. Token ids beyond the tokenizer (padding rows) are never chosen.
+    The top-p cut is found among the top 256 tokens (a full sort per row and step costs more than the
+    model's forward pass on CPU), sorting the whole row only when those hold less than `top_p` of the
+    mass. Token ids beyond the tokenizer (padding rows of the embedding) are never chosen.
     """
     import torch
-    from transformers import LogitsProcessor
 
-    class SeededSampler(LogitsProcessor):
-        def __init__(self) -> None:
-            self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-
-        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-            scores = scores.float()
-            if scores.shape[-1] > vocab:
-                scores[:, vocab:] = -float("inf")
-            if params.greedy:
-                return scores
-            probs = (scores / params.temperature).softmax(dim=-1)
-            if params.top_p < 1:
-                probs = probs * (probs >= self._cutoff(probs))
-            cdf = probs.cumsum(dim=-1)
-            u = torch.cat([torch.rand(1, generator=g, device=probs.device) for g in self.generators])
-            token = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).clamp_(max=vocab - 1)
-            return torch.full_like(scores, -float("inf")).scatter_(1, token, 0.0)
-
-        @staticmethod
-        def _cutoff(probs: torch.Tensor) -> torch.Tensor:
-            """Per row, the smallest probability still kept: tokens are kept, most likely first, while the
-            mass before them is below top_p (the most likely token always)."""
-            k = min(TOP_P_CANDIDATES, probs.shape[-1])
-            top, _ = probs.topk(k, dim=-1)
-            short = top[:, :-1].sum(dim=-1) < params.top_p  # the cut may lie beyond the candidates
-            if short.any():
-                full, _ = probs[short].sort(dim=-1, descending=True)
-                top = torch.cat([top, top.new_zeros(top.shape[0], probs.shape[-1] - k)], dim=-1)
-                top[short] = full
-            before = top.cumsum(dim=-1) - top
-            kept = (before < params.top_p).sum(dim=-1, keepdim=True).clamp_(min=1)
-            return top.gather(1, kept - 1)
-
-    return SeededSampler()
+    with torch.inference_mode():
+        scores = scores.float()
+        if scores.shape[-1] > vocab:
+            scores = scores[:, :vocab]
+        if params.greedy:
+            return scores.argmax(dim=-1)
+        probs = (scores / params.temperature).softmax(dim=-1)
+        if params.top_p < 1:
+            probs = probs * (probs >= _top_p_cutoff(probs, params.top_p))
+        cdf = probs.cumsum(dim=-1)
+        u = torch.cat([torch.rand(1, generator=g, device=probs.device) for g in generators])
+        return torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1).clamp_(max=vocab - 1)
 
 
-def plan_batches(lengths: Sequence[int], n: int, max_new_tokens: int, max_rows: int,
-                 token_budget: int) -> list[list[int]]:
-    """Prompt indices grouped into batches: longest first (memory trouble shows in the first batch), similar
-    lengths together (less padding), each batch within `max_rows` rows and `token_budget` padded tokens.
-    A prompt's `n` samples always share a batch.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        width = (lengths[current[0]] if current else lengths[i]) + max_new_tokens
-        rows = (len(current) + 1) * n
-        if current and (rows > max_rows or rows * width > token_budget):
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
+def _top_p_cutoff(probs: Any, top_p: float) -> Any:
+    """Per row, the smallest probability kept: tokens are kept, most likely first, while the mass before
+    them is below top_p (the most likely token always)."""
+    import torch
+
+    k = min(TOP_P_CANDIDATES, probs.shape[-1])
+    top, _ = probs.topk(k, dim=-1)
+    short = top[:, :-1].sum(dim=-1) < top_p  # the cut may lie beyond the candidates
+    if short.any():
+        full, _ = probs[short].sort(dim=-1, descending=True)
+        top = torch.cat([top, top.new_zeros(top.shape[0], probs.shape[-1] - k)], dim=-1)
+        top[short] = full
+    before = top.cumsum(dim=-1) - top
+    kept = (before < top_p).sum(dim=-1, keepdim=True).clamp_(min=1)
+    return top.gather(1, kept - 1)
+
+
+@dataclass
+class _Row:
+    index: int  # into prompts
+    sample: int
+    seed: int
+    generator: Any
+    tokens: list[int] = field(default_factory=list)
 
 
 class HFBackend:
@@ -155,62 +141,138 @@ class HFBackend:
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  seeds: Sequence[int] | None = None) -> Iterator[tuple[int, Completion]]:
-        """Yield `(prompt index, completion)`, `params.n` per prompt, one batch at a time (longest prompts first)."""
+        """Yield `(prompt index, completion)`, `params.n` per prompt, each as soon as its row ends."""
         if not prompts:
             return
         if any(len(p) == 0 for p in prompts):
             raise DeliaError("empty prompt (no token ids)")
         sample_seeds = request_seeds(len(prompts), params, seeds)
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # memory trouble shows first
+        queue = deque((i, k, s) for i in order for k, s in enumerate(sample_seeds[i]))
         max_rows, budget = self._limits()
-        max_rows = max(max_rows, params.n)
-        lengths = [len(p) for p in prompts]
-        queue = plan_batches(lengths, params.n, params.max_new_tokens, max_rows, budget)
+        self.stats: Counter[str] = Counter()  # prefills, decode steps, rows decoded summed over steps
         while queue:
-            batch = queue.pop(0)
             try:
-                done = self._generate_batch(prompts, batch, sample_seeds, params)
+                yield from self._decode(prompts, queue, params, max_rows, budget)
             except Exception as e:
-                if not _is_oom(e) or len(batch) == 1:
+                if not _is_oom(e) or max_rows == 1:
                     raise
-                _free_cache()  # the estimate was too generous: halve the rows for this and every later batch
-                max_rows = len(batch) // 2 * params.n
-                rest = [*batch, *(i for b in queue for i in b)]
-                queue = [[rest[j] for j in b] for b in plan_batches(
-                    [lengths[i] for i in rest], params.n, params.max_new_tokens, max_rows, budget)]
-                continue
-            yield from done
+                _free_cache()  # the estimate was too generous: halve the rows; unfinished rows start again
+                max_rows //= 2
 
-    def _generate_batch(self, prompts: Sequence[Sequence[int]], batch: list[int], sample_seeds: list[list[int]],
-                        params: SamplingParams) -> list[tuple[int, Completion]]:
+    def _decode(self, prompts: Sequence[Sequence[int]], queue: deque[tuple[int, int, int]], params: SamplingParams,
+                max_rows: int, budget: int) -> Iterator[tuple[int, Completion]]:
+        """Decode until `queue` (prompt index, sample, seed) is empty. On an exception the rows in flight go back to
+        the front of the queue, to be redone from their seeds."""
         import torch
-        from transformers import GenerationConfig, LogitsProcessorList
 
-        rows = [(i, k) for i in batch for k in range(params.n)]
-        width = max(len(prompts[i]) for i in batch)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, (i, _k) in enumerate(rows):
-            p = prompts[i]
-            ids[r, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
-            mask[r, width - len(p):] = 1
-        config = GenerationConfig(do_sample=False, max_new_tokens=params.max_new_tokens,
-                                  eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
-        sampler = _sampler([sample_seeds[i][k] for i, k in rows], params, len(self.tokenizer), self.device)
-        with torch.inference_mode():
-            out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                      generation_config=config, logits_processor=LogitsProcessorList([sampler]))
-        generated = out[:, width:].tolist()
         eos = set(self.eos_ids)
-        results = []
-        for r, (i, _k) in enumerate(rows):
-            tokens = generated[r]
-            end = next((j for j, t in enumerate(tokens) if t in eos), None)
-            finish = "stop" if end is not None else "length"
-            kept = tokens[:end] if end is not None else tokens[: params.max_new_tokens]
-            text = self.tokenizer.decode(kept, skip_special_tokens=True)
-            n_tokens = len(kept) + (1 if end is not None else 0)
-            results.append((i, Completion(text, finish, len(prompts[i]), n_tokens)))
-        return results
+        vocab = len(self.tokenizer)
+        rows: list[_Row] = []
+        new: list[_Row] = []  # taken from the queue, not yet in `rows`
+        cache = mask = None
+        last = pos = torch.zeros(0, dtype=torch.long, device=self.device)
+        try:
+            while queue or rows:
+                width = max(mask.shape[1] if rows else 0, len(prompts[queue[0][0]]) if queue else 0)
+                room = min(max_rows - len(rows), budget // (width + params.max_new_tokens) - len(rows), len(queue))
+                if queue and (not rows or room >= min(max(1, max_rows // 4), len(queue))):
+                    new = [_Row(i, k, s, torch.Generator(device=self.device).manual_seed(s))
+                           for i, k, s in (queue.popleft() for _ in range(max(room, 1)))]
+                    new_cache, new_mask, tokens = self._prefill(prompts, new, params, vocab)
+                    self.stats["prefills"] += 1
+                    cache, mask = _merge(cache, mask, new_cache, new_mask)
+                    fresh = len(rows)
+                    last = torch.cat([last, tokens])
+                    pos = torch.cat([pos, torch.tensor([len(prompts[r.index]) for r in new], device=self.device)])
+                    rows, new = rows + new, []
+                else:
+                    mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+                    logits = self._forward(last.unsqueeze(1), mask, pos.unsqueeze(1), cache)
+                    self.stats["decode_steps"] += 1
+                    self.stats["row_steps"] += len(rows)
+                    pos = pos + 1
+                    last = draw(logits, [r.generator for r in rows], params, vocab)
+                    fresh = 0
+                keep = list(range(fresh))
+                for j, t in enumerate(last[fresh:].tolist(), start=fresh):
+                    r = rows[j]
+                    r.tokens.append(t)
+                    if t in eos or len(r.tokens) >= params.max_new_tokens:
+                        yield r.index, self._completion(prompts[r.index], r, eos)
+                    else:
+                        keep.append(j)
+                if len(keep) < len(rows):
+                    rows = [rows[j] for j in keep]
+                    idx = torch.tensor(keep, dtype=torch.long, device=self.device)
+                    last, pos = last[idx], pos[idx]
+                    cache, mask = _select(cache, mask, idx)
+        except BaseException:
+            queue.extendleft((r.index, r.sample, r.seed) for r in reversed(rows + new))
+            raise
+
+    def _forward(self, ids: Any, mask: Any, positions: Any, cache: Any) -> Any:
+        """Logits of the last position (a method of its own so tests can make it fail)."""
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                             use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1]
+
+    def _prefill(self, prompts: Sequence[Sequence[int]], new: list[_Row], params: SamplingParams,
+                 vocab: int) -> tuple[Any, Any, Any]:
+        """(KV cache, attention mask, first sampled tokens) of new rows, left-padded to their longest prompt."""
+        import torch
+        from transformers import DynamicCache
+
+        width = max(len(prompts[r.index]) for r in new)
+        ids = torch.full((len(new), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(new), width), dtype=torch.long)
+        for j, r in enumerate(new):
+            p = prompts[r.index]
+            ids[j, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            mask[j, width - len(p):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(dim=1) - 1).clamp_(min=0)
+        cache = DynamicCache()
+        logits = self._forward(ids, mask, positions, cache)
+        return cache, mask, draw(logits, [r.generator for r in new], params, vocab)
+
+    def _completion(self, prompt: Sequence[int], row: _Row, eos: set[int]) -> Completion:
+        tokens = row.tokens
+        ended = tokens[-1] in eos
+        text = self.tokenizer.decode(tokens[:-1] if ended else tokens, skip_special_tokens=True)
+        return Completion(text, "stop" if ended else "length", len(prompt), len(tokens), row.sample)
+
+
+def _merge(cache: Any, mask: Any, new_cache: Any, new_mask: Any) -> tuple[Any, Any]:
+    """One cache and mask holding the rows of both, the shorter left-padded (masked) to the longer."""
+    import torch
+    import torch.nn.functional as F
+
+    if cache is None or mask.shape[0] == 0:
+        return new_cache, new_mask
+    width = max(mask.shape[1], new_mask.shape[1])
+    for a, b in zip(cache.layers, new_cache.layers, strict=True):
+        for name in ("keys", "values"):
+            x, y = getattr(a, name), getattr(b, name)
+            x = F.pad(x, (0, 0, width - x.shape[-2], 0))
+            y = F.pad(y, (0, 0, width - y.shape[-2], 0))
+            setattr(a, name, torch.cat([x, y]))
+    mask = torch.cat([F.pad(mask, (width - mask.shape[1], 0)), F.pad(new_mask, (width - new_mask.shape[1], 0))])
+    return cache, mask
+
+
+def _select(cache: Any, mask: Any, idx: Any) -> tuple[Any, Any]:
+    """Keep rows `idx`, then drop leading columns that no remaining row attends to."""
+    mask = mask[idx]
+    used = (mask.sum(dim=0) > 0).nonzero()
+    start = int(used[0]) if len(used) else mask.shape[1]
+    for layer in cache.layers:
+        layer.keys = layer.keys[idx, :, start:]
+        layer.values = layer.values[idx, :, start:]
+    return cache, mask[:, start:]
 
 
 def _is_oom(e: BaseException) -> bool:

@@ -85,7 +85,7 @@ class OpenAIBackend:
                 time.sleep(min(delay, 60.0))
         raise DeliaError(f"{self.url}: gave up after {self.max_retries + 1} attempts; last error: {last}")
 
-    def _complete(self, prompt: Sequence[int], params: SamplingParams, seed: int) -> Completion:
+    def _complete(self, prompt: Sequence[int], params: SamplingParams, sample: int, seed: int) -> Completion:
         reply = self._post(self.body(prompt, params, seed))
         try:
             choice = reply["choices"][0]
@@ -97,18 +97,19 @@ class OpenAIBackend:
         if n_tokens is None:
             n_tokens = len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if self.tokenizer else 0
         finish = "length" if choice.get("finish_reason") == "length" else "stop"
-        return Completion(text, finish, int(usage.get("prompt_tokens") or len(prompt)), int(n_tokens))
+        return Completion(text, finish, int(usage.get("prompt_tokens") or len(prompt)), int(n_tokens), sample)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  seeds: Sequence[int] | None = None) -> Iterator[tuple[int, Completion]]:
         """Yield samples as they arrive, at most `concurrency` requests in flight."""
-        jobs = iter([(i, s) for i, ss in enumerate(request_seeds(len(prompts), params, seeds)) for s in ss])
+        jobs = iter([(i, k, s) for i, ss in enumerate(request_seeds(len(prompts), params, seeds))
+                     for k, s in enumerate(ss)])
         pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="delia-openai")
         running: dict[Future[Completion], int] = {}
         try:
             while True:
-                for i, seed in jobs:
-                    running[pool.submit(self._complete, prompts[i], params, seed)] = i
+                for i, k, seed in jobs:
+                    running[pool.submit(self._complete, prompts[i], params, k, seed)] = i
                     if len(running) >= self.concurrency:
                         break
                 if not running:

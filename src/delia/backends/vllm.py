@@ -30,11 +30,11 @@ def build_requests(prompts: Sequence[Sequence[int]], params: SamplingParams,
     return out
 
 
-def to_completion(output: Any) -> Completion:
+def to_completion(output: Any, sample: int = 0) -> Completion:
     """A `vllm.RequestOutput` as a Completion ("length" when cut at max_tokens, else "stop")."""
-    sample = output.outputs[0]
-    finish = "length" if sample.finish_reason == "length" else "stop"
-    return Completion(sample.text, finish, len(output.prompt_token_ids), len(sample.token_ids))
+    first = output.outputs[0]
+    finish = "length" if first.finish_reason == "length" else "stop"
+    return Completion(first.text, finish, len(output.prompt_token_ids), len(first.token_ids), sample)
 
 
 class VLLMBackend:
@@ -60,9 +60,10 @@ class VLLMBackend:
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  seeds: Sequence[int] | None = None) -> Iterator[tuple[int, Completion]]:
         requests = build_requests(prompts, params, seeds)
+        samples = [k for i in range(len(prompts)) for k in range(params.n)]  # requests come in this order
         for start in range(0, len(requests), CHUNK):
             chunk = requests[start:start + CHUNK]
             outputs = self.llm.generate([r[1] for r in chunk],
                                         [self._vllm.SamplingParams(**r[2]) for r in chunk], use_tqdm=False)
-            for (i, _prompt, _kw), output in zip(chunk, outputs, strict=True):
-                yield i, to_completion(output)
+            for j, ((i, _prompt, _kw), output) in enumerate(zip(chunk, outputs, strict=True), start=start):
+                yield i, to_completion(output, samples[j])
