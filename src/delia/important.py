@@ -17,18 +17,12 @@ IMPORTANT_LOSS_FILE = "important_token_loss.jsonl"
 
 
 def important_ids(tokenizer: Any, tokens: list[str]) -> dict[int, str]:
-    """id -> chosen token. A string that is one vocabulary entry is matched by id; any other string
-    (e.g. `'`) matches every vocabulary token whose decoded text contains it, as the authors did.
+    """id -> chosen string, for every vocabulary token whose decoded text contains a chosen string, as the
+    authors matched them: `'` takes every token with a quote in it; an added token such as `<sep>` only itself.
     """
-    vocab = tokenizer.get_vocab()
+    decoded = list(enumerate(tokenizer.batch_decode([[i] for i in range(len(tokenizer))])))
     out: dict[int, str] = {}
-    decoded: list[tuple[int, str]] | None = None
     for token in tokens:
-        if token in vocab:
-            out[vocab[token]] = token
-            continue
-        if decoded is None:
-            decoded = [(i, tokenizer.decode([i])) for i in range(len(tokenizer))]
         hits = [i for i, text in decoded if token in text]
         if not hits:
             raise DeliaError(f"important token {token!r} matches no token of the vocabulary")
