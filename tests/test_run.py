@@ -81,3 +81,14 @@ def test_bad_config_names_the_file_and_field(tmp_path):
         load_experiment(path)
     msg = str(e.value)
     assert f"{path}: field 'task.eval'" in msg and "arms.0.ratio" in msg
+
+
+def test_shipped_example_configs_validate():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "examples"
+    paper = load_experiment(root / "paper-format.yaml")
+    assert paper.task.train.name == "train.jsonl" and paper.task.train.parent.name == "delia-format"
+    assert [a.ratio for a in paper.arms] == [0, 100, 260] and paper.baseline_arm == "sft"
+    demo = load_experiment(root / "demo.yaml")
+    assert str(demo.task.train).startswith("demo-data:")

@@ -100,7 +100,9 @@ def run_experiment(exp: Experiment, out: Path) -> dict[str, Any]:
                    "metric_config": exp.task.metric_config, "options": exp.eval}
     token_specs = [f"{t}={d}" if d else t for t, d in exp.task.add_tokens.items()]
     described = {t: d for t, d in exp.task.add_tokens.items() if d}
-    probe_kwargs = {"token": [f"{t}={d}" for t, d in described.items()], "data": exp.task.eval}
+    # The base model gets the new tokens the way the first seed's training initialises them.
+    probe_kwargs = {"token": [f"{t}={d}" for t, d in described.items()], "data": exp.task.eval,
+                    "init": exp.train.get("token_init", "random"), "seed": exp.seeds[0]}
 
     samples = None
     if any(a.ratio > 0 for a in exp.arms):
