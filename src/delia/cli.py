@@ -34,13 +34,16 @@ model_app = typer.Typer(help="Resolve and cache models.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 
 # verb -> "module:function". Each function is also the Python API of its stage.
-STAGES: dict[str, str] = {}
-STAGES["mix"] = "delia.mix:mix"
-STAGES["train"] = "delia.train:train"
-STAGES["eval"] = "delia.evaluate:evaluate"
-STAGES["sample"] = "delia.sample:sample"
-STAGES["sample-merge"] = "delia.sample:merge"
-STAGES["probe"] = "delia.probe:probe"
+STAGES: dict[str, str] = {
+    "sample": "delia.sample:sample",
+    "sample-merge": "delia.sample:merge",
+    "mix": "delia.mix:mix",
+    "train": "delia.train:train",
+    "eval": "delia.evaluate:evaluate",
+    "probe": "delia.probe:probe",
+    "run": "delia.run:run",
+    "demo": "delia.demo:demo",
+}
 STAGES["demo-data"] = "delia.demo_data:prepare_demo_data"
 
 
