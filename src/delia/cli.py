@@ -43,8 +43,8 @@ STAGES: dict[str, str] = {
     "probe": "delia.probe:probe",
     "run": "delia.run:run",
     "demo": "delia.demo:demo",
+    "demo-data": "delia.demo_data:prepare_demo_data",
 }
-STAGES["demo-data"] = "delia.demo_data:prepare_demo_data"
 
 
 def _load_config(ctx: typer.Context, _param: Any, value: Path | None) -> Path | None:
