@@ -213,6 +213,18 @@ def scripted_prompt(scripted, write_jsonl, tmp_path):
     return seen[0]
 
 
+def test_max_prompt_tokens_skips_long_queries_before_generating(scripted, write_jsonl, tmp_path):
+    rows = pool_rows(4)
+    rows[1]["messages"][0]["content"] = "A much longer question " * 30 + "?"
+    pool = write_jsonl("pool.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    summary = sample(pool, out, max_prompt_tokens=120, progress=False)
+    assert summary["skipped"] == {"prompt_too_long": 1} and summary["kept"] == 3
+    assert not any("much longer" in q for q in scripted.asked)
+    again = sample(pool, out, max_prompt_tokens=120, progress=False)  # a resume does not retry it either
+    assert again["skipped"] == {"prompt_too_long": 1} and again["generated"] == 0 and again["kept"] == 3
+
+
 def test_shards_split_deterministically_and_merge_checks(scripted, write_jsonl, tmp_path):
     assert parse_shard("1/3") == (1, 3) and parse_shard(None) == (0, 1)
     for bad in ("3/3", "a/b", "1"):

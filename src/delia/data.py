@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from delia.errors import DataError, DeliaError
-from delia.files import atomic_writer, dumps, write_jsonl
+from delia.files import atomic_dir, atomic_writer, dumps, write_jsonl
 
 Format = Literal["auto", "messages", "prompt-completion", "alpaca", "sharegpt"]
 FORMATS: tuple[str, ...] = ("messages", "prompt-completion", "alpaca", "sharegpt")
@@ -300,22 +300,12 @@ def write_chat(path: str | Path, records: list[dict[str, Any]]) -> Path:
     if path.suffix in (".jsonl", ".json"):
         write_jsonl(path, records)
         return path
-    import shutil
-    import tempfile
-
     import datasets
 
     datasets.disable_progress_bars()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        rows = [{**r, **({"meta": json.dumps(r["meta"])} if "meta" in r else {})} for r in records]
-        datasets.Dataset.from_list(rows).save_to_disk(str(tmp / "ds"))
-        if path.exists():
-            shutil.rmtree(path)
-        (tmp / "ds").rename(path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    rows = [{**r, **({"meta": json.dumps(r["meta"])} if "meta" in r else {})} for r in records]
+    with atomic_dir(path) as tmp:
+        datasets.Dataset.from_list(rows).save_to_disk(str(tmp))
     return path
 
 

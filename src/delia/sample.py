@@ -269,6 +269,9 @@ def sample(
     = None,
     limit: Annotated[int | None, typer.Option(help="Sample only the first N queries of the pool (of this shard).")]
     = None,
+    max_prompt_tokens: Annotated[int | None, typer.Option(
+        help="Skip (and count) queries whose rendered prompt is longer: keeps prompts inside the context and "
+             "caps prefill cost on CPU.")] = None,
     format: Annotated[str, typer.Option("--format", "-f", help="Pool format: auto, messages, prompt-completion, "
                                                                "alpaca or sharegpt.")] = "auto",
     columns: Annotated[list[str] | None, typer.Option("--columns", "-c", help="FIELD=COLUMN, repeatable.")] = None,
@@ -321,7 +324,7 @@ def sample(
     filters = Filters(drop_empty, drop_truncated, drop_repetitive, drop_reference_copies, drop_duplicates)
     settings = {"pool": str(pool), "model": model, "mode": mode, "system": system, "temperature": temperature,
                 "top_p": top_p, "max_new_tokens": max_new_tokens, "samples_per_query": samples_per_query,
-                "seed": seed, "shard": f"{shard_i}/{shard_n}",
+                "seed": seed, "shard": f"{shard_i}/{shard_n}", "max_prompt_tokens": max_prompt_tokens,
                 "filters": {k: getattr(filters, k) for k in Filters.__dataclass_fields__}}
 
     queries, skipped = _load_queries(pool, format, columns, skip_invalid)
@@ -367,6 +370,12 @@ def sample(
                                      timeout=timeout, max_retries=max_retries, tokenizer=tokenizer)
         model_path = tokenizer.name_or_path
         prompts = [prompt_ids(tokenizer, delia_prompt(q, ref, mode, system)) for _, q, ref in todo]  # type: ignore[arg-type]
+        if max_prompt_tokens is not None:
+            fits = [len(p) <= max_prompt_tokens for p in prompts]
+            if not all(fits):
+                skipped["prompt_too_long"] = fits.count(False)
+                todo = [q for q, ok in zip(todo, fits, strict=True) if ok]
+                prompts = [p for p, ok in zip(prompts, fits, strict=True) if ok]
         seeds = [derive_seed(seed, qid) for qid, _, _ in todo]
         pending: dict[int, list] = {}
         with JsonlAppender(out) as kept_file, JsonlAppender(rpath) as reject_file, _progress(progress) as bar:
