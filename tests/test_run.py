@@ -50,7 +50,8 @@ def test_run_twice_second_skips_every_stage(experiment, tmp_path):
     assert set(summary["arms"]) == {"base", "sft", "delia"}
     assert summary["arms"]["delia"]["seeds"] == [0, 1]
     assert "format_accuracy" in summary["arms"]["delia"]["delta"]
-    assert (out / "report.md").read_text().count("| delia |") == 1
+    report = (out / "report.md").read_text()
+    assert report.count("| delia |") == 1 and "## New-token alignment" in report and "- delia seed 1: <sep>" in report
     assert (out / "report.html").read_text().startswith("<!doctype html>")
     manifest = json.loads((out / "manifest.json").read_text())
     assert set(manifest["data_sha256"]) == {"task_train", "task_eval", "pool"}

@@ -219,10 +219,10 @@ def test_max_prompt_tokens_skips_long_queries_before_generating(scripted, write_
     pool = write_jsonl("pool.jsonl", rows)
     out = tmp_path / "out.jsonl"
     summary = sample(pool, out, max_prompt_tokens=120, progress=False)
-    assert summary["skipped"] == {"prompt_too_long": 1} and summary["kept"] == 3
+    assert summary["skipped"] == {"prompt_too_long": 1} and summary["kept"] == 3 and summary["resumed"] == 0
     assert not any("much longer" in q for q in scripted.asked)
     again = sample(pool, out, max_prompt_tokens=120, progress=False)  # a resume does not retry it either
-    assert again["skipped"] == {"prompt_too_long": 1} and again["generated"] == 0 and again["kept"] == 3
+    assert again["skipped"] == {"prompt_too_long": 1} and again["generated"] == 0 and again["resumed"] == 3
 
 
 def test_shards_split_deterministically_and_merge_checks(scripted, write_jsonl, tmp_path):

@@ -237,21 +237,22 @@ def write_report(folder: Path, title: str, runs: list[RunResult], baseline: str 
     head, rows = _results_table(summary)
     note = (f"Means over seeds and eval rows; [95% interval] from {n_boot} bootstrap resamples of seeds and rows. "
             f"Δ: paired difference to the baseline arm `{baseline}` (same seeds, same rows).")
-    probes = [(r, r.probe) for r in runs if r.probe]
+    costs = "; ".join(f"{n}: " + ", ".join(f"{stage} {s:.0f}" for stage, s in a["wall_s"].items())
+                      for n, a in summary["arms"].items())
+    after_table = f"Primary metric: {summary['primary']}. Wall time per arm and stage, all seeds (s): {costs}."
+    alignment = [f"{r.arm}" + ("" if r.seed is None else f" seed {r.seed}") + ": " + "; ".join(
+        f"{tok}: mean cosine {np.mean(v):.3f}, last layer {v[-1]:.3f}" for tok, v in _probe_layers(r.probe).items())
+        for r in runs if r.probe]
+    manifest_text = json.dumps(manifest, indent=2, default=str)
 
     md = [f"# {title}", "", note, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     md += ["| " + " | ".join(r) + " |" for r in rows]
-    md += ["", f"Primary metric: `{summary['primary']}`. Wall time per stage and arm (s): "
-           + "; ".join(f"{n}: {a['wall_s']}" for n, a in summary["arms"].items()), ""]
+    md += ["", after_table, ""]
     for t, p in plots:
         md += [f"## {t}", "", f"![{t}]({p.name})", ""]
-    if probes:
-        md += ["## New-token alignment", ""]
-        for r, p in probes:
-            md += [f"- {r.arm} seed {r.seed}: " + "; ".join(
-                f"{tok}: mean cosine {np.mean(v):.3f}, last layer {v[-1]:.3f}" for tok, v in _probe_layers(p).items())]
-        md.append("")
-    md += ["## Manifest", "", "```json", json.dumps(manifest, indent=2, default=str), "```", ""]
+    if alignment:
+        md += ["## New-token alignment", "", *(f"- {line}" for line in alignment), ""]
+    md += ["## Manifest", "", "```json", manifest_text, "```", ""]
 
     esc = html.escape
     h = ["<!doctype html><html><head><meta charset='utf-8'>", f"<title>{esc(title)}</title>",
@@ -261,11 +262,13 @@ def write_report(folder: Path, title: str, runs: list[RunResult], baseline: str 
          f"<h1>{esc(title)}</h1>", f"<p>{esc(note)}</p>", "<table><tr>"
          + "".join(f"<th>{esc(c)}</th>" for c in head) + "</tr>"]
     h += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows]
-    h.append("</table>")
+    h += ["</table>", f"<p>{esc(after_table)}</p>"]
     for t, p in plots:
         data = base64.b64encode(p.read_bytes()).decode()
         h.append(f"<h2>{esc(t)}</h2><img alt='{esc(t)}' src='data:image/png;base64,{data}'>")
-    h += ["<h2>Manifest</h2>", f"<pre>{esc(json.dumps(manifest, indent=2, default=str))}</pre></body></html>"]
+    if alignment:
+        h += ["<h2>New-token alignment</h2><ul>", *(f"<li>{esc(line)}</li>" for line in alignment), "</ul>"]
+    h += ["<h2>Manifest</h2>", f"<pre>{esc(manifest_text)}</pre></body></html>"]
 
     md_path, html_path = folder / "report.md", folder / "report.html"
     with atomic_writer(md_path) as fh:

@@ -135,7 +135,9 @@ def run_experiment(exp: Experiment, out: Path) -> dict[str, Any]:
                 folder, rec = cache.run("mix", label, mix_inputs, lambda d, r=arm.ratio, s=seed: mix(
                     exp.task.train, samples, d / "mixed.jsonl", ratio=r, seed=s, model=model_path, **exp.mix))
                 train_data, data_hash = folder / "mixed.jsonl", sha256_file(folder / "mixed.jsonl")
-                wall.update(sample=sample_s, mix=rec["wall_s"])
+                wall["mix"] = rec["wall_s"]
+                if seed == exp.seeds[0]:  # one sampling serves every seed: count it once per arm
+                    wall["sample"] = sample_s
             else:
                 train_data, data_hash = exp.task.train, data_hashes["task_train"]
             options = {**exp.train, **arm.train, "seed": seed}
@@ -194,15 +196,17 @@ def print_summary(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     summary = result["summary"]
+    # The terminal gets the headline metric (and label accuracy where there is one); the report has them all.
+    shown = [m for m in summary["metrics"] if m == summary["primary"] or m.startswith("label")]
     table = Table(title="results (mean [95% interval]; Δ vs baseline)")
     table.add_column("arm")
     table.add_column("ratio")
-    for m in summary["metrics"]:
+    for m in shown:
         table.add_column(m)
         table.add_column(f"Δ {m}")
     for name, a in summary["arms"].items():
         cells = [name, "–" if a["ratio"] is None else f"{a['ratio']:g}"]
-        for m in summary["metrics"]:
+        for m in shown:
             mean, lo, hi = a["metrics"][m]
             cells.append(f"{mean:.3f} [{lo:.3f}, {hi:.3f}]")
             d = a["delta"].get(m)

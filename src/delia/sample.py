@@ -344,6 +344,7 @@ def sample(
     kept_rows, rejected_rows = _resume(out, rpath, samples_per_query)
     done = {r["meta"]["query_id"] for r in (*kept_rows, *rejected_rows)}
     todo = [q for q in queries if q[0] not in done]
+    resumed = len(queries) - len(todo)
     seen = {_norm(r["messages"][-1]["content"]) for r in kept_rows} if filters.duplicates else set()
     rejected = Counter(r["reason"] for r in rejected_rows)
     kept = len(kept_rows)
@@ -412,7 +413,7 @@ def sample(
 
     wall = time.monotonic() - start
     summary = {"out": str(out), "pool_rows": pool_rows, "skipped": dict(skipped), "shard": f"{shard_i}/{shard_n}",
-               "queries": len(queries), "resumed": len(queries) - len(todo), "generated": counts["generated"],
+               "queries": len(queries), "resumed": resumed, "generated": counts["generated"],
                "kept": kept, "rejected": {r: rejected[r] for r in REASONS if rejected[r]},
                "prompt_tokens": counts["prompt_tokens"], "completion_tokens": counts["completion_tokens"],
                "wall_s": round(wall, 2), "tokens_per_s": round(counts["completion_tokens"] / wall, 2) if wall else 0.0}
