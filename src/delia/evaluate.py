@@ -17,6 +17,7 @@ import typer
 
 from delia.errors import DeliaError
 from delia.models import DEFAULT_MODEL
+from delia.versions import library_versions
 
 PREDICTIONS = "predictions.jsonl"
 SCORES = "scores.json"
@@ -47,17 +48,6 @@ def _metric_config(metric: str | None, metric_config: Path | None):
         raise DeliaError(f"--metric {metric} disagrees with {metric_config} (kind: {cfg.kind})")
     return cfg
 
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("delia", "torch", "transformers", "peft", "sacrebleu"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            continue
-    return out
 
 
 def evaluate(
@@ -137,7 +127,7 @@ def evaluate(
         "tokens": {"prompt": sum(r["prompt_tokens"] for r in rows), "completion": completion_tokens},
         "generation_s": round(wall, 3),
         "tokens_per_s": round(completion_tokens / wall, 2) if wall > 0 else None,
-        "versions": _versions(),
+        "versions": library_versions(),
     }
     out = Path(out)
     write_jsonl(out / PREDICTIONS, rows)

@@ -19,6 +19,7 @@ from rich.console import Console
 from delia import __version__
 from delia.experiment import Experiment, load_experiment
 from delia.files import sha256_file, sha256_json, write_json
+from delia.versions import library_versions
 
 console = Console(stderr=True)
 
@@ -162,7 +163,7 @@ def run_experiment(exp: Experiment, out: Path) -> dict[str, Any]:
             runs.append(result)
 
     manifest = {"experiment": exp.model_dump(mode="json"), "model": model_id, "data_sha256": data_hashes,
-                "versions": _versions(), "stages_run": cache.done, "stages_cached": cache.skipped}
+                "versions": library_versions(), "stages_run": cache.done, "stages_cached": cache.skipped}
     md, html, summary = write_report(out, exp.name, runs, exp.baseline_arm, manifest, exp.bootstrap)
     write_json(out / "manifest.json", manifest)
     return {"report_md": str(md), "report_html": str(html), "summary": summary,
@@ -179,17 +180,6 @@ def _trained_tokens(adapter: Path) -> int | None:
         return None
     return json.loads(meta.read_text(encoding="utf-8")).get("tokens_trained")
 
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("delia", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "sacrebleu"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            continue
-    return out
 
 
 def print_summary(result: dict[str, Any]) -> None:

@@ -9,7 +9,6 @@ repeat each other), and bad answers go to `OUT.rejects.jsonl` with their reason.
 from __future__ import annotations
 
 import hashlib
-import platform
 import re
 import sys
 import time
@@ -24,6 +23,7 @@ from typing import Annotated, Any
 import typer
 
 from delia.errors import DeliaError
+from delia.versions import library_versions
 
 REASONS = ("empty", "truncated", "repetition", "copies_reference", "mentions_reference", "duplicate")
 _MENTIONS = re.compile(
@@ -121,17 +121,6 @@ def in_shard(query_id: str, index: int, count: int) -> bool:
     """Deterministic split by a hash of the id: the same query lands in the same shard on every machine."""
     return int(hashlib.sha256(query_id.encode()).hexdigest()[:15], 16) % count == index
 
-
-def _versions(backend: str) -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("delia", "torch", "transformers", *(["vllm"] if backend == "vllm" else [])):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
 
 
 def _now() -> str:
@@ -350,8 +339,9 @@ def sample(
     kept = len(kept_rows)
     del kept_rows, rejected_rows
 
+    versions = library_versions("vllm") if backend == "vllm" else library_versions()
     manifest: dict[str, Any] = {"stage": "sample", "status": "running", "settings": settings, "limit": limit,
-                                "backend": backend, "versions": _versions(backend), "started": _now()}
+                                "backend": backend, "versions": versions, "started": _now()}
     write_json(manifest_path(out), manifest)
     counts = Counter[str]()
     model_path = None

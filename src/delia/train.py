@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import shutil
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import typer
 from delia.errors import DeliaError
 from delia.files import sha256_file, sha256_json, write_json, write_jsonl
 from delia.important import IMPORTANT_LOSS_FILE
+from delia.versions import library_versions
 
 TRAIN_RECORD = "delia_train.json"
 TRAINER_LOG = "trainer_log.jsonl"
@@ -196,17 +196,6 @@ def _data_hash(path: Path) -> str:
     return sha256_json({str(p.relative_to(path)): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()})
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("delia", "torch", "transformers", "trl", "peft", "datasets", "accelerate"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            continue
-    return out
-
 
 def _precision(precision: str) -> dict[str, bool]:
     import torch
@@ -322,7 +311,7 @@ def _setup(**s: Any) -> _Run:
                  "train_tokens": sum(len(x) for x in trainer.train_dataset["input_ids"]),
                  "sources": _sources(records), "dropped_too_long": dropped},
         "eval_data": {"path": s["eval_data"], "sha256": s["eval_data_sha256"], "rows": len(eval_records)},
-        "versions": _versions(),
+        "versions": library_versions(),
         "device": str(trainer.args.device), "processes": trainer.args.world_size,
         "precision": next((k for k, on in precision.items() if on), "fp32"),
         "peft": {"target_modules": sorted(peft_config.target_modules), "modules_to_save": modules_to_save,
