@@ -18,7 +18,7 @@ from rich.table import Table
 from delia import __version__
 from delia.errors import DeliaError
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # never break a path or an error across lines
 app = typer.Typer(
     name="delia",
     help="DELIA: fine-tune a chat LLM on a small task without overfitting to its format.\n\n"

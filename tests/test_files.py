@@ -1,0 +1,64 @@
+import json
+import os
+
+import pytest
+
+from delia.files import JsonlAppender, atomic_dir, atomic_writer, read_complete_jsonl, write_jsonl
+
+
+def test_atomic_writer_leaves_nothing_on_failure_and_keeps_the_old_file(tmp_path):
+    target = tmp_path / "out.jsonl"
+    with pytest.raises(RuntimeError), atomic_writer(target) as fh:
+        fh.write("half")
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+    write_jsonl(target, [{"a": 1}])
+    with pytest.raises(RuntimeError), atomic_writer(target) as fh:
+        fh.write("x")
+        raise RuntimeError("boom")
+    assert target.read_text() == '{"a": 1}\n' and [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+    assert oct(target.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_atomic_dir_replaces_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "folder"
+    with atomic_dir(target) as tmp:
+        (tmp / "a").write_text("1")
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "b").write_text("2")
+        raise RuntimeError("boom")
+    assert sorted(p.name for p in target.iterdir()) == ["a"] and [p.name for p in tmp_path.iterdir()] == ["folder"]
+    with atomic_dir(target) as tmp:
+        (tmp / "c").write_text("3")
+    assert sorted(p.name for p in target.iterdir()) == ["c"] and [p.name for p in tmp_path.iterdir()] == ["folder"]
+
+
+def test_read_complete_jsonl_drops_and_truncates_a_torn_last_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'{"i": 0}\n{"i": 1}\n{"i": 2, "te')
+    assert read_complete_jsonl(path) == [{"i": 0}, {"i": 1}]
+    assert path.read_bytes() == b'{"i": 0}\n{"i": 1}\n'
+    with JsonlAppender(path) as out:
+        out.write([{"i": 2}])
+    assert [r["i"] for r in read_complete_jsonl(path)] == [0, 1, 2]
+    assert read_complete_jsonl(tmp_path / "absent.jsonl") == []
+
+
+def test_read_complete_jsonl_refuses_a_corrupt_middle_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'{"i": 0}\n{"i": \n{"i": 2}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        read_complete_jsonl(path)
+
+
+def test_a_complete_last_line_without_newline_counts_as_torn(tmp_path):
+    # Appends always end rows with a newline, so a row without one was cut mid-write, even if it parses.
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"i": 0}) + "\n" + json.dumps({"i": 1}))
+    assert read_complete_jsonl(path) == [{"i": 0}]
