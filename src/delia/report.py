@@ -159,7 +159,7 @@ def _plots(runs: list[RunResult], summary: dict[str, Any], folder: Path) -> list
             for r, h in series:
                 ax.plot([p[0] for p in h], [p[1] for p in h], label=f"{r.arm} s{r.seed}", alpha=0.8)
             ax.set_xlabel("step")
-            ax.set_ylabel(key)
+            ax.set_ylabel(title.lower())
             ax.legend(fontsize=7)
             save(fig, fname, title)
 
