@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from delia import __version__
@@ -145,13 +146,13 @@ def data_inspect(
 
     data = read_chat(file, format, columns=_columns(columns), skip_invalid=skip_invalid)  # type: ignore[arg-type]
     info = describe(data, load_tokenizer(model) if model else None)
-    table = Table(title=f"{file}", show_header=False)
+    table = Table(title=escape(str(file)), show_header=False)
     for key in ("format", "rows", "turns", "roles", "rejected", "prompt_tokens", "response_tokens", "total_tokens"):
         if key in info and info[key] != {}:
             value = info[key]
             if isinstance(value, dict):
                 value = "  ".join(f"{k}={v}" for k, v in value.items())
-            table.add_row(key, str(value))
+            table.add_row(key, escape(str(value)))
     Console().print(table)
 
 
@@ -181,11 +182,11 @@ def data_convert(
     data = read_chat(src, format, columns=_columns(columns), skip_invalid=skip_invalid,  # type: ignore[arg-type]
                      require_assistant=not allow_no_assistant)
     write_chat(out, data.records)
-    console.print(f"[green]wrote[/] {len(data.records)} rows ({data.format}) to {out}")
+    console.print(f"[green]wrote[/] {len(data.records)} rows ({data.format}) to {escape(str(out))}")
     if data.rejects:
         path = write_rejects(out, data.rejects)
         counts = ", ".join(f"{k}: {v}" for k, v in data.reject_counts().most_common())
-        console.print(f"[yellow]rejected[/] {len(data.rejects)} rows ({counts}); see {path}")
+        console.print(f"[yellow]rejected[/] {len(data.rejects)} rows ({counts}); see {escape(str(path))}")
 
 
 @model_app.command("prepare")
@@ -208,5 +209,6 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=True)
     except DeliaError as e:
-        console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+        # escaped: "[row 3]" in a location, or a user's "[bold]" role, is text, not rich markup
+        console.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False)
         sys.exit(e.exit_code)

@@ -7,6 +7,7 @@ cannot be read becomes a `DataError` naming the file, the line (JSONL) or row in
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 from collections import Counter
@@ -62,6 +63,21 @@ class ChatData:
 # ----------------------------------------------------------------------------- raw rows
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _loads(text: str) -> Any:
+    """Strict JSON: NaN/Infinity are refused (they would make the output unreadable to other tools)."""
+    return json.loads(text, parse_constant=_no_constant)
+
+
+def _json_error(e: ValueError | RecursionError) -> str:
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    return e.msg if isinstance(e, json.JSONDecodeError) else str(e)  # e.g. an integer of over 4300 digits
+
+
 def _iter_jsonl(path: Path) -> Iterator[tuple[dict[str, int], Any]]:
     """(location, parsed object or DataError) for each non-blank line; bytes decoded strictly."""
     with open(path, "rb") as fh:
@@ -77,20 +93,20 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[dict[str, int], Any]]:
             if not text.strip():
                 continue
             try:
-                yield loc, json.loads(text)
-            except (json.JSONDecodeError, RecursionError) as e:
-                msg = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
-                yield loc, DataError(path, f"invalid JSON: {msg}", line=lineno, reason="invalid_json")
+                yield loc, _loads(text)
+            except (ValueError, RecursionError) as e:
+                yield loc, DataError(path, f"invalid JSON: {_json_error(e)}", line=lineno, reason="invalid_json")
 
 
 def _iter_json_array(path: Path) -> Iterator[tuple[dict[str, int], Any]]:
     try:
-        data = json.loads(path.read_bytes().decode("utf-8-sig"))
+        data = _loads(path.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as e:
-        raise DataError(path, f"invalid UTF-8 at byte {e.start}", reason="invalid_utf8") from None
-    except (json.JSONDecodeError, RecursionError) as e:
+        line = e.object[: e.start].count(b"\n") + 1
+        raise DataError(path, f"invalid UTF-8 at byte {e.start}", line=line, reason="invalid_utf8") from None
+    except (ValueError, RecursionError) as e:
         line = getattr(e, "lineno", None)
-        raise DataError(path, f"invalid JSON: {getattr(e, 'msg', e)}", line=line, reason="invalid_json") from None
+        raise DataError(path, f"invalid JSON: {_json_error(e)}", line=line, reason="invalid_json") from None
     if isinstance(data, dict):  # a single object, or {"data": [...]}
         data = data.get("data", [data]) if isinstance(data.get("data"), list) else [data]
     if not isinstance(data, list):
@@ -112,10 +128,22 @@ def _iter_table(path: Path) -> Iterator[tuple[dict[str, int], Any]]:
         elif path.suffix == ".parquet":
             ds = datasets.Dataset.from_parquet(str(path))
         else:
-            ds = datasets.Dataset.from_csv(str(path), keep_default_na=False)
+            # CSV has no types: keep every cell as the text it is ("0012" stays "0012", "4" is not an int)
+            with open(path, newline="", encoding="utf-8-sig") as fh:
+                header = next(csv.reader(fh), [])
+            features = datasets.Features({c: datasets.Value("string") for c in header})
+            ds = datasets.Dataset.from_csv(str(path), keep_default_na=False, features=features)
     except Exception as e:  # the library's own message names what is wrong with the file
         raise DataError(path, f"cannot read as a table: {e}", reason="unreadable") from None
     for i, row in enumerate(ds):
+        row = {k: v for k, v in row.items() if v is not None}  # a null cell is an absent field
+        if isinstance(row.get("meta"), str):  # write_chat stores `meta` as JSON text (its keys vary by row)
+            try:
+                meta = _loads(row["meta"])
+            except (ValueError, RecursionError):
+                meta = None
+            if isinstance(meta, dict):
+                row["meta"] = meta
         yield {"row": i}, row
 
 
@@ -124,12 +152,21 @@ def _iter_raw(path: Path) -> Iterator[tuple[dict[str, int], Any]]:
         raise DeliaError(f"{path}: no such file or folder")
     if path.is_dir() or path.suffix in (".parquet", ".csv"):
         return _iter_table(path)
-    if path.suffix == ".json":
-        with open(path, "rb") as fh:
-            head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-        if head.startswith(b"["):
-            return _iter_json_array(path)
+    if path.suffix == ".json" and not _is_jsonl(path):
+        return _iter_json_array(path)  # one document: an array, or an object (maybe pretty-printed)
     return _iter_jsonl(path)
+
+
+def _is_jsonl(path: Path) -> bool:
+    """A `.json` file is JSONL under another name when its first non-blank line is a whole JSON object."""
+    with open(path, "rb") as fh:
+        for raw in fh:
+            if raw.strip(b"\xef\xbb\xbf \t\r\n"):
+                try:
+                    return isinstance(_loads(raw.decode("utf-8-sig")), dict)
+                except (ValueError, RecursionError):
+                    return False
+    return True  # blank: no records either way
 
 
 # ----------------------------------------------------------------------------- normalisation
@@ -232,6 +269,15 @@ def validate_messages(msgs: list[dict[str, str]], err: _Err, fld: str, require_a
         raise err(f"{fld}[{len(msgs) - 1}].role", "last turn must be from the assistant", "last_turn")
 
 
+def _check_extras(extras: Mapping[str, Any], err: _Err) -> None:
+    """Extra fields are written back as UTF-8 JSON, which a lone surrogate (a valid JSON escape) cannot be."""
+    for k, v in extras.items():
+        try:
+            dumps({k: v}).encode("utf-8")
+        except UnicodeEncodeError:
+            raise err(k, "is not valid Unicode (lone surrogate)", "invalid_utf8") from None
+
+
 def _apply_columns(row: Mapping[str, Any], columns: Mapping[str, str] | None) -> dict[str, Any]:
     if not columns:
         return dict(row)
@@ -280,13 +326,14 @@ def read_chat(
                               "(or pass --format / --columns)", "unknown_format")
             msgs = _to_messages(fmt, row, err)
             validate_messages(msgs, err, fld_name.get(fmt, "messages"), require_assistant)
+            extras = {k: v for k, v in row.items() if k not in _CONSUMED[fmt]}
+            _check_extras(extras, err)
         except DataError as e:
             if not skip_invalid:
                 raise
             rejects.append({**loc, "field": e.field, "reason": e.reason, "error": str(e),
                             "raw": raw if not isinstance(raw, DataError) else None})
             continue
-        extras = {k: v for k, v in row.items() if k not in _CONSUMED[fmt]}
         records.append({"messages": msgs, **extras})
     return ChatData(str(path), fmt or (format if format != "auto" else "messages"), records, rejects)
 
@@ -303,9 +350,17 @@ def write_chat(path: str | Path, records: list[dict[str, Any]]) -> Path:
     import datasets
 
     datasets.disable_progress_bars()
-    rows = [{**r, **({"meta": json.dumps(r["meta"])} if "meta" in r else {})} for r in records]
+    # `meta` dicts differ in keys from row to row, which one table schema cannot hold: store them as JSON text
+    # (read_chat turns it back into a dict)
+    rows = [{**r, "meta": json.dumps(r["meta"])} if isinstance(r.get("meta"), dict) else r for r in records]
+    keys = dict.fromkeys(k for r in rows for k in r)  # every row's fields, not just the first row's
+    try:
+        table = datasets.Dataset.from_dict({k: [r.get(k) for r in rows] for k in keys})
+    except (ValueError, TypeError) as e:  # pyarrow: a field whose type differs between rows
+        raise DeliaError(f"{path}: the records' extra fields do not fit one table ({e}); "
+                         "write a .jsonl file instead") from None
     with atomic_dir(path) as tmp:
-        datasets.Dataset.from_list(rows).save_to_disk(str(tmp))
+        table.save_to_disk(str(tmp))
     return path
 
 
@@ -315,10 +370,11 @@ def rejects_path(out: str | Path) -> Path:
 
 
 def write_rejects(out: str | Path, rejects: list[dict[str, Any]]) -> Path:
+    """Rejected rows with their reasons, beside `out`. ASCII JSON: a rejected row may hold lone surrogates."""
     p = rejects_path(out)
     with atomic_writer(p) as fh:
         for r in rejects:
-            fh.write(dumps(r) + "\n")
+            fh.write(json.dumps(r, default=str) + "\n")
     return p
 
 

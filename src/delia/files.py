@@ -64,7 +64,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 
 
 def dumps(row: dict[str, Any]) -> str:
-    return json.dumps(row, ensure_ascii=False)
+    """One JSONL line. Values JSON has no type for (dates from a Parquet table) are written as text."""
+    return json.dumps(row, ensure_ascii=False, default=str)
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
@@ -103,7 +104,7 @@ def read_complete_jsonl(path: str | Path) -> list[dict[str, Any]]:
         chunk = data[pos:nl]
         try:
             rows.append(json.loads(chunk.decode("utf-8")) if chunk.strip() else None)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):  # bad UTF-8, bad JSON, or an integer too long to convert
             if data.find(b"\n", nl + 1) != -1:
                 raise ValueError(f"{path}: line {len(rows) + 1} is corrupt (not the last line)") from None
             break

@@ -76,7 +76,7 @@ class _Row:
 
 
 class HFBackend:
-    """transformers `generate` on a loaded model, CPU or GPU."""
+    """A loaded transformers model decoded by the continuous-batching loop above, on CPU or GPU."""
 
     name = "hf"
 
