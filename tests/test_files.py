@@ -3,7 +3,16 @@ import os
 
 import pytest
 
-from delia.files import JsonlAppender, atomic_dir, atomic_writer, read_complete_jsonl, write_jsonl
+from delia.files import (
+    JsonlAppender,
+    atomic_dir,
+    atomic_writer,
+    dumps,
+    read_complete_jsonl,
+    sha256_file,
+    sha256_json,
+    write_jsonl,
+)
 
 
 def test_atomic_writer_leaves_nothing_on_failure_and_keeps_the_old_file(tmp_path):
@@ -62,3 +71,40 @@ def test_a_complete_last_line_without_newline_counts_as_torn(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text(json.dumps({"i": 0}) + "\n" + json.dumps({"i": 1}))
     assert read_complete_jsonl(path) == [{"i": 0}]
+
+
+def test_a_last_line_too_long_to_parse_is_torn_and_a_middle_one_is_refused(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    huge = b'{"i": ' + b"1" * 5000 + b"}"  # json raises a plain ValueError for ints this long
+    path.write_bytes(b'{"i": 0}\n' + huge)
+    assert read_complete_jsonl(path) == [{"i": 0}] and path.read_bytes() == b'{"i": 0}\n'
+    path.write_bytes(b'{"i": 0}\n' + huge + b'\n{"i": 2}\n')
+    with pytest.raises(ValueError, match="line 2 is corrupt"):
+        read_complete_jsonl(path)
+
+
+def test_jsonl_appender_appends_batches_across_opens(tmp_path):
+    path = tmp_path / "sub" / "rows.jsonl"
+    with JsonlAppender(path) as out:
+        out.write([{"i": 0}, {"i": 1}])
+        out.write([])
+        assert read_complete_jsonl(path) == [{"i": 0}, {"i": 1}]  # flushed per batch, before close
+    with JsonlAppender(path) as out:
+        out.write([{"i": 2, "text": "Góðan daginn"}])
+    assert path.read_text(encoding="utf-8").splitlines()[-1] == '{"i": 2, "text": "Góðan daginn"}'
+    assert [r["i"] for r in read_complete_jsonl(path)] == [0, 1, 2]
+
+
+def test_dumps_writes_values_json_has_no_type_for_as_text():
+    import datetime
+
+    assert json.loads(dumps({"t": datetime.date(2024, 8, 20)})) == {"t": "2024-08-20"}
+    assert sha256_json({"b": 1, "a": 2}) == sha256_json({"a": 2, "b": 1})
+
+
+def test_sha256_file_matches_hashlib(tmp_path):
+    import hashlib
+
+    path = tmp_path / "blob"
+    path.write_bytes(b"x" * 3000)
+    assert sha256_file(path, chunk=1024) == hashlib.sha256(b"x" * 3000).hexdigest()
