@@ -1,7 +1,7 @@
 import json
+import os
 import subprocess
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import pytest
@@ -51,6 +51,10 @@ def test_bad_input_exits_2_names_the_place_and_writes_nothing(write_jsonl, tmp_p
     assert "Traceback" not in done.stderr
     assert not out.exists()
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []  # no temp file left
+    out.parent.mkdir()
+    out.write_text("an earlier good output\n")
+    assert run("data", "convert", str(path), str(out)).returncode == 2
+    assert [p.name for p in out.parent.iterdir()] == [out.name] and out.read_text() == "an earlier good output\n"
 
 
 def test_skip_invalid_writes_output_and_rejects(write_jsonl, tmp_path):
@@ -62,6 +66,59 @@ def test_skip_invalid_writes_output_and_rejects(write_jsonl, tmp_path):
     rejects = [json.loads(x) for x in (tmp_path / "converted.rejects.jsonl").read_text().splitlines()]
     assert rejects == [{"line": 2, "field": None, "reason": "invalid_json", "error": rejects[0]["error"], "raw": None}]
     assert "invalid_json: 1" in " ".join(done.stderr.split())
+
+
+def test_convert_with_explicit_format_and_columns_to_a_saved_dataset(tmp_path):
+    src = tmp_path / "qa.csv"
+    src.write_text("question,answer,id\nWhat is 2+2?,4,a\nPad 12.,0012,b\n", encoding="utf-8")
+    out = tmp_path / "out_ds"
+    done = run("data", "convert", str(src), str(out), "--format", "prompt-completion",
+               "-c", "prompt=question", "--columns", "completion=answer")
+    assert done.returncode == 0, done.stderr
+    assert "wrote 2 rows (prompt-completion)" in " ".join(done.stderr.split())
+    from delia.data import read_chat
+
+    assert [(r["messages"][1]["content"], r["id"]) for r in read_chat(out).records] == [("4", "a"), ("0012", "b")]
+    done = run("data", "convert", str(src), str(tmp_path / "x.jsonl"), "--columns", "prompt")
+    assert done.returncode == 2 and "--columns expects FIELD=COLUMN" in " ".join(done.stderr.split())
+
+
+def test_query_pools_need_allow_no_assistant(write_jsonl, tmp_path):
+    path = write_jsonl("pool.jsonl", [{"messages": [{"role": "user", "content": "A query."}]}])
+    out = tmp_path / "pool_out.jsonl"
+    done = run("data", "convert", str(path), str(out))
+    assert done.returncode == 2 and "last turn must be from the assistant" in done.stderr and not out.exists()
+    assert run("data", "convert", str(path), str(out), "--allow-no-assistant").returncode == 0
+    assert json.loads(out.read_text())["messages"] == [{"role": "user", "content": "A query."}]
+
+
+def test_errors_print_rows_and_user_text_literally(tmp_path):
+    # "[row 1]" and a role of "[bold]x" look like rich markup: they must reach the user as written.
+    src = tmp_path / "a.json"
+    src.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "a", "output": 5}]))
+    done = run("data", "convert", str(src), str(tmp_path / "out.jsonl"))
+    assert done.returncode == 2 and f"{src}[row 1]: field 'output': must be a string" in " ".join(done.stderr.split())
+    src = tmp_path / "b.jsonl"
+    src.write_text(json.dumps({"messages": [{"role": "[bold]x", "content": "a"}]}) + "\n")
+    done = run("data", "convert", str(src), str(tmp_path / "out.jsonl"))
+    assert "unknown role '[bold]x'" in done.stderr
+
+
+def test_inspect_counts_rejects_with_skip_invalid(write_jsonl):
+    path = write_jsonl("m.jsonl", [GOOD, b"{nope", {"messages": [{"role": "user", "content": "a"}]}])
+    done = run("data", "inspect", str(path))
+    assert done.returncode == 2 and f"{path}:2:" in done.stderr
+    done = run("data", "inspect", str(path), "--skip-invalid")
+    assert done.returncode == 0
+    assert "invalid_json=1" in done.stdout and "last_turn=1" in done.stdout and "rows" in done.stdout
+
+
+def test_hub_id_offline_is_a_clean_error(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run([sys.executable, "-m", "delia", "model", "prepare", "some-org/not-a-cached-model"],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "Pass a local model folder or a GGUF file instead" in " ".join(done.stderr.split())
 
 
 def test_missing_model_is_a_clean_error(tmp_path):
@@ -88,6 +145,28 @@ def test_config_yaml_sets_options_and_the_command_line_wins(tmp_path):
     cfg.write_text("name: a\ncolour: red\n")
     bad = runner.invoke(app, ["echo", "--config", str(cfg)])
     assert bad.exit_code == 2 and "unknown option(s) colour" in bad.output
+    cfg.write_text("- name\n- count\n")
+    bad = runner.invoke(app, ["echo", "--config", str(cfg)])
+    assert bad.exit_code == 2 and "expected a mapping" in bad.output
+    bad = runner.invoke(app, ["echo", "--config", str(tmp_path / "absent.yaml")])
+    assert bad.exit_code == 2 and "does not exist" in bad.output
+
+
+def _columns_command(
+    max_length: Annotated[int, typer.Option(help="Dashed on the command line.")] = 8,
+    columns: Annotated[list[str] | None, typer.Option("--columns", help="Repeatable.")] = None,
+) -> None:
+    typer.echo(f"{max_length}:{columns}")
+
+
+def test_config_yaml_keys_may_be_dashed_and_set_lists(tmp_path):
+    app = typer.Typer()
+    app.command("cols")(with_config(_columns_command))
+    app.command("other")(lambda: None)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("max-length: 64\ncolumns: [prompt=q, completion=a]\n")
+    done = CliRunner().invoke(app, ["cols", "--config", str(cfg)])
+    assert done.stdout.strip() == "64:['prompt=q', 'completion=a']"
 
 
 @pytest.mark.parametrize("verb", [*STAGES, "data inspect", "data convert", "model prepare"])
@@ -105,4 +184,3 @@ def test_stage_functions_are_the_python_api():
     for target in STAGES.values():
         module, fn = target.split(":")
         assert callable(getattr(importlib.import_module(module), fn))
-    assert Path(sys.executable).exists()
