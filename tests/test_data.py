@@ -248,6 +248,21 @@ def test_table_errors_name_the_row_index(tmp_path):
     assert (e.value.row, e.value.reason) == (0, "unknown_format")
 
 
+def test_a_mapped_column_that_is_absent_is_named(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("question,answer\nWhat?,yes\n", encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        read_chat(path, "prompt-completion", columns={"prompt": "question", "completion": "answr"})
+    assert (e.value.row, e.value.field, e.value.reason) == (0, "answr", "missing_key")
+    assert "--columns maps it to column 'answr'" in str(e.value)
+
+
+def test_output_formats_that_are_only_read_are_refused(tmp_path):
+    with pytest.raises(DeliaError, match="cannot write .csv"):
+        write_chat(tmp_path / "out.csv", [GOOD])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_conversations_ending_on_a_user_turn_are_accepted_when_asked(write_jsonl):
     path = write_jsonl("q.jsonl", [{"messages": [_u("a query")]}, {"prompt": "another", "completion": "x"}])
     with pytest.raises(DataError, match="last turn must be from the assistant"):

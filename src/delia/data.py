@@ -222,10 +222,13 @@ def _messages(value: Any, err: _Err, fld: str, *, role_key="role", content_key="
     return out
 
 
-def _to_messages(fmt: str, row: Mapping[str, Any], err: _Err) -> list[dict[str, str]]:
+def _to_messages(fmt: str, row: Mapping[str, Any], err: _Err, columns: Mapping[str, str] | None = None
+                 ) -> list[dict[str, str]]:
     for k in dict(_FORMAT_KEYS)[fmt]:
         if k not in row:
-            raise err(k, f"missing key '{k}' (format {fmt})", "missing_key")
+            source = (columns or {}).get(k)  # name the file's column the user mapped, which is what is missing
+            where = f"; --columns maps it to column '{source}', which this row lacks" if source else ""
+            raise err(source or k, f"missing key '{k}' (format {fmt}{where})", "missing_key")
     if fmt == "messages":
         return _messages(row["messages"], err, "messages")
     if fmt == "sharegpt":
@@ -324,7 +327,7 @@ def read_chat(
                     raise err(None, f"cannot detect the format from keys {sorted(row)[:8]}; expected "
                               "'messages', 'conversations', 'prompt'+'completion' or 'instruction'+'output' "
                               "(or pass --format / --columns)", "unknown_format")
-            msgs = _to_messages(fmt, row, err)
+            msgs = _to_messages(fmt, row, err, columns)
             validate_messages(msgs, err, fld_name.get(fmt, "messages"), require_assistant)
             extras = {k: v for k, v in row.items() if k not in _CONSUMED[fmt]}
             _check_extras(extras, err)
@@ -347,6 +350,9 @@ def write_chat(path: str | Path, records: list[dict[str, Any]]) -> Path:
     if path.suffix in (".jsonl", ".json"):
         write_jsonl(path, records)
         return path
+    if path.suffix in (".csv", ".parquet"):  # read, but not written: a folder named out.csv would surprise
+        raise DeliaError(f"{path}: cannot write {path.suffix}; write messages JSONL (.jsonl) or a folder "
+                         "(a saved Hugging Face dataset)")
     import datasets
 
     datasets.disable_progress_bars()
