@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from delia import models
-from delia.errors import ModelNotFoundError
+from delia.errors import DeliaError, ModelNotFoundError
 from delia.files import sha256_file
 from delia.models import cache_root, convert_gguf, load_model, load_tokenizer, resolve_model
 
@@ -217,6 +217,17 @@ def test_stale_leftovers_of_a_killed_conversion_are_never_used(tiny_gguf, cache)
     assert folder == half and json.loads((folder / "config.json").read_text())["model_type"] == "llama"
     model, _ = load_model(folder, device="cpu")
     assert model.config.num_hidden_layers == 2
+
+
+def test_conversion_into_a_chosen_folder_never_replaces_a_users_files(tiny_gguf, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(DeliaError, match="holds no converted model"):
+        convert_gguf(tiny_gguf, out)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert convert_gguf(tiny_gguf, tmp_path / "new") == tmp_path / "new"
+    assert (tmp_path / "new" / "config.json").exists()
 
 
 def test_a_broken_gguf_file_fails_and_leaves_no_folder(tmp_path, cache):
