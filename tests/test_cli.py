@@ -133,10 +133,16 @@ def _echo(
     typer.echo(f"{name}:{count}")
 
 
-def test_config_yaml_sets_options_and_the_command_line_wins(tmp_path):
+def _config_app(name: str, fn) -> typer.Typer:
+    """A two-command app (so typer keeps the command name) whose `name` command takes --config."""
     app = typer.Typer()
-    app.command("echo")(with_config(_echo))
+    app.command(name)(with_config(fn))
     app.command("other")(lambda: None)
+    return app
+
+
+def test_config_yaml_sets_options_and_the_command_line_wins(tmp_path):
+    app = _config_app("echo", _echo)
     cfg = tmp_path / "c.yaml"
     cfg.write_text("name: from-yaml\ncount: 3\n")
     runner = CliRunner()
@@ -160,9 +166,7 @@ def _columns_command(
 
 
 def test_config_yaml_keys_may_be_dashed_and_set_lists(tmp_path):
-    app = typer.Typer()
-    app.command("cols")(with_config(_columns_command))
-    app.command("other")(lambda: None)
+    app = _config_app("cols", _columns_command)
     cfg = tmp_path / "c.yaml"
     cfg.write_text("max-length: 64\ncolumns: [prompt=q, completion=a]\n")
     done = CliRunner().invoke(app, ["cols", "--config", str(cfg)])
