@@ -80,16 +80,17 @@ def load_scores(eval_dir: Path) -> tuple[dict[str, Any], dict[str, list[float]]]
     return summary, per_row
 
 
-def _matrix(runs: list[RunResult], metric: str) -> np.ndarray:
-    return np.array([load_scores(r.eval_dir)[1][metric] for r in runs], dtype=float)
-
-
 def summarise(runs: list[RunResult], baseline: str | None, n_boot: int) -> dict[str, Any]:
     """Per arm and metric: mean with 95% interval, and the paired delta to the baseline arm."""
     arms: dict[str, list[RunResult]] = {}
     for r in runs:
         arms.setdefault(r.arm, []).append(r)
-    first = load_scores(runs[0].eval_dir)[0]
+    loaded = {id(r): load_scores(r.eval_dir) for r in runs}  # each eval folder read once
+
+    def matrix(group: list[RunResult], metric: str) -> np.ndarray:
+        return np.array([loaded[id(r)][1][metric] for r in group], dtype=float)
+
+    first = loaded[id(runs[0])][0]
     metrics = list(first.get("row_means", {}))
     out: dict[str, Any] = {"primary": first.get("primary"), "metrics": metrics, "arms": {}}
     for name, group in arms.items():
@@ -98,10 +99,10 @@ def summarise(runs: list[RunResult], baseline: str | None, n_boot: int) -> dict[
                                  "delta": {}, "trained_tokens": _total(r.trained_tokens for r in group),
                                  "wall_s": _sum_dicts(r.wall_s for r in group)}
         for m in metrics:
-            entry["metrics"][m] = bootstrap_mean(_matrix(group, m), n_boot)
+            entry["metrics"][m] = bootstrap_mean(matrix(group, m), n_boot)
             base = arms.get(baseline) if baseline else None
             if base is not None and name != baseline and [r.seed for r in base] == entry["seeds"]:
-                entry["delta"][m] = bootstrap_delta(_matrix(group, m), _matrix(base, m), n_boot)
+                entry["delta"][m] = bootstrap_delta(matrix(group, m), matrix(base, m), n_boot)
         out["arms"][name] = entry
     return out
 

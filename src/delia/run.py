@@ -105,12 +105,19 @@ def run_experiment(exp: Experiment, out: Path) -> dict[str, Any]:
     probe_kwargs = {"token": [f"{t}={d}" for t, d in described.items()], "data": exp.task.eval,
                     "init": exp.train.get("token_init", "random"), "seed": exp.seeds[0]}
 
+    def probed(label: str, key: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        """The probe stage's result (what probe.json holds), cached like every stage."""
+        from delia.probe import probe
+
+        inputs = {**key, **probe_kwargs, "data": data_hashes["task_eval"]}
+        return cache.run("probe", label, inputs, lambda d: probe(d, **kwargs))[1]["result"]
+
     samples = None
     if any(a.ratio > 0 for a in exp.arms):
-        folder, _ = cache.run("sample", "pool", {"model": model_id, "pool": data_hashes["pool"], "options": exp.sample},
-                              lambda d: sample(exp.pool, d / "samples.jsonl", model=model_path, **exp.sample))
-        samples = folder / "samples.jsonl"
-        sample_s = _wall(folder)
+        folder, rec = cache.run("sample", "pool", {"model": model_id, "pool": data_hashes["pool"],
+                                                   "options": exp.sample},
+                                lambda d: sample(exp.pool, d / "samples.jsonl", model=model_path, **exp.sample))
+        samples, sample_s = folder / "samples.jsonl", rec["wall_s"]
 
     runs: list[RunResult] = []
     if exp.eval_base:
@@ -118,11 +125,7 @@ def run_experiment(exp: Experiment, out: Path) -> dict[str, Any]:
                                 lambda d: evaluate(exp.task.eval, d, model=model_path, **eval_kwargs))
         base = RunResult("base", None, None, folder, wall_s={"eval": rec["wall_s"]})
         if described:
-            from delia.probe import probe
-
-            probe_inputs = {"model": model_id, **probe_kwargs, "data": data_hashes["task_eval"]}
-            pfolder, _ = cache.run("probe", "base", probe_inputs, lambda d: probe(d, model=model_path, **probe_kwargs))
-            base.probe = json.loads((pfolder / "probe.json").read_text(encoding="utf-8"))
+            base.probe = probed("base", {"model": model_id}, model=model_path, **probe_kwargs)
         runs.append(base)
 
     for arm in exp.arms:
@@ -154,12 +157,7 @@ def run_experiment(exp: Experiment, out: Path) -> dict[str, Any]:
             result = RunResult(arm.name, arm.ratio, seed, efolder, train_dir=adapter, wall_s=wall,
                                trained_tokens=_trained_tokens(adapter))
             if described:
-                from delia.probe import probe
-
-                pfolder, _ = cache.run("probe", label, {"adapter": trained, **probe_kwargs,
-                                                        "data": data_hashes["task_eval"]},
-                                       lambda d, a=adapter: probe(d, adapter=a, data=exp.task.eval))
-                result.probe = json.loads((pfolder / "probe.json").read_text(encoding="utf-8"))
+                result.probe = probed(label, {"adapter": trained}, adapter=adapter, data=exp.task.eval)
             runs.append(result)
 
     manifest = {"experiment": exp.model_dump(mode="json"), "model": model_id, "data_sha256": data_hashes,
@@ -168,10 +166,6 @@ def run_experiment(exp: Experiment, out: Path) -> dict[str, Any]:
     write_json(out / "manifest.json", manifest)
     return {"report_md": str(md), "report_html": str(html), "summary": summary,
             "stages_run": cache.done, "stages_cached": cache.skipped}
-
-
-def _wall(folder: Path) -> float:
-    return json.loads((folder / "stage.json").read_text(encoding="utf-8"))["wall_s"]
 
 
 def _trained_tokens(adapter: Path) -> int | None:
