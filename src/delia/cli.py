@@ -105,18 +105,6 @@ def _root(
     pass
 
 
-def _columns(pairs: list[str] | None) -> dict[str, str] | None:
-    if not pairs:
-        return None
-    out = {}
-    for p in pairs:
-        if "=" not in p:
-            raise typer.BadParameter(f"--columns expects FIELD=COLUMN, got {p!r}")
-        k, v = p.split("=", 1)
-        out[k.strip()] = v.strip()
-    return out
-
-
 FormatOpt = Annotated[
     str, typer.Option("--format", "-f", help="auto, messages, prompt-completion, alpaca or sharegpt.")
 ]
@@ -141,10 +129,10 @@ def data_inspect(
       delia data inspect train.jsonl --model smollm2-135m\n
       delia data inspect qa.csv --columns prompt=question --columns completion=answer
     """
-    from delia.data import describe, read_chat
+    from delia.data import describe, parse_columns, read_chat
     from delia.models import load_tokenizer
 
-    data = read_chat(file, format, columns=_columns(columns), skip_invalid=skip_invalid)  # type: ignore[arg-type]
+    data = read_chat(file, format, columns=parse_columns(columns), skip_invalid=skip_invalid)  # type: ignore[arg-type]
     info = describe(data, load_tokenizer(model) if model else None)
     table = Table(title=escape(str(file)), show_header=False)
     for key in ("format", "rows", "turns", "roles", "rejected", "prompt_tokens", "response_tokens", "total_tokens"):
@@ -177,9 +165,9 @@ def data_convert(
       delia data convert alpaca.json train.jsonl\n
       delia data convert sharegpt.jsonl train.jsonl --skip-invalid
     """
-    from delia.data import read_chat, write_chat, write_rejects
+    from delia.data import parse_columns, read_chat, write_chat, write_rejects
 
-    data = read_chat(src, format, columns=_columns(columns), skip_invalid=skip_invalid,  # type: ignore[arg-type]
+    data = read_chat(src, format, columns=parse_columns(columns), skip_invalid=skip_invalid,  # type: ignore[arg-type]
                      require_assistant=not allow_no_assistant)
     write_chat(out, data.records)
     console.print(f"[green]wrote[/] {len(data.records)} rows ({data.format}) to {escape(str(out))}")

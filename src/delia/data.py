@@ -281,6 +281,19 @@ def _check_extras(extras: Mapping[str, Any], err: _Err) -> None:
             raise err(k, "is not valid Unicode (lone surrogate)", "invalid_utf8") from None
 
 
+def parse_columns(pairs: list[str] | None) -> dict[str, str] | None:
+    """`["prompt=question", ...]` (the --columns option) as the mapping `read_chat` takes."""
+    if not pairs:
+        return None
+    out = {}
+    for p in pairs:
+        if "=" not in p:
+            raise DeliaError(f"--columns expects FIELD=COLUMN, got {p!r}")
+        k, v = p.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
 def _apply_columns(row: Mapping[str, Any], columns: Mapping[str, str] | None) -> dict[str, Any]:
     if not columns:
         return dict(row)

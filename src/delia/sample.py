@@ -130,10 +130,9 @@ def _now() -> str:
 def _load_queries(pool: Path, format: str, columns: list[str] | None, skip_invalid: bool
                   ) -> tuple[list[tuple[str, str, str | None]], Counter[str]]:
     """[(query id, query, reference)] in pool order, and counts of pool rows left out (and why)."""
-    from delia.cli import _columns
-    from delia.data import first_turns, read_chat, row_id
+    from delia.data import first_turns, parse_columns, read_chat, row_id
 
-    data = read_chat(pool, format, columns=_columns(columns), require_assistant=False,  # type: ignore[arg-type]
+    data = read_chat(pool, format, columns=parse_columns(columns), require_assistant=False,  # type: ignore[arg-type]
                      skip_invalid=skip_invalid)
     skipped: Counter[str] = Counter({"invalid_query": len(data.rejects)} if data.rejects else {})
     queries, ids = [], set()
