@@ -9,7 +9,7 @@ import typer
 from typer.testing import CliRunner
 
 from delia import __version__
-from delia.cli import STAGES, main, with_config
+from delia.cli import STAGES, PlainErrorsGroup, main, with_config
 
 GOOD = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
 
@@ -135,7 +135,7 @@ def _echo(
 
 def _config_app(name: str, fn) -> typer.Typer:
     """A two-command app (so typer keeps the command name) whose `name` command takes --config."""
-    app = typer.Typer()
+    app = typer.Typer(cls=PlainErrorsGroup)
     app.command(name)(with_config(fn))
     app.command("other")(lambda: None)
     return app

@@ -20,7 +20,20 @@ from delia import __version__
 from delia.errors import DeliaError
 
 console = Console(stderr=True, soft_wrap=True)  # never break a path or an error across lines
+
+
+class PlainErrorsGroup(typer.core.TyperGroup):
+    """A typer command group whose usage errors print as click prints them: plain text, never boxed, wrapped
+    or cut at any terminal width (typer's rich error panel folds a long path and cuts text at 80 columns).
+    Help pages keep typer's rich layout."""
+
+    def main(self, **kwargs: Any) -> Any:
+        # typer's own main loop, told there is no rich markup: errors then go through click's plain `show()`
+        return typer.core._main(self, **{**kwargs, "rich_markup_mode": None})
+
+
 app = typer.Typer(
+    cls=PlainErrorsGroup,
     name="delia",
     help="DELIA: fine-tune a chat LLM on a small task without overfitting to its format.\n\n"
     "Stages: sample -> mix -> train -> eval; `delia run` does all of them for an experiment.",
