@@ -3,7 +3,9 @@
 Each eval row is a conversation whose last assistant turn is the reference; everything before it is the
 prompt. The model is a base model, a base model plus a `delia train` adapter, or a merged model folder.
 Outputs: `OUT/predictions.jsonl` (one row per eval row, with its scores) and `OUT/scores.json`
-(aggregates and settings), each written atomically.
+(aggregates and settings), each written atomically. With `general` (and `contrast`), the model is also
+scored on held-out general prompts (`delia.general`: format leakage, drift from the base model, answer
+quality, obeying "do not use the format"), written to `OUT/general.jsonl` and `OUT/contrast.jsonl`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from delia.versions import library_versions
 
 PREDICTIONS = "predictions.jsonl"
 SCORES = "scores.json"
+GENERAL_ROWS = "general.jsonl"
+CONTRAST_ROWS = "contrast.jsonl"
 
 
 def load_for_eval(model: str | None, adapter: Path | None, device: str | None = None) -> tuple[Any, Any, str]:
@@ -73,13 +77,29 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Base seed of per-row sampling seeds (temperature > 0).")] = 0,
     limit: Annotated[int | None, typer.Option(help="Evaluate only the first N rows.", min=1)] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 ... (default: cuda if present).")] = None,
+    general: Annotated[Path | None, typer.Option(help="Held-out general prompts (none in the pool or the task; "
+                                                 "a last assistant turn is a reference): scores format leakage, "
+                                                 "drift from the base model and answer quality.",
+                                                 exists=True)] = None,
+    contrast: Annotated[Path | None, typer.Option(help="Prompts that tell the model not to use the task's "
+                                                  "format: scores the share of answers that obey.",
+                                                  exists=True)] = None,
+    general_max_new_tokens: Annotated[int, typer.Option(help="Answer length on general and contrast prompts "
+                                                        "(greedy).", min=1)] = 64,
+    base_model: Annotated[str | None, typer.Option(help="Base model for drift when --model is a merged model "
+                                                   "(default: an adapter's own base; a --model is its own base).")
+                          ] = None,
 ) -> dict[str, Any]:
     """Generate an answer for every eval row and score it; returns what scores.json holds.
 
+    With --general, also measure what tuning did to everything else: format leakage into general answers,
+    drift (KL from the base model on its own greedy answers), answer quality; --contrast adds prompts that
+    say not to use the format.
+
     Examples:\n
       delia eval ../shared/data/delia-format/eval.jsonl runs/base-eval\n
-      delia eval eval.jsonl runs/delia-eval --adapter runs/delia-adapter\n
-      delia eval en-is.jsonl runs/mt --metric translation --max-new-tokens 128
+      delia eval eval.jsonl runs/delia-eval --adapter runs/delia-adapter --general general.jsonl\n
+      delia eval en-ja.jsonl runs/mt --metric translation --max-new-tokens 128
     """
     from rich.console import Console
 
@@ -130,11 +150,45 @@ def evaluate(
         "versions": library_versions(),
     }
     out = Path(out)
+    if general is not None:
+        result = _general(lm, tokenizer, cfg, general, contrast, model, adapter, base_model, general_max_new_tokens,
+                          batch_size, device)
+        write_jsonl(out / GENERAL_ROWS, result.rows)
+        summary["general"] = result.summary
+        if result.contrast_rows is not None:
+            write_jsonl(out / CONTRAST_ROWS, result.contrast_rows)
+            summary["contrast"] = result.contrast_summary
+    elif contrast is not None:
+        raise DeliaError("--contrast needs --general (the base answers and leakage rule come with it)")
     write_jsonl(out / PREDICTIONS, rows)
-    write_json(out / SCORES, summary)
-    shown = "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in scores.metrics.items())
+    write_json(out / SCORES, summary)  # last: its presence marks a finished eval
     console = Console(stderr=True)
-    console.print(f"[green]eval[/] {shown}  ({len(rows)} rows, {wall:.1f}s) -> {out}", highlight=False)
+    for name, metrics in (("eval", scores.metrics), *((k, summary[k]["metrics"]) for k in ("general", "contrast")
+                                                      if k in summary)):
+        shown = "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+        console.print(f"[green]{name}[/] {shown}", highlight=False)
+    console.print(f"({len(rows)} rows, {wall:.1f}s) -> {out}", highlight=False)
     for note in scores.notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
     return summary
+
+
+def _general(lm: Any, tokenizer: Any, cfg: Any, general: Path, contrast: Path | None, model: str | None,
+             adapter: Path | None, base_model: str | None, max_new_tokens: int, batch_size: int | None,
+             device: str | None) -> Any:
+    """Run `delia.general.general_eval` with the base model the evaluated one is compared with."""
+    from delia.general import adapter_base, general_eval
+    from delia.models import load_model, resolve_model
+
+    if adapter is not None:
+        if base_model is not None:
+            raise DeliaError("--base-model is for a merged --model; an adapter's base is recorded with it")
+        base, base_lm = adapter_base(adapter), None
+    else:
+        evaluated = model or DEFAULT_MODEL
+        base = base_model or evaluated
+        same = resolve_model(base) == resolve_model(evaluated)
+        base_lm = None if same else load_model(base, device=device)[0]
+    return general_eval(lm, tokenizer, cfg, general, base=base, adapter=adapter, base_model=base_lm,
+                        contrast=contrast, max_new_tokens=max_new_tokens, batch_size=batch_size or "auto",
+                        device=device)

@@ -9,6 +9,9 @@ A task names its metric with a small `MetricConfig` (YAML in the task config):
   `unbabel-comet` package is importable and a local checkpoint is given (nothing is ever downloaded).
 - `exact` / `contains`: short answers, compared after normalising case, whitespace and punctuation.
 
+`leaks()` applies the same config to answers of *general* prompts: does the answer take the task's shape
+(format leakage, what plain SFT on a small task teaches and DELIA exists to prevent)?
+
 `score()` returns per-row scores plus aggregates; `row_means` says which aggregate is the mean of which
 per-row key, so a report can bootstrap it over examples.
 """
@@ -36,6 +39,8 @@ MAX_PARSE_CHARS = 100_000
 MAX_NESTING = 64
 _FENCE = re.compile(r"```[A-Za-z0-9_+-]*[ \t]*\n?(.*?)```", re.DOTALL)
 _FORMAT_ONLY = ("required_keys", "exact_keys", "allowed_values", "label_key", "extract")
+# An answer "in a script" when at least this share of its letters belong to it (translation leakage).
+SCRIPT_SHARE = 0.5
 
 
 class MetricConfig(BaseModel):
@@ -52,6 +57,9 @@ class MetricConfig(BaseModel):
     extract: bool = True  # also accept the object inside ``` fences or the first {...} span of the text
     # translation
     comet_model: Path | None = None  # a local COMET checkpoint (.ckpt); COMET is skipped without it
+    # Unicode script names (prefixes of character names: HIRAGANA, KATAKANA, CJK, CYRILLIC, ...) of the
+    # target language; an answer to a general prompt mostly in them counts as format leakage.
+    target_scripts: list[str] = []
 
     @model_validator(mode="after")
     def _fields_match_kind(self) -> MetricConfig:
@@ -59,8 +67,9 @@ class MetricConfig(BaseModel):
             set_ = [f for f in _FORMAT_ONLY if f in self.model_fields_set]
             if set_:
                 raise ValueError(f"{', '.join(set_)} only apply to kind 'format', not '{self.kind}'")
-        if self.kind != "translation" and self.comet_model is not None:
-            raise ValueError(f"comet_model only applies to kind 'translation', not '{self.kind}'")
+        for name in ("comet_model", "target_scripts"):
+            if self.kind != "translation" and getattr(self, name):
+                raise ValueError(f"{name} only applies to kind 'translation', not '{self.kind}'")
         if self.exact_keys and not self.required_keys:
             raise ValueError("exact_keys needs required_keys")
         return self
@@ -306,3 +315,37 @@ def score(config: MetricConfig, outputs: Sequence[str], references: Sequence[str
     if config.kind == "translation":
         return _score_translation(outputs, references, config, sources)
     return _score_short(outputs, references, config.kind)
+
+
+# ----------------------------------------------------------------------------- leakage into general answers
+
+_FENCE_OPEN = re.compile(r"^```[A-Za-z0-9_+-]*[ \t]*\n?")
+
+
+def script_share(text: str, scripts: Sequence[str]) -> float:
+    """Share of the letters of `text` whose Unicode name starts with one of `scripts` (0 for no letters)."""
+    letters = [c for c in text if c.isalpha()]
+    if not letters:
+        return 0.0
+    prefixes = tuple(s.upper() for s in scripts)
+    return sum(unicodedata.name(c, "").startswith(prefixes) for c in letters) / len(letters)
+
+
+def leaks(config: MetricConfig, output: str) -> bool | None:
+    """Whether an answer to a general prompt takes the task's shape; None where the metric defines no shape.
+
+    - `format`: the answer is, or begins with (after an optional ``` fence), an object: `{`, even a broken
+      one; or it writes one of the task's keys in key position (`"sarcastic":`) anywhere. A prose answer
+      that merely mentions braces does not count.
+    - `translation` with `target_scripts`: at least half of the answer's letters are in the target scripts.
+    - otherwise (exact, contains, translation without scripts): None.
+    """
+    if config.kind == "format":
+        head = _FENCE_OPEN.sub("", output.lstrip(), count=1).lstrip()
+        if head.startswith("{"):
+            return True
+        keys = config.required_keys or ([config.label_key] if config.label_key else [])
+        return any(re.search(rf"""["']{re.escape(k)}["']\s*:""", output) for k in keys)
+    if config.kind == "translation" and config.target_scripts:
+        return script_share(output, config.target_scripts) >= SCRIPT_SHARE
+    return None

@@ -151,3 +151,14 @@ def _has_safetensors(path: str) -> bool | None:
     if not p.is_dir():
         return None  # hub id: let transformers prefer safetensors itself
     return any(p.glob("*.safetensors")) or None
+
+
+def model_fingerprint(folder: str) -> str:
+    """Cheap identity of a model folder: its config and the names and sizes of its weight files."""
+    from delia.files import sha256_json
+
+    p = Path(folder)
+    if not p.is_dir():
+        return folder  # hub id
+    files = sorted((f.name, f.stat().st_size) for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".json"))
+    return sha256_json({"config": (p / "config.json").read_text(encoding="utf-8"), "files": files})

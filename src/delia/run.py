@@ -51,15 +51,6 @@ class StageCache:
         return folder, json.loads(marker.read_text(encoding="utf-8"))
 
 
-def model_fingerprint(folder: str) -> str:
-    """Cheap identity of a model folder: its config and the names and sizes of its weight files."""
-    p = Path(folder)
-    if not p.is_dir():
-        return folder  # hub id
-    files = sorted((f.name, f.stat().st_size) for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".json"))
-    return sha256_json({"config": (p / "config.json").read_text(encoding="utf-8"), "files": files})
-
-
 def _resolve_demo_path(path: Path) -> Path:
     """`demo-data:NAME` names a file of the prepared demo data (prepared, and cached, on first use)."""
     s = str(path)

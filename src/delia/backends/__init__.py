@@ -50,6 +50,9 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     sample: int = 0  # which of the prompt's n samples: its seed is derive_seed(prompt seed, sample)
+    # The generated ids, end-of-sequence included (hf only): what `text` hides, e.g. special tokens, and
+    # what teacher-forced scoring needs to replay the answer exactly.
+    token_ids: tuple[int, ...] = ()
 
 
 class Backend(Protocol):

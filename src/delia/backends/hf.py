@@ -243,7 +243,7 @@ class HFBackend:
         tokens = row.tokens
         ended = tokens[-1] in eos
         text = self.tokenizer.decode(tokens[:-1] if ended else tokens, skip_special_tokens=True)
-        return Completion(text, "stop" if ended else "length", len(prompt), len(tokens), row.sample)
+        return Completion(text, "stop" if ended else "length", len(prompt), len(tokens), row.sample, tuple(tokens))
 
 
 def _merge(cache: Any, mask: Any, new_cache: Any, new_mask: Any) -> tuple[Any, Any]:

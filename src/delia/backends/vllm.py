@@ -34,7 +34,8 @@ def to_completion(output: Any, sample: int = 0) -> Completion:
     """A `vllm.RequestOutput` as a Completion ("length" when cut at max_tokens, else "stop")."""
     first = output.outputs[0]
     finish = "length" if first.finish_reason == "length" else "stop"
-    return Completion(first.text, finish, len(output.prompt_token_ids), len(first.token_ids), sample)
+    return Completion(first.text, finish, len(output.prompt_token_ids), len(first.token_ids), sample,
+                      tuple(first.token_ids))
 
 
 class VLLMBackend:
