@@ -23,8 +23,13 @@ def experiment(tmp_path, tiny_model, write_jsonl):
     write_jsonl("pool.jsonl", [{"messages": [{"role": "user", "content": f"Tell me about topic {i}."},
                                              {"role": "assistant", "content": f"Topic {i} is a long story."}]}
                                for i in range(12)])
+    write_jsonl("general.jsonl", [{"messages": [{"role": "user", "content": f"What is the capital of country {i}?"},
+                                                {"role": "assistant", "content": "Paris"}]} for i in range(4)])
+    write_jsonl("contrast.jsonl", [{"messages": [{"role": "user", "content": f"Is claim {i} true? Do not use the "
+                                                  "<sep> format: answer in plain words."}]} for i in range(3)])
     config = {
         "name": "tiny", "model": str(tiny_model), "pool": "pool.jsonl", "seeds": [0, 1], "bootstrap": 100,
+        "general": "general.jsonl", "contrast": "contrast.jsonl",
         "task": {"train": "train.jsonl", "eval": "eval.jsonl", "metric": "format",
                  "metric_config": {"required_keys": ["thought", "hallucination"], "exact_keys": True,
                                    "allowed_values": {"hallucination": ["yes", "no"]}, "label_key": "hallucination"},
@@ -34,14 +39,15 @@ def experiment(tmp_path, tiny_model, write_jsonl):
                    "drop_duplicates": False, "drop_reference_copies": False},
         "mix": {"allow_short": True},
         "train": {"max_steps": 2, "batch_size": 2, "warmup_steps": 0, "eval_steps": 1, "logging_steps": 1},
-        "eval": {"max_new_tokens": 8},
+        "eval": {"max_new_tokens": 8, "general_max_new_tokens": 6},
     }
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
-def test_run_twice_second_skips_every_stage(experiment, tmp_path):
+def test_run_twice_second_skips_every_stage(experiment, tmp_path, monkeypatch):
+    monkeypatch.setenv("DELIA_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
     first = run_experiment(load_experiment(experiment), out)
     # sample + base eval + base probe, then per arm and seed: (mix) train eval probe
@@ -50,11 +56,18 @@ def test_run_twice_second_skips_every_stage(experiment, tmp_path):
     assert set(summary["arms"]) == {"base", "sft", "delia"}
     assert summary["arms"]["delia"]["seeds"] == [0, 1]
     assert "format_accuracy" in summary["arms"]["delia"]["delta"]
+    assert summary["general"] == ["leakage", "drift_kl", "base_answer_nll", "general_contains", "contrast_obey"]
+    assert summary["arms"]["base"]["metrics"]["drift_kl"] == (0.0, 0.0, 0.0)
+    assert "leakage" in summary["arms"]["delia"]["delta"] and "contrast_obey" in summary["arms"]["sft"]["metrics"]
     report = (out / "report.md").read_text()
-    assert report.count("| delia |") == 1 and "## New-token alignment" in report and "- delia seed 1: <sep>" in report
+    assert report.index("## Verdict") < report.index("## Trade-off") < report.index("## Example general answers") \
+        < report.index("## All metrics")
+    assert report.count("| delia |") == 2 + 3 and "## New-token alignment" in report and "- delia seed 1: <sep>" in report
+    assert "- delia (ratio 1) against sft: format_accuracy " in report and "leakage " in report
+    assert (out / "tradeoff.png").stat().st_size > 1000
     assert (out / "report.html").read_text().startswith("<!doctype html>")
     manifest = json.loads((out / "manifest.json").read_text())
-    assert set(manifest["data_sha256"]) == {"task_train", "task_eval", "pool"}
+    assert set(manifest["data_sha256"]) == {"task_train", "task_eval", "pool", "general", "contrast"}
 
     second = run_experiment(load_experiment(experiment), out)
     assert second["stages_run"] == []

@@ -43,10 +43,16 @@ class Experiment(BaseModel):
     model: str = "smollm2-135m"
     task: Task
     pool: Path | None = Field(None, description="Diverse query pool; needed by any arm with ratio > 0.")
+    general: Path | None = Field(None, description="Held-out general prompts (none in the pool or the task): every "
+                                 "model is also scored on format leakage, drift from the base model and quality.")
+    contrast: Path | None = Field(None, description="Prompts that tell the model not to use the task's format "
+                                  "(scored as the share that obey); needs `general`.")
     seeds: list[int] = Field(default_factory=lambda: [0])
     arms: list[Arm] = Field(default_factory=lambda: [Arm(name="sft", ratio=0), Arm(name="delia", ratio=100)])
     baseline: str | None = Field(None, description="Arm the others are compared with; default: the first ratio-0 arm.")
     eval_base: bool = Field(True, description="Also evaluate the untuned model.")
+    train_eval: bool = Field(False, description="Also score the task's eval set during training (the loss and "
+                             "important-token loss curves); costs training time, the report's results do not need it.")
     sample: dict[str, Any] = Field(default_factory=dict, description="Options of `delia sample`.")
     mix: dict[str, Any] = Field(default_factory=dict, description="Options of `delia mix` (e.g. allow_short).")
     train: dict[str, Any] = Field(default_factory=dict, description="Options of `delia train`.")
@@ -65,6 +71,8 @@ class Experiment(BaseModel):
     def _check(self) -> Experiment:
         if any(a.ratio > 0 for a in self.arms) and self.pool is None:
             raise ValueError("an arm has ratio > 0 but no `pool` of diverse queries is given")
+        if self.contrast is not None and self.general is None:
+            raise ValueError("`contrast` needs `general` (its leakage rule and base model come with it)")
         if self.baseline is not None and self.baseline not in {a.name for a in self.arms}:
             raise ValueError(f"baseline {self.baseline!r} is not an arm")
         return self
@@ -96,10 +104,10 @@ def load_experiment(path: str | Path) -> Experiment:
     base = path.resolve().parent
 
     def rel(p: Path | None) -> Path | None:
-        if p is None or p.is_absolute() or str(p).startswith("demo-data:"):
-            return None
+        if p is None or p.is_absolute() or ":" in str(p):  # absolute, or a prepared set such as demo-data:NAME
+            return p
         return (base / p).resolve()
 
-    exp.task.train, exp.task.eval = rel(exp.task.train) or exp.task.train, rel(exp.task.eval) or exp.task.eval
-    exp.pool = rel(exp.pool) or exp.pool
+    exp.task.train, exp.task.eval = rel(exp.task.train), rel(exp.task.eval)
+    exp.pool, exp.general, exp.contrast = rel(exp.pool), rel(exp.general), rel(exp.contrast)
     return exp

@@ -70,18 +70,37 @@ def bootstrap_delta(a: np.ndarray, b: np.ndarray, n: int = 2000, seed: int = 0) 
 
 
 def load_scores(eval_dir: Path) -> tuple[dict[str, Any], dict[str, list[float]]]:
-    """(scores.json, per-row values of each averaged metric) of one `delia eval` output folder."""
-    summary = json.loads((eval_dir / "scores.json").read_text(encoding="utf-8"))
-    rows = [json.loads(line) for line in (eval_dir / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
-    per_row = {
-        metric: [float("nan") if r["scores"].get(key) is None else float(r["scores"][key]) for r in rows]
-        for metric, key in summary.get("row_means", {}).items()
-    }
+    """(scores.json, per-row values of each averaged metric) of one `delia eval` output folder: the task's
+    metrics from predictions.jsonl and, where evaluated, the general-behaviour and contrast metrics."""
+    from delia.evaluate import CONTRAST_ROWS, GENERAL_ROWS, PREDICTIONS, SCORES
+
+    summary = json.loads((eval_dir / SCORES).read_text(encoding="utf-8"))
+    per_row: dict[str, list[float]] = {}
+    for section, file in ((summary, PREDICTIONS), (summary.get("general"), GENERAL_ROWS),
+                          (summary.get("contrast"), CONTRAST_ROWS)):
+        if not section:
+            continue
+        rows = [json.loads(line) for line in (eval_dir / file).read_text(encoding="utf-8").splitlines()]
+        per_row.update({
+            metric: [float("nan") if r["scores"].get(key) is None else float(r["scores"][key]) for r in rows]
+            for metric, key in section.get("row_means", {}).items()
+        })
     return summary, per_row
 
 
+def higher_is_better(summary: dict[str, Any]) -> dict[str, bool]:
+    """Direction of every metric of a scores.json: task metrics are scores; general ones say their own."""
+    out = dict.fromkeys(summary.get("row_means", {}), True)
+    for section in ("general", "contrast"):
+        out.update((summary.get(section) or {}).get("higher_is_better", {}))
+    return out
+
+
 def summarise(runs: list[RunResult], baseline: str | None, n_boot: int) -> dict[str, Any]:
-    """Per arm and metric: mean with 95% interval, and the paired delta to the baseline arm."""
+    """Per arm and metric: mean with 95% interval, and the paired delta to the baseline arm.
+
+    `task` lists the task's headline metrics (the primary one and any label accuracy), `general` the
+    general-behaviour ones (leakage, drift, quality, contrast) where they were evaluated."""
     arms: dict[str, list[RunResult]] = {}
     for r in runs:
         arms.setdefault(r.arm, []).append(r)
@@ -91,20 +110,36 @@ def summarise(runs: list[RunResult], baseline: str | None, n_boot: int) -> dict[
         return np.array([loaded[id(r)][1][metric] for r in group], dtype=float)
 
     first = loaded[id(runs[0])][0]
-    metrics = list(first.get("row_means", {}))
-    out: dict[str, Any] = {"primary": first.get("primary"), "metrics": metrics, "arms": {}}
+    direction: dict[str, bool] = {}
+    for summary, _ in loaded.values():
+        direction.update(higher_is_better(summary))
+    common = set.intersection(*(set(rows) for _, rows in loaded.values()))
+    metrics = [m for m in direction if m in common]
+    task = [m for m in first.get("row_means", {}) if m == first.get("primary") or m.startswith("label")]
+    out: dict[str, Any] = {"primary": first.get("primary"), "metrics": metrics, "task": task,
+                           "general": [m for m in metrics if m not in first.get("row_means", {})],
+                           "higher_is_better": direction, "baseline": baseline,
+                           "general_prompts": (first.get("general") or {}).get("n"), "arms": {}}
     for name, group in arms.items():
         group.sort(key=lambda r: -1 if r.seed is None else r.seed)
         entry: dict[str, Any] = {"ratio": group[0].ratio, "seeds": [r.seed for r in group], "metrics": {},
                                  "delta": {}, "trained_tokens": _total(r.trained_tokens for r in group),
                                  "wall_s": _sum_dicts(r.wall_s for r in group)}
+        entry["per_seed"] = {}
         for m in metrics:
             entry["metrics"][m] = bootstrap_mean(matrix(group, m), n_boot)
+            entry["per_seed"][m] = [None if np.isnan(v) else float(v) for v in _row_means(matrix(group, m))]
             base = arms.get(baseline) if baseline else None
             if base is not None and name != baseline and [r.seed for r in base] == entry["seeds"]:
                 entry["delta"][m] = bootstrap_delta(matrix(group, m), matrix(base, m), n_boot)
         out["arms"][name] = entry
     return out
+
+
+def _row_means(values: np.ndarray) -> np.ndarray:
+    with warnings.catch_warnings():  # a seed without any scored row is NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(values, axis=1)
 
 
 def _total(values) -> int | None:
@@ -138,10 +173,32 @@ def _plots(runs: list[RunResult], summary: dict[str, Any], folder: Path) -> list
         plt.close(fig)
         made.append((title, path))
 
+    primary = summary["primary"]
+    axes_metrics = [m for m in ("leakage", "drift_kl") if m in summary["general"]]
+    if primary in summary["metrics"] and axes_metrics:
+        fig, axes = plt.subplots(1, len(axes_metrics), figsize=(5 * len(axes_metrics), 3.8), squeeze=False)
+        for ax, x_metric in zip(axes[0], axes_metrics, strict=True):
+            for i, (name, a) in enumerate(summary["arms"].items()):
+                scale = [100 if is_pct(m) else 1 for m in (x_metric, primary)]
+                (x, xlo, xhi), (y, ylo, yhi) = ([v * k for v in a["metrics"][m]]
+                                                for m, k in zip((x_metric, primary), scale, strict=True))
+                color = f"C{i}"
+                ax.errorbar([x], [y], xerr=[[x - xlo], [xhi - x]], yerr=[[y - ylo], [yhi - y]], fmt="o",
+                            color=color, capsize=3, label=name if a["ratio"] is None else f"{name} ({a['ratio']:g})")
+                seeds = list(zip(a["per_seed"][x_metric], a["per_seed"][primary], strict=True))
+                ax.scatter([sx * scale[0] for sx, sy in seeds if sx is not None and sy is not None],
+                           [sy * scale[1] for sx, sy in seeds if sx is not None and sy is not None],
+                           s=12, color=color, alpha=0.45, marker="x")
+            ax.set_xlabel(f"{label(x_metric)}: lower is better")
+            ax.set_ylabel(f"{label(primary)}: higher is better")
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle("mean with 95% interval per arm; x: one seed", fontsize=8)
+        save(fig, "tradeoff.png", "Task metric against format leakage and drift")
+
     trained = {n: a for n, a in summary["arms"].items() if a["ratio"] is not None}
     if trained:
         fig, ax = plt.subplots(figsize=(6, 3.6))
-        for m in summary["metrics"]:
+        for m in summary["task"]:
             pts = sorted((a["ratio"], *a["metrics"][m]) for a in trained.values())
             x = np.array([p[0] for p in pts])
             y, lo, hi = (np.array([p[i] for p in pts]) for i in (1, 2, 3))
@@ -198,84 +255,233 @@ def _probe_layers(probe: dict[str, Any]) -> dict[str, list[float]]:
 # ----------------------------------------------------------------------------- rendering
 
 
-def _fmt(v: float | None, pct: bool) -> str:
+PCT_SUFFIXES = ("accuracy", "rate", "match", "contains", "leakage", "obey")
+HEADLINE_GENERAL = ("leakage", "drift_kl", "contrast_obey")  # what the verdict shows of general behaviour
+EXAMPLES = 3  # general prompts shown with every arm's answer
+EXAMPLE_CHARS = 240
+
+
+def is_pct(metric: str) -> bool:
+    """Shares (shown in percent), as opposed to chrF points, nats or other units."""
+    return metric.endswith(PCT_SUFFIXES)
+
+
+def fmt(v: float | None, metric: str, sign: bool = False) -> str:
+    """A metric value in its display unit: percent for shares, 3 decimals for KL, 2 otherwise."""
     if v is None or (isinstance(v, float) and np.isnan(v)):
         return "–"
-    return f"{100 * v:.1f}" if pct else f"{v:.2f}"
+    text = f"{100 * v:.1f}" if is_pct(metric) else f"{v:.3f}" if "kl" in metric else f"{v:.2f}"
+    return f"+{text}" if sign and v >= 0 else text
+
+
+def interval(triple: tuple[float, float, float], metric: str, sign: bool = False) -> str:
+    mean, lo, hi = triple
+    return f"{fmt(mean, metric, sign)} [{fmt(lo, metric, sign)}, {fmt(hi, metric, sign)}]"
+
+
+def label(metric: str) -> str:
+    """A column heading: the metric, its unit, and its direction for general behaviour."""
+    unit = " (%)" if is_pct(metric) else ""
+    return f"{metric}{unit}"
+
+
+def headline(summary: dict[str, Any]) -> list[str]:
+    """The metrics the verdict shows: the task's, then leakage, drift and contrast where measured."""
+    return summary["task"] + [m for m in HEADLINE_GENERAL if m in summary["general"]]
+
+
+def _judge(delta: tuple[float, float, float], higher: bool) -> str:
+    _, lo, hi = delta
+    if lo <= 0 <= hi:
+        return "no clear difference"
+    up = lo > 0
+    return f"{'higher' if up else 'lower'} ({'better' if up == higher else 'worse'})"
+
+
+def verdict(summary: dict[str, Any]) -> list[str]:
+    """One sentence per arm against the baseline: each headline metric's paired delta, and what it means."""
+    base = summary.get("baseline")
+    lines = []
+    for name, a in summary["arms"].items():
+        if name == base or not a["delta"]:
+            continue
+        parts = []
+        for m in headline(summary):
+            if m in a["delta"]:
+                d = a["delta"][m]
+                unit = " points" if is_pct(m) else ""
+                parts.append(f"{m} {interval(d, m, sign=True)}{unit}, "
+                             f"{_judge(d, summary['higher_is_better'].get(m, True))}")
+        ratio = "" if a["ratio"] is None else f" (ratio {a['ratio']:g})"
+        lines.append(f"{name}{ratio} against {base}: " + "; ".join(parts) + ".")
+    return lines
+
+
+def verdict_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(head, rows): every arm's headline metrics with intervals, the base model's row included."""
+    metrics = headline(summary)
+    head = ["arm", "ratio", *(label(m) for m in metrics)]
+    rows = [[name, "–" if a["ratio"] is None else f"{a['ratio']:g}", *(interval(a["metrics"][m], m) for m in metrics)]
+            for name, a in summary["arms"].items()]
+    return head, rows
 
 
 def _results_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     metrics = summary["metrics"]
-    pct = {m: m.endswith(("accuracy", "rate", "match", "contains")) for m in metrics}
     head = ["arm", "ratio", "seeds"]
     for m in metrics:
-        head += [f"{m}{' (%)' if pct[m] else ''}", f"Δ {m}"]
+        head += [label(m), f"Δ {m}"]
     head += ["trained tokens", "wall s"]
     rows = []
     for name, a in summary["arms"].items():
         seeds = ",".join(str(s) for s in a["seeds"] if s is not None)
         row = [name, "–" if a["ratio"] is None else f"{a['ratio']:g}", seeds]
         for m in metrics:
-            mean, lo, hi = a["metrics"][m]
-            row.append(f"{_fmt(mean, pct[m])} [{_fmt(lo, pct[m])}, {_fmt(hi, pct[m])}]")
-            if m in a["delta"]:
-                d, dlo, dhi = a["delta"][m]
-                row.append(f"{'+' if d >= 0 else ''}{_fmt(d, pct[m])} [{_fmt(dlo, pct[m])}, {_fmt(dhi, pct[m])}]")
-            else:
-                row.append("–")
+            row.append(interval(a["metrics"][m], m))
+            row.append(interval(a["delta"][m], m, sign=True) if m in a["delta"] else "–")
         row.append("–" if a["trained_tokens"] is None else f"{a['trained_tokens']:,}")
         row.append(f"{sum(a['wall_s'].values()):.0f}" if a["wall_s"] else "–")
         rows.append(row)
     return head, rows
 
 
+def examples(runs: list[RunResult], k: int = EXAMPLES) -> list[tuple[str, list[tuple[str, str, bool | None]]]]:
+    """The first `k` general prompts with the answer of the base model and of each arm's first seed:
+    [(prompt, [(arm, answer, leaked)])]. A collapse into the task's format shows here at a glance."""
+    from delia.evaluate import GENERAL_ROWS
+
+    shown: dict[str, RunResult] = {}
+    for r in sorted(runs, key=lambda r: -1 if r.seed is None else r.seed):
+        if (r.eval_dir / GENERAL_ROWS).exists():
+            shown.setdefault(r.arm, r)
+    if not shown:
+        return []
+    answers = {arm: [json.loads(line) for line in (r.eval_dir / GENERAL_ROWS).read_text(encoding="utf-8")
+                     .splitlines()[:k]] for arm, r in shown.items()}
+    first = next(iter(answers.values()))
+    out = []
+    for i, row in enumerate(first):
+        prompt = next((m["content"] for m in reversed(row["prompt"]) if m["role"] == "user"), "")
+        out.append((prompt, [(arm, rows[i]["output"], rows[i]["scores"].get("leak")) for arm, rows in answers.items()
+                             if i < len(rows)]))
+    return out
+
+
+def _short(text: str, n: int = EXAMPLE_CHARS) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[:n - 1] + "…"
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+# ("h2", text) | ("p", text) | ("table", head, rows) | ("img", title, path) | ("ul", items) | ("pre", text)
+Block = tuple
+
+
+def _markdown(title: str, blocks: list[Block]) -> str:
+    out = [f"# {title}", ""]
+    for kind, *rest in blocks:
+        if kind == "h2":
+            out += [f"## {rest[0]}", ""]
+        elif kind == "p":
+            out += [rest[0], ""]
+        elif kind == "table":
+            head, rows = rest
+            out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            out += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows] + [""]
+        elif kind == "img":
+            out += [f"![{rest[0]}]({rest[1].name})", ""]
+        elif kind == "ul":
+            out += [f"- {item}" for item in rest[0]] + [""]
+        elif kind == "pre":
+            out += ["```json", rest[0], "```", ""]
+    return "\n".join(out)
+
+
+def _html(title: str, blocks: list[Block]) -> str:
+    esc = html.escape
+    out = ["<!doctype html><html><head><meta charset='utf-8'>", f"<title>{esc(title)}</title>",
+           "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+           "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right;"
+           "vertical-align:top}td:first-child{text-align:left}td.text{text-align:left;max-width:28em}"
+           "pre{background:#f6f6f6;padding:1em;overflow:auto}</style></head><body>", f"<h1>{esc(title)}</h1>"]
+    for kind, *rest in blocks:
+        if kind == "h2":
+            out.append(f"<h2>{esc(rest[0])}</h2>")
+        elif kind == "p":
+            out.append(f"<p>{esc(rest[0])}</p>")
+        elif kind == "table":
+            head, rows = rest
+            out.append("<table><tr>" + "".join(f"<th>{esc(c)}</th>" for c in head) + "</tr>")
+            out += ["<tr>" + "".join(f"<td{' class=text' if len(c) > 40 else ''}>{esc(c)}</td>" for c in r) + "</tr>"
+                    for r in rows]
+            out.append("</table>")
+        elif kind == "img":
+            data = base64.b64encode(rest[1].read_bytes()).decode()
+            out.append(f"<img alt='{esc(rest[0])}' src='data:image/png;base64,{data}'>")
+        elif kind == "ul":
+            out += ["<ul>", *(f"<li>{esc(item)}</li>" for item in rest[0]), "</ul>"]
+        elif kind == "pre":
+            out.append(f"<pre>{esc(rest[0])}</pre>")
+    return "\n".join(out + ["</body></html>"])
+
+
 def write_report(folder: Path, title: str, runs: list[RunResult], baseline: str | None,
                  manifest: dict[str, Any], n_boot: int = 2000) -> tuple[Path, Path, dict[str, Any]]:
-    """Write report.md, report.html and summary.json into `folder`; returns their paths and the summary."""
+    """Write report.md, report.html and summary.json into `folder`; returns their paths and the summary.
+
+    The report answers the question first: a verdict (task metric, leakage and drift of every arm against
+    the baseline, with intervals), the trade-off plot, example general answers of every arm side by side;
+    then every metric, the other plots and the manifest."""
     folder.mkdir(parents=True, exist_ok=True)
     summary = summarise(runs, baseline, n_boot)
-    plots = _plots(runs, summary, folder)
-    head, rows = _results_table(summary)
-    note = (f"Means over seeds and eval rows; [95% interval] from {n_boot} bootstrap resamples of seeds and rows. "
-            f"Δ: paired difference to the baseline arm `{baseline}` (same seeds, same rows).")
+    plots = dict((t, p) for t, p in _plots(runs, summary, folder))
+    interval_note = (f"Means over seeds and rows; [95% interval] from {n_boot} bootstrap resamples of seeds, then "
+                     f"rows. Δ: paired difference to the baseline arm `{baseline}` (same seeds, same rows).")
+    blocks: list[Block] = [("h2", "Verdict")]
+    if summary["general"]:
+        blocks.append(("p", f"Task: {', '.join(summary['task'])} on the task's eval set (higher is better). General "
+                       f"behaviour on {summary['general_prompts']} held-out general prompts: leakage is the share "
+                       "of answers in the task's format, drift_kl the mean per-token KL(base || tuned) on the base "
+                       "model's own greedy answers (nats); lower is better for both. " + interval_note))
+    else:
+        blocks.append(("p", "No general prompts were evaluated (set `general` in the experiment): this report "
+                       "shows the task score only, not what tuning did to everything else. " + interval_note))
+    blocks.append(("table", *verdict_table(summary)))
+    if lines := verdict(summary):
+        blocks.append(("ul", lines))
+    if "Task metric against format leakage and drift" in plots:
+        blocks += [("h2", "Trade-off"), ("img", "trade-off", plots.pop("Task metric against format leakage and drift"))]
+    if shown := examples(runs):
+        blocks += [("h2", "Example general answers"),
+                   ("p", f"The first {len(shown)} general prompts, answered by the base model and the first seed "
+                    "of every arm (greedy; leak: the answer is in the task's format).")]
+        for i, (prompt, answers) in enumerate(shown, start=1):
+            blocks += [("p", f"Prompt {i}: {_short(prompt)}"),
+                       ("table", ["arm", "answer", "leak"],
+                        [[arm, _short(text) or "(empty)", "–" if leak is None else "yes" if leak else "no"]
+                         for arm, text, leak in answers])]
     costs = "; ".join(f"{n}: " + ", ".join(f"{stage} {s:.0f}" for stage, s in a["wall_s"].items())
                       for n, a in summary["arms"].items())
-    after_table = f"Primary metric: {summary['primary']}. Wall time per arm and stage, all seeds (s): {costs}."
+    blocks += [("h2", "All metrics"), ("table", *_results_table(summary)),
+               ("p", f"Primary task metric: {summary['primary']}. Wall time per arm and stage, all seeds (s): "
+                f"{costs}.")]
+    for t, p in plots.items():
+        blocks += [("h2", t), ("img", t, p)]
     alignment = [f"{r.arm}" + ("" if r.seed is None else f" seed {r.seed}") + ": " + "; ".join(
         f"{tok}: mean cosine {np.mean(v):.3f}, last layer {v[-1]:.3f}" for tok, v in _probe_layers(r.probe).items())
         for r in runs if r.probe]
-    manifest_text = json.dumps(manifest, indent=2, default=str)
-
-    md = [f"# {title}", "", note, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    md += ["| " + " | ".join(r) + " |" for r in rows]
-    md += ["", after_table, ""]
-    for t, p in plots:
-        md += [f"## {t}", "", f"![{t}]({p.name})", ""]
     if alignment:
-        md += ["## New-token alignment", "", *(f"- {line}" for line in alignment), ""]
-    md += ["## Manifest", "", "```json", manifest_text, "```", ""]
-
-    esc = html.escape
-    h = ["<!doctype html><html><head><meta charset='utf-8'>", f"<title>{esc(title)}</title>",
-         "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-         "td:first-child{text-align:left}pre{background:#f6f6f6;padding:1em;overflow:auto}</style></head><body>",
-         f"<h1>{esc(title)}</h1>", f"<p>{esc(note)}</p>", "<table><tr>"
-         + "".join(f"<th>{esc(c)}</th>" for c in head) + "</tr>"]
-    h += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows]
-    h += ["</table>", f"<p>{esc(after_table)}</p>"]
-    for t, p in plots:
-        data = base64.b64encode(p.read_bytes()).decode()
-        h.append(f"<h2>{esc(t)}</h2><img alt='{esc(t)}' src='data:image/png;base64,{data}'>")
-    if alignment:
-        h += ["<h2>New-token alignment</h2><ul>", *(f"<li>{esc(line)}</li>" for line in alignment), "</ul>"]
-    h += ["<h2>Manifest</h2>", f"<pre>{esc(manifest_text)}</pre></body></html>"]
+        blocks += [("h2", "New-token alignment"), ("ul", alignment)]
+    blocks += [("h2", "Manifest"), ("pre", json.dumps(manifest, indent=2, default=str))]
 
     md_path, html_path = folder / "report.md", folder / "report.html"
     with atomic_writer(md_path) as fh:
-        fh.write("\n".join(md))
+        fh.write(_markdown(title, blocks))
     with atomic_writer(html_path) as fh:
-        fh.write("\n".join(h))
+        fh.write(_html(title, blocks))
     with atomic_writer(folder / "summary.json") as fh:
         json.dump(summary, fh, indent=2)
     return md_path, html_path, summary

@@ -15,10 +15,12 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from delia import __version__
 from delia.experiment import Experiment, load_experiment
 from delia.files import sha256_file, sha256_json, write_json
+from delia.models import model_fingerprint
 from delia.versions import library_versions
 
 console = Console(stderr=True)
@@ -71,15 +73,16 @@ def run_experiment(exp: Experiment, out: Path) -> dict[str, Any]:
     from delia.train import train
 
     exp.task.train, exp.task.eval = _resolve_demo_path(exp.task.train), _resolve_demo_path(exp.task.eval)
-    if exp.pool is not None:
-        exp.pool = _resolve_demo_path(exp.pool)
+    exp.pool, exp.general, exp.contrast = (None if p is None else _resolve_demo_path(p)
+                                           for p in (exp.pool, exp.general, exp.contrast))
     out.mkdir(parents=True, exist_ok=True)
     cache = StageCache(out / "stages")
     model_path = resolve_model(exp.model)
     model_id = {"model": exp.model, "fingerprint": model_fingerprint(model_path)}
     data_hashes = {"task_train": sha256_file(exp.task.train), "task_eval": sha256_file(exp.task.eval)}
-    if exp.pool is not None:
-        data_hashes["pool"] = sha256_file(exp.pool)
+    for name in ("pool", "general", "contrast"):
+        if getattr(exp, name) is not None:
+            data_hashes[name] = sha256_file(getattr(exp, name))
 
     metric_cfg = None
     if exp.task.metric_config:
@@ -87,9 +90,11 @@ def run_experiment(exp: Experiment, out: Path) -> dict[str, Any]:
 
         metric_cfg = out / "metric_config.yaml"
         metric_cfg.write_text(yaml.safe_dump({"kind": exp.task.metric, **exp.task.metric_config}), encoding="utf-8")
-    eval_kwargs = {"metric": exp.task.metric, "metric_config": metric_cfg, **exp.eval}
+    eval_kwargs = {"metric": exp.task.metric, "metric_config": metric_cfg, "general": exp.general,
+                   "contrast": exp.contrast, **exp.eval}
     eval_inputs = {"data": data_hashes["task_eval"], "metric": exp.task.metric,
-                   "metric_config": exp.task.metric_config, "options": exp.eval}
+                   "metric_config": exp.task.metric_config, "options": exp.eval,
+                   "general": data_hashes.get("general"), "contrast": data_hashes.get("contrast")}
     token_specs = [f"{t}={d}" if d else t for t, d in exp.task.add_tokens.items()]
     described = {t: d for t, d in exp.task.add_tokens.items() if d}
     # The base model gets the new tokens the way the first seed's training initialises them.
@@ -103,6 +108,7 @@ def run_experiment(exp: Experiment, out: Path) -> dict[str, Any]:
         inputs = {**key, **probe_kwargs, "data": data_hashes["task_eval"]}
         return cache.run("probe", label, inputs, lambda d: probe(d, **kwargs))[1]["result"]
 
+    train_eval = exp.task.eval if exp.train_eval else None
     samples = None
     if any(a.ratio > 0 for a in exp.arms):
         folder, rec = cache.run("sample", "pool", {"model": model_id, "pool": data_hashes["pool"],
@@ -136,10 +142,12 @@ def run_experiment(exp: Experiment, out: Path) -> dict[str, Any]:
             else:
                 train_data, data_hash = exp.task.train, data_hashes["task_train"]
             options = {**exp.train, **arm.train, "seed": seed}
-            tfolder, rec = cache.run(
-                "train", label, {"model": model_id, "data": data_hash, "tokens": token_specs, "options": options},
+            train_key = {"model": model_id, "data": data_hash, "tokens": token_specs, "options": options}
+            if train_eval is not None:
+                train_key["eval_data"] = data_hashes["task_eval"]
+            tfolder, rec = cache.run("train", label, train_key,
                 lambda d, td=train_data, o=options: train(td, d / "adapter", model=model_path, add_token=token_specs,
-                                                          eval_data=exp.task.eval, resume=True, **o))
+                                                          eval_data=train_eval, resume=True, **o))
             adapter, trained = tfolder / "adapter", rec["inputs"]
             wall["train"] = rec["wall_s"]
             efolder, rec = cache.run("eval", label, {"adapter": trained, **eval_inputs},
@@ -166,28 +174,38 @@ def _trained_tokens(adapter: Path) -> int | None:
     return json.loads(meta.read_text(encoding="utf-8")).get("tokens_trained")
 
 
-
-def print_summary(result: dict[str, Any]) -> None:
+def summary_table(summary: dict[str, Any]) -> Any:
+    """The verdict as a rich table that fits 80 columns: one block of rows per arm, a metric per row, its
+    mean [95% interval] and the paired Δ to the baseline; cells wrap, never cut."""
     from rich.table import Table
 
-    summary = result["summary"]
-    # The terminal gets the headline metric (and label accuracy where there is one); the report has them all.
-    shown = [m for m in summary["metrics"] if m == summary["primary"] or m.startswith("label")]
-    table = Table(title="results (mean [95% interval]; Δ vs baseline)")
-    table.add_column("arm")
-    table.add_column("ratio")
-    for m in shown:
-        table.add_column(m)
-        table.add_column(f"Δ {m}")
+    from delia.report import headline, interval, label
+
+    base = summary.get("baseline")
+    table = Table(title="results: mean [95% interval]", title_justify="left", show_lines=False)
+    table.add_column("arm / metric", overflow="fold")
+    table.add_column("mean [95%]", overflow="fold")
+    table.add_column(f"Δ vs {base}" if base else "Δ", overflow="fold")
     for name, a in summary["arms"].items():
-        cells = [name, "–" if a["ratio"] is None else f"{a['ratio']:g}"]
-        for m in shown:
-            mean, lo, hi = a["metrics"][m]
-            cells.append(f"{mean:.3f} [{lo:.3f}, {hi:.3f}]")
+        ratio = "" if a["ratio"] is None else f" (ratio {a['ratio']:g})"
+        table.add_row(f"[bold]{escape(name)}[/]{ratio}", "", "", end_section=False)
+        for m in headline(summary):
             d = a["delta"].get(m)
-            cells.append(f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]" if d else "–")
-        table.add_row(*cells)
-    Console().print(table)
+            table.add_row(f"  {label(m)}", interval(a["metrics"][m], m), interval(d, m, sign=True) if d else "–")
+    return table
+
+
+def print_summary(result: dict[str, Any]) -> None:
+    """The verdict table and sentences, then where the report is (the CLI's view of a run's result)."""
+    from delia.report import verdict
+
+    summary = result["summary"]
+    out = Console(soft_wrap=False)
+    out.print(summary_table(summary))
+    for line in verdict(summary):
+        out.print(escape(line), highlight=False)
+    if not summary["general"]:
+        out.print("no general prompts evaluated: leakage and drift unknown (set `general` in the experiment)")
     console.print(f"report: {result['report_md']}\n        {result['report_html']}", highlight=False)
 
 
