@@ -87,3 +87,77 @@ def test_summarise_without_baseline_has_no_deltas(tmp_path):
     runs = [RunResult("a", 1.0, 0, _fake_eval(tmp_path / "a", [1, 0]))]
     s = summarise(runs, None, 100)
     assert s["arms"]["a"]["delta"] == {}
+
+
+def _fake_general(folder, leaks, kls):
+    """Add a general-behaviour section (as `delia eval --general` writes it) to a fake eval folder."""
+    rows = [{"id": f"g{i}", "prompt": [{"role": "user", "content": f"general question {i} | with a pipe"}],
+             "output": "{\"x\": 1}" if leak else f"a prose answer {i}", "base_output": f"a prose answer {i}",
+             "scores": {"leak": leak, "kl": kl}} for i, (leak, kl) in enumerate(zip(leaks, kls, strict=True))]
+    write_jsonl(folder / "general.jsonl", rows)
+    scores = json.loads((folder / "scores.json").read_text())
+    scores["general"] = {"metrics": {"leakage": float(np.mean(leaks)), "drift_kl": float(np.mean(kls))},
+                         "row_means": {"leakage": "leak", "drift_kl": "kl"},
+                         "higher_is_better": {"leakage": False, "drift_kl": False}, "n": len(leaks)}
+    write_json(folder / "scores.json", scores)
+    return folder
+
+
+def _three_arms(tmp_path):
+    runs = [RunResult("base", None, None, _fake_general(_fake_eval(tmp_path / "base", [0, 0, 0, 0]),
+                                                        [0, 0, 0, 0, 0, 0], [0.0] * 6))]
+    for seed in (0, 1):
+        runs.append(RunResult("sft", 0.0, seed, _fake_general(_fake_eval(tmp_path / f"sft{seed}", [1, 1, 1, 1]),
+                                                               [1, 1, 1, 1, 1, 1], [2.0, 2.1, 1.9, 2.0, 2.2, 1.8])))
+        runs.append(RunResult("delia", 1.0, seed, _fake_general(_fake_eval(tmp_path / f"delia{seed}", [1, 1, 1, 1]),
+                                                                [0, 0, 0, 0, 0, 1], [0.1, 0.2, 0.1, 0.1, 0.3, 0.9])))
+    return runs
+
+
+def test_verdict_examples_and_tradeoff_come_first(tmp_path):
+    md, html, summary = write_report(tmp_path / "report", "t", _three_arms(tmp_path), "sft", {}, n_boot=300)
+    assert summary["task"] == ["format_accuracy"] and summary["general"] == ["leakage", "drift_kl"]
+    assert summary["higher_is_better"] == {"format_accuracy": True, "leakage": False, "drift_kl": False}
+    assert summary["arms"]["delia"]["per_seed"]["leakage"] == [pytest.approx(1 / 6), pytest.approx(1 / 6)]
+    text = md.read_text()
+    order = [text.index(h) for h in ("## Verdict", "## Trade-off", "## Example general answers", "## All metrics")]
+    assert order == sorted(order)
+    verdict = text[order[0]:order[1]]
+    assert "| arm | ratio | format_accuracy (%) | leakage (%) | drift_kl |" in verdict
+    assert "| base | – | 0.0 [0.0, 0.0] | 0.0 [0.0, 0.0] | 0.000 [0.000, 0.000] |" in verdict
+    line = next(ln for ln in verdict.splitlines() if ln.startswith("- delia"))
+    assert line.startswith("- delia (ratio 1) against sft: format_accuracy +0.0 [+0.0, +0.0] points, "
+                           "no clear difference; leakage -83.3 [")
+    assert "points, lower (better); drift_kl -1.717 [" in line and line.endswith("lower (better).")
+    examples = text[order[2]:order[3]]
+    assert examples.count("Prompt ") == 3 and "general question 0 \\| with a pipe" in examples
+    assert "| sft | {\"x\": 1} | yes |" in examples and "| delia | a prose answer 0 | no |" in examples
+    assert (tmp_path / "report" / "tradeoff.png").stat().st_size > 1000
+    assert "Example general answers" in html.read_text()
+
+
+def test_report_without_general_prompts_says_what_it_cannot_show(tmp_path):
+    runs = [RunResult("sft", 0.0, 0, _fake_eval(tmp_path / "a", [1, 0])),
+            RunResult("delia", 1.0, 0, _fake_eval(tmp_path / "b", [1, 1]))]
+    md, _, summary = write_report(tmp_path / "r", "t", runs, "sft", {}, n_boot=100)
+    assert summary["general"] == [] and "No general prompts were evaluated" in md.read_text()
+    assert "## Trade-off" not in md.read_text()
+
+
+@pytest.mark.parametrize("width", [60, 80, 200])
+def test_terminal_table_fits_the_width_and_cuts_nothing(tmp_path, width):
+    import io
+
+    from rich.console import Console
+
+    from delia.run import summary_table
+
+    summary = summarise(_three_arms(tmp_path), "sft", 200)
+    buf = io.StringIO()
+    Console(file=buf, width=width, force_terminal=False).print(summary_table(summary))
+    text = buf.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= width
+    assert "…" not in text and "..." not in text
+    flat = "".join(text.split())
+    for needle in ("format_accuracy(%)", "leakage(%)", "drift_kl", "100.0[100.0,100.0]", "Δvssft", "delia(ratio1)"):
+        assert needle in flat
