@@ -60,8 +60,8 @@ def test_run_twice_second_skips_every_stage(experiment, tmp_path, monkeypatch):
     assert summary["arms"]["base"]["metrics"]["drift_kl"] == (0.0, 0.0, 0.0)
     assert "leakage" in summary["arms"]["delia"]["delta"] and "contrast_obey" in summary["arms"]["sft"]["metrics"]
     report = (out / "report.md").read_text()
-    assert report.index("## Verdict") < report.index("## Trade-off") < report.index("## Example general answers") \
-        < report.index("## All metrics")
+    heads = ("## Verdict", "## Trade-off", "## Example general answers", "## All metrics")
+    assert [report.index(h) for h in heads] == sorted(report.index(h) for h in heads)
     assert report.count("| delia |") == 2 + 3 and "## New-token alignment" in report and "- delia seed 1: <sep>" in report
     assert "- delia (ratio 1) against sft: format_accuracy " in report and "leakage " in report
     assert (out / "tradeoff.png").stat().st_size > 1000
