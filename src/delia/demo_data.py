@@ -1,45 +1,49 @@
-"""Real data for `delia demo`: a small downstream task and a diverse query pool, taken from a PyPI package.
+"""Real data for `delia demo`, and the machinery every prepared data set shares, taken from a PyPI package.
 
-Both come from OpenAI's `evals` wheel (MIT, 46 MB), fetched once with `pip download --no-deps
+Everything comes from OpenAI's `evals` wheel (MIT, 46 MB), fetched once with `pip download --no-deps
 --require-hashes` into `$DELIA_CACHE/downloads` and read straight from the zip, never from a model or
 data hub. Why this package: it holds ~1M chat-format samples over ~440 tasks with reference answers,
 and a wheel any OS can fetch. (The `bigbench` sdist is 358 MB and pip >= 26 refuses to download it: its
 metadata declares a `bleurt @ file://` dependency.)
 
-- The task is its `sarcasm` eval (news headlines labelled 1/0), re-posed as a question whose answer is
-  a one-key JSON object, `{"sarcastic": "yes"}`: a format SmolLM2 never produces unprompted, so plain SFT
-  must learn it, and the format metric scores it (format and label accuracy).
+- The task is its `food` eval (is this string a food item?), re-posed as a question whose answer is a
+  one-key JSON object, `{"food": "yes"}`: a format SmolLM2 never produces unprompted, so plain SFT must
+  learn it, and the format metric scores it (format and label accuracy). (Version 1 used `sarcasm`, whose
+  labels a 135M model stays at chance on, so tuning showed no task gain to weigh against the damage.)
 - The pool takes queries whose reference is long-form text (>= 200 characters of mostly words, not
   numbers or grids), capped per task so that no task dominates. Most `evals` references are a few
   words; a pool of those teaches one-shot sampling a bare-word style.
+- `general.jsonl` holds held-out prompts of other tasks, to measure what tuning did to the model's general
+  behaviour (format leakage, drift from the base model, answer quality).
 
-The selection is deterministic (fixed seed, no timestamps): a rerun gives byte-identical files, whose
-hashes SOURCES.json records with the package, licences, tasks, filters and counts. The folder is built
-in a temporary sibling and renamed into place only after every file reads back cleanly.
+Every task belongs to at most one of the builders (`partition`), so the task, the pool, the general prompts
+and the `<sep>` contexts of `delia.task_data` never share a task. The selection is deterministic (fixed
+seed, no timestamps): a rerun gives byte-identical files, whose hashes SOURCES.json records with the
+package, licences, tasks, filters and counts. A folder is built in a temporary sibling and renamed into
+place only after every file reads back cleanly.
 """
 
 from __future__ import annotations
 
+import hashlib
+import heapq
 import json
 import os
 import random
-import re
 import subprocess
 import sys
 import tempfile
 import zipfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
-
-import typer
+from typing import Any, NamedTuple
 
 from delia.errors import DeliaError
 from delia.files import atomic_dir, sha256_file, write_json, write_jsonl
 
-DEMO_VERSION = "1"
+DEMO_VERSION = "2"
 SEED = 0
 PACKAGE: dict[str, Any] = {
     "name": "evals",
@@ -52,21 +56,22 @@ PACKAGE: dict[str, Any] = {
 }
 DATA_PREFIX = "evals/registry/data/"
 # The package's LICENSE.md: "This license applies to all parts of this repository except for the datasets
-# specified below" -- these folders carry their sources' own licences (some non-commercial), so neither file
+# specified below" -- these folders carry their sources' own licences (some non-commercial), so no file
 # takes anything from them.
 OTHER_LICENCE_TASKS = (
     "already_said_that", "ballots", "sandbagging", "schelling_point", "steganography", "text_compression",
     "theory_of_mind",
 )
 
-TASK = "sarcasm"
+TASK = "food"
 TASK_FILE = f"{DATA_PREFIX}{TASK}/samples.jsonl"
-TASK_PROMPT = "Is this news headline sarcastic?\n\nHeadline: {text}"
-TASK_KEY = "sarcastic"
-TASK_LABELS = {"1": "yes", "0": "no"}  # the eval's ideal answer -> the JSON label
+TASK_QUESTION = "Is the following string a food item or related to food?"  # the eval's user text, then the item
+TASK_PROMPT = "Is this a food item or related to food?\n\nItem: {text}"
+TASK_KEY = "food"
+TASK_LABELS = {"Yes": "yes", "No": "no"}  # the eval's ideal answer -> the JSON label
 TASK_TRAIN_ROWS = 80
 TASK_EVAL_ROWS = 50
-TASK_TEXT_CHARS = (20, 200)  # headline length bounds: drops fragments and the odd pasted paragraph
+TASK_TEXT_CHARS = (2, 80)  # item length bounds: drops stray letters and the odd sentence
 # What `delia eval --metric-config` / an experiment's `task.metric_config` needs to score the task.
 TASK_METRIC: dict[str, Any] = {
     "kind": "format", "required_keys": [TASK_KEY], "exact_keys": True,
@@ -80,7 +85,23 @@ POOL_MIN_WORDS = 20
 POOL_MIN_LETTER_SHARE = 0.7  # letters and spaces; drops grids, number lists, coordinates
 POOL_MIN_DISTINCT_WORDS = 0.4  # distinct/total words; drops move lists like "[right, right, down, ...]"
 
-FILES = ("task_train.jsonl", "task_eval.jsonl", "pool.jsonl")
+MIN_ASCII_LETTERS = 0.9  # share of a text's letters that are ASCII: a cheap test for Latin-script (English) text
+GENERAL_ROWS = 60
+GENERAL_PER_TASK = 3  # so that 60 prompts span at least 20 tasks
+GENERAL_MAX_QUERY_CHARS = 700
+GENERAL_MAX_REFERENCE_CHARS = 600
+SHORT_REFERENCE_WORDS = 5  # a reference of at most this many words is "short" (exact-match scoring fits it)
+# `<sep>` contexts (built by delia.task_data; defined here because they decide the partition): English rows
+# whose reference is a sentence or a paragraph, so that the reference of another task's row reads as an
+# unrelated answer.
+CONTEXT_MAX_QUERY_CHARS = 400
+CONTEXT_REFERENCE_CHARS = (20, 600)
+CONTEXTS_PER_TASK = 40
+SEP_MIN_TASK_ROWS = 20  # a task with at least this many distinct context rows goes to the `<sep>` builder
+
+FILES = ("task_train.jsonl", "task_eval.jsonl", "pool.jsonl", "general.jsonl")
+
+Rows = list[dict[str, Any]]  # messages rows, as the files hold them
 
 
 @dataclass(frozen=True)
@@ -97,11 +118,13 @@ class Sample:
         return f"{PACKAGE['name']}:{self.member.removeprefix(DATA_PREFIX)}:{self.line}"
 
 
-def cache_dir() -> Path:
-    """Where the prepared folder lives by default: `$DELIA_CACHE/data/demo-<version>`."""
-    from delia.models import cache_root
+class Pair(NamedTuple):
+    """A single-turn sample as the builders use it: query (system and user text) and reference answer."""
 
-    return cache_root() / "data" / f"demo-{DEMO_VERSION}"
+    id: str
+    task: str
+    query: str
+    reference: str
 
 
 # ----------------------------------------------------------------------------- the package
@@ -151,7 +174,7 @@ def iter_samples(wheel: Path, member: str | None = None, skip: tuple[str, ...] =
                         yield Sample(task, name, line, row)
 
 
-def _query_and_reference(row: dict[str, Any]) -> tuple[str, str] | None:
+def query_and_reference(row: dict[str, Any]) -> tuple[str, str] | None:
     """(query, reference) of a single-turn sample: system and user messages folded into one query (the
     system text first, as the eval sent it); None for few-shot, multi-role or non-text samples."""
     inp, ideal = row.get("input"), row.get("ideal")
@@ -172,6 +195,16 @@ def _query_and_reference(row: dict[str, Any]) -> tuple[str, str] | None:
     return (query, reference) if query and reference else None
 
 
+def user_and_reference(row: dict[str, Any]) -> tuple[str, str] | None:
+    """(user text, reference) of a single-turn sample with exactly one user message: for builders that
+    write their own prompt around the user text and drop the eval's system message."""
+    qr = query_and_reference(row)
+    if qr is None:
+        return None
+    user = [m["content"].strip() for m in row["input"] if m["role"] == "user"]
+    return (user[0], qr[1]) if len(user) == 1 else None
+
+
 def is_prose(text: str) -> bool:
     """Mostly words, many of them distinct: long-form text rather than a grid, list of numbers or moves."""
     words = text.split()
@@ -181,7 +214,21 @@ def is_prose(text: str) -> bool:
     return letters >= POOL_MIN_LETTER_SHARE and len(set(words)) / len(words) >= POOL_MIN_DISTINCT_WORDS
 
 
-def _stats(values: list[int]) -> dict[str, float | int]:
+def mostly_ascii(text: str) -> bool:
+    """At least `MIN_ASCII_LETTERS` of the text's letters are ASCII (and it has letters)."""
+    if text.isascii():  # most texts: no need to count letter by letter (~800k texts per build)
+        return any(c.isalpha() for c in text)
+    letters = [c for c in text if c.isalpha()]
+    return bool(letters) and sum(c.isascii() for c in letters) / len(letters) >= MIN_ASCII_LETTERS
+
+
+def normalise(text: str) -> str:
+    """Case- and whitespace-insensitive form of a text, for deduplication and overlap checks."""
+    return " ".join(text.split()).lower()
+
+
+def stats(values: list[int]) -> dict[str, float | int]:
+    """min, p10, p50, p90, max and mean of `values` (empty for none), for SOURCES.json."""
     if not values:
         return {}
     s = sorted(values)
@@ -190,34 +237,162 @@ def _stats(values: list[int]) -> dict[str, float | int]:
             "mean": round(sum(s) / len(s), 1)}
 
 
+def chat_row(pair: Pair, **extra: Any) -> dict[str, Any]:
+    """A messages row (user = query, assistant = reference) with its id, task and `extra` fields."""
+    return {"id": pair.id, "task": pair.task, **extra, "messages": [
+        {"role": "user", "content": pair.query}, {"role": "assistant", "content": pair.reference}]}
+
+
+def row_facts(rows: Rows) -> dict[str, Any]:
+    """Rows per task and query/reference length stats of messages rows, for SOURCES.json."""
+    return {"tasks": dict(sorted(Counter(r["task"] for r in rows).items())),
+            "query_chars": stats([len(r["messages"][0]["content"]) for r in rows]),
+            "reference_chars": stats([len(r["messages"][1]["content"]) for r in rows])}
+
+
+# ----------------------------------------------------------------------------- one pass over the wheel
+
+
+class SeededDraw:
+    """A seeded sample of at most `k` rows of distinct queries per task, kept while streaming.
+
+    It keeps the `k` rows whose normalised query hashes lowest (the hash salted with SEED and `salt`): a
+    uniform draw that holds O(k) rows per task however many the task has (two have over 200k), and a
+    duplicate query hashes the same, so it is kept once (its first row).
+    """
+
+    def __init__(self, k: int, salt: str):
+        self.k, self.salt = k, salt
+        self._heaps: dict[str, list[tuple[int, Pair]]] = {}  # per task: (-hash, pair), a max-heap on the hash
+
+    def add(self, pair: Pair) -> None:
+        digest = hashlib.sha256(f"{SEED}:{self.salt}:{normalise(pair.query)}".encode()).digest()
+        key = -int.from_bytes(digest[:8], "big")
+        heap = self._heaps.setdefault(pair.task, [])
+        if any(h == key for h, _ in heap):
+            return
+        if len(heap) < self.k:
+            heapq.heappush(heap, (key, pair))
+        elif key > heap[0][0]:
+            heapq.heapreplace(heap, (key, pair))
+
+    def tasks(self) -> set[str]:
+        return set(self._heaps)
+
+    def rows(self, task: str) -> list[Pair]:
+        """The task's sample in file order."""
+        return sorted((p for _, p in self._heaps.get(task, [])), key=lambda p: p.id)
+
+
+@dataclass
+class Scan:
+    """What one pass over the wheel found: each builder's candidate rows and the partition of tasks."""
+
+    pool: dict[str, list[Pair]]  # every long-form row, per task, deduplicated by query across tasks
+    general: SeededDraw  # rows fit to be general prompts (English query, reference <= 600 characters)
+    contexts: SeededDraw  # English rows fit to be `<sep>` contexts
+    dropped: Counter[str]  # why rows are not in `pool`
+    scanned: int
+    roles: dict[str, str]  # task -> "pool", "sep" or "general": the one builder that may use it
+
+
+def _pool_reason(pair: Pair) -> str | None:
+    """Why a row cannot be in the pool, or None when it can."""
+    if len(pair.reference) < POOL_MIN_REFERENCE_CHARS:
+        return "reference_short"
+    if len(pair.reference) > POOL_MAX_CHARS or len(pair.query) > POOL_MAX_CHARS:
+        return "too_long"
+    return None if is_prose(pair.reference) else "reference_not_prose"
+
+
+def task_shaped(text: str) -> bool:
+    """Text the task metrics take for task output: an object (the demo's JSON answers) or any kana or CJK
+    ideograph (mt's Japanese). A general prompt whose right answer looks so would count as format leakage."""
+    return text.lstrip().startswith("{") or any("\u3040" <= c <= "\u30ff" or "\u4e00" <= c <= "\u9fff" for c in text)
+
+
+def _is_general(pair: Pair) -> bool:
+    return (len(pair.query) <= GENERAL_MAX_QUERY_CHARS and len(pair.reference) <= GENERAL_MAX_REFERENCE_CHARS
+            and mostly_ascii(pair.query) and not task_shaped(pair.reference))
+
+
+def _is_context(pair: Pair) -> bool:
+    return (len(pair.query) <= CONTEXT_MAX_QUERY_CHARS
+            and CONTEXT_REFERENCE_CHARS[0] <= len(pair.reference) <= CONTEXT_REFERENCE_CHARS[1]
+            and mostly_ascii(pair.query) and mostly_ascii(pair.reference))
+
+
+def scan_wheel(wheel: Path) -> Scan:
+    """Read every samples file once (the task's and the other-licence folders' excepted) and partition
+    the tasks: one with a long-form row goes to the pool (so the pool is what it was before the partition),
+    else one with at least `SEP_MIN_TASK_ROWS` distinct `<sep>` context rows to the `<sep>` builder, else
+    to the general prompts."""
+    pool: dict[str, list[Pair]] = {}
+    general, contexts = SeededDraw(GENERAL_PER_TASK, "general"), SeededDraw(CONTEXTS_PER_TASK, "contexts")
+    seen: set[str] = set()
+    dropped: Counter[str] = Counter()
+    scanned = 0
+    for s in iter_samples(wheel, skip=(*OTHER_LICENCE_TASKS, TASK)):
+        scanned += 1
+        qr = query_and_reference(s.row)
+        if qr is None:
+            dropped["not_single_turn_text"] += 1
+            continue
+        pair = Pair(s.id, s.task, *qr)
+        reason = _pool_reason(pair)
+        if reason is None:
+            if normalise(pair.query) in seen:
+                dropped["duplicate_query"] += 1
+            else:
+                seen.add(normalise(pair.query))
+                pool.setdefault(s.task, []).append(pair)
+            continue
+        dropped[reason] += 1
+        if _is_general(pair):
+            general.add(pair)
+        if _is_context(pair):
+            contexts.add(pair)
+    roles = {}
+    for task in sorted(set(pool) | general.tasks() | contexts.tasks()):
+        roles[task] = ("pool" if task in pool else
+                       "sep" if len(contexts.rows(task)) >= SEP_MIN_TASK_ROWS else "general")
+    return Scan(pool, general, contexts, dropped, scanned, roles)
+
+
+def partition_record(scan: Scan) -> dict[str, Any]:
+    """The partition as SOURCES.json records it: the rule and each builder's tasks."""
+    return {
+        "rule": (f"{TASK} is the task; the other-licence folders are read by no builder; a task with a pool row "
+                 f"goes to the pool; else one with at least {SEP_MIN_TASK_ROWS} distinct rows fit for a <sep> "
+                 "context goes to the <sep> builder (delia.task_data); every other task with a usable single-turn "
+                 "row goes to the general prompts. No task is in two of them."),
+        "task": [TASK], "excluded": list(OTHER_LICENCE_TASKS),
+        **{role: sorted(t for t, r in scan.roles.items() if r == role) for role in ("pool", "sep", "general")},
+    }
+
+
 # ----------------------------------------------------------------------------- selection
 
 
-def _normalise(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip().lower()
+def select_task(samples: Iterable[Sample]) -> tuple[Rows, Rows, dict[str, Any]]:
+    """(train rows, eval rows, facts): a label-balanced seeded draw from the food eval's items.
 
-
-def select_task(samples: Iterator[Sample]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
-    """(train rows, eval rows, facts): a label-balanced seeded draw from the sarcasm headlines.
-
-    Headlines that occur twice are kept once; one that occurs with both labels is dropped, as are rows
-    outside `TASK_TEXT_CHARS`. The draw takes the same number per label, then train and eval are disjoint.
+    Items that occur twice are kept once; one that occurs with both labels is dropped, as are rows outside
+    `TASK_TEXT_CHARS`. The draw takes the same number per label, then train and eval are disjoint.
     """
     seen: dict[str, tuple[Sample, str, str]] = {}
     conflicting: set[str] = set()
-    skipped = Counter()
+    skipped: Counter[str] = Counter()
     for s in samples:
-        qr = _query_and_reference(s.row)
-        msgs = s.row.get("input")
-        user = [m["content"].strip() for m in msgs if m.get("role") == "user"] if qr else []
-        if qr is None or len(user) != 1 or qr[1] not in TASK_LABELS:
-            skipped["not_a_labelled_headline"] += 1
+        ur = user_and_reference(s.row)
+        if ur is None or not ur[0].startswith(TASK_QUESTION) or ur[1] not in TASK_LABELS:
+            skipped["not_a_labelled_item"] += 1
             continue
-        text, label = user[0], TASK_LABELS[qr[1]]
+        text, label = ur[0][len(TASK_QUESTION):].strip(), TASK_LABELS[ur[1]]
         if not TASK_TEXT_CHARS[0] <= len(text) <= TASK_TEXT_CHARS[1]:
             skipped["length"] += 1
             continue
-        key = _normalise(text)
+        key = normalise(text)
         if key in seen:
             skipped["duplicate"] += 1
             if seen[key][2] != label:
@@ -254,172 +429,204 @@ def select_task(samples: Iterator[Sample]) -> tuple[list[dict[str, Any]], list[d
     return [record(v) for v in train], [record(v) for v in evals], facts
 
 
-def select_pool(samples: Iterator[Sample]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def select_pool(scan: Scan) -> tuple[Rows, dict[str, Any]]:
     """(pool rows, facts): single-turn queries with long-form prose references, at most
     `POOL_PER_TASK` per task (a seeded draw), shuffled together so any prefix is still diverse."""
-    per_task: dict[str, list[tuple[Sample, str, str]]] = {}
-    seen: set[str] = set()
-    dropped = Counter()
-    scanned = 0
-    for s in samples:
-        scanned += 1
-        qr = _query_and_reference(s.row)
-        if qr is None:
-            dropped["not_single_turn_text"] += 1
-            continue
-        query, ref = qr
-        if len(ref) < POOL_MIN_REFERENCE_CHARS:
-            dropped["reference_short"] += 1
-        elif len(ref) > POOL_MAX_CHARS or len(query) > POOL_MAX_CHARS:
-            dropped["too_long"] += 1
-        elif not is_prose(ref):
-            dropped["reference_not_prose"] += 1
-        elif _normalise(query) in seen:
-            dropped["duplicate_query"] += 1
-        else:
-            seen.add(_normalise(query))
-            per_task.setdefault(s.task, []).append((s, query, ref))
-    rows: list[dict[str, Any]] = []
+    rows: Rows = []
     capped = 0
-    for task in sorted(per_task):
-        cands = per_task[task]
+    for task in sorted(scan.pool):
+        cands = scan.pool[task]
         take = random.Random(f"{SEED}:pool:{task}").sample(cands, min(POOL_PER_TASK, len(cands)))
         capped += len(cands) - len(take)
-        rows += [{"id": s.id, "task": task, "messages": [{"role": "user", "content": q},
-                                                         {"role": "assistant", "content": r}]}
-                 for s, q, r in take]
-    dropped["over_task_cap"] = capped
+        rows += [chat_row(p) for p in take]
     random.Random(f"{SEED}:pool").shuffle(rows)
-    refs = [len(r["messages"][1]["content"]) for r in rows]
-    facts = {
-        "rows_scanned": scanned,
-        "dropped": dict(dropped),
-        "tasks": dict(sorted(Counter(r["task"] for r in rows).items())),
-        "reference_chars": _stats(refs),
-        "query_chars": _stats([len(r["messages"][0]["content"]) for r in rows]),
-    }
-    return rows, facts
+    return rows, {"rows_scanned": scan.scanned, "dropped": {**scan.dropped, "over_task_cap": capped},
+                  **row_facts(rows)}
 
 
-# ----------------------------------------------------------------------------- building the folder
+def select_general(scan: Scan) -> tuple[Rows, dict[str, Any]]:
+    """(general rows, facts): `GENERAL_ROWS` prompts drawn (seeded) from the general tasks' samples of at
+    most `GENERAL_PER_TASK` rows each, so they span many tasks; each row says whether its reference is short."""
+    cands = sorted((p for t, role in scan.roles.items() if role == "general" for p in scan.general.rows(t)),
+                   key=lambda p: p.id)
+    if len(cands) < GENERAL_ROWS:
+        raise DeliaError(f"{PACKAGE['file']}: only {len(cands)} general prompts, {GENERAL_ROWS} needed")
+    take = random.Random(f"{SEED}:general").sample(cands, GENERAL_ROWS)
+    rows = [chat_row(p, reference_kind="short" if len(p.reference.split()) <= SHORT_REFERENCE_WORDS else "long")
+            for p in take]
+    return rows, {"candidates": len(cands), "reference_kinds": dict(sorted(Counter(
+        r["reference_kind"] for r in rows).items())), **row_facts(rows)}
 
 
-def _validate(folder: Path, counts: dict[str, int]) -> None:
-    """Every file reads back through `read_chat` with the expected rows; task answers pass the task metric."""
+def check_disjoint(general: Rows, others: Rows) -> None:
+    """Raise DeliaError if a general prompt's query (normalised) is the query of a pool or task row: the
+    partition keeps their tasks apart, but two tasks may share a text."""
+    taken = {normalise(r["messages"][0]["content"]) for r in others}
+    clash = [r["id"] for r in general if normalise(r["messages"][0]["content"]) in taken]
+    if clash:
+        raise DeliaError(f"general prompts {', '.join(clash)} repeat a pool or task query")
+
+
+# ----------------------------------------------------------------------------- prepared folders
+
+
+def write_files(folder: Path, files: dict[str, Rows]) -> dict[str, int]:
+    """Write each file's rows as JSONL into `folder`; returns the row counts."""
+    return {name: write_jsonl(folder / name, rows) for name, rows in files.items()}
+
+
+def validate(folder: Path, counts: dict[str, int], metrics: dict[str, dict[str, Any]] | None = None) -> None:
+    """Every file reads back through `read_chat` with the expected rows; the references of a file named in
+    `metrics` pass its format metric (MetricConfig fields), so a model that learns them exactly scores 100%."""
     from delia.data import read_chat
     from delia.metrics import MetricConfig, check_format, parse_output
 
-    metric = MetricConfig(**TASK_METRIC)
     for name, n in counts.items():
         data = read_chat(folder / name, "messages")
         if len(data.records) != n:
             raise DeliaError(f"{folder / name}: read back {len(data.records)} rows, wrote {n}")
-        if name.startswith("task_"):
+        if metrics and name in metrics:
+            config = MetricConfig(**metrics[name])
             for i, rec in enumerate(data.records, start=1):
                 value, _, err = parse_output(rec["messages"][-1]["content"], extract=False)
-                why = err or check_format(value, metric)
+                why = err or check_format(value, config)
                 if why:
                     raise DeliaError(f"{folder / name}:{i}: the reference fails the task metric: {why}")
 
 
+@dataclass(frozen=True)
+class DataSet:
+    """A data set prepared from the wheel into `$DELIA_CACHE/data/<name>-<version>/`.
+
+    `build(wheel, folder)` writes `files` into the empty `folder` and returns what SOURCES.json records
+    about them (`files` maps each file to its facts); `prepare` adds the package, version and hashes.
+    """
+
+    name: str
+    version: str
+    files: tuple[str, ...]
+    build: Callable[[Path, Path], dict[str, Any]]
+
+    def cache_dir(self) -> Path:
+        from delia.models import cache_root
+
+        return cache_root() / "data" / f"{self.name}-{self.version}"
+
+    def intact(self, folder: Path) -> bool:
+        """The folder holds every file with the hash its SOURCES.json records (a finished, untouched build)."""
+        try:
+            sources = json.loads((folder / "SOURCES.json").read_text(encoding="utf-8"))
+            return sources.get("version") == self.version and all(
+                sha256_file(folder / name) == sources["files"][name]["sha256"] for name in self.files)
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
+    def prepare(self, out: Path | None = None, force: bool = False) -> Path:
+        """Build the folder (`out`, default the cache) unless it is already intact; returns it."""
+        from delia.models import cache_root
+
+        folder = Path(out) if out is not None else self.cache_dir()
+        if not force and self.intact(folder):
+            return folder
+        if folder.exists() and not force and any(folder.iterdir()):
+            print(f"delia: {folder} is incomplete or changed; rebuilding it", file=sys.stderr)
+        wheel = fetch_wheel(cache_root() / "downloads")
+        with atomic_dir(folder) as tmp:
+            built = self.build(wheel, tmp)
+            for name in self.files:
+                built["files"][name]["sha256"] = sha256_file(tmp / name)
+            sources = {"version": self.version, "created_by": f"delia demo-data --set {self.name}", "seed": SEED,
+                       "package": package_record(wheel), **built}
+            write_json(tmp / "SOURCES.json", sources)
+        counts = ", ".join(f"{name} {sources['files'][name]['rows']}" for name in self.files)
+        print(f"delia: {self.name} data in {folder} ({counts})", file=sys.stderr)
+        return folder
+
+
+def package_record(wheel: Path) -> dict[str, Any]:
+    """SOURCES.json's account of the package: name, version, hash, how it was fetched, its licence."""
+    return {**PACKAGE, "size_bytes": wheel.stat().st_size,
+            "fetch": f"pip download --no-deps --only-binary :all: --require-hashes "
+                     f"{PACKAGE['name']}=={PACKAGE['version']}",
+            "licence_note": ("LICENSE.md (MIT, OpenAI 2023) covers all data except the folders it lists with their "
+                             f"own licences: {', '.join(OTHER_LICENCE_TASKS)}. Nothing is taken from those. "
+                             "Contributors agreed to release their eval data under MIT; the package does not "
+                             "name an upstream origin for the tasks used here.")}
+
+
+GENERAL_SELECTION = (
+    f"tasks the partition gives to the general prompts; single-turn rows (system and user messages folded into "
+    f"one query) whose query has <= {GENERAL_MAX_QUERY_CHARS} characters, >= {MIN_ASCII_LETTERS:.0%} of its "
+    f"letters ASCII, and whose reference (first ideal answer) has 1-{GENERAL_MAX_REFERENCE_CHARS} characters and "
+    f"neither starts with '{{' nor holds kana or CJK (so a right answer never reads as format leakage); "
+    f"per task a seeded draw of at most {GENERAL_PER_TASK} distinct queries, then a seeded draw of "
+    f"{GENERAL_ROWS} rows from all of them, in drawn order; reference_kind is 'short' for a reference of "
+    f"<= {SHORT_REFERENCE_WORDS} words, else 'long'; no query equals (normalised) a pool or task query"
+)
+
+
 def _build(wheel: Path, folder: Path) -> dict[str, Any]:
-    """Write the three files and SOURCES.json into `folder` (an empty temporary folder)."""
+    """Write the demo's four files into `folder`; return their facts for SOURCES.json."""
     train, evals, task_facts = select_task(iter_samples(wheel, member=TASK_FILE))
-    pool, pool_facts = select_pool(iter_samples(wheel, skip=(*OTHER_LICENCE_TASKS, TASK)))
-    counts = {"task_train.jsonl": write_jsonl(folder / "task_train.jsonl", train),
-              "task_eval.jsonl": write_jsonl(folder / "task_eval.jsonl", evals),
-              "pool.jsonl": write_jsonl(folder / "pool.jsonl", pool)}
-    _validate(folder, counts)
+    scan = scan_wheel(wheel)
+    pool, pool_facts = select_pool(scan)
+    general, general_facts = select_general(scan)
+    check_disjoint(general, pool + train + evals)
+    counts = write_files(folder, {"task_train.jsonl": train, "task_eval.jsonl": evals, "pool.jsonl": pool,
+                                  "general.jsonl": general})
+    validate(folder, counts, {"task_train.jsonl": TASK_METRIC, "task_eval.jsonl": TASK_METRIC})
+    n_label = len(set(TASK_LABELS.values()))
     task_source = {
         "package": PACKAGE["name"], "tasks": [TASK], "member": TASK_FILE, "seed": SEED,
-        "selection": (f"single-turn rows labelled {sorted(TASK_LABELS)}; headlines of {TASK_TEXT_CHARS[0]}-"
-                      f"{TASK_TEXT_CHARS[1]} characters; duplicates kept once, headlines with both labels dropped; "
-                      f"a seeded draw of {TASK_TRAIN_ROWS // len(set(TASK_LABELS.values()))} train and "
-                      f"{TASK_EVAL_ROWS // len(set(TASK_LABELS.values()))} eval rows per label, disjoint"),
-        "formatting": (f"user: {TASK_PROMPT!r} with the headline; assistant: a JSON object "
-                       f"{{{TASK_KEY!r}: label}} with label {TASK_LABELS} (the eval's own answers are 1/0)"),
+        "selection": (f"single-turn rows whose user text is {TASK_QUESTION!r} and an item, labelled "
+                      f"{sorted(TASK_LABELS)}; items of {TASK_TEXT_CHARS[0]}-{TASK_TEXT_CHARS[1]} characters; "
+                      "duplicates kept once, items with both labels dropped; a seeded draw of "
+                      f"{TASK_TRAIN_ROWS // n_label} train and {TASK_EVAL_ROWS // n_label} eval rows per label, "
+                      "disjoint"),
+        "formatting": (f"user: {TASK_PROMPT!r} with the item (the eval's system message dropped); assistant: a "
+                       f"JSON object {{{TASK_KEY!r}: label}} with label {TASK_LABELS}"),
         **task_facts,
     }
-    sources = {
-        "version": DEMO_VERSION,
-        "created_by": "delia.demo_data.prepare_demo_data",
-        "seed": SEED,
-        "package": {**PACKAGE, "size_bytes": wheel.stat().st_size,
-                    "fetch": f"pip download --no-deps --only-binary :all: --require-hashes "
-                             f"{PACKAGE['name']}=={PACKAGE['version']}",
-                    "licence_note": ("LICENSE.md (MIT, OpenAI 2023) covers all data except the folders it lists with "
-                                     f"their own licences: {', '.join(OTHER_LICENCE_TASKS)}. Nothing is taken from "
-                                     "those. Contributors agreed to release their eval data under MIT; the package "
-                                     "does not name an upstream origin for the tasks used here.")},
+
+    def labels(rows: Rows) -> dict[str, int]:
+        return dict(Counter(json.loads(r["messages"][1]["content"])[TASK_KEY] for r in rows))
+
+    return {
         "task_metric": TASK_METRIC,
+        "partition": partition_record(scan),
         "files": {
-            "task_train.jsonl": {**task_source, "rows": counts["task_train.jsonl"],
-                                 "labels": dict(Counter(json.loads(r["messages"][1]["content"])[TASK_KEY]
-                                                        for r in train))},
-            "task_eval.jsonl": {**task_source, "rows": counts["task_eval.jsonl"],
-                                "labels": dict(Counter(json.loads(r["messages"][1]["content"])[TASK_KEY]
-                                                       for r in evals))},
+            "task_train.jsonl": {**task_source, "rows": counts["task_train.jsonl"], "labels": labels(train)},
+            "task_eval.jsonl": {**task_source, "rows": counts["task_eval.jsonl"], "labels": labels(evals)},
             "pool.jsonl": {
                 "package": PACKAGE["name"], "rows": counts["pool.jsonl"], "seed": SEED,
-                "selection": (f"every samples file except {TASK} and the other-licence folders; single-turn rows "
-                              "(system and user messages, folded into one query; no few-shot turns); reference "
-                              f"(first ideal answer) of {POOL_MIN_REFERENCE_CHARS}-{POOL_MAX_CHARS} characters and "
-                              f"prose (>= {POOL_MIN_WORDS} words, >= {POOL_MIN_LETTER_SHARE:.0%} letters and spaces, "
+                "selection": ("tasks the partition gives to the pool; single-turn rows (system and user messages, "
+                              "folded into one query; no few-shot turns); reference (first ideal answer) of "
+                              f"{POOL_MIN_REFERENCE_CHARS}-{POOL_MAX_CHARS} characters and prose (>= "
+                              f"{POOL_MIN_WORDS} words, >= {POOL_MIN_LETTER_SHARE:.0%} letters and spaces, "
                               f">= {POOL_MIN_DISTINCT_WORDS:.0%} distinct words); query <= {POOL_MAX_CHARS} "
                               f"characters and not a duplicate; a seeded draw of at most {POOL_PER_TASK} rows per "
                               "task, then shuffled"),
                 **pool_facts,
             },
+            "general.jsonl": {"package": PACKAGE["name"], "rows": counts["general.jsonl"], "seed": SEED,
+                              "selection": GENERAL_SELECTION, **general_facts},
         },
     }
-    for name in FILES:
-        sources["files"][name]["sha256"] = sha256_file(folder / name)
-    write_json(folder / "SOURCES.json", sources)
-    return sources
 
 
-def _intact(folder: Path) -> bool:
-    """The folder holds every file with the hash its SOURCES.json records (a finished, untouched build)."""
-    try:
-        sources = json.loads((folder / "SOURCES.json").read_text(encoding="utf-8"))
-        return sources.get("version") == DEMO_VERSION and all(
-            sha256_file(folder / name) == sources["files"][name]["sha256"] for name in FILES)
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+DEMO = DataSet("demo", DEMO_VERSION, FILES, _build)
 
 
-def prepare_demo_data(
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder to write (default: "
-                                             "$DELIA_CACHE/data/demo-<version>, DELIA_CACHE defaulting to "
-                                             "~/.cache/delia).")] = None,
-    force: Annotated[bool, typer.Option(help="Rebuild even if the folder is already prepared.")] = False,
-) -> Path:
-    """Build (once) and return the demo's data folder: task_train/task_eval/pool JSONL and SOURCES.json.
+def prepare_demo_data(out: Path | None = None, force: bool = False) -> Path:
+    """Build (once) and return the demo's data folder: task_train/task_eval/pool/general JSONL and SOURCES.json.
 
-    The data comes from the PyPI package `evals` (MIT), downloaded once with pip into
-    $DELIA_CACHE/downloads. A prepared folder whose files match SOURCES.json is reused as is.
-
-    Examples:\n
-      delia demo-data\n
-      delia demo-data --out data/demo --force
+    A prepared folder whose files match SOURCES.json is reused as is. `delia demo-data` is its CLI.
     """
-    from delia.models import cache_root
-
-    folder = Path(out) if out is not None else cache_dir()
-    if not force and _intact(folder):
-        return folder
-    if folder.exists() and not force and any(folder.iterdir()):
-        print(f"delia: {folder} is incomplete or changed; rebuilding it", file=sys.stderr)
-    wheel = fetch_wheel(cache_root() / "downloads")
-    with atomic_dir(folder) as tmp:
-        sources = _build(wheel, tmp)
-    counts = ", ".join(f"{name} {sources['files'][name]['rows']}" for name in FILES)
-    print(f"delia: demo data in {folder} ({counts})", file=sys.stderr)
-    return folder
+    return DEMO.prepare(out, force)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m delia.demo_data [--out DIR] [--force]`: prepare the folder, print its path and row counts."""
+    """`python -m delia.demo_data [--out DIR] [--force]`: prepare the demo folder, print its path and row counts."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m delia.demo_data", description=main.__doc__)
