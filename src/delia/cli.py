@@ -57,7 +57,7 @@ STAGES: dict[str, str] = {
     "probe": "delia.probe:probe",
     "run": "delia.run:run",
     "demo": "delia.demo:demo",
-    "demo-data": "delia.demo_data:prepare_demo_data",
+    "demo-data": "delia.task_data:prepare_data",
 }
 
 
