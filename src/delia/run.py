@@ -53,16 +53,6 @@ class StageCache:
         return folder, json.loads(marker.read_text(encoding="utf-8"))
 
 
-def _resolve_demo_path(path: Path) -> Path:
-    """`demo-data:NAME` names a file of the prepared demo data (prepared, and cached, on first use)."""
-    s = str(path)
-    if not s.startswith("demo-data:"):
-        return path
-    from delia.demo_data import prepare_demo_data
-
-    return prepare_demo_data() / s.split(":", 1)[1]
-
-
 def run_experiment(exp: Experiment, out: Path) -> dict[str, Any]:
     """Sample, mix, train, evaluate and probe every arm and seed of `exp`; write the report into `out`."""
     from delia.evaluate import evaluate
@@ -70,10 +60,11 @@ def run_experiment(exp: Experiment, out: Path) -> dict[str, Any]:
     from delia.models import resolve_model
     from delia.report import RunResult, write_report
     from delia.sample import sample
+    from delia.task_data import resolve_data_path
     from delia.train import train
 
-    exp.task.train, exp.task.eval = _resolve_demo_path(exp.task.train), _resolve_demo_path(exp.task.eval)
-    exp.pool, exp.general, exp.contrast = (None if p is None else _resolve_demo_path(p)
+    exp.task.train, exp.task.eval = resolve_data_path(exp.task.train), resolve_data_path(exp.task.eval)
+    exp.pool, exp.general, exp.contrast = (None if p is None else resolve_data_path(p)
                                            for p in (exp.pool, exp.general, exp.contrast))
     out.mkdir(parents=True, exist_ok=True)
     cache = StageCache(out / "stages")
