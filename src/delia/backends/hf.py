@@ -21,6 +21,9 @@ MAX_ROWS_CPU = 64
 MAX_ROWS_GPU = 512
 
 
+# Rows prefilled together are at least this share of the longest one's length (see `length_groups`).
+PREFILL_MIN_SHARE = 0.75
+
 # Candidates examined for the top-p cut before falling back to sorting the whole vocabulary.
 TOP_P_CANDIDATES = 256
 
@@ -222,7 +225,25 @@ class HFBackend:
 
     def _prefill(self, prompts: Sequence[Sequence[int]], new: list[_Row], params: SamplingParams,
                  vocab: int) -> tuple[Any, Any, Any]:
-        """(KV cache, attention mask, first sampled tokens) of new rows, left-padded to their longest prompt."""
+        """(KV cache, attention mask, first sampled tokens) of new rows, in their order.
+
+        Rows are prefilled in runs of similar length (`length_groups`) and the caches merged: a padded
+        position costs a prefill as much as a real token, and one group padded to its longest prompt
+        spent 3.6x the compute on 60 general prompts of 60-460 tokens.
+        """
+        import torch
+
+        cache = mask = None
+        tokens = []
+        for group in length_groups([len(prompts[r.index]) for r in new]):
+            group_cache, group_mask, first = self._prefill_group(prompts, [new[j] for j in group], params, vocab)
+            cache, mask = _merge(cache, mask, group_cache, group_mask)
+            tokens.append(first)
+        return cache, mask, torch.cat(tokens)
+
+    def _prefill_group(self, prompts: Sequence[Sequence[int]], new: list[_Row], params: SamplingParams,
+                       vocab: int) -> tuple[Any, Any, Any]:
+        """(KV cache, attention mask, first sampled tokens) of rows left-padded to their longest prompt."""
         import torch
         from transformers import DynamicCache
 
@@ -244,6 +265,18 @@ class HFBackend:
         ended = tokens[-1] in eos
         text = self.tokenizer.decode(tokens[:-1] if ended else tokens, skip_special_tokens=True)
         return Completion(text, "stop" if ended else "length", len(prompt), len(tokens), row.sample, tuple(tokens))
+
+
+def length_groups(lengths: Sequence[int], min_share: float = PREFILL_MIN_SHARE) -> list[range]:
+    """Consecutive runs of `lengths` in which every length is at least `min_share` of the run's longest, so
+    padding wastes at most 1 - min_share of a run (the back end takes rows longest first, so runs are long)."""
+    groups: list[range] = []
+    start = 0
+    for j in range(1, len(lengths) + 1):
+        if j == len(lengths) or not min(lengths[start:j + 1]) >= min_share * max(lengths[start:j + 1]):
+            groups.append(range(start, j))
+            start = j
+    return groups
 
 
 def _merge(cache: Any, mask: Any, new_cache: Any, new_mask: Any) -> tuple[Any, Any]:
