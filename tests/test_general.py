@@ -7,7 +7,7 @@ import json
 import pytest
 
 from delia.evaluate import CONTRAST_ROWS, GENERAL_ROWS, SCORES, evaluate
-from delia.general import drift, leak_row, quality, read_prompts, summarise_rows
+from delia.general import BASE_TOP_K, drift, leak_row, quality, read_prompts, summarise_rows
 from delia.metrics import MetricConfig, leaks
 
 SARCASM = MetricConfig(kind="format", required_keys=["sarcastic"], exact_keys=True,
@@ -73,34 +73,27 @@ def test_contrast_summary_counts_obeying_rows():
     assert s["metrics"]["contrast_obey"] == pytest.approx(2 / 3) and s["row_means"] == {"contrast_obey": "obey"}
 
 
-def _answers(model, tokenizer, prompts):
-    from delia.backends import SamplingParams
-    from delia.backends.hf import HFBackend
-    from delia.chat import prompt_ids
-
-    ids = [prompt_ids(tokenizer, p) for p in prompts.prompts]
-    done = dict(HFBackend(model, tokenizer).generate(ids, SamplingParams(temperature=0, top_p=1, max_new_tokens=8)))
-    return {"vocab_size": model.get_output_embeddings().weight.shape[0],
-            "rows": [{"prompt_ids": ids[i], "answer_ids": list(done[i].token_ids)} for i in range(len(ids))]}
-
-
-def test_drift_is_zero_for_a_fresh_adapter_and_positive_after_a_step(tiny_model, write_jsonl):
+def test_drift_is_zero_for_a_fresh_adapter_and_positive_after_a_step(tiny_model, write_jsonl, tmp_path):
     import torch
     from peft import LoraConfig, get_peft_model
 
+    from delia.general import base_answers
     from delia.models import load_model
 
     model, tok = load_model(str(tiny_model))
     prompts = read_prompts(write_jsonl("general.jsonl", GENERAL))
-    answers = _answers(model, tok, prompts)
-    assert all(r["answer_ids"] for r in answers["rows"])
-    itself = drift(model, answers)  # a plain model is its own base
-    assert all(d["kl"] == 0 and d["nll"] == pytest.approx(d["base_nll"]) for d in itself)
+    answers = base_answers(str(tiny_model), prompts, 8, loaded=(model, tok), cache=tmp_path / "cache")
+    assert all(r["answer_ids"] for r in answers["rows"]) and answers["top_ids"].shape == (
+        sum(len(r["answer_ids"]) for r in answers["rows"]), BASE_TOP_K)
+    itself = drift(None, answers)  # the base model against itself: no pass, drift 0
+    assert all(d["kl"] == 0 and d["nll"] == d["base_nll"] for d in itself)
+    plain = drift(model, answers)  # the same weights through the pass: the cached base distribution again
+    assert [d["kl"] for d in plain] == pytest.approx([0, 0, 0], abs=1e-5)
+    assert [d["nll"] for d in plain] == pytest.approx([d["base_nll"] for d in itself], abs=1e-4)
 
     peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
     fresh = drift(peft, answers)  # LoRA B starts at zero: the tuned model is the base
-    assert all(d["kl"] == pytest.approx(0, abs=1e-6) for d in fresh)
-    assert [d["base_nll"] for d in fresh] == pytest.approx([d["base_nll"] for d in itself], abs=1e-5)
+    assert [d["kl"] for d in fresh] == pytest.approx([0, 0, 0], abs=1e-5)
 
     opt = torch.optim.SGD([p for p in peft.parameters() if p.requires_grad], lr=0.5)
     ids = torch.tensor([answers["rows"][0]["prompt_ids"] + [7, 8, 9]])
@@ -109,12 +102,47 @@ def test_drift_is_zero_for_a_fresh_adapter_and_positive_after_a_step(tiny_model,
     opt.step()
     peft.eval()
     moved = drift(peft, answers)
-    assert all(d["kl"] > 0 for d in moved)
-    assert [d["base_nll"] for d in moved] == pytest.approx([d["base_nll"] for d in itself], abs=1e-5)
+    assert all(d["kl"] > 1e-6 for d in moved), moved
+    assert [d["base_nll"] for d in moved] == [d["base_nll"] for d in itself]
+    assert all(d["nll"] != pytest.approx(d["base_nll"]) for d in moved)
 
-    separate, _ = load_model(str(tiny_model))  # the base given apart gives the same numbers
-    assert [d["kl"] for d in drift(peft, answers, base_model=separate)] == pytest.approx(
-        [d["kl"] for d in moved], rel=1e-4, abs=1e-6)
+    # the cache: a second call reads the same answers back without a model
+    again = base_answers(str(tiny_model), prompts, 8, cache=tmp_path / "cache")
+    assert again["rows"] == answers["rows"] and (again["top_logp"] == answers["top_logp"]).all()
+
+
+def test_top_k_kl_is_a_lower_bound_of_the_full_kl_and_exact_when_the_rest_agrees():
+    """The drift formula on hand-made distributions: grouping the tail never raises the KL."""
+    import torch
+
+
+    torch.manual_seed(0)
+    vocab = 300
+    base = torch.randn(5, vocab).log_softmax(-1)
+    tuned = (base + 0.5 * torch.randn(5, vocab)).log_softmax(-1)
+    full = (base.exp() * (base - tuned)).sum(-1)
+    top = base.topk(BASE_TOP_K, dim=-1)
+    answers = {"rows": [{"prompt_ids": [1], "answer_ids": [2] * 5, "offset": 0, "base_nll": 1.0}],
+               "top_ids": top.indices.numpy(), "top_logp": top.values.numpy()}
+
+    class Fixed(torch.nn.Module):  # returns `tuned` at the answer positions whatever the input
+        def __init__(self, logp):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.logp = logp
+
+        def forward(self, input_ids, logits_to_keep, **_):
+            from types import SimpleNamespace
+
+            return SimpleNamespace(logits=torch.cat([self.logp, self.logp[-1:]])[None, -logits_to_keep:])
+
+    approx = drift(Fixed(tuned), answers)[0]["kl"]
+    assert 0 < approx <= float(full.mean()) + 1e-6
+    same_tail = base.clone()  # move only the top tokens: the rest keeps its shape, so the bound is exact
+    same_tail.scatter_(1, top.indices, top.values + 0.3 * torch.randn(5, BASE_TOP_K))
+    same_tail = same_tail.log_softmax(-1)
+    exact = (base.exp() * (base - same_tail)).sum(-1).mean()
+    assert drift(Fixed(same_tail), answers)[0]["kl"] == pytest.approx(float(exact), rel=1e-4)
 
 
 def test_evaluate_with_general_and_contrast(tiny_model, write_jsonl, tmp_path, monkeypatch):

@@ -120,6 +120,8 @@ def evaluate(
     references = [r["messages"][-1]["content"] for r in records]
 
     lm, tokenizer, loaded = load_for_eval(model, adapter, device)
+    if adapter is not None:
+        lm.merge_adapter()  # LoRA folded into the weights: generation at the base model's speed
     ids = [prompt_ids(tokenizer, p) for p in prompts]
     start = time.perf_counter()
     completions: dict[int, Any] = dict(HFBackend(lm, tokenizer, batch_size or "auto").generate(ids, params))
@@ -178,17 +180,15 @@ def _general(lm: Any, tokenizer: Any, cfg: Any, general: Path, contrast: Path | 
              device: str | None) -> Any:
     """Run `delia.general.general_eval` with the base model the evaluated one is compared with."""
     from delia.general import adapter_base, general_eval
-    from delia.models import load_model, resolve_model
+    from delia.models import resolve_model
 
     if adapter is not None:
         if base_model is not None:
             raise DeliaError("--base-model is for a merged --model; an adapter's base is recorded with it")
-        base, base_lm = adapter_base(adapter), None
+        base, same = adapter_base(adapter), False
     else:
         evaluated = model or DEFAULT_MODEL
         base = base_model or evaluated
         same = resolve_model(base) == resolve_model(evaluated)
-        base_lm = None if same else load_model(base, device=device)[0]
-    return general_eval(lm, tokenizer, cfg, general, base=base, adapter=adapter, base_model=base_lm,
-                        contrast=contrast, max_new_tokens=max_new_tokens, batch_size=batch_size or "auto",
-                        device=device)
+    return general_eval(lm, tokenizer, cfg, general, base=base, same=same, adapter=adapter, contrast=contrast,
+                        max_new_tokens=max_new_tokens, batch_size=batch_size or "auto", device=device)

@@ -22,7 +22,7 @@ task metrics.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from delia.metrics import MetricConfig, leaks, normalize_answer
 
 SHORT_REFERENCE_WORDS = 5
 DRIFT_BATCH = 8  # rows per teacher-forced forward pass
+BASE_TOP_K = 256  # base log-probabilities kept per answer position (see `drift`)
 BASE_ANSWERS = "general-base"  # cache folder of base answers, under $DELIA_CACHE
 # metric -> (per-row key, higher is better)
 GENERAL_METRICS: dict[str, tuple[str, bool]] = {
@@ -101,104 +102,130 @@ def adapter_base(adapter: Path) -> str:
 # ----------------------------------------------------------------------------- base answers
 
 
-def base_answers(base: str, prompts: Prompts, max_new_tokens: int, *, loaded: tuple[Any, Any] | None = None,
-                 device: str | None = None, cache: Path | None = None) -> dict[str, Any]:
-    """The base model's greedy answers to `prompts` as token ids, generated once and cached.
-
-    The cache key is the base model's fingerprint, the prompts and the generation settings; the file
-    (`$DELIA_CACHE/general-base/<key>.json`) is written atomically. `loaded` is the base model and
-    tokenizer when the caller holds them already; otherwise they are loaded only on a cache miss.
-    Returns {"model", "vocab_size", "rows": [{"id", "prompt_ids", "answer_ids", "text", "finish_reason"}]}.
-    """
+def _cache_paths(base: str, prompts: Prompts, max_new_tokens: int, cache: Path | None) -> tuple[Path, Path]:
     from delia import __version__
-    from delia.files import sha256_json, write_json
+    from delia.files import sha256_json
     from delia.models import cache_root, model_fingerprint, resolve_model
 
-    folder = resolve_model(base)
-    key = sha256_json({"model": model_fingerprint(folder), "ids": prompts.ids, "prompts": prompts.prompts,
-                       "max_new_tokens": max_new_tokens, "delia": __version__})[:16]
-    path = (cache or cache_root() / BASE_ANSWERS) / f"{key}.json"
-    if path.exists():
-        return json.loads(path.read_text(encoding="utf-8"))
+    key = sha256_json({"model": model_fingerprint(resolve_model(base)), "ids": prompts.ids,
+                       "prompts": prompts.prompts, "max_new_tokens": max_new_tokens, "top_k": BASE_TOP_K,
+                       "delia": __version__})[:16]
+    folder = cache or cache_root() / BASE_ANSWERS
+    return folder / f"{key}.json", folder / f"{key}.npz"
+
+
+def base_answers(base: str, prompts: Prompts, max_new_tokens: int, *, loaded: tuple[Any, Any] | None = None,
+                 device: str | None = None, cache: Path | None = None) -> dict[str, Any]:
+    """The base model's greedy answers to `prompts` and its distribution at every answer position, computed
+    once per base model and prompt set and cached, so that a tuned model's drift costs one forward pass.
+
+    The distribution is kept as the top `BASE_TOP_K` log-probabilities per position (`top_ids`, `top_logp`:
+    [answer positions of all rows, k], rows one after another) in `<key>.npz`; the answers, each row's
+    `offset` into those arrays and its own `base_nll` in `<key>.json`, written last (its presence marks a
+    complete entry). The key covers the base model's fingerprint, the prompts and the settings. `loaded`
+    is the base model and tokenizer when the caller holds them; otherwise they are loaded on a miss.
+    """
+    import numpy as np
+
+    from delia.files import atomic_writer, write_json
+
+    path, arrays = _cache_paths(base, prompts, max_new_tokens, cache)
+    if path.exists() and arrays.exists():
+        answers = json.loads(path.read_text(encoding="utf-8"))
+        with np.load(arrays) as npz:
+            answers["top_ids"], answers["top_logp"] = npz["top_ids"], npz["top_logp"]
+        return answers
+    import torch
+
     from delia.backends import SamplingParams
     from delia.backends.hf import HFBackend
     from delia.chat import prompt_ids
-    from delia.models import load_model
+    from delia.models import load_model, resolve_model
 
-    model, tokenizer = loaded or load_model(folder, device=device)
+    model, tokenizer = loaded or load_model(resolve_model(base), device=device)
     ids = [prompt_ids(tokenizer, p) for p in prompts.prompts]
     params = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
     done = dict(HFBackend(model, tokenizer).generate(ids, params))
-    answers = {
-        "model": base, "vocab_size": int(model.get_output_embeddings().weight.shape[0]),
-        "max_new_tokens": max_new_tokens, "data": str(prompts.path),
-        "rows": [{"id": rid, "prompt_ids": p, "answer_ids": list(done[i].token_ids), "text": done[i].text,
-                  "finish_reason": done[i].finish_reason} for i, (rid, p) in enumerate(zip(prompts.ids, ids,
-                                                                                          strict=True))],
-    }
+    rows = [{"id": rid, "prompt_ids": p, "answer_ids": list(done[i].token_ids), "text": done[i].text,
+             "finish_reason": done[i].finish_reason} for i, (rid, p) in enumerate(zip(prompts.ids, ids, strict=True))]
+    top_ids, top_logp, offset = [], [], 0
+    for i, logp in _answer_logprobs(model, [(r["prompt_ids"], r["answer_ids"]) for r in rows]):
+        target = torch.tensor(rows[i]["answer_ids"], device=logp.device).unsqueeze(1)
+        rows[i]["base_nll"] = float(-logp.gather(1, target).mean())
+        rows[i]["offset"] = offset
+        offset += len(rows[i]["answer_ids"])
+        top = logp.topk(BASE_TOP_K, dim=-1)
+        top_ids.append(top.indices.to(torch.int32).cpu().numpy())
+        top_logp.append(top.values.cpu().numpy())
+    answers = {"model": base, "max_new_tokens": max_new_tokens, "data": str(prompts.path), "top_k": BASE_TOP_K,
+               "rows": rows}
+    k = BASE_TOP_K
+    with atomic_writer(arrays, "wb") as fh:
+        np.savez(fh, top_ids=np.concatenate(top_ids) if top_ids else np.zeros((0, k), np.int32),
+                 top_logp=np.concatenate(top_logp) if top_logp else np.zeros((0, k), np.float32))
     write_json(path, answers)
-    return answers
+    return base_answers(base, prompts, max_new_tokens, cache=cache)
 
 
 # ----------------------------------------------------------------------------- drift
 
 
-def _answer_logprobs(model: Any, rows: Sequence[tuple[list[int], list[int]]], vocab: int | None) -> list[Any]:
-    """Per row, the float32 log-probabilities [answer length, vocab] the model gives each answer token's
-    position, teacher-forced on prompt + answer. Rows are left-padded so every answer ends the sequence and
-    only its positions' logits are computed (`logits_to_keep`), never the whole [batch, length, vocab].
-    `vocab` restricts the distribution to the first ids (the base model's own vocabulary)."""
+def _answer_logprobs(model: Any, rows: Sequence[tuple[list[int], list[int]]]) -> Iterator[tuple[int, Any]]:
+    """(row index, float32 log-probabilities [answer length, vocab]) for each row with an answer: what the
+    model gives each answer token's position, teacher-forced on prompt + answer, `DRIFT_BATCH` rows per pass
+    (similar lengths together). Rows are left-padded so every answer ends its sequence and only answer
+    positions get logits (`logits_to_keep`), never the whole [batch, length, vocab]."""
     import torch
 
-    width = max(len(p) + len(a) for p, a in rows)
-    keep = max(len(a) for _, a in rows) + 1
-    ids = torch.zeros((len(rows), width), dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for j, (p, a) in enumerate(rows):
-        seq = torch.tensor(p + a, dtype=torch.long)
-        ids[j, width - len(seq):] = seq
-        mask[j, width - len(seq):] = 1
+    order = sorted((i for i in range(len(rows)) if rows[i][1]), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
     device = next(model.parameters()).device
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(dim=1) - 1).clamp_(min=0)
-    with torch.inference_mode():
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
-    if vocab is not None:
-        logits = logits[..., :vocab]
-    # logits[:, -1] follows the last answer token and predicts nothing we score
-    return [logits[j, keep - 1 - len(a):keep - 1].float().log_softmax(dim=-1) for j, (_, a) in enumerate(rows)]
+    for start in range(0, len(order), DRIFT_BATCH):
+        chunk = order[start:start + DRIFT_BATCH]
+        width = max(len(rows[i][0]) + len(rows[i][1]) for i in chunk)
+        keep = max(len(rows[i][1]) for i in chunk) + 1
+        ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, i in enumerate(chunk):
+            seq = torch.tensor(rows[i][0] + rows[i][1], dtype=torch.long)
+            ids[j, width - len(seq):] = seq
+            mask[j, width - len(seq):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(dim=1) - 1).clamp_(min=0)
+        with torch.inference_mode():
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep).logits
+        for j, i in enumerate(chunk):  # logits[:, -1] follows the last answer token and predicts nothing we score
+            yield i, logits[j, keep - 1 - len(rows[i][1]):keep - 1].float().log_softmax(dim=-1)
 
 
-def drift(model: Any, answers: dict[str, Any], base_model: Any = None) -> list[dict[str, float | None]]:
+def drift(model: Any | None, answers: dict[str, Any]) -> list[dict[str, float | None]]:
     """Per prompt: `kl`, the mean over answer tokens of KL(base || tuned); `nll`, the tuned model's mean NLL of
-    the base answer; `base_nll`, the base model's own. The base distribution comes from `base_model`, else
-    from `model` with its PEFT adapter disabled, else (a plain model) from `model` itself: drift 0.
+    the base answer; `base_nll`, the base model's own. One teacher-forced pass of `model`; `model=None`
+    means the evaluated model is the base itself (drift 0, no pass).
 
-    Only ids the base model knows (`answers["vocab_size"]`) carry base probability; a tuned model's mass
-    on new tokens counts as drift, since the base would never emit them. Empty answers give None.
+    The base distribution is the cached top `BASE_TOP_K` tokens per position; the KL is taken over those
+    tokens plus one bucket holding all others (for the tuned model that bucket also holds any new token,
+    which the base never emits). Grouping outcomes can only lower a KL, so this is a lower bound of the
+    full-vocabulary KL, exact where the two models agree on how the rest is split. Empty answers give None.
     """
     import torch
 
-    vocab = int(answers["vocab_size"])
-    rows = [(r["prompt_ids"], r["answer_ids"]) for r in answers["rows"]]
-    order = sorted((i for i in range(len(rows)) if rows[i][1]), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+    rows = answers["rows"]
+    if model is None:
+        return [{"kl": 0.0, "nll": r["base_nll"], "base_nll": r["base_nll"]} if r["answer_ids"] else
+                {"kl": None, "nll": None, "base_nll": None} for r in rows]
     out: list[dict[str, float | None]] = [{"kl": None, "nll": None, "base_nll": None} for _ in rows]
-    for start in range(0, len(order), DRIFT_BATCH):
-        chunk = order[start:start + DRIFT_BATCH]
-        batch = [rows[i] for i in chunk]
-        tuned = _answer_logprobs(model, batch, None)
-        if base_model is not None:
-            base = _answer_logprobs(base_model, batch, vocab)
-        elif hasattr(model, "disable_adapter"):
-            with model.disable_adapter():
-                base = _answer_logprobs(model, batch, vocab)
-        else:
-            base = [lp[:, :vocab].log_softmax(dim=-1) for lp in tuned]
-        for i, (_, a), lt, lb in zip(chunk, batch, tuned, base, strict=True):
-            target = torch.tensor(a, dtype=torch.long, device=lt.device).unsqueeze(1)
-            kl = (lb.exp() * (lb - lt[:, :vocab])).sum(dim=-1).clamp_(min=0)
-            out[i] = {"kl": float(kl.mean()), "nll": float(-lt.gather(1, target).mean()),
-                      "base_nll": float(-lb.gather(1, target).mean())}
+    for i, lt in _answer_logprobs(model, [(r["prompt_ids"], r["answer_ids"]) for r in rows]):
+        r = rows[i]
+        span = slice(r["offset"], r["offset"] + len(r["answer_ids"]))
+        top_ids = torch.as_tensor(answers["top_ids"][span], dtype=torch.long, device=lt.device)
+        lb = torch.as_tensor(answers["top_logp"][span], device=lt.device)
+        lt_top = lt.gather(1, top_ids)
+        rest_b = (1 - lb.exp().sum(dim=-1)).clamp(min=1e-12)
+        rest_t = (1 - lt_top.exp().sum(dim=-1)).clamp(min=1e-12)
+        kl = (lb.exp() * (lb - lt_top)).sum(dim=-1) + rest_b * (rest_b.log() - rest_t.log())
+        target = torch.tensor(r["answer_ids"], dtype=torch.long, device=lt.device).unsqueeze(1)
+        out[i] = {"kl": float(kl.clamp(min=0).mean()), "nll": float(-lt.gather(1, target).mean()),
+                  "base_nll": r["base_nll"]}
     return out
 
 
@@ -248,22 +275,19 @@ class GeneralResult:
 
 
 def general_eval(model: Any, tokenizer: Any, config: MetricConfig, general: Path, *, base: str,
-                 adapter: Path | None = None, base_model: Any = None, contrast: Path | None = None,
+                 same: bool = False, adapter: Path | None = None, contrast: Path | None = None,
                  max_new_tokens: int = 64, batch_size: int | str = "auto", device: str | None = None
                  ) -> GeneralResult:
-    """Score `model` (the tuned model, or the base itself) on general prompts and, optionally, a contrast set.
-
-    `base` names the base model (for the cached base answers); `base_model` is that model loaded apart,
-    needed only for a merged model (an adapter's base is the adapter switched off; a plain model that is
-    its own base has drift 0).
-    """
+    """Score `model` on general prompts and, optionally, a contrast set, against the base model `base`
+    (a name `resolve_model` takes; its answers come from the cache, generated on the first call). `same`:
+    `model` is that base itself, so its answers are the cached ones and its drift 0. `adapter` is where the
+    model's new tokens are recorded."""
     from delia.backends import SamplingParams
     from delia.backends.hf import HFBackend
     from delia.chat import prompt_ids
 
     new_ids = new_token_ids(adapter)
     prompts = read_prompts(general)
-    same = adapter is None and base_model is None
     answers = base_answers(base, prompts, max_new_tokens, device=device,
                            loaded=(model, tokenizer) if same else None)
     params = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
@@ -273,7 +297,17 @@ def general_eval(model: Any, tokenizer: Any, config: MetricConfig, general: Path
     else:
         done = dict(backend.generate([r["prompt_ids"] for r in answers["rows"]], params))
         outputs = [(done[i].text, done[i].token_ids, done[i].finish_reason) for i in range(len(prompts.ids))]
-    drifts = drift(model, answers, base_model)
+    contrast_rows = None
+    if contrast is not None:
+        cp = read_prompts(contrast)
+        done = dict(backend.generate([prompt_ids(tokenizer, p) for p in cp.prompts], params))
+        contrast_rows = []
+        for i, rid in enumerate(cp.ids):
+            leaked = leak_row(config, done[i].text, done[i].token_ids, new_ids)
+            contrast_rows.append({"id": rid, "prompt": cp.prompts[i], "output": done[i].text,
+                                  "finish_reason": done[i].finish_reason,
+                                  "scores": {"obey": None if leaked is None else not leaked}})
+    drifts = drift(None if same else model, answers)
     rows = []
     for i, rid in enumerate(prompts.ids):
         text, ids, finish = outputs[i]
@@ -283,15 +317,7 @@ def general_eval(model: Any, tokenizer: Any, config: MetricConfig, general: Path
     summary = {**summarise_rows(rows, GENERAL_METRICS), "data": str(general), "base_model": base,
                "max_new_tokens": max_new_tokens, "new_token_ids": new_ids}
     result = GeneralResult(rows, summary)
-    if contrast is not None:
-        cp = read_prompts(contrast)
-        done = dict(backend.generate([prompt_ids(tokenizer, p) for p in cp.prompts], params))
-        crows = []
-        for i, rid in enumerate(cp.ids):
-            leaked = leak_row(config, done[i].text, done[i].token_ids, new_ids)
-            crows.append({"id": rid, "prompt": cp.prompts[i], "output": done[i].text,
-                          "finish_reason": done[i].finish_reason,
-                          "scores": {"obey": None if leaked is None else not leaked}})
-        result.contrast_rows = crows
-        result.contrast_summary = {**summarise_rows(crows, CONTRAST_METRICS), "data": str(contrast)}
+    if contrast_rows is not None:
+        result.contrast_rows = contrast_rows
+        result.contrast_summary = {**summarise_rows(contrast_rows, CONTRAST_METRICS), "data": str(contrast)}
     return result
