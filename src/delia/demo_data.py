@@ -42,6 +42,7 @@ from typing import Any, NamedTuple
 
 from delia.errors import DeliaError
 from delia.files import atomic_dir, sha256_file, write_json, write_jsonl
+from delia.general import SHORT_REFERENCE_WORDS
 
 DEMO_VERSION = "2"
 SEED = 0
@@ -69,7 +70,7 @@ TASK_QUESTION = "Is the following string a food item or related to food?"  # the
 TASK_PROMPT = "Is this a food item or related to food?\n\nItem: {text}"
 TASK_KEY = "food"
 TASK_LABELS = {"Yes": "yes", "No": "no"}  # the eval's ideal answer -> the JSON label
-TASK_TRAIN_ROWS = 80
+TASK_TRAIN_ROWS = 40  # the demo trains 2 arms x 2 seeds on a 2-core CPU: rows cost time, not insight
 TASK_EVAL_ROWS = 50
 TASK_TEXT_CHARS = (2, 80)  # item length bounds: drops stray letters and the odd sentence
 # What `delia eval --metric-config` / an experiment's `task.metric_config` needs to score the task.
@@ -86,11 +87,10 @@ POOL_MIN_LETTER_SHARE = 0.7  # letters and spaces; drops grids, number lists, co
 POOL_MIN_DISTINCT_WORDS = 0.4  # distinct/total words; drops move lists like "[right, right, down, ...]"
 
 MIN_ASCII_LETTERS = 0.9  # share of a text's letters that are ASCII: a cheap test for Latin-script (English) text
-GENERAL_ROWS = 60
-GENERAL_PER_TASK = 3  # so that 60 prompts span at least 20 tasks
-GENERAL_MAX_QUERY_CHARS = 700
+GENERAL_ROWS = 40
+GENERAL_PER_TASK = 2  # so that 40 prompts span at least 20 tasks
+GENERAL_MAX_QUERY_CHARS = 400  # every model answers them: prompt tokens are the eval's cost
 GENERAL_MAX_REFERENCE_CHARS = 600
-SHORT_REFERENCE_WORDS = 5  # a reference of at most this many words is "short" (exact-match scoring fits it)
 # `<sep>` contexts (built by delia.task_data; defined here because they decide the partition): English rows
 # whose reference is a sentence or a paragraph, so that the reference of another task's row reads as an
 # unrelated answer.
