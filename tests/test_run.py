@@ -105,5 +105,11 @@ def test_shipped_example_configs_validate():
     paper = load_experiment(root / "paper-format.yaml")
     assert paper.task.train.name == "train.jsonl" and paper.task.train.parent.name == "delia-format"
     assert [a.ratio for a in paper.arms] == [0, 100, 260] and paper.baseline_arm == "sft"
+    assert str(paper.general) == "demo-data:general.jsonl" and paper.train_eval
     demo = load_experiment(root / "demo.yaml")
-    assert str(demo.task.train).startswith("demo-data:")
+    assert str(demo.task.train).startswith("demo-data:") and str(demo.general) == "demo-data:general.jsonl"
+    sep = load_experiment(root / "sep-cpu.yaml")
+    assert str(sep.task.eval) == "sep-data:heldout.jsonl" and str(sep.contrast) == "sep-data:contrast.jsonl"
+    assert sep.task.train.parent.name == "delia-format" and "<sep>" in sep.task.add_tokens
+    mt = load_experiment(root / "translation-cpu.yaml")
+    assert mt.task.metric == "translation" and mt.task.metric_config["target_scripts"] == ["HIRAGANA", "KATAKANA", "CJK"]
