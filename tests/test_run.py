@@ -112,4 +112,5 @@ def test_shipped_example_configs_validate():
     assert str(sep.task.eval) == "sep-data:heldout.jsonl" and str(sep.contrast) == "sep-data:contrast.jsonl"
     assert sep.task.train.parent.name == "delia-format" and "<sep>" in sep.task.add_tokens
     mt = load_experiment(root / "translation-cpu.yaml")
-    assert mt.task.metric == "translation" and mt.task.metric_config["target_scripts"] == ["HIRAGANA", "KATAKANA", "CJK"]
+    assert mt.task.metric == "translation"
+    assert mt.task.metric_config["target_scripts"] == ["HIRAGANA", "KATAKANA", "CJK"]
