@@ -9,5 +9,6 @@ PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first, pinned: the CPU wheel (no download on this machine); a bare `torch` would pull a CUDA build.
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==${DELIA_TORCH_VERSION:-2.13.0}"
-.venv/bin/python -m pip install -q -e ".[dev]"
+# Every other package at the versions CI tested (constraints.txt); pyproject.toml holds the ranges.
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
 .venv/bin/delia model prepare
