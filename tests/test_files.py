@@ -1,14 +1,19 @@
 import json
 import os
+import re
 
 import pytest
 
+from delia.errors import DeliaError
 from delia.files import (
     JsonlAppender,
     atomic_dir,
     atomic_writer,
+    beside,
+    changed_settings,
     dumps,
     read_complete_jsonl,
+    read_yaml,
     sha256_file,
     sha256_json,
     write_jsonl,
@@ -108,3 +113,29 @@ def test_sha256_file_matches_hashlib(tmp_path):
     path = tmp_path / "blob"
     path.write_bytes(b"x" * 3000)
     assert sha256_file(path, chunk=1024) == hashlib.sha256(b"x" * 3000).hexdigest()
+
+
+def test_beside_names_a_file_next_to_the_output(tmp_path):
+    assert beside(tmp_path / "diverse.jsonl", ".rejects.jsonl") == tmp_path / "diverse.rejects.jsonl"
+    assert beside(tmp_path / "mixed.v2", ".summary.json") == tmp_path / "mixed.summary.json"
+    kept = beside(tmp_path / "mixed.v2", ".summary.json", strip=(".jsonl", ".json"))
+    assert kept == tmp_path / "mixed.v2.summary.json"
+    assert beside(tmp_path / "mix.json", ".summary.json", strip=(".jsonl", ".json")) == tmp_path / "mix.summary.json"
+
+
+def test_read_yaml_names_the_file_on_errors(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("a: 1\n")
+    assert read_yaml(path) == {"a": 1}
+    path.write_text("")
+    assert read_yaml(path) == {}
+    path.write_text("a: [1\n")
+    with pytest.raises(DeliaError, match="^" + re.escape(f"{path}: cannot read the config: ")):
+        read_yaml(path, "the config")
+    with pytest.raises(DeliaError, match="^" + re.escape(f"{tmp_path / 'absent.yaml'}: ")):
+        read_yaml(tmp_path / "absent.yaml")
+
+
+def test_changed_settings_lists_differing_and_missing_keys():
+    assert changed_settings({"a": 1, "b": 2, "c": None}, {"a": 1, "b": 3, "d": 4}) == ["b", "d"]
+    assert changed_settings({}, {}) == []

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from delia.errors import DataError, DeliaError
-from delia.files import atomic_dir, atomic_writer, dumps, write_jsonl
+from delia.files import atomic_dir, atomic_writer, beside, dumps, write_jsonl
 
 Format = Literal["auto", "messages", "prompt-completion", "alpaca", "sharegpt"]
 FORMATS: tuple[str, ...] = ("messages", "prompt-completion", "alpaca", "sharegpt")
@@ -384,8 +384,7 @@ def write_chat(path: str | Path, records: list[dict[str, Any]]) -> Path:
 
 
 def rejects_path(out: str | Path) -> Path:
-    out = Path(out)
-    return out.with_name(f"{out.stem}.rejects.jsonl")
+    return beside(out, ".rejects.jsonl")
 
 
 def write_rejects(out: str | Path, rejects: list[dict[str, Any]]) -> Path:

@@ -1,4 +1,5 @@
-"""File helpers shared by every stage: atomic writes, appendable JSONL that survives a crash, hashing."""
+"""File helpers shared by every stage: atomic writes, appendable JSONL that survives a crash, hashing,
+the files written beside an output, YAML reading and the resume check against saved settings."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
+
+from delia.errors import DeliaError
 
 
 @contextlib.contextmanager
@@ -149,3 +152,34 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def beside(out: str | Path, suffix: str, *, strip: Iterable[str] | None = None) -> Path:
+    """The file `NAME{suffix}` in `out`'s folder, NAME being `out`'s name without its extension
+    (`diverse.jsonl` -> `diverse.rejects.jsonl`). With `strip`, only those extensions are removed:
+    any other name (a dataset folder `mixed` or `mixed.v2`) is kept whole.
+    """
+    out = Path(out)
+    name = out.stem if strip is None or out.suffix in strip else out.name
+    return out.with_name(f"{name}{suffix}")
+
+
+def read_yaml(path: str | Path, what: str | None = None) -> Any:
+    """The parsed YAML of `path` (`{}` for an empty file), any shape: callers check it.
+
+    A file that cannot be read or parsed raises DeliaError naming it: `PATH: cannot read WHAT: ERROR`,
+    or `PATH: ERROR` without `what`.
+    """
+    import yaml
+
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise DeliaError(f"{path}: cannot read {what}: {e}" if what else f"{path}: {e}") from None
+
+
+def changed_settings(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """Sorted keys whose values differ between saved and current settings (a missing key counts as None):
+    what a resume or a merge must refuse to mix.
+    """
+    return sorted(k for k in {*saved, *now} if saved.get(k) != now.get(k))

@@ -15,14 +15,13 @@ from rich.console import Console
 
 from delia.data import ChatData, describe, read_chat, row_id, write_chat
 from delia.errors import DeliaError
-from delia.files import sha256_file, write_json
+from delia.files import beside, sha256_file, write_json
 
 SOURCES = ("task", "diverse")
 
 
 def summary_path(out: str | Path) -> Path:
-    out = Path(out)
-    return out.with_name(f"{out.stem if out.suffix in ('.jsonl', '.json') else out.name}.summary.json")
+    return beside(out, ".summary.json", strip=(".jsonl", ".json"))
 
 
 def _tagged(record: dict[str, Any], source: str) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from typing import Annotated, Any
 import typer
 
 from delia.errors import DeliaError
+from delia.files import beside, changed_settings
 from delia.versions import library_versions
 
 REASONS = ("empty", "truncated", "repetition", "copies_reference", "mentions_reference", "duplicate")
@@ -103,8 +104,7 @@ class Filters:
 
 
 def manifest_path(out: str | Path) -> Path:
-    out = Path(out)
-    return out.with_name(f"{out.stem}.manifest.json")
+    return beside(out, ".manifest.json")
 
 
 def parse_shard(shard: str | None) -> tuple[int, int]:
@@ -183,7 +183,7 @@ def _check_resumable(out: Path, settings: dict[str, Any], overwrite: bool) -> No
         previous = json.loads(mpath.read_text(encoding="utf-8"))["settings"]
     except (OSError, ValueError, KeyError) as e:
         raise DeliaError(f"{mpath}: unreadable manifest ({e}); pass --overwrite to start again") from None
-    changed = sorted(k for k in {*settings, *previous} if settings.get(k) != previous.get(k))
+    changed = changed_settings(previous, settings)
     if changed:
         diff = ", ".join(f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}" for k in changed)
         raise DeliaError(f"{out} was sampled with other settings ({diff}); resuming would mix them. "
@@ -458,7 +458,7 @@ def merge(
     strip = lambda st: {k: v for k, v in st.items() if k != "shard"}  # noqa: E731
     base = strip(manifests[0]["settings"])
     for s, m in zip(shards[1:], manifests[1:], strict=True):
-        changed = sorted(k for k in {*base, *strip(m["settings"])} if base.get(k) != m["settings"].get(k))
+        changed = changed_settings(base, strip(m["settings"]))
         if changed:
             raise DeliaError(f"{s}: sampled with other settings than {shards[0]} ({', '.join(changed)})")
     parsed = [parse_shard(m["settings"]["shard"]) for m in manifests]

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import typer
 
 from delia.errors import DeliaError
-from delia.files import sha256_file, sha256_json, write_json, write_jsonl
+from delia.files import changed_settings, sha256_file, sha256_json, write_json, write_jsonl
 from delia.important import IMPORTANT_LOSS_FILE
 from delia.versions import library_versions
 
@@ -179,7 +179,7 @@ def _check_out(out: Path, settings: dict[str, Any], main: bool) -> None:
                              "or --overwrite to start over")
         saved = json.loads((ckpt / RUN_RECORD).read_text()) if (ckpt / RUN_RECORD).exists() else {}
         now = _resume_key(settings)
-        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        diff = changed_settings(saved, now)
         if diff:
             raise DeliaError(f"{out}: --resume with settings or data that differ from the checkpointed run: "
                              f"{', '.join(diff)}")
