@@ -64,12 +64,12 @@ STAGES: dict[str, str] = {
 def _load_config(ctx: typer.Context, _param: Any, value: Path | None) -> Path | None:
     if value is None:
         return None
-    import yaml
+    from delia.files import read_yaml
 
     try:
-        data = yaml.safe_load(value.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise typer.BadParameter(f"{value}: {e}") from None
+        data = read_yaml(value)
+    except DeliaError as e:
+        raise typer.BadParameter(str(e)) from None
     if not isinstance(data, dict):
         raise typer.BadParameter(f"{value}: expected a mapping of option names to values")
     known = {p.name for p in ctx.command.params}

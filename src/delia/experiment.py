@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from delia.errors import DeliaError
+from delia.files import read_yaml
 
 
 class Task(BaseModel):
@@ -86,16 +87,10 @@ class Experiment(BaseModel):
 
 def load_experiment(path: str | Path) -> Experiment:
     """Read and validate an experiment YAML; relative data paths are taken from the YAML's folder."""
-    import yaml
     from pydantic import ValidationError
 
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except OSError as e:
-        raise DeliaError(f"{path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise DeliaError(f"{path}: invalid YAML: {e}") from None
+    raw = read_yaml(path, "the experiment config")
     try:
         exp = Experiment.model_validate(raw)
     except ValidationError as e:

@@ -32,6 +32,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from delia.errors import DeliaError
+from delia.files import read_yaml
 
 # Model output longer than this, or nested deeper, is not parsed: `ast.literal_eval` builds a full syntax
 # tree first, and a few kB of brackets can exhaust the parser's stack or memory.
@@ -83,13 +84,8 @@ class MetricConfig(BaseModel):
     @classmethod
     def load(cls, path: str | Path) -> MetricConfig:
         """Read a YAML mapping of the fields above; a bad file raises DeliaError naming it."""
-        import yaml
-
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise DeliaError(f"{path}: cannot read the metric config: {e}") from None
+        data = read_yaml(path, "the metric config")
         if not isinstance(data, dict):
             raise DeliaError(f"{path}: the metric config must be a mapping of field names to values")
         try:

@@ -57,12 +57,9 @@ def _descriptions(token: list[str] | None, tokens_file: Path | None, adapter: Pa
 
     found = _recorded_descriptions(adapter) or _recorded_descriptions(Path(model) if model else None)
     if tokens_file is not None:
-        import yaml
+        from delia.files import read_yaml
 
-        try:
-            mapping = yaml.safe_load(tokens_file.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise DeliaError(f"{tokens_file}: cannot read token descriptions: {e}") from None
+        mapping = read_yaml(tokens_file, "token descriptions")
         if not isinstance(mapping, dict) or not all(isinstance(k, str) for k in mapping):
             raise DeliaError(f"{tokens_file}: expected a mapping of token to description")
         found.update({k: str(v) for k, v in mapping.items() if v})
