@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 from delia.errors import DeliaError
 from delia.files import atomic_dir, sha256_file, write_json, write_jsonl
 from delia.general import SHORT_REFERENCE_WORDS
+from delia.text import normalise
 
 DEMO_VERSION = "2"
 SEED = 0
@@ -220,11 +221,6 @@ def mostly_ascii(text: str) -> bool:
         return any(c.isalpha() for c in text)
     letters = [c for c in text if c.isalpha()]
     return bool(letters) and sum(c.isascii() for c in letters) / len(letters) >= MIN_ASCII_LETTERS
-
-
-def normalise(text: str) -> str:
-    """Case- and whitespace-insensitive form of a text, for deduplication and overlap checks."""
-    return " ".join(text.split()).lower()
 
 
 def stats(values: list[int]) -> dict[str, float | int]:

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from delia.errors import DeliaError
 from delia.files import read_yaml
+from delia.text import normalize_answer
 
 # Model output longer than this, or nested deeper, is not parsed: `ast.literal_eval` builds a full syntax
 # tree first, and a few kB of brackets can exhaust the parser's stack or memory.
@@ -281,13 +282,6 @@ def _score_translation(outputs: Sequence[str], references: Sequence[str], config
         row_means["comet"] = "comet"
     metrics["n"] = len(rows)
     return Scores("translation", "chrf_sentence_mean", metrics, rows, row_means, notes)
-
-
-def normalize_answer(text: str) -> str:
-    """Casefolded, punctuation turned into spaces, whitespace collapsed (NFKC first)."""
-    text = unicodedata.normalize("NFKC", text).casefold()
-    text = "".join(" " if unicodedata.category(c).startswith("P") else c for c in text)
-    return " ".join(text.split())
 
 
 def _score_short(outputs: Sequence[str], references: Sequence[str], kind: str) -> Scores:

@@ -24,6 +24,7 @@ import typer
 
 from delia.errors import DeliaError
 from delia.files import beside, changed_settings
+from delia.text import normalise
 from delia.versions import library_versions
 
 REASONS = ("empty", "truncated", "repetition", "copies_reference", "mentions_reference", "duplicate")
@@ -37,10 +38,6 @@ _MENTIONS = re.compile(
 
 
 # ----------------------------------------------------------------------------- filters
-
-
-def _norm(text: str) -> str:
-    return " ".join(text.split()).lower()
 
 
 def is_repetitive(text: str) -> bool:
@@ -66,7 +63,7 @@ def copies_reference(text: str, reference: str | None) -> bool:
     """The answer is the reference, or contains a long reference verbatim (ignoring case and spacing)."""
     if not reference:
         return False
-    ref, ans = _norm(reference), _norm(text)
+    ref, ans = normalise(reference), normalise(text)
     return ans == ref or (len(ref) >= 40 and ref in ans)
 
 
@@ -93,7 +90,7 @@ class Filters:
         if self.reference and mentions_reference(text):
             return "mentions_reference"
         if self.duplicates:
-            key = _norm(text)
+            key = normalise(text)
             if key in seen:
                 return "duplicate"
             seen.add(key)
@@ -333,7 +330,7 @@ def sample(
     done = {r["meta"]["query_id"] for r in (*kept_rows, *rejected_rows)}
     todo = [q for q in queries if q[0] not in done]
     resumed = len(queries) - len(todo)
-    seen = {_norm(r["messages"][-1]["content"]) for r in kept_rows} if filters.duplicates else set()
+    seen = {normalise(r["messages"][-1]["content"]) for r in kept_rows} if filters.duplicates else set()
     rejected = Counter(r["reason"] for r in rejected_rows)
     kept = len(kept_rows)
     del kept_rows, rejected_rows
@@ -491,7 +488,7 @@ def merge(
             raise DeliaError(f"{s}: its rows do not cover the queries its manifest lists "
                              f"({len(per_query)} queries present, {m['summary']['queries']} expected)")
         for r in kept:
-            key = _norm(r["messages"][-1]["content"])
+            key = normalise(r["messages"][-1]["content"])
             if base["filters"]["duplicates"] and key in seen:
                 rejected_rows.append({**r, "reason": "duplicate"})
                 moved += 1
