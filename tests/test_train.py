@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from delia.errors import DeliaError
-from delia.train import TRAIN_RECORD, TRAINER_LOG, _setup, load_trained, train
+from delia.models import load_trained
+from delia.train import TRAIN_RECORD, TRAINER_LOG, _setup, train
 
 FAST = {"max_length": 256, "batch_size": 4, "warmup_steps": 0, "learning_rate": 1e-2, "logging_steps": 1}
 

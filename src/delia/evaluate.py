@@ -18,28 +18,13 @@ from typing import Annotated, Any
 import typer
 
 from delia.errors import DeliaError
-from delia.models import DEFAULT_MODEL
+from delia.models import DEFAULT_MODEL, load_for_eval
 from delia.versions import library_versions
 
 PREDICTIONS = "predictions.jsonl"
 SCORES = "scores.json"
 GENERAL_ROWS = "general.jsonl"
 CONTRAST_ROWS = "contrast.jsonl"
-
-
-def load_for_eval(model: str | None, adapter: Path | None, device: str | None = None) -> tuple[Any, Any, str]:
-    """(model, tokenizer, description of what was loaded): the adapter's own base when an adapter is given."""
-    if adapter is not None:
-        if model is not None:
-            raise DeliaError("pass --model or --adapter, not both: the adapter records its base model")
-        from delia.train import load_trained
-
-        m, tok = load_trained(adapter, device=device)
-        return m, tok, f"{adapter} (adapter)"
-    from delia.models import load_model
-
-    m, tok = load_model(model or DEFAULT_MODEL, device=device)
-    return m, tok, model or DEFAULT_MODEL
 
 
 def _metric_config(metric: str | None, metric_config: Path | None):

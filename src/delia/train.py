@@ -21,6 +21,7 @@ import typer
 from delia.errors import DeliaError
 from delia.files import changed_settings, sha256_file, sha256_json, write_json, write_jsonl
 from delia.important import IMPORTANT_LOSS_FILE
+from delia.models import load_trained
 from delia.versions import library_versions
 
 TRAIN_RECORD = "delia_train.json"
@@ -346,27 +347,3 @@ def _sources(records: list[dict[str, Any]]) -> dict[str, int]:
         key = str(r.get("source", "unknown"))
         counts[key] = counts.get(key, 0) + 1
     return counts
-
-
-def load_trained(adapter: str | Path, device: str | None = None) -> tuple[Any, Any]:
-    """(base model + adapter in eval mode, the adapter's tokenizer): what evaluation calls "the trained model".
-
-    The base is the model named in delia_train.json (resolved again, so a bundled name works on
-    another machine), else the adapter config's path; embeddings grow to the tokenizer when it is longer.
-    """
-    from peft import PeftConfig, PeftModel
-    from transformers import AutoTokenizer
-
-    from delia.models import load_model
-
-    adapter = Path(adapter)
-    if not (adapter / "adapter_config.json").exists():
-        raise DeliaError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
-    record = adapter / TRAIN_RECORD
-    base = (json.loads(record.read_text())["model"]["name"] if record.exists()
-            else PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path)
-    model, _ = load_model(base, device=device)
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter))
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    return PeftModel.from_pretrained(model, str(adapter)).eval(), tokenizer
