@@ -14,17 +14,9 @@ import delia.backends
 from delia.backends import Completion
 from delia.errors import DeliaError
 from delia.files import read_complete_jsonl
+from delia.filters import copies_reference, is_repetitive, mentions_reference
 from delia.models import load_tokenizer
-from delia.sample import (
-    copies_reference,
-    in_shard,
-    is_repetitive,
-    manifest_path,
-    mentions_reference,
-    merge,
-    parse_shard,
-    sample,
-)
+from delia.sample import in_shard, manifest_path, merge, parse_shard, sample
 
 PROSE = ("Paris is the capital of France. It lies on the Seine, has about two million people, and is known for "
          "its museums, its cafes, the Eiffel Tower and a long history as a centre of art and science.")

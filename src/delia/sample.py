@@ -3,7 +3,7 @@
 Built for long runs: every finished query is appended and fsynced at once, a rerun on the same output
 skips what is done (a torn last line from a crash is dropped, a half-written query redone), every
 sample has its own seed derived from the base seed and the query id (so shards and reruns never
-repeat each other), and bad answers go to `OUT.rejects.jsonl` with their reason.
+repeat each other), and bad answers go to `OUT.rejects.jsonl` with their reason (see `delia.filters`).
 """
 
 from __future__ import annotations
@@ -12,10 +12,8 @@ import hashlib
 import re
 import sys
 import time
-import zlib
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,78 +22,9 @@ import typer
 
 from delia.errors import DeliaError
 from delia.files import beside, changed_settings
+from delia.filters import REASONS, Filters
 from delia.text import normalise
 from delia.versions import library_versions
-
-REASONS = ("empty", "truncated", "repetition", "copies_reference", "mentions_reference", "duplicate")
-_MENTIONS = re.compile(
-    r"\b(?:the|my|your|this|that|a)\s+(?:reference|previous|above|earlier|prior|last|original)\s+(?:answer|response)"
-    r"|\breference\s+(?:answer|response)"
-    r"|\bas\s+(?:i\s+)?(?:mentioned|said|stated|answered|explained)\s+(?:before|above|earlier|previously)"
-    r"|\b(?:repeat|restate)\s+(?:my|the)\s+(?:previous\s+)?answer",
-    re.IGNORECASE,
-)
-
-
-# ----------------------------------------------------------------------------- filters
-
-
-def is_repetitive(text: str) -> bool:
-    """Degenerate loops: few distinct word 4-grams overall or in the last third, or text that compresses
-    far better than prose does (catches loops without spaces). Ordinary answers pass all three.
-    """
-    words = text.split()
-    for span in (words, words[-max(len(words) // 3, 1):]):
-        if len(span) >= 24:
-            grams = {tuple(span[i:i + 4]) for i in range(len(span) - 3)}
-            if len(grams) / (len(span) - 3) < (0.5 if span is words else 0.3):
-                return True
-    data = text.encode()
-    return len(data) >= 120 and len(zlib.compress(data)) / len(data) < 0.15
-
-
-def mentions_reference(text: str) -> bool:
-    """The answer talks about the one-shot example ("as in the reference answer") instead of answering."""
-    return _MENTIONS.search(text) is not None
-
-
-def copies_reference(text: str, reference: str | None) -> bool:
-    """The answer is the reference, or contains a long reference verbatim (ignoring case and spacing)."""
-    if not reference:
-        return False
-    ref, ans = normalise(reference), normalise(text)
-    return ans == ref or (len(ref) >= 40 and ref in ans)
-
-
-@dataclass(frozen=True)
-class Filters:
-    """Which filters are on; `truncated` drops answers cut at the token limit."""
-
-    empty: bool = True
-    truncated: bool = True
-    repetition: bool = True
-    reference: bool = True
-    duplicates: bool = True
-
-    def reason(self, text: str, finish_reason: str, reference: str | None, seen: set[str]) -> str | None:
-        """The first reason to reject an answer, or None to keep it (and remember it for duplicates)."""
-        if self.empty and not text.strip():
-            return "empty"
-        if self.truncated and finish_reason == "length":
-            return "truncated"
-        if self.repetition and is_repetitive(text):
-            return "repetition"
-        if self.reference and copies_reference(text, reference):
-            return "copies_reference"
-        if self.reference and mentions_reference(text):
-            return "mentions_reference"
-        if self.duplicates:
-            key = normalise(text)
-            if key in seen:
-                return "duplicate"
-            seen.add(key)
-        return None
-
 
 # ----------------------------------------------------------------------------- files and shards
 
@@ -381,7 +310,7 @@ def sample(
                             "samples_per_query": samples_per_query, "finish_reason": c.finish_reason,
                             "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens}
                     row = _row(qid, query, c.text, meta)
-                    reason = filters.reason(c.text, c.finish_reason, ref, seen)
+                    reason = filters.check_and_record(c.text, c.finish_reason, ref, seen)
                     if reason is None:
                         good.append(row)
                     else:
