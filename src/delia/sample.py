@@ -14,9 +14,10 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -25,6 +26,12 @@ from delia.files import beside, changed_settings
 from delia.filters import REASONS, Filters
 from delia.text import normalise
 from delia.versions import library_versions
+
+if TYPE_CHECKING:
+    from delia.backends import Backend, Completion, SamplingParams
+
+Query = tuple[str, str, str | None]  # (query id, query, reference answer or None)
+
 
 # ----------------------------------------------------------------------------- files and shards
 
@@ -90,6 +97,7 @@ def _resume(out: Path, rejects: Path, n: int) -> tuple[list[dict], list[dict]]:
 
 
 def _check_resumable(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
+    """Refuse to resume a file that is not ours or was sampled with other settings (with --overwrite, start again)."""
     import json
 
     from delia.data import rejects_path
@@ -116,11 +124,170 @@ def _check_resumable(out: Path, settings: dict[str, Any], overwrite: bool) -> No
                          "Rerun with the same settings, pass --overwrite, or choose another output path")
 
 
-def _row(qid: str, query: str, text: str, meta: dict[str, Any]) -> dict[str, Any]:
-    sample_id = qid if meta["samples_per_query"] == 1 else f"{qid}#{meta['sample']}"
-    meta = {k: v for k, v in meta.items() if k != "samples_per_query"}
-    return {"messages": [{"role": "user", "content": query}, {"role": "assistant", "content": text}],
-            "id": sample_id, "meta": {"query_id": qid, **meta}}
+# ----------------------------------------------------------------------------- the stage's steps
+
+
+@dataclass
+class _Tally:
+    """The counts behind the summary, carried from the rows already written through this run's loop."""
+
+    kept: int
+    rejected: Counter[str]
+    seen: set[str]  # normalised kept answers, which the duplicate filter checks against
+    generated: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def _check_choices(mode: str, backend: str, base_url: str | None) -> None:
+    """Refuse an unknown --mode or --backend, and openai without a server, before any file is touched."""
+    from delia.backends import BACKENDS
+    from delia.chat import MODES
+
+    if mode not in MODES:
+        raise DeliaError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if backend not in BACKENDS:
+        raise DeliaError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "openai" and not base_url:
+        raise DeliaError("--backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
+
+
+def _select_queries(pool: Path, format: str, columns: list[str] | None, skip_invalid: bool,
+                    shard: tuple[int, int], limit: int | None, mode: str) -> tuple[list[Query], Counter[str], int]:
+    """(queries of this shard within --limit, counts of those skipped and why, rows in the pool). One-shot
+    mode skips queries without a reference, and refuses a pool where none has one.
+    """
+    queries, skipped = _load_queries(pool, format, columns, skip_invalid)
+    pool_rows = len(queries) + sum(skipped.values())
+    queries = [q for q in queries if in_shard(q[0], *shard)][:limit]
+    if mode == "one-shot":
+        no_ref = sum(ref is None for _, _, ref in queries)
+        if queries and no_ref == len(queries):
+            raise DeliaError(f"{pool}: no query has a reference answer, which --mode one-shot needs; "
+                             "use --mode zero-shot")
+        if no_ref:
+            skipped["no_reference"] = no_ref
+            queries = [q for q in queries if q[2] is not None]
+    return queries, skipped, pool_rows
+
+
+def _pick_up(out: Path, queries: list[Query], n: int, filters: Filters) -> tuple[list[Query], _Tally]:
+    """The queries not yet sampled into `out`, and the tally of the rows already there (their kept answers
+    seed the duplicate filter), so that a rerun goes on where the last one stopped.
+    """
+    from delia.data import rejects_path
+
+    kept_rows, rejected_rows = _resume(out, rejects_path(out), n)
+    done = {r["meta"]["query_id"] for r in (*kept_rows, *rejected_rows)}
+    seen = {normalise(r["messages"][-1]["content"]) for r in kept_rows} if filters.duplicates else set()
+    tally = _Tally(kept=len(kept_rows), rejected=Counter(r["reason"] for r in rejected_rows), seen=seen)
+    return [q for q in queries if q[0] not in done], tally
+
+
+def _open_backend(backend: str, model: str, *, served_model: str | None, batch_size: str, device: str | None,
+                  dtype: str, tensor_parallel: int, base_url: str | None, concurrency: int, timeout: float,
+                  max_retries: int) -> Backend:
+    """The back end through `get_backend`, given the options of its kind: hf loads --model's tokenizer with
+    the model; vllm and openai get it here, so that every back end renders prompts with --model's template.
+    """
+    from delia.backends import get_backend
+
+    options: dict[str, Any]
+    if backend == "hf":
+        options = {"batch_size": batch_size if batch_size == "auto" else _int(batch_size), "device": device,
+                   "dtype": dtype}
+    else:
+        from delia.models import load_tokenizer
+
+        options = {"tokenizer": load_tokenizer(model)}
+        if backend == "vllm":
+            options |= {"tensor_parallel_size": tensor_parallel, "dtype": dtype}
+        else:
+            options |= {"base_url": base_url, "concurrency": concurrency, "timeout": timeout,
+                        "max_retries": max_retries}
+    return get_backend(backend, served_model or model if backend == "openai" else model, **options)
+
+
+def _render_prompts(todo: list[Query], tokenizer: Any, mode: str, system: str | None, max_prompt_tokens: int | None,
+                    skipped: Counter[str]) -> tuple[list[Query], list[list[int]]]:
+    """(queries, their prompt ids): with --max-prompt-tokens, longer prompts are left out and counted in `skipped`."""
+    from delia.chat import delia_prompt, prompt_ids
+
+    prompts = [prompt_ids(tokenizer, delia_prompt(q, ref, mode, system)) for _, q, ref in todo]  # type: ignore[arg-type]
+    if max_prompt_tokens is not None:
+        fits = [len(p) <= max_prompt_tokens for p in prompts]
+        if not all(fits):
+            skipped["prompt_too_long"] = fits.count(False)
+            todo = [q for q, ok in zip(todo, fits, strict=True) if ok]
+            prompts = [p for p, ok in zip(prompts, fits, strict=True) if ok]
+    return todo, prompts
+
+
+def _generate_and_write(engine: Backend, todo: list[Query], prompts: list[list[int]], params: SamplingParams,
+                        out: Path, filters: Filters, tally: _Tally, meta: dict[str, Any], progress: bool) -> None:
+    """Generate, filter and append: each query's rows go to OUT or its rejects (and are fsynced) as soon as
+    its last sample arrives, so a crash loses at most the queries in flight.
+    """
+    from delia.backends import derive_seed
+    from delia.data import rejects_path
+    from delia.files import JsonlAppender
+
+    seeds = [derive_seed(params.seed, qid) for qid, _, _ in todo]
+    pending: dict[int, list[Completion]] = {}
+    with JsonlAppender(out) as kept_file, JsonlAppender(rejects_path(out)) as reject_file, _progress(progress) as bar:
+        task = bar.add_task("sample", total=len(todo), rows_s=0.0, tok_s=0.0)
+        t0 = time.monotonic()
+        for i, completion in engine.generate(prompts, params, seeds):
+            pending.setdefault(i, []).append(completion)
+            tally.prompt_tokens += completion.prompt_tokens
+            tally.completion_tokens += completion.completion_tokens
+            if len(pending[i]) < params.n:
+                continue
+            good, bad = _judge(todo[i], pending.pop(i), params.n, filters, tally, meta)
+            if good:
+                kept_file.write(good)
+            if bad:
+                reject_file.write(bad)
+            elapsed = max(time.monotonic() - t0, 1e-9)
+            bar.update(task, advance=1, rows_s=tally.generated / elapsed, tok_s=tally.completion_tokens / elapsed)
+
+
+def _judge(query: Query, completions: list[Completion], n: int, filters: Filters, tally: _Tally,
+           meta: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A finished query's samples as rows, in sample order, split into kept and rejected (with the reason),
+    and counted in `tally`.
+    """
+    qid, text, ref = query
+    good, bad = [], []
+    for c in sorted(completions, key=lambda c: c.sample):
+        row = _row(qid, text, c, n, meta)
+        reason = filters.check_and_record(c.text, c.finish_reason, ref, tally.seen)
+        if reason is None:
+            good.append(row)
+        else:
+            bad.append({**row, "reason": reason})
+            tally.rejected[reason] += 1
+    tally.kept += len(good)
+    tally.generated += len(good) + len(bad)
+    return good, bad
+
+
+def _row(qid: str, query: str, c: Completion, n: int, meta: dict[str, Any]) -> dict[str, Any]:
+    """One output row: query and answer as messages, id `qid` (`qid#k` for sample k when n > 1), and meta."""
+    return {"messages": [{"role": "user", "content": query}, {"role": "assistant", "content": c.text}],
+            "id": qid if n == 1 else f"{qid}#{c.sample}",
+            "meta": {"query_id": qid, **meta, "sample": c.sample, "finish_reason": c.finish_reason,
+                     "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens}}
+
+
+def _summary(out: Path, pool_rows: int, skipped: Counter[str], shard: str, queries: int, resumed: int,
+             tally: _Tally, wall: float) -> dict[str, Any]:
+    """What `sample` returns, the manifest keeps and the table shows."""
+    return {"out": str(out), "pool_rows": pool_rows, "skipped": dict(skipped), "shard": shard,
+            "queries": queries, "resumed": resumed, "generated": tally.generated,
+            "kept": tally.kept, "rejected": {r: tally.rejected[r] for r in REASONS if tally.rejected[r]},
+            "prompt_tokens": tally.prompt_tokens, "completion_tokens": tally.completion_tokens,
+            "wall_s": round(wall, 2), "tokens_per_s": round(tally.completion_tokens / wall, 2) if wall else 0.0}
 
 
 # ----------------------------------------------------------------------------- progress and summary
@@ -220,19 +387,12 @@ def sample(
       delia sample pool.jsonl part0.jsonl --shard 0/4 --backend vllm --tensor-parallel 2\n
       delia sample pool.jsonl diverse.jsonl --backend openai --base-url http://127.0.0.1:8000/v1
     """
-    from delia.backends import BACKENDS, SamplingParams, derive_seed, get_backend
-    from delia.chat import MODES, delia_prompt, prompt_ids
-    from delia.data import rejects_path
-    from delia.files import JsonlAppender, write_json
+    from delia.backends import SamplingParams
+    from delia.files import write_json
 
     start = time.monotonic()
     pool, out = Path(pool), Path(out)
-    if mode not in MODES:
-        raise DeliaError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if backend not in BACKENDS:
-        raise DeliaError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "openai" and not base_url:
-        raise DeliaError("--backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
+    _check_choices(mode, backend, base_url)
     params = SamplingParams(temperature, top_p, max_new_tokens, seed, samples_per_query)
     shard_i, shard_n = parse_shard(shard)
     filters = Filters(drop_empty, drop_truncated, drop_repetitive, drop_reference_copies, drop_duplicates)
@@ -241,97 +401,28 @@ def sample(
                 "seed": seed, "shard": f"{shard_i}/{shard_n}", "max_prompt_tokens": max_prompt_tokens,
                 "filters": {k: getattr(filters, k) for k in Filters.__dataclass_fields__}}
 
-    queries, skipped = _load_queries(pool, format, columns, skip_invalid)
-    pool_rows = len(queries) + sum(skipped.values())
-    queries = [q for q in queries if in_shard(q[0], shard_i, shard_n)][:limit]
-    if mode == "one-shot":
-        no_ref = sum(ref is None for _, _, ref in queries)
-        if queries and no_ref == len(queries):
-            raise DeliaError(f"{pool}: no query has a reference answer, which --mode one-shot needs; "
-                             "use --mode zero-shot")
-        if no_ref:
-            skipped["no_reference"] = no_ref
-            queries = [q for q in queries if q[2] is not None]
-
+    queries, skipped, pool_rows = _select_queries(pool, format, columns, skip_invalid, (shard_i, shard_n), limit,
+                                                  mode)
     _check_resumable(out, settings, overwrite)
-    rpath = rejects_path(out)
-    kept_rows, rejected_rows = _resume(out, rpath, samples_per_query)
-    done = {r["meta"]["query_id"] for r in (*kept_rows, *rejected_rows)}
-    todo = [q for q in queries if q[0] not in done]
+    todo, tally = _pick_up(out, queries, samples_per_query, filters)
     resumed = len(queries) - len(todo)
-    seen = {normalise(r["messages"][-1]["content"]) for r in kept_rows} if filters.duplicates else set()
-    rejected = Counter(r["reason"] for r in rejected_rows)
-    kept = len(kept_rows)
-    del kept_rows, rejected_rows
 
     versions = library_versions("vllm") if backend == "vllm" else library_versions()
     manifest: dict[str, Any] = {"stage": "sample", "status": "running", "settings": settings, "limit": limit,
                                 "backend": backend, "versions": versions, "started": _now()}
     write_json(manifest_path(out), manifest)
-    counts = Counter[str]()
     model_path = None
     if todo:
-        if backend == "hf":
-            engine = get_backend("hf", model, batch_size=batch_size if batch_size == "auto" else _int(batch_size),
-                                 device=device, dtype=dtype)
-            tokenizer = engine.tokenizer  # type: ignore[attr-defined]
-        else:
-            from delia.models import load_tokenizer
+        engine = _open_backend(backend, model, served_model=served_model, batch_size=batch_size, device=device,
+                               dtype=dtype, tensor_parallel=tensor_parallel, base_url=base_url,
+                               concurrency=concurrency, timeout=timeout, max_retries=max_retries)
+        model_path = engine.tokenizer.name_or_path
+        todo, prompts = _render_prompts(todo, engine.tokenizer, mode, system, max_prompt_tokens, skipped)
+        _generate_and_write(engine, todo, prompts, params, out, filters, tally,
+                            {"backend": backend, "model": model, "seed": seed}, progress)
 
-            tokenizer = load_tokenizer(model)
-            if backend == "vllm":
-                engine = get_backend("vllm", model, tensor_parallel_size=tensor_parallel, dtype=dtype)
-            else:
-                engine = get_backend("openai", served_model or model, base_url=base_url, concurrency=concurrency,
-                                     timeout=timeout, max_retries=max_retries, tokenizer=tokenizer)
-        model_path = tokenizer.name_or_path
-        prompts = [prompt_ids(tokenizer, delia_prompt(q, ref, mode, system)) for _, q, ref in todo]  # type: ignore[arg-type]
-        if max_prompt_tokens is not None:
-            fits = [len(p) <= max_prompt_tokens for p in prompts]
-            if not all(fits):
-                skipped["prompt_too_long"] = fits.count(False)
-                todo = [q for q, ok in zip(todo, fits, strict=True) if ok]
-                prompts = [p for p, ok in zip(prompts, fits, strict=True) if ok]
-        seeds = [derive_seed(seed, qid) for qid, _, _ in todo]
-        pending: dict[int, list] = {}
-        with JsonlAppender(out) as kept_file, JsonlAppender(rpath) as reject_file, _progress(progress) as bar:
-            task = bar.add_task("sample", total=len(todo), rows_s=0.0, tok_s=0.0)
-            t0 = time.monotonic()
-            for i, completion in engine.generate(prompts, params, seeds):
-                pending.setdefault(i, []).append(completion)
-                counts["prompt_tokens"] += completion.prompt_tokens
-                counts["completion_tokens"] += completion.completion_tokens
-                if len(pending[i]) < samples_per_query:
-                    continue
-                qid, query, ref = todo[i]
-                good, bad = [], []
-                for c in sorted(pending.pop(i), key=lambda c: c.sample):
-                    meta = {"backend": backend, "model": model, "seed": seed, "sample": c.sample,
-                            "samples_per_query": samples_per_query, "finish_reason": c.finish_reason,
-                            "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens}
-                    row = _row(qid, query, c.text, meta)
-                    reason = filters.check_and_record(c.text, c.finish_reason, ref, seen)
-                    if reason is None:
-                        good.append(row)
-                    else:
-                        bad.append({**row, "reason": reason})
-                        rejected[reason] += 1
-                if good:
-                    kept_file.write(good)
-                if bad:
-                    reject_file.write(bad)
-                kept += len(good)
-                counts["generated"] += len(good) + len(bad)
-                elapsed = max(time.monotonic() - t0, 1e-9)
-                bar.update(task, advance=1, rows_s=counts["generated"] / elapsed,
-                           tok_s=counts["completion_tokens"] / elapsed)
-
-    wall = time.monotonic() - start
-    summary = {"out": str(out), "pool_rows": pool_rows, "skipped": dict(skipped), "shard": f"{shard_i}/{shard_n}",
-               "queries": len(queries), "resumed": resumed, "generated": counts["generated"],
-               "kept": kept, "rejected": {r: rejected[r] for r in REASONS if rejected[r]},
-               "prompt_tokens": counts["prompt_tokens"], "completion_tokens": counts["completion_tokens"],
-               "wall_s": round(wall, 2), "tokens_per_s": round(counts["completion_tokens"] / wall, 2) if wall else 0.0}
+    summary = _summary(out, pool_rows, skipped, f"{shard_i}/{shard_n}", len(queries), resumed, tally,
+                       time.monotonic() - start)
     write_json(manifest_path(out), {**manifest, "status": "complete", "finished": _now(), "model_path": model_path,
                                     "query_ids_sha256": _ids_digest(q[0] for q in queries), "summary": summary})
     if progress:
@@ -340,6 +431,7 @@ def sample(
 
 
 def _int(value: str) -> int:
+    """--batch-size as an integer (it is a string so that it can also be 'auto')."""
     try:
         return int(value)
     except ValueError:
@@ -347,6 +439,7 @@ def _int(value: str) -> int:
 
 
 def _ids_digest(ids: Iterable[str]) -> str:
+    """A fingerprint of a set of query ids, so that sample-merge can check a shard's rows cover its queries."""
     return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
 
 

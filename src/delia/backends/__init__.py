@@ -57,6 +57,7 @@ class Completion:
 
 class Backend(Protocol):
     name: str
+    tokenizer: Any  # what prompts are rendered with: hf loads it with the model, vllm and openai are given it
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  seeds: Sequence[int] | None = None) -> Iterator[tuple[int, Completion]]:
@@ -85,7 +86,7 @@ def request_seeds(n_prompts: int, params: SamplingParams, seeds: Sequence[int] |
 def get_backend(name: str, model: str, **options: Any) -> Backend:
     """Build back end `name` for `model` (a name `resolve_model` accepts; for `openai`, the model name the
     server knows). `options` go to the back end's constructor: see `hf.HFBackend.load`,
-    `vllm.VLLMBackend` and `openai.OpenAIBackend`.
+    `vllm.VLLMBackend` and `openai.OpenAIBackend`; vllm and openai take the prompts' `tokenizer` there.
     """
     if name == "hf":
         from delia.backends.hf import HFBackend

@@ -39,12 +39,14 @@ def to_completion(output: Any, sample: int = 0) -> Completion:
 
 
 class VLLMBackend:
-    """vLLM's offline `LLM` engine; `tensor_parallel_size` splits the model across that many GPUs."""
+    """vLLM's offline `LLM` engine; `tensor_parallel_size` splits the model across that many GPUs.
+    `tokenizer` is kept for the caller that renders the prompts (the engine itself takes token ids).
+    """
 
     name = "vllm"
 
     def __init__(self, model: str, *, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
-                 max_model_len: int | None = None, dtype: str = "auto"):
+                 max_model_len: int | None = None, dtype: str = "auto", tokenizer: Any = None):
         try:
             import vllm
         except ImportError:
@@ -52,6 +54,7 @@ class VLLMBackend:
         from delia.models import resolve_model
 
         self._vllm = vllm
+        self.tokenizer = tokenizer
         kwargs: dict[str, Any] = {"tensor_parallel_size": tensor_parallel_size, "dtype": dtype,
                                   "gpu_memory_utilization": gpu_memory_utilization}
         if max_model_len:
