@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from delia.backends import SamplingParams, derive_seed, get_backend, request_seeds
-from delia.backends.hf import HFBackend, draw
+from delia.backends.hf import HFBackend, continuous_batching_supported, draw
 from delia.chat import delia_prompt, prompt_ids
 from delia.errors import DeliaError
 
@@ -151,3 +151,86 @@ def test_length_groups_are_contiguous_runs_of_similar_length():
         run_ = [lengths[j] for j in g]
         assert min(run_) >= 0.75 * max(run_)
     assert len(groups) == 5 and length_groups([]) == [] and length_groups([7, 7, 7]) == [range(0, 3)]
+
+
+# ----------------------------------------------------------------------------- caches continuous batching cannot edit
+
+
+@pytest.fixture(scope="module", params=["mistral", "qwen2-hybrid"])
+def sliding(request, backend):
+    """A tiny random model whose layers attend through an 8-token window (all of them, or one of two), with
+    the tiny model's tokenizer; prompts are longer than the window."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tok = backend.tokenizer
+    shape = {"vocab_size": len(tok) + 8, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
+             "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    torch.manual_seed(0)
+    if request.param == "mistral":
+        model = MistralForCausalLM(MistralConfig(sliding_window=8, **shape))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(use_sliding_window=True, sliding_window=8, max_window_layers=1,
+                                             **shape))
+        assert model.config.layer_types == ["full_attention", "sliding_attention"]
+    model.eval()
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return HFBackend(model, tok)
+
+
+def test_the_cache_kind_picks_the_loop(backend, sliding):
+    assert continuous_batching_supported(backend.model) and backend.batching == "continuous"
+    assert not continuous_batching_supported(sliding.model) and sliding.batching == "static"
+
+
+def test_static_loop_decodes_sliding_window_models_exactly(sliding, prompts):
+    assert min(map(len, prompts)) > sliding.model.config.sliding_window
+    greedy = run(sliding, prompts, SamplingParams(temperature=0, max_new_tokens=8))
+    for i, p in enumerate(prompts):  # the truth: each prompt alone, recomputed without a cache at every step
+        seq = list(p)
+        with torch.inference_mode():
+            while len(seq) - len(p) < len(greedy[i][0].token_ids):
+                logits = sliding.model(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1]
+                seq.append(int(logits[:len(sliding.tokenizer)].argmax()))
+        assert greedy[i][0].token_ids == tuple(seq[len(p):])
+    assert sliding.stats["prefills"] == 1 and sliding.stats["decode_steps"] == 7
+
+
+def test_static_loop_is_deterministic_per_seed(sliding, prompts):
+    params = SamplingParams(max_new_tokens=12, seed=3, n=2)
+    a = run(sliding, prompts, params)
+    assert sorted(a) == list(range(len(prompts))) and all(len(v) == 2 for v in a.values())
+    assert a == run(sliding, prompts, params)
+    pairs = HFBackend(sliding.model, sliding.tokenizer, batch_size=2)
+    assert run(pairs, prompts, params) == a  # a row's sample depends on its seed, not on its batch
+    assert pairs.stats["prefills"] == len(prompts)  # 10 rows, 2 at a time
+    seeds = [derive_seed(0, f"id{i}") for i in range(len(prompts))]
+    forward, backward = run(sliding, prompts, params, seeds), run(sliding, prompts[::-1], params, seeds[::-1])
+    assert all(forward[i] == backward[len(prompts) - 1 - i] for i in forward)  # seeds follow the row
+    other = run(sliding, prompts, SamplingParams(max_new_tokens=12, seed=4, n=2))
+    assert [c[0].text for c in other.values()] != [c[0].text for c in a.values()]
+
+
+def test_static_loop_samples_what_the_continuous_one_does(backend, prompts):
+    params = SamplingParams(max_new_tokens=12, seed=2, n=2)
+    static = HFBackend(backend.model, backend.tokenizer, batch_size=3)
+    static.batching = "static"  # the same full-attention model through the fallback loop
+    assert run(static, prompts, params) == run(backend, prompts, params)
+
+
+def test_static_loop_out_of_memory_halves_the_rows_and_redoes_unfinished_ones(sliding, prompts, monkeypatch):
+    real = HFBackend._forward
+    calls = []
+
+    def flaky(self, ids, mask, positions, cache):
+        calls.append(ids.shape[0])
+        if len(calls) in (2, 7):  # 8 rows fail at their first decode step; 4 rows at their prefill, after
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")  # 4 others finished
+        return real(self, ids, mask, positions, cache)
+
+    params = SamplingParams(max_new_tokens=4, n=2)
+    expected = run(sliding, prompts, params)
+    monkeypatch.setattr(HFBackend, "_forward", flaky)
+    small = HFBackend(sliding.model, sliding.tokenizer, batch_size=8)
+    assert run(small, prompts, params) == expected  # every sample once, none lost or repeated
+    assert calls[:7] == [8, 8, 4, 4, 4, 4, 4] and calls[7:] == [2] * 12  # then 6 rows, 2 at a time

@@ -2,6 +2,11 @@
 first), decoded together over one KV cache, and each row leaves the batch the step it ends, its slot
 refilled from the queue, so short answers never wait for long ones. The batch is sized to memory;
 every row samples from its own seeded generator, so its answer depends on its seed, not its batch.
+
+Continuous batching edits the cache's key and value tensors in place, which is sound only for plain
+full-attention layers; a model with other layers (sliding-window, chunked, linear-attention or
+recurrent state) is decoded by a static loop instead: one batch at a time, prefilled together and
+decoded until its last row ends (see `continuous_batching_supported`).
 """
 
 from __future__ import annotations
@@ -78,8 +83,28 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
 
 
+def continuous_batching_supported(model: Any) -> bool:
+    """Whether `model`'s KV cache is one the continuous loop may merge and trim (`_merge`, `_select`): every
+    layer of the `DynamicCache` transformers builds for its config a plain full-attention `DynamicLayer`.
+    Sliding-window and chunked layers keep only a window (and a count of tokens seen), linear-attention
+    and recurrent layers keep states, and shared-KV layers keep nothing: editing those would corrupt them.
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    if getattr(model, "_is_stateful", False):  # recurrent state (mamba and the like)
+        return False
+    try:
+        layers = DynamicCache(config=model.config).layers
+    except (KeyError, AttributeError, TypeError, ValueError):  # layer kinds DynamicCache does not know
+        return False
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
 class HFBackend:
-    """A loaded transformers model decoded by the continuous-batching loop above, on CPU or GPU."""
+    """A loaded transformers model decoded by the continuous-batching loop above, on CPU or GPU, or by the
+    static loop where its cache does not allow continuous batching (`batching` says which).
+    """
 
     name = "hf"
 
@@ -97,6 +122,7 @@ class HFBackend:
             raise DeliaError("the model and tokenizer define no end-of-sequence token")
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.eos_ids[0]
+        self.batching = "continuous" if continuous_batching_supported(model) else "static"
 
     @classmethod
     def load(cls, model: str, *, batch_size: int | str = "auto", device: str | None = None,
@@ -154,9 +180,10 @@ class HFBackend:
         queue = deque((i, k, s) for i in order for k, s in enumerate(sample_seeds[i]))
         max_rows, budget = self._limits()
         self.stats: Counter[str] = Counter()  # prefills, decode steps, rows decoded summed over steps
+        decode = self._decode if self.batching == "continuous" else self._decode_static
         while queue:
             try:
-                yield from self._decode(prompts, queue, params, max_rows, budget)
+                yield from decode(prompts, queue, params, max_rows, budget)
             except Exception as e:
                 if not _is_oom(e) or max_rows == 1:
                     raise
@@ -180,8 +207,7 @@ class HFBackend:
                 width = max(mask.shape[1] if rows else 0, len(prompts[queue[0][0]]) if queue else 0)
                 room = min(max_rows - len(rows), budget // (width + params.max_new_tokens) - len(rows), len(queue))
                 if queue and (not rows or room >= min(max(1, max_rows // 4), len(queue))):
-                    new = [_Row(i, k, s, torch.Generator(device=self.device).manual_seed(s))
-                           for i, k, s in (queue.popleft() for _ in range(max(room, 1)))]
+                    new = [self._row(*queue.popleft()) for _ in range(max(room, 1))]
                     new_cache, new_mask, tokens = self._prefill(prompts, new, params, vocab)
                     self.stats["prefills"] += 1
                     cache, mask = _merge(cache, mask, new_cache, new_mask)
@@ -199,10 +225,9 @@ class HFBackend:
                     fresh = 0
                 keep = list(range(fresh))
                 for j, t in enumerate(last[fresh:].tolist(), start=fresh):
-                    r = rows[j]
-                    r.tokens.append(t)
-                    if t in eos or len(r.tokens) >= params.max_new_tokens:
-                        yield r.index, self._completion(prompts[r.index], r, eos)
+                    done = self._take(prompts, rows[j], t, eos, params)
+                    if done is not None:
+                        yield rows[j].index, done
                     else:
                         keep.append(j)
                 if len(keep) < len(rows):
@@ -213,6 +238,68 @@ class HFBackend:
         except BaseException:
             queue.extendleft((r.index, r.sample, r.seed) for r in reversed(rows + new))
             raise
+
+    def _decode_static(self, prompts: Sequence[Sequence[int]], queue: deque[tuple[int, int, int]],
+                       params: SamplingParams, max_rows: int, budget: int) -> Iterator[tuple[int, Completion]]:
+        """`_decode` for caches it cannot edit: rows are taken a batch at a time, prefilled together (left-padded)
+        into the cache transformers builds for the model, and decoded until the last one ends; no cache is
+        merged or trimmed. A row that has ended rides along unread. Rows sample as in `_decode` (own seeded
+        generator, one draw per token), so an answer still depends on its seed alone. On an exception the
+        unfinished rows go back to the front of the queue.
+        """
+        import torch
+        from transformers import DynamicCache
+
+        eos = set(self.eos_ids)
+        vocab = len(self.tokenizer)
+        unfinished: list[_Row] = []
+        try:
+            while queue:
+                room = budget // (len(prompts[queue[0][0]]) + params.max_new_tokens)  # longest first
+                rows = [self._row(*queue.popleft()) for _ in range(max(1, min(max_rows, room, len(queue))))]
+                unfinished = list(rows)
+                cache, mask, last = self._prefill_group(prompts, rows, params, vocab,
+                                                        DynamicCache(config=self.model.config))
+                self.stats["prefills"] += 1
+                feed, pos = last.clone(), mask.sum(dim=1)  # each row's next input and its position
+                active = list(range(len(rows)))
+                while True:
+                    still = []
+                    for j, t in zip(active, last.tolist(), strict=True):
+                        done = self._take(prompts, rows[j], t, eos, params)
+                        if done is None:
+                            still.append(j)
+                            continue
+                        unfinished.remove(rows[j])
+                        yield rows[j].index, done
+                    active = still
+                    if not active:
+                        break
+                    mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+                    logits = self._forward(feed.unsqueeze(1), mask, pos.unsqueeze(1), cache)
+                    self.stats["decode_steps"] += 1
+                    self.stats["row_steps"] += len(rows)
+                    pos = pos + 1
+                    idx = torch.tensor(active, dtype=torch.long, device=self.device)
+                    last = draw(logits[idx], [rows[j].generator for j in active], params, vocab)
+                    feed[idx] = last
+        except BaseException:
+            queue.extendleft((r.index, r.sample, r.seed) for r in reversed(unfinished))
+            raise
+
+    def _row(self, index: int, sample: int, seed: int) -> _Row:
+        """A queued request as a row with its own generator, seeded from its seed alone."""
+        import torch
+
+        return _Row(index, sample, seed, torch.Generator(device=self.device).manual_seed(seed))
+
+    def _take(self, prompts: Sequence[Sequence[int]], row: _Row, token: int, eos: set[int],
+              params: SamplingParams) -> Completion | None:
+        """Append `token` to `row`; the row's completion if that ended it (end of sequence or token limit)."""
+        row.tokens.append(token)
+        if token in eos or len(row.tokens) >= params.max_new_tokens:
+            return self._completion(prompts[row.index], row, eos)
+        return None
 
     def _forward(self, ids: Any, mask: Any, positions: Any, cache: Any) -> Any:
         """Logits of the last position (a method of its own so tests can make it fail)."""
@@ -232,20 +319,21 @@ class HFBackend:
         spent 3.6x the compute on 60 general prompts of 60-460 tokens.
         """
         import torch
+        from transformers import DynamicCache
 
         cache = mask = None
         tokens = []
         for group in length_groups([len(prompts[r.index]) for r in new]):
-            group_cache, group_mask, first = self._prefill_group(prompts, [new[j] for j in group], params, vocab)
+            group_cache, group_mask, first = self._prefill_group(prompts, [new[j] for j in group], params, vocab,
+                                                                 DynamicCache())
             cache, mask = _merge(cache, mask, group_cache, group_mask)
             tokens.append(first)
         return cache, mask, torch.cat(tokens)
 
     def _prefill_group(self, prompts: Sequence[Sequence[int]], new: list[_Row], params: SamplingParams,
-                       vocab: int) -> tuple[Any, Any, Any]:
-        """(KV cache, attention mask, first sampled tokens) of rows left-padded to their longest prompt."""
+                       vocab: int, cache: Any) -> tuple[Any, Any, Any]:
+        """(`cache` filled, attention mask, first sampled tokens) of rows left-padded to their longest prompt."""
         import torch
-        from transformers import DynamicCache
 
         width = max(len(prompts[r.index]) for r in new)
         ids = torch.full((len(new), width), self.pad_id, dtype=torch.long)
@@ -256,7 +344,6 @@ class HFBackend:
             mask[j, width - len(p):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(dim=1) - 1).clamp_(min=0)
-        cache = DynamicCache()
         logits = self._forward(ids, mask, positions, cache)
         return cache, mask, draw(logits, [r.generator for r in new], params, vocab)
 
