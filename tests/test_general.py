@@ -170,3 +170,25 @@ def test_evaluate_with_general_and_contrast(tiny_model, write_jsonl, tmp_path, m
     evaluate(task, tmp_path / "again", model=str(tiny_model), metric_config=metric, max_new_tokens=4,
              general=general, general_max_new_tokens=6)
     assert list((tmp_path / "cache" / "general-base").glob("*.json")) == cached
+
+
+def test_a_metric_without_a_shape_has_no_leakage_but_keeps_drift_and_quality(tiny_model, write_jsonl, tmp_path,
+                                                                              monkeypatch):
+    monkeypatch.setenv("DELIA_CACHE", str(tmp_path / "cache"))
+    task = write_jsonl("task.jsonl", [{"messages": [{"role": "user", "content": "2+2?"},
+                                                    {"role": "assistant", "content": "4"}]}])
+    summary = evaluate(task, tmp_path / "eval", model=str(tiny_model), metric="exact", max_new_tokens=4,
+                       general=write_jsonl("general.jsonl", GENERAL), general_max_new_tokens=4)
+    assert "leakage" not in summary["general"]["metrics"]
+    assert {"drift_kl", "base_answer_nll", "general_contains"} <= set(summary["general"]["metrics"])
+
+
+def test_contrast_needs_general(tiny_model, write_jsonl, tmp_path):
+    from delia.errors import DeliaError
+
+    task = write_jsonl("task.jsonl", [{"messages": [{"role": "user", "content": "2+2?"},
+                                                    {"role": "assistant", "content": "4"}]}])
+    with pytest.raises(DeliaError, match="--contrast needs --general"):
+        evaluate(task, tmp_path / "eval", model=str(tiny_model), metric="exact", max_new_tokens=2,
+                 contrast=write_jsonl("contrast.jsonl", CONTRAST))
+    assert not (tmp_path / "eval" / SCORES).exists()

@@ -95,6 +95,8 @@ def evaluate(
     from delia.files import sha256_file, write_json, write_jsonl
     from delia.metrics import score
 
+    if contrast is not None and general is None:
+        raise DeliaError("--contrast needs --general (the base answers and leakage rule come with it)")
     cfg = _metric_config(metric, metric_config)
     params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
     records = read_chat(data, format).records  # type: ignore[arg-type]
@@ -145,8 +147,6 @@ def evaluate(
         if result.contrast_rows is not None:
             write_jsonl(out / CONTRAST_ROWS, result.contrast_rows)
             summary["contrast"] = result.contrast_summary
-    elif contrast is not None:
-        raise DeliaError("--contrast needs --general (the base answers and leakage rule come with it)")
     write_jsonl(out / PREDICTIONS, rows)
     write_json(out / SCORES, summary)  # last: its presence marks a finished eval
     console = Console(stderr=True)
