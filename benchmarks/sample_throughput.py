@@ -18,9 +18,9 @@ import torch
 
 from delia.backends import SamplingParams
 from delia.backends.hf import MAX_ROWS_CPU, HFBackend
-from delia.chat import delia_prompt, prompt_ids
 from delia.data import first_turns, read_chat
 from delia.models import DEFAULT_MODEL, load_model
+from delia.prompts import delia_prompt, prompt_ids
 
 # Diverse, real instructions (the kind of pool DELIA samples from), answered zero-shot here.
 QUERIES = [

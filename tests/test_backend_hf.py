@@ -9,8 +9,8 @@ import torch
 
 from delia.backends import SamplingParams, derive_seed, get_backend, request_seeds
 from delia.backends.hf import HFBackend, continuous_batching_supported, draw
-from delia.chat import delia_prompt, prompt_ids
 from delia.errors import DeliaError
+from delia.prompts import delia_prompt, prompt_ids
 
 QUERIES = ["What is the capital of France?", "Write a short poem about the sea.", "hi",
            "Translate to Icelandic: good morning, and a very good day to you all, friends.", "0 + 1 = ?"]

@@ -297,8 +297,8 @@ def test_sigkill_mid_run_then_rerun_gives_every_query_exactly_once(tiny_model, w
 
 @pytest.mark.e2e
 def test_smollm2_one_shot_sampling_end_to_end(write_jsonl, tmp_path):
-    from delia.chat import delia_prompt, prompt_ids
     from delia.models import DEFAULT_MODEL
+    from delia.prompts import delia_prompt, prompt_ids
 
     pool = write_jsonl("pool.jsonl", [
         {"id": "sky", "messages": [{"role": "user", "content": "Why is the sky blue?"},

@@ -90,10 +90,10 @@ def evaluate(
 
     from delia.backends import SamplingParams
     from delia.backends.hf import HFBackend
-    from delia.chat import prompt_ids
     from delia.data import read_chat, row_id
     from delia.files import sha256_file, write_json, write_jsonl
     from delia.metrics import score
+    from delia.prompts import prompt_ids
 
     if contrast is not None and general is None:
         raise DeliaError("--contrast needs --general (the base answers and leakage rule come with it)")

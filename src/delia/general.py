@@ -139,8 +139,8 @@ def base_answers(base: str, prompts: Prompts, max_new_tokens: int, *, loaded: tu
 
     from delia.backends import SamplingParams
     from delia.backends.hf import HFBackend
-    from delia.chat import prompt_ids
     from delia.models import load_model, resolve_model
+    from delia.prompts import prompt_ids
 
     model, tokenizer = loaded or load_model(resolve_model(base), device=device)
     ids = [prompt_ids(tokenizer, p) for p in prompts.prompts]
@@ -284,7 +284,7 @@ def general_eval(model: Any, tokenizer: Any, config: MetricConfig, general: Path
     model's new tokens are recorded."""
     from delia.backends import SamplingParams
     from delia.backends.hf import HFBackend
-    from delia.chat import prompt_ids
+    from delia.prompts import prompt_ids
 
     new_ids = new_token_ids(adapter)
     prompts = read_prompts(general)

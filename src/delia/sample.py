@@ -142,7 +142,7 @@ class _Tally:
 def _check_choices(mode: str, backend: str, base_url: str | None) -> None:
     """Refuse an unknown --mode or --backend, and openai without a server, before any file is touched."""
     from delia.backends import BACKENDS
-    from delia.chat import MODES
+    from delia.prompts import MODES
 
     if mode not in MODES:
         raise DeliaError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -211,7 +211,7 @@ def _open_backend(backend: str, model: str, *, served_model: str | None, batch_s
 def _render_prompts(todo: list[Query], tokenizer: Any, mode: str, system: str | None, max_prompt_tokens: int | None,
                     skipped: Counter[str]) -> tuple[list[Query], list[list[int]]]:
     """(queries, their prompt ids): with --max-prompt-tokens, longer prompts are left out and counted in `skipped`."""
-    from delia.chat import delia_prompt, prompt_ids
+    from delia.prompts import delia_prompt, prompt_ids
 
     prompts = [prompt_ids(tokenizer, delia_prompt(q, ref, mode, system)) for _, q, ref in todo]  # type: ignore[arg-type]
     if max_prompt_tokens is not None:

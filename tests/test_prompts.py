@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from tokenizers import processors
 
-from delia.chat import delia_prompt, prompt_ids, supports_system
 from delia.errors import DeliaError
 from delia.models import load_tokenizer
+from delia.prompts import delia_prompt, prompt_ids, supports_system
 
 GEMMA_LIKE = (
     "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
