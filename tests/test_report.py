@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from delia.files import write_json, write_jsonl
-from delia.report import RunResult, bootstrap_delta, bootstrap_mean, summarise, write_report
+from delia.report import ModelResult, bootstrap_delta, bootstrap_mean, summarise, write_report
 
 
 def test_bootstrap_mean_interval_contains_mean_and_shrinks_with_data():
@@ -59,11 +59,11 @@ class _Collect(HTMLParser):
 
 
 def test_report_files_are_well_formed_and_self_contained(tmp_path):
-    runs = [RunResult("base", None, None, _fake_eval(tmp_path / "base", [0, 0, 1, 0]))]
+    runs = [ModelResult("base", None, None, _fake_eval(tmp_path / "base", [0, 0, 1, 0]))]
     for seed in (0, 1):
-        runs.append(RunResult("sft", 0.0, seed, _fake_eval(tmp_path / f"sft{seed}", [1, 0, 1, 0]),
+        runs.append(ModelResult("sft", 0.0, seed, _fake_eval(tmp_path / f"sft{seed}", [1, 0, 1, 0]),
                               trained_tokens=100, wall_s={"train": 2.0}))
-        runs.append(RunResult("delia", 5.0, seed, _fake_eval(tmp_path / f"delia{seed}", [1, 1, 1, 0]),
+        runs.append(ModelResult("delia", 5.0, seed, _fake_eval(tmp_path / f"delia{seed}", [1, 1, 1, 0]),
                               trained_tokens=600, wall_s={"train": 9.0}))
     md, html, summary = write_report(tmp_path / "report", "t", runs, "sft", {"k": "v"}, n_boot=200)
     assert summary["arms"]["sft"]["metrics"]["format_accuracy"][0] == pytest.approx(0.5)
@@ -84,7 +84,7 @@ def test_report_files_are_well_formed_and_self_contained(tmp_path):
 
 
 def test_summarise_without_baseline_has_no_deltas(tmp_path):
-    runs = [RunResult("a", 1.0, 0, _fake_eval(tmp_path / "a", [1, 0]))]
+    runs = [ModelResult("a", 1.0, 0, _fake_eval(tmp_path / "a", [1, 0]))]
     s = summarise(runs, None, 100)
     assert s["arms"]["a"]["delta"] == {}
 
@@ -104,12 +104,12 @@ def _fake_general(folder, leaks, kls):
 
 
 def _three_arms(tmp_path):
-    runs = [RunResult("base", None, None, _fake_general(_fake_eval(tmp_path / "base", [0, 0, 0, 0]),
+    runs = [ModelResult("base", None, None, _fake_general(_fake_eval(tmp_path / "base", [0, 0, 0, 0]),
                                                         [0, 0, 0, 0, 0, 0], [0.0] * 6))]
     for seed in (0, 1):
-        runs.append(RunResult("sft", 0.0, seed, _fake_general(_fake_eval(tmp_path / f"sft{seed}", [1, 1, 1, 1]),
+        runs.append(ModelResult("sft", 0.0, seed, _fake_general(_fake_eval(tmp_path / f"sft{seed}", [1, 1, 1, 1]),
                                                                [1, 1, 1, 1, 1, 1], [2.0, 2.1, 1.9, 2.0, 2.2, 1.8])))
-        runs.append(RunResult("delia", 1.0, seed, _fake_general(_fake_eval(tmp_path / f"delia{seed}", [1, 1, 1, 1]),
+        runs.append(ModelResult("delia", 1.0, seed, _fake_general(_fake_eval(tmp_path / f"delia{seed}", [1, 1, 1, 1]),
                                                                 [0, 0, 0, 0, 0, 1], [0.1, 0.2, 0.1, 0.1, 0.3, 0.9])))
     return runs
 
@@ -137,8 +137,8 @@ def test_verdict_examples_and_tradeoff_come_first(tmp_path):
 
 
 def test_report_without_general_prompts_says_what_it_cannot_show(tmp_path):
-    runs = [RunResult("sft", 0.0, 0, _fake_eval(tmp_path / "a", [1, 0])),
-            RunResult("delia", 1.0, 0, _fake_eval(tmp_path / "b", [1, 1]))]
+    runs = [ModelResult("sft", 0.0, 0, _fake_eval(tmp_path / "a", [1, 0])),
+            ModelResult("delia", 1.0, 0, _fake_eval(tmp_path / "b", [1, 1]))]
     md, _, summary = write_report(tmp_path / "r", "t", runs, "sft", {}, n_boot=100)
     assert summary["general"] == [] and "No general prompts were evaluated" in md.read_text()
     assert "## Trade-off" not in md.read_text()

@@ -20,7 +20,7 @@ from delia.files import atomic_writer
 
 
 @dataclass
-class RunResult:
+class ModelResult:
     """One trained-and-evaluated model: an arm at a seed (or the untuned base model)."""
 
     arm: str
@@ -96,17 +96,17 @@ def higher_is_better(summary: dict[str, Any]) -> dict[str, bool]:
     return out
 
 
-def summarise(runs: list[RunResult], baseline: str | None, n_boot: int) -> dict[str, Any]:
+def summarise(runs: list[ModelResult], baseline: str | None, n_boot: int) -> dict[str, Any]:
     """Per arm and metric: mean with 95% interval, and the paired delta to the baseline arm.
 
     `task` lists the task's headline metrics (the primary one and any label accuracy), `general` the
     general-behaviour ones (leakage, drift, quality, contrast) where they were evaluated."""
-    arms: dict[str, list[RunResult]] = {}
+    arms: dict[str, list[ModelResult]] = {}
     for r in runs:
         arms.setdefault(r.arm, []).append(r)
     loaded = {id(r): load_scores(r.eval_dir) for r in runs}  # each eval folder read once
 
-    def matrix(group: list[RunResult], metric: str) -> np.ndarray:
+    def matrix(group: list[ModelResult], metric: str) -> np.ndarray:
         return np.array([loaded[id(r)][1][metric] for r in group], dtype=float)
 
     first = loaded[id(runs[0])][0]
@@ -158,7 +158,7 @@ def _sum_dicts(dicts) -> dict[str, float]:
 # ----------------------------------------------------------------------------- plots
 
 
-def _plots(runs: list[RunResult], summary: dict[str, Any], folder: Path) -> list[tuple[str, Path]]:
+def _plots(runs: list[ModelResult], summary: dict[str, Any], folder: Path) -> list[tuple[str, Path]]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -234,7 +234,7 @@ def _plots(runs: list[RunResult], summary: dict[str, Any], folder: Path) -> list
     return made
 
 
-def _history(run: RunResult, key: str) -> list[tuple[int, float]]:
+def _history(run: ModelResult, key: str) -> list[tuple[int, float]]:
     """(step, value) pairs from a train folder: the trainer's loss log or the important-token loss JSONL."""
     from delia.important import IMPORTANT_LOSS_FILE
     from delia.train import TRAINER_LOG
@@ -345,12 +345,12 @@ def _results_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]
     return head, rows
 
 
-def examples(runs: list[RunResult], k: int = EXAMPLES) -> list[tuple[str, list[tuple[str, str, bool | None]]]]:
+def examples(runs: list[ModelResult], k: int = EXAMPLES) -> list[tuple[str, list[tuple[str, str, bool | None]]]]:
     """The first `k` general prompts with the answer of the base model and of each arm's first seed:
     [(prompt, [(arm, answer, leaked)])]. A collapse into the task's format shows here at a glance."""
     from delia.evaluate import GENERAL_ROWS
 
-    shown: dict[str, RunResult] = {}
+    shown: dict[str, ModelResult] = {}
     for r in sorted(runs, key=lambda r: -1 if r.seed is None else r.seed):
         if (r.eval_dir / GENERAL_ROWS).exists():
             shown.setdefault(r.arm, r)
@@ -428,7 +428,7 @@ def _html(title: str, blocks: list[Block]) -> str:
     return "\n".join(out + ["</body></html>"])
 
 
-def write_report(folder: Path, title: str, runs: list[RunResult], baseline: str | None,
+def write_report(folder: Path, title: str, runs: list[ModelResult], baseline: str | None,
                  manifest: dict[str, Any], n_boot: int = 2000) -> tuple[Path, Path, dict[str, Any]]:
     """Write report.md, report.html and summary.json into `folder`; returns their paths and the summary.
 

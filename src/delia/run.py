@@ -58,7 +58,7 @@ def run_experiment(exp: Experiment, out: Path) -> dict[str, Any]:
     from delia.evaluate import evaluate
     from delia.mix import mix
     from delia.models import resolve_model
-    from delia.report import RunResult, write_report
+    from delia.report import ModelResult, write_report
     from delia.sample import sample
     from delia.task_data import resolve_data_path
     from delia.train import train
@@ -107,11 +107,11 @@ def run_experiment(exp: Experiment, out: Path) -> dict[str, Any]:
                                 lambda d: sample(exp.pool, d / "samples.jsonl", model=model_path, **exp.sample))
         samples, sample_s = folder / "samples.jsonl", rec["wall_s"]
 
-    runs: list[RunResult] = []
+    runs: list[ModelResult] = []
     if exp.eval_base:
         folder, rec = cache.run("eval", "base", {"model": model_id, **eval_inputs},
                                 lambda d: evaluate(exp.task.eval, d, model=model_path, **eval_kwargs))
-        base = RunResult("base", None, None, folder, wall_s={"eval": rec["wall_s"]})
+        base = ModelResult("base", None, None, folder, wall_s={"eval": rec["wall_s"]})
         if described:
             base.probe = probed("base", {"model": model_id}, model=model_path, **probe_kwargs)
         runs.append(base)
@@ -144,7 +144,7 @@ def run_experiment(exp: Experiment, out: Path) -> dict[str, Any]:
             efolder, rec = cache.run("eval", label, {"adapter": trained, **eval_inputs},
                                      lambda d, a=adapter: evaluate(exp.task.eval, d, adapter=a, **eval_kwargs))
             wall["eval"] = rec["wall_s"]
-            result = RunResult(arm.name, arm.ratio, seed, efolder, train_dir=adapter, wall_s=wall,
+            result = ModelResult(arm.name, arm.ratio, seed, efolder, train_dir=adapter, wall_s=wall,
                                trained_tokens=_trained_tokens(adapter))
             if described:
                 result.probe = probed(label, {"adapter": trained}, adapter=adapter, data=exp.task.eval)
