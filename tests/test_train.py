@@ -13,7 +13,16 @@ from safetensors.torch import load_file
 
 from delia.errors import DeliaError
 from delia.models import load_trained
-from delia.train import TRAIN_RECORD, TRAINER_LOG, _setup, train
+from delia.train import (
+    CHECKPOINTS,
+    LEGACY_RESUME_KEY_FILE,
+    RESUME_KEY_FILE,
+    TRAIN_RECORD,
+    TRAINER_LOG,
+    _check_out,
+    _setup,
+    train,
+)
 
 FAST = {"max_length": 256, "batch_size": 4, "warmup_steps": 0, "learning_rate": 1e-2, "logging_steps": 1}
 
@@ -167,6 +176,16 @@ def test_resume_after_a_crash(rows, tmp_path, tiny_model, monkeypatch):
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
     with pytest.raises(DeliaError, match="finished training run"):
         train(**_settings(data, tmp_path / "cut", tiny_model, **kw))
+
+
+@pytest.mark.parametrize("name", [RESUME_KEY_FILE, LEGACY_RESUME_KEY_FILE])
+def test_resume_key_read_under_its_name_and_its_earlier_one(tmp_path, name):
+    settings = {"max_steps": 6, "resume": True, "overwrite": False, "out": str(tmp_path)}
+    (tmp_path / CHECKPOINTS).mkdir()
+    (tmp_path / CHECKPOINTS / name).write_text(json.dumps({"max_steps": 6}))
+    _check_out(tmp_path, settings, main=True)
+    with pytest.raises(DeliaError, match="max_steps"):
+        _check_out(tmp_path, {**settings, "max_steps": 7}, main=True)
 
 
 def test_cli_yaml_config(rows, tmp_path, tiny_model):

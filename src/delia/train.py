@@ -27,7 +27,8 @@ from delia.versions import library_versions
 TRAIN_RECORD = "delia_train.json"
 TRAINER_LOG = "trainer_log.jsonl"
 CHECKPOINTS = "checkpoints"
-RUN_RECORD = "delia_run.json"  # inside CHECKPOINTS: the settings a --resume must match
+RESUME_KEY_FILE = "resume_key.json"  # inside CHECKPOINTS: the settings a --resume must match
+LEGACY_RESUME_KEY_FILE = "delia_run.json"  # earlier name, still read on --resume
 BATCHING = ("group_by_length", "random", "packing")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Settings that may differ between a killed run and its --resume.
@@ -92,11 +93,11 @@ def train(
       accelerate launch --config_file configs/accelerate/zero2.yaml -m delia train mix.jsonl runs/delia
     """
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
-    run = _setup(**settings)
-    return run.fit()
+    training = _setup(**settings)
+    return training.fit()
 
 
-class _Run:
+class _Training:
     """A prepared training run: the trainer, and what goes into delia_train.json."""
 
     def __init__(self, trainer: Any, tokenizer: Any, out: Path, record: dict[str, Any], settings: dict[str, Any]):
@@ -178,7 +179,8 @@ def _check_out(out: Path, settings: dict[str, Any], main: bool) -> None:
         if not settings["resume"]:
             raise DeliaError(f"{out}: holds checkpoints of an unfinished run; pass --resume to continue it "
                              "or --overwrite to start over")
-        saved = json.loads((ckpt / RUN_RECORD).read_text()) if (ckpt / RUN_RECORD).exists() else {}
+        key_file = next((ckpt / n for n in (RESUME_KEY_FILE, LEGACY_RESUME_KEY_FILE) if (ckpt / n).exists()), None)
+        saved = json.loads(key_file.read_text()) if key_file else {}
         now = _resume_key(settings)
         diff = changed_settings(saved, now)
         if diff:
@@ -208,7 +210,7 @@ def _precision(precision: str) -> dict[str, bool]:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
-def _setup(**s: Any) -> _Run:
+def _setup(**s: Any) -> _Training:
     """Everything up to a ready SFTTrainer; `train` runs it. Tests inspect the trainer it builds."""
     import datasets
     import torch
@@ -321,8 +323,8 @@ def _setup(**s: Any) -> _Run:
         "important_tokens": chosen if has_eval else [],
     }
     if trainer.is_world_process_zero():
-        write_json(out / CHECKPOINTS / RUN_RECORD, _resume_key(s))
-    return _Run(trainer, tokenizer, out, record, s)
+        write_json(out / CHECKPOINTS / RESUME_KEY_FILE, _resume_key(s))
+    return _Training(trainer, tokenizer, out, record, s)
 
 
 def _train_only_rows(trainer: Any, ids: list[int]) -> None:
