@@ -23,7 +23,7 @@ def inputs(write_jsonl):
 def test_ratio_keeps_every_task_row_and_sources(inputs, tmp_path, tiny_model):
     task, diverse = inputs
     out = tmp_path / "mix.jsonl"
-    summary = mix(task, diverse, out, ratio=2.5, model=str(tiny_model))
+    summary = mix(task, diverse, out, ratio=2.5, tokenizer=str(tiny_model))
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert Counter(r["source"] for r in rows) == {"task": 4, "diverse": 10}
     assert sorted(r["messages"][0]["content"] for r in rows if r["source"] == "task") == [f"task {i}" for i in range(4)]
@@ -39,9 +39,9 @@ def test_ratio_keeps_every_task_row_and_sources(inputs, tmp_path, tiny_model):
 def test_deterministic_for_a_seed(inputs, tmp_path):
     task, diverse = inputs
     a, b, c = (tmp_path / f"{n}.jsonl" for n in "abc")
-    mix(task, diverse, a, diverse_count=12, seed=3, model="")
-    mix(task, diverse, b, diverse_count=12, seed=3, model="")
-    mix(task, diverse, c, diverse_count=12, seed=4, model="")
+    mix(task, diverse, a, diverse_count=12, seed=3, tokenizer="")
+    mix(task, diverse, b, diverse_count=12, seed=3, tokenizer="")
+    mix(task, diverse, c, diverse_count=12, seed=4, tokenizer="")
     assert a.read_bytes() == b.read_bytes()
     assert a.read_bytes() != c.read_bytes()
 
@@ -49,16 +49,16 @@ def test_deterministic_for_a_seed(inputs, tmp_path):
 def test_pool_too_small(inputs, tmp_path):
     task, diverse = inputs
     with pytest.raises(DeliaError, match="pool has 30 rows but 40"):
-        mix(task, diverse, tmp_path / "m.jsonl", ratio=10, model="")
+        mix(task, diverse, tmp_path / "m.jsonl", ratio=10, tokenizer="")
     assert not (tmp_path / "m.jsonl").exists()
-    summary = mix(task, diverse, tmp_path / "m.jsonl", ratio=10, allow_short=True, model="")
+    summary = mix(task, diverse, tmp_path / "m.jsonl", ratio=10, allow_short=True, tokenizer="")
     assert summary["short"] and summary["sources"]["diverse"]["rows"] == 30
 
 
 @pytest.mark.parametrize("kw", [{}, {"ratio": 1, "diverse_count": 3}, {"ratio": -1}])
 def test_needs_one_valid_amount(inputs, tmp_path, kw):
     with pytest.raises(DeliaError):
-        mix(*inputs, tmp_path / "m.jsonl", model="", **kw)
+        mix(*inputs, tmp_path / "m.jsonl", tokenizer="", **kw)
 
 
 def test_hf_dataset_output_and_cli(inputs, tmp_path):
@@ -73,3 +73,40 @@ def test_hf_dataset_output_and_cli(inputs, tmp_path):
     data = read_chat(tmp_path / "mixed")
     assert Counter(r["source"] for r in data.records) == {"task": 4, "diverse": 4}
     assert json.loads(summary_path(tmp_path / "mixed").read_text())["seed"] == 7
+
+
+@pytest.mark.parametrize("flag", ["--tokenizer", "--model", "-m"])
+def test_cli_empty_tokenizer_skips_counts(inputs, tmp_path, flag):
+    from delia.cli import main
+
+    task, diverse = inputs
+    with pytest.raises(SystemExit) as done:
+        main(["mix", str(task), str(diverse), str(tmp_path / "m.jsonl"), "--ratio", "1", flag, ""])
+    assert done.value.code == 0
+    summary = json.loads(summary_path(tmp_path / "m.jsonl").read_text())
+    assert summary["tokenizer"] is None and "total_tokens" not in summary["sources"]["task"]
+
+
+def test_default_tokenizer_never_installs(inputs, tmp_path, monkeypatch, capsys):
+    import delia.models
+
+    def no_install(*a, **k):
+        raise AssertionError("mix must not install or load a model only to count tokens")
+
+    monkeypatch.setattr(delia.models, "bundled_installed", lambda name: False)
+    monkeypatch.setattr(delia.models, "load_tokenizer", no_install)
+    monkeypatch.setattr(delia.models, "_bundled_gguf", no_install)
+    summary = mix(*inputs, tmp_path / "m.jsonl", ratio=1)
+    assert summary["tokenizer"] is None and "total_tokens" not in summary["sources"]["diverse"]
+    assert "not installed" in capsys.readouterr().err
+
+
+def test_default_tokenizer_is_the_bundled_model_when_installed(inputs, tmp_path, monkeypatch, tiny_model):
+    import delia.models
+
+    loaded, real = [], delia.models.load_tokenizer
+    monkeypatch.setattr(delia.models, "bundled_installed", lambda name: True)
+    monkeypatch.setattr(delia.models, "load_tokenizer", lambda name: loaded.append(name) or real(str(tiny_model)))
+    summary = mix(*inputs, tmp_path / "m.jsonl", ratio=1)
+    assert loaded == [delia.models.DEFAULT_MODEL] and summary["tokenizer"] == delia.models.DEFAULT_MODEL
+    assert summary["sources"]["diverse"]["total_tokens"] > 0

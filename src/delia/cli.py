@@ -72,11 +72,15 @@ def _load_config(ctx: typer.Context, _param: Any, value: Path | None) -> Path | 
         raise typer.BadParameter(str(e)) from None
     if not isinstance(data, dict):
         raise typer.BadParameter(f"{value}: expected a mapping of option names to values")
-    known = {p.name for p in ctx.command.params}
+    known = {p.name: p.name for p in ctx.command.params if p.name}
+    for p in ctx.command.params:  # an option's other long names (e.g. mix's --model for --tokenizer) work too
+        for opt in p.opts:
+            if opt.startswith("--") and p.name:
+                known.setdefault(opt[2:].replace("-", "_"), p.name)
     unknown = sorted(k for k in data if k.replace("-", "_") not in known)
     if unknown:
         raise typer.BadParameter(f"{value}: unknown option(s) {', '.join(unknown)}")
-    ctx.default_map = {**(ctx.default_map or {}), **{k.replace("-", "_"): v for k, v in data.items()}}
+    ctx.default_map = {**(ctx.default_map or {}), **{known[k.replace("-", "_")]: v for k, v in data.items()}}
     return value
 
 

@@ -40,8 +40,10 @@ def mix(
     seed: Annotated[int, typer.Option(help="Seed of the draw and the shuffle.")] = 0,
     allow_short: Annotated[bool, typer.Option(
         help="Take the whole pool when it has fewer rows than asked (with a warning) instead of failing.")] = False,
-    model: Annotated[str | None, typer.Option(
-        "--model", "-m", help="Tokenizer for the token counts in the summary ('' to skip them).")] = "smollm2-135m",
+    tokenizer: Annotated[str | None, typer.Option(
+        "--tokenizer", "--model", "-m",
+        help="Model whose tokenizer counts the tokens in the summary ('' to skip them); by default the bundled "
+             "model if it is installed, else the counts are skipped (nothing is installed just to count).")] = None,
 ) -> dict[str, Any]:
     """Mix task rows with diverse rows; writes OUT and OUT.summary.json, returns the summary.
 
@@ -76,19 +78,21 @@ def mix(
     rng.shuffle(rows)
     write_chat(out, rows)
 
-    tokenizer = None
-    if model:
+    if tokenizer is None:
+        tokenizer = _default_tokenizer(console)
+    tok = None
+    if tokenizer:
         from delia.models import load_tokenizer
 
-        tokenizer = load_tokenizer(model)
+        tok = load_tokenizer(tokenizer)
     per_source = {}
     for source in SOURCES:
-        info = describe(ChatData(str(out), "messages", [r for r in rows if r["source"] == source]), tokenizer)
+        info = describe(ChatData(str(out), "messages", [r for r in rows if r["source"] == source]), tok)
         per_source[source] = {k: info[k] for k in ("rows", "prompt_tokens", "response_tokens", "total_tokens")
                               if k in info}
     summary = {
         "out": str(out), "seed": seed, "ratio": ratio, "diverse_count": diverse_count,
-        "diverse_asked": wanted, "short": short, "rows": len(rows), "tokenizer": model or None,
+        "diverse_asked": wanted, "short": short, "rows": len(rows), "tokenizer": tokenizer or None,
         "sources": per_source,
         "inputs": {"task": {"path": str(task), "sha256": _hash(task), "rows": len(task_data.records)},
                    "diverse": {"path": str(diverse), "sha256": _hash(diverse), "rows": len(pool)}},
@@ -98,6 +102,17 @@ def mix(
                        for s, v in per_source.items())
     console.print(f"[green]wrote[/] {len(rows)} rows to {out} ({counts}); summary in {summary_path(out)}")
     return summary
+
+
+def _default_tokenizer(console: Console) -> str | None:
+    """The bundled default model when it is installed; otherwise None (no counts), with a note."""
+    from delia.models import BUNDLED, DEFAULT_MODEL, bundled_installed
+
+    if DEFAULT_MODEL in BUNDLED and not bundled_installed(DEFAULT_MODEL):
+        console.print(f"note: {DEFAULT_MODEL} is not installed, so the summary has no token counts "
+                      "(pass --tokenizer to count them)")
+        return None
+    return DEFAULT_MODEL
 
 
 def _hash(path: Path) -> str | None:

@@ -49,6 +49,15 @@ def _bundled_gguf(name: str, install: bool = True) -> Path:
     return ggufs[0]
 
 
+def bundled_installed(name: str) -> bool:
+    """Whether the bundled model `name` is there without installing anything."""
+    try:
+        _bundled_gguf(name, install=False)
+    except ModelNotFoundError:
+        return False
+    return True
+
+
 def convert_gguf(gguf: str | Path, out: str | Path | None = None) -> Path:
     """Dequantize a GGUF file into a plain fp32 HF folder (safetensors), cached by the file's hash.
 

@@ -125,7 +125,7 @@ def run_experiment(exp: Experiment, out: Path) -> dict[str, Any]:
                 mix_inputs = {"task": data_hashes["task_train"], "diverse": sha256_file(samples), "ratio": arm.ratio,
                               "seed": seed, "options": exp.mix}
                 folder, rec = cache.run("mix", label, mix_inputs, lambda d, r=arm.ratio, s=seed: mix(
-                    exp.task.train, samples, d / "mixed.jsonl", ratio=r, seed=s, model=model_path, **exp.mix))
+                    exp.task.train, samples, d / "mixed.jsonl", ratio=r, seed=s, tokenizer=model_path, **exp.mix))
                 train_data, data_hash = folder / "mixed.jsonl", sha256_file(folder / "mixed.jsonl")
                 wall["mix"] = rec["wall_s"]
                 if seed == exp.seeds[0]:  # one sampling serves every seed: count it once per arm
