@@ -114,3 +114,18 @@ def test_shipped_example_configs_validate():
     mt = load_experiment(root / "translation-cpu.yaml")
     assert mt.task.metric == "translation"
     assert mt.task.metric_config["target_scripts"] == ["HIRAGANA", "KATAKANA", "CJK"]
+
+
+def test_a_typo_in_a_stage_section_is_refused_at_load_with_the_closest_option(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump({
+        "task": {"train": "a.jsonl", "eval": "b.jsonl"}, "pool": "p.jsonl",
+        "arms": [{"name": "sft", "ratio": 0}, {"name": "delia", "ratio": 1, "train": {"lora_rr": 8}}],
+        "train": {"lerning_rate": 0.1, "seed": 3}, "sample": {"max_new_tokens": 8}, "eval": {"bogus": 1}}))
+    with pytest.raises(DeliaError) as e:
+        load_experiment(path)
+    msg = str(e.value)
+    assert f"{path}: field 'train': " in msg and "'lerning_rate' is not an option of delia train (did you mean " \
+        "'learning_rate'?)" in msg and "'seed' is set by the experiment itself" in msg
+    assert "field 'arms.1.train'" in msg and "'lora_rr'" in msg and "'bogus' is not an option of delia eval" in msg
+    assert "field 'sample'" not in msg

@@ -1,18 +1,50 @@
 """The experiment config that `delia run` reads: one YAML names the model, the task, the pool, the arms and seeds.
 
-Stage sections (`sample`, `train`, `eval`) pass their keys straight to the stage functions, so any
-option of `delia sample` / `delia train` / `delia eval` can be set here under the same name.
+Stage sections (`sample`, `mix`, `train`, `eval`) pass their keys straight to the stage functions, so any
+option of `delia sample` / `delia mix` / `delia train` / `delia eval` can be set here under the same name.
+Their keys are checked against those options when the file is loaded, before any stage runs.
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import inspect
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from delia.errors import DeliaError
 from delia.files import read_yaml
+
+# Each section's stage function, and the options `delia run` sets itself (per arm, seed or task).
+STAGE_OPTIONS: dict[str, tuple[str, frozenset[str]]] = {
+    "sample": ("delia.sample:sample", frozenset({"pool", "out", "model"})),
+    "mix": ("delia.mix:mix", frozenset({"task", "diverse", "out", "ratio", "seed", "tokenizer"})),
+    "train": ("delia.train:train", frozenset({"data", "out", "model", "add_token", "eval_data", "resume", "seed"})),
+    "eval": ("delia.evaluate:evaluate", frozenset({"data", "out", "model", "adapter", "metric", "metric_config",
+                                                   "general", "contrast"})),
+}
+
+
+def check_stage_options(stage: str, options: dict[str, Any]) -> dict[str, Any]:
+    """`options` unchanged if every key is an option of the stage that `delia run` leaves to the section;
+    otherwise a ValueError naming each bad key (with the closest option, for a typo)."""
+    target, set_by_run = STAGE_OPTIONS[stage]
+    module, fn = target.split(":")
+    known = set(inspect.signature(getattr(importlib.import_module(module), fn)).parameters) - set_by_run
+    problems = []
+    for key in options:
+        if key in set_by_run:
+            problems.append(f"{key!r} is set by the experiment itself (task, seeds, arms), not in `{stage}:`")
+        elif key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            problems.append(f"{key!r} is not an option of delia {stage}"
+                            + (f" (did you mean {close[0]!r}?)" if close else ""))
+    if problems:
+        raise ValueError("; ".join(problems))
+    return options
 
 
 class Task(BaseModel):
@@ -35,6 +67,11 @@ class Arm(BaseModel):
     name: str
     ratio: float = Field(0.0, ge=0, description="Diverse rows per task row; 0 is plain SFT.")
     train: dict[str, Any] = Field(default_factory=dict, description="Overrides of the experiment's train settings.")
+
+    @field_validator("train")
+    @classmethod
+    def _train_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        return check_stage_options("train", options)
 
 
 class Experiment(BaseModel):
@@ -59,6 +96,11 @@ class Experiment(BaseModel):
     train: dict[str, Any] = Field(default_factory=dict, description="Options of `delia train`.")
     eval: dict[str, Any] = Field(default_factory=dict, description="Options of `delia eval`.")
     bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples for the 95% intervals.")
+
+    @field_validator("sample", "mix", "train", "eval")
+    @classmethod
+    def _stage_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        return check_stage_options(str(info.field_name), options)
 
     @field_validator("arms")
     @classmethod
@@ -94,7 +136,8 @@ def load_experiment(path: str | Path) -> Experiment:
     try:
         exp = Experiment.model_validate(raw)
     except ValidationError as e:
-        lines = [f"{path}: field '{'.'.join(map(str, err['loc']))}': {err['msg']}" for err in e.errors()]
+        lines = [f"{path}: field '{'.'.join(map(str, err['loc']))}': {err['msg'].removeprefix('Value error, ')}"
+                 for err in e.errors()]
         raise DeliaError("invalid experiment config\n" + "\n".join(lines)) from None
     base = path.resolve().parent
 
