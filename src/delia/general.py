@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from delia.errors import DeliaError
-from delia.metrics import MetricConfig, leaks, normalize_answer
+from delia.metrics import MetricConfig, leaks, short_answer_match
 
 SHORT_REFERENCE_WORDS = 5
 DRIFT_BATCH = 8  # rows per teacher-forced forward pass
@@ -237,8 +237,7 @@ def quality(output: str, reference: str | None) -> dict[str, float | bool]:
     if reference is None:
         return {}
     if len(reference.split()) <= SHORT_REFERENCE_WORDS:
-        ref, out = normalize_answer(reference), normalize_answer(output)
-        return {"contains": bool(ref) and f" {ref} " in f" {out} "}
+        return {"contains": short_answer_match(output, reference, "contains")}
     from sacrebleu.metrics import CHRF
 
     return {"chrf": CHRF().sentence_score(output, [reference]).score}

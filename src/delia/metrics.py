@@ -284,13 +284,15 @@ def _score_translation(outputs: Sequence[str], references: Sequence[str], config
     return Scores("translation", "chrf_sentence_mean", metrics, rows, row_means, notes)
 
 
+def short_answer_match(output: str, reference: str, kind: str) -> bool:
+    """`exact`: equal after `normalize_answer`; `contains`: the normalised reference occurs as whole words of the
+    normalised output ("no" is not in "not"), and an empty reference never matches."""
+    o, r = normalize_answer(output), normalize_answer(reference)
+    return o == r if kind == "exact" else bool(r) and f" {r} " in f" {o} "
+
+
 def _score_short(outputs: Sequence[str], references: Sequence[str], kind: str) -> Scores:
-    rows = []
-    for out, ref in zip(outputs, references, strict=True):
-        o, r = normalize_answer(out), normalize_answer(ref)
-        # contains: the reference as whole words of the output ("no" is not in "not")
-        ok = o == r if kind == "exact" else bool(r) and f" {r} " in f" {o} "
-        rows.append({kind: ok})
+    rows = [{kind: short_answer_match(out, ref, kind)} for out, ref in zip(outputs, references, strict=True)]
     name = "exact_match" if kind == "exact" else "contains"
     return Scores(kind, name, {name: _mean([r[kind] for r in rows]), "n": len(rows)}, rows, {name: kind})
 
