@@ -30,6 +30,8 @@ CHECKPOINTS = "checkpoints"
 RESUME_KEY_FILE = "resume_key.json"  # inside CHECKPOINTS: the settings a --resume must match
 LEGACY_RESUME_KEY_FILE = "delia_run.json"  # earlier name, still read on --resume
 BATCHING = ("group_by_length", "random", "packing")
+DIVERSE_LOSSES = ("ce", "kl")
+ANCHOR_COLUMN = "anchor"  # per-row flag of diverse_loss kl: trained by KL to the base model, not by CE
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Settings that may differ between a killed run and its --resume.
 _RESUME_FREE = {"resume", "overwrite", "merge", "keep_checkpoints", "out"}
@@ -71,6 +73,13 @@ def train(
     )] = "random",
     train_rows: Annotated[str, typer.Option(
         help="Embedding rows trained with --add-token: new (only the added tokens' rows) or all.")] = "new",
+    diverse_loss: Annotated[str, typer.Option(
+        help="Loss of the mixture's diverse rows (source 'diverse'): ce (their text, as DELIA) or kl (the base "
+             "model's next-token distribution at every answer position: KL(base || tuned), adapter off).")] = "ce",
+    kl_coef: Annotated[float, typer.Option(help="Weight of the KL of diverse rows against the task's CE.")] = 1.0,
+    kl_temperature: Annotated[float, typer.Option(help="Temperature of both distributions in the KL.")] = 1.0,
+    kl_chunk: Annotated[int, typer.Option(help="Positions per chunk of the KL (memory: chunk x vocab logits).")] = (
+        1024),
     important_token: Annotated[list[str] | None, typer.Option(
         help="Token whose loss is tracked on EVAL_DATA, repeatable (default: the added tokens).")] = None,
     eval_steps: Annotated[int, typer.Option(help="Evaluate every N steps (with --eval-data).")] = 25,
@@ -139,6 +148,7 @@ class _Training:
             steps=trainer.state.global_step, epochs_run=trainer.state.epoch, resumed_from=resume_from,
             # input tokens of one pass over the data times the passes run (pro rata for a partial epoch)
             tokens_trained=round(self.record["data"]["train_tokens"] * (trainer.state.epoch or 0)),
+            tokens_forward_only=round(self.record["data"]["anchor_tokens"] * (trainer.state.epoch or 0)),
             metrics=result.metrics,
             outputs=sorted(p.name for p in out.iterdir()) + [TRAIN_RECORD],
         )
@@ -157,9 +167,16 @@ class _Training:
         tmp.rename(final)
 
 
-def _to_prompt_completion(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Conversational prompt/completion rows: TRL masks the prompt, so only the last assistant turn is trained."""
-    return [{"prompt": r["messages"][:-1], "completion": [r["messages"][-1]]} for r in records]
+def _to_prompt_completion(records: list[dict[str, Any]], anchor: bool = False) -> list[dict[str, Any]]:
+    """Conversational prompt/completion rows: TRL masks the prompt, so only the last assistant turn is trained.
+
+    With `anchor`, each row also says whether it is a diverse row, trained by KL to the base model.
+    """
+    rows = [{"prompt": r["messages"][:-1], "completion": [r["messages"][-1]]} for r in records]
+    if anchor:
+        for row, r in zip(rows, records, strict=True):
+            row[ANCHOR_COLUMN] = r.get("source") == "diverse"
+    return rows
 
 
 def _check_out(out: Path, settings: dict[str, Any], main: bool) -> None:
@@ -229,6 +246,14 @@ def _setup(**s: Any) -> _Training:
         raise DeliaError(f"unknown --train-rows {s['train_rows']!r}; expected new or all")
     if s["batching"] not in BATCHING:
         raise DeliaError(f"unknown batching {s['batching']!r}; expected one of {', '.join(BATCHING)}")
+    if s["diverse_loss"] not in DIVERSE_LOSSES:
+        raise DeliaError(f"unknown diverse_loss {s['diverse_loss']!r}; expected one of {', '.join(DIVERSE_LOSSES)}")
+    kl = s["diverse_loss"] == "kl"
+    if kl and s["batching"] == "packing":
+        raise DeliaError("diverse_loss kl needs each row apart (its flag says which loss it gets); "
+                         "use batching group_by_length or random, not packing")
+    if s["kl_coef"] < 0 or s["kl_temperature"] <= 0 or s["kl_chunk"] < 1:
+        raise DeliaError("kl_coef must be >= 0, kl_temperature > 0 and kl_chunk >= 1")
     precision = _precision(s["precision"])
     specs = parse_token_specs(s["add_token"])
     s["data_sha256"] = _data_hash(data)
@@ -241,6 +266,9 @@ def _setup(**s: Any) -> _Training:
     eval_records = read_chat(s["eval_data"], s["format"]).records if s["eval_data"] else []  # type: ignore[arg-type]
     if not records:
         raise DeliaError(f"{data}: no training rows")
+    anchors = sum(r.get("source") == "diverse" for r in records) if kl else 0
+    if kl and not anchors:
+        raise DeliaError(f"{data}: diverse_loss kl, but no row has source 'diverse' (a `delia mix` output has them)")
 
     set_seed(s["seed"])
     path = resolve_model(s["model"])
@@ -275,10 +303,16 @@ def _setup(**s: Any) -> _Training:
         dataset_num_proc=None, **precision,
     )
     datasets.disable_progress_bars()
-    trainer = SFTTrainer(
+    trainer_class, extra = SFTTrainer, {}
+    if kl:
+        from delia.anchor import AnchoredSFTTrainer
+
+        trainer_class = AnchoredSFTTrainer
+        extra = {"kl_coef": s["kl_coef"], "kl_temperature": s["kl_temperature"], "kl_chunk": s["kl_chunk"]}
+    trainer = trainer_class(
         model=base, args=args, processing_class=tokenizer, peft_config=peft_config,
-        train_dataset=datasets.Dataset.from_list(_to_prompt_completion(records)),
-        eval_dataset=datasets.Dataset.from_list(_to_prompt_completion(eval_records)) if has_eval else None,
+        train_dataset=datasets.Dataset.from_list(_to_prompt_completion(records, anchor=kl)),
+        eval_dataset=datasets.Dataset.from_list(_to_prompt_completion(eval_records)) if has_eval else None, **extra,
     )
     dropped = None if s["batching"] == "packing" else {  # packed datasets count blocks, not rows
         "train": len(records) - len(trainer.train_dataset),
@@ -312,6 +346,10 @@ def _setup(**s: Any) -> _Training:
         "seed": s["seed"],
         "data": {"path": str(data), "sha256": s["data_sha256"], "rows": len(records),
                  "train_tokens": sum(len(x) for x in trainer.train_dataset["input_ids"]),
+                 "anchor_rows": anchors,
+                 "anchor_tokens": sum(len(x) for x, a in zip(trainer.train_dataset["input_ids"],
+                                                             trainer.train_dataset[ANCHOR_COLUMN], strict=True) if a)
+                 if kl else 0,
                  "sources": _sources(records), "dropped_too_long": dropped},
         "eval_data": {"path": s["eval_data"], "sha256": s["eval_data_sha256"], "rows": len(eval_records)},
         "versions": library_versions(),
