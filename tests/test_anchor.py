@@ -5,13 +5,19 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from test_train import _conversation, _settings
 
 from delia.anchor import AnchoredSFTTrainer, chunked_kl
 from delia.errors import DeliaError
 from delia.train import ANCHOR_COLUMN, TRAIN_RECORD, _setup, train
-from test_train import _settings, rows  # noqa: F401  (the fixture)
 
 KL = {"diverse_loss": "kl"}
+
+
+@pytest.fixture
+def rows(write_jsonl):
+    """16 rows, every even one a diverse row."""
+    return write_jsonl("train.jsonl", [_conversation(i) for i in range(16)]), None
 
 
 def _batch(run):

@@ -58,22 +58,30 @@ class _Collect(HTMLParser):
         self.srcs += [v for k, v in attrs if k in ("src", "href")]
 
 
+def _cost(trained: int) -> dict[str, float]:
+    return {"sampled_queries": 0.0, "prompt_tokens": 0.0, "generated_tokens": 0.0, "sample_flops": 0.0,
+            "trained_tokens": trained, "forward_only_tokens": 0, "train_flops": 1e9 * trained, "flops": 1e9 * trained}
+
+
 def test_report_files_are_well_formed_and_self_contained(tmp_path):
     runs = [ModelResult("base", None, None, _fake_eval(tmp_path / "base", [0, 0, 1, 0]))]
     for seed in (0, 1):
         runs.append(ModelResult("sft", 0.0, seed, _fake_eval(tmp_path / f"sft{seed}", [1, 0, 1, 0]),
-                              trained_tokens=100, wall_s={"train": 2.0}))
+                              compute=_cost(100), wall_s={"train": 2.0}, kind="sft"))
         runs.append(ModelResult("delia", 5.0, seed, _fake_eval(tmp_path / f"delia{seed}", [1, 1, 1, 0]),
-                              trained_tokens=600, wall_s={"train": 9.0}))
+                              compute=_cost(600), wall_s={"train": 9.0}, kind="delia"))
     md, html, summary = write_report(tmp_path / "report", "t", runs, "sft", {"k": "v"}, n_boot=200)
     assert summary["arms"]["sft"]["metrics"]["format_accuracy"][0] == pytest.approx(0.5)
     assert summary["arms"]["delia"]["delta"]["format_accuracy"][0] == pytest.approx(0.25)
     assert "format_accuracy" not in summary["arms"]["sft"]["delta"]  # no delta to itself
     assert summary["arms"]["delia"]["trained_tokens"] == 1200
+    assert summary["arms"]["delia"]["compute"]["flops"] == pytest.approx(6e11)  # per seed
     text = md.read_text()
     assert "| delia | 5 | 0,1 | 75.0 [" in text and "+25.0" in text
     assert "![Metric against mixing ratio](metric_vs_ratio.png)" in text
     assert (tmp_path / "report" / "metric_vs_ratio.png").stat().st_size > 1000
+    assert "| delia | delia | 5 | 0 | 0 | 600 | 0 | 0.6 | 9 |" in text  # compute per seed
+    assert (tmp_path / "report" / "compute.png").stat().st_size > 1000
     page = html.read_text()
     parser = _Collect()
     parser.feed(page)

@@ -62,7 +62,7 @@ def test_run_twice_second_skips_every_stage(experiment, tmp_path, monkeypatch):
     report = (out / "report.md").read_text()
     heads = ("## Verdict", "## Trade-off", "## Example general answers", "## All metrics")
     assert [report.index(h) for h in heads] == sorted(report.index(h) for h in heads)
-    assert report.count("| delia |") == 2 + 3  # verdict, all metrics, three example answers
+    assert report.count("| delia |") == 2 + 3 + 1  # verdict, all metrics, three example answers, compute
     assert "## New-token alignment" in report and "- delia seed 1: <sep>" in report
     assert "- delia (ratio 1) against sft: format_accuracy " in report and "leakage " in report
     assert (out / "tradeoff.png").stat().st_size > 1000
@@ -129,3 +129,67 @@ def test_a_typo_in_a_stage_section_is_refused_at_load_with_the_closest_option(tm
         "'learning_rate'?)" in msg and "'seed' is set by the experiment itself" in msg
     assert "field 'arms.1.train'" in msg and "'lora_rr'" in msg and "'bogus' is not an option of delia eval" in msg
     assert "field 'sample'" not in msg
+
+
+def test_every_arm_kind_runs_cached_and_resumes(experiment, tmp_path, monkeypatch):
+    import delia.evaluate
+
+    monkeypatch.setenv("DELIA_CACHE", str(tmp_path / "cache"))
+    config = yaml.safe_load(experiment.read_text())
+    config.update(seeds=[0], eval_base=False, contrast=None, arms=[
+        {"name": "sft", "kind": "sft"},
+        {"name": "kl-ref", "kind": "delia-kl", "ratio": 1, "diverse": "reference", "train": {"kl_coef": 0.5}},
+        {"name": "kl-self", "kind": "delia-kl", "ratio": 1},
+        {"name": "replay", "kind": "replay-reference", "ratio": 1},
+        {"name": "delia", "ratio": 1}])
+    config["task"]["add_tokens"] = {"<sep>": None}  # no probe stage: fewer stages to count
+    experiment.write_text(yaml.safe_dump(config))
+    exp = load_experiment(experiment)
+    assert [a.kind for a in exp.arms] == ["sft", "delia-kl", "delia-kl", "replay-reference", "delia"]
+    assert [a.diverse for a in exp.arms] == [None, "reference", "self", "reference", "self"]
+
+    real = delia.evaluate.evaluate
+    calls = []
+
+    def dies_at_the_replay_eval(data, out, **kw):
+        calls.append(out)
+        if len(calls) == 4:  # a kill in the middle of the run
+            raise KeyboardInterrupt
+        return real(data, out, **kw)
+
+    monkeypatch.setattr(delia.evaluate, "evaluate", dies_at_the_replay_eval)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(exp, out)
+    monkeypatch.setattr(delia.evaluate, "evaluate", real)
+    result = run_experiment(load_experiment(experiment), out)
+    # delia's mixture is kl-self's (same samples, ratio and seed): one mix stage serves both
+    assert result["stages_run"] == ["eval:replay seed 0", "train:delia seed 0", "eval:delia seed 0"]
+    arms = result["summary"]["arms"]
+    kl_ref, kl_self, replay, delia = (arms[n]["compute"] for n in ("kl-ref", "kl-self", "replay", "delia"))
+    assert kl_ref["generated_tokens"] == 0 == replay["generated_tokens"] and kl_ref["sample_flops"] == 0
+    assert kl_ref["forward_only_tokens"] > 0 and kl_self["forward_only_tokens"] > 0
+    assert delia["forward_only_tokens"] == 0 < delia["generated_tokens"] == kl_self["generated_tokens"]
+    assert arms["sft"]["compute"]["flops"] < delia["flops"]
+    stages = sorted(p.name.split("-")[0] for p in (out / "stages").iterdir())
+    assert stages.count("sample") == 1 and stages.count("train") == 5
+    trains = [json.loads((p / "stage.json").read_text()) for p in (out / "stages").glob("train-*")]
+    kl_options = [t["inputs"]["options"] for t in trains if t["inputs"]["options"].get("diverse_loss") == "kl"]
+    assert len(kl_options) == 2 and {o.get("kl_coef") for o in kl_options} == {0.5, None}
+    report = (out / "report.md").read_text()
+    assert "## Compute" in report and "| kl-ref | delia-kl | 1 | 0 | 0 |" in report
+
+
+@pytest.mark.parametrize("arm, message", [
+    ({"name": "a", "kind": "sft", "ratio": 1}, "kind sft needs ratio 0"),
+    ({"name": "a", "kind": "delia"}, "kind delia needs a ratio above 0"),
+    ({"name": "a", "kind": "delia-kll", "ratio": 1}, "did you mean 'delia-kl'"),
+    ({"name": "a", "kind": "delia", "ratio": 1, "diverse": "reference"}, "only for kind delia-kl"),
+    ({"name": "a", "kind": "delia-kl", "ratio": 1, "train": {"diverse_loss": "ce"}}, "set by the experiment"),
+])
+def test_bad_arm_kinds_are_refused_at_load(experiment, arm, message):
+    config = yaml.safe_load(experiment.read_text())
+    config["arms"] = [arm]
+    experiment.write_text(yaml.safe_dump(config))
+    with pytest.raises(DeliaError, match=message):
+        load_experiment(experiment)

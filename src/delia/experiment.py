@@ -22,7 +22,8 @@ from delia.files import read_yaml
 STAGE_OPTIONS: dict[str, tuple[str, frozenset[str]]] = {
     "sample": ("delia.sample:sample", frozenset({"pool", "out", "model"})),
     "mix": ("delia.mix:mix", frozenset({"task", "diverse", "out", "ratio", "seed", "tokenizer"})),
-    "train": ("delia.train:train", frozenset({"data", "out", "model", "add_token", "eval_data", "resume", "seed"})),
+    "train": ("delia.train:train", frozenset({"data", "out", "model", "add_token", "eval_data", "resume", "seed",
+                                              "diverse_loss"})),
     "eval": ("delia.evaluate:evaluate", frozenset({"data", "out", "model", "adapter", "metric", "metric_config",
                                                    "general", "contrast"})),
 }
@@ -59,19 +60,59 @@ class Task(BaseModel):
     )
 
 
+# What each arm kind trains on: its diverse text (None: no diverse rows) and the loss of its diverse rows.
+ARM_KINDS: dict[str, tuple[str | None, str | None]] = {
+    "sft": (None, None),                      # the task rows alone
+    "delia": ("self", "ce"),                  # the paper: the model's own answers, trained as text
+    "delia-kl": ("self", "kl"),               # KL to the base model on the diverse rows (self or reference text)
+    "replay-reference": ("reference", "ce"),  # the pool's reference answers as text: does self-sampling matter?
+}
+
+
 class Arm(BaseModel):
-    """One way of training: plain SFT (ratio 0) or DELIA at a ratio of diverse rows per task row."""
+    """One way of training: its kind, the diverse rows per task row, and train overrides."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    ratio: float = Field(0.0, ge=0, description="Diverse rows per task row; 0 is plain SFT.")
-    train: dict[str, Any] = Field(default_factory=dict, description="Overrides of the experiment's train settings.")
+    kind: str | None = Field(None, description=f"One of {', '.join(ARM_KINDS)}; default: sft at ratio 0, "
+                             "else delia.")
+    ratio: float = Field(0.0, ge=0, description="Diverse rows per task row; 0 for sft, more than 0 otherwise.")
+    diverse: str | None = Field(None, description="delia-kl only: the diverse text under the KL, `self` (the "
+                                "model's own answers, the default) or `reference` (the pool's: no sampling).")
+    train: dict[str, Any] = Field(default_factory=dict, description="Overrides of the experiment's train settings "
+                                  "(e.g. kl_coef, kl_temperature for delia-kl).")
 
     @field_validator("train")
     @classmethod
     def _train_options(cls, options: dict[str, Any]) -> dict[str, Any]:
         return check_stage_options("train", options)
+
+    @model_validator(mode="after")
+    def _kind(self) -> Arm:
+        if self.kind is None:
+            self.kind = "sft" if self.ratio == 0 else "delia"
+        if self.kind not in ARM_KINDS:
+            close = difflib.get_close_matches(self.kind, list(ARM_KINDS), n=1)
+            raise ValueError(f"unknown kind {self.kind!r}; expected one of {', '.join(ARM_KINDS)}"
+                             + (f" (did you mean {close[0]!r}?)" if close else ""))
+        if (self.kind == "sft") != (self.ratio == 0):
+            raise ValueError(f"kind {self.kind} needs " + ("ratio 0" if self.kind == "sft" else "a ratio above 0"))
+        text = ARM_KINDS[self.kind][0]
+        if self.diverse is not None and (self.kind != "delia-kl" or self.diverse not in ("self", "reference")):
+            raise ValueError("`diverse` is `self` or `reference`, and only for kind delia-kl"
+                             + (f" (kind {self.kind} trains on {text} text)" if text else ""))
+        self.diverse = self.diverse or text
+        return self
+
+    @property
+    def diverse_loss(self) -> str:
+        return ARM_KINDS[str(self.kind)][1] or "ce"
+
+    @property
+    def samples(self) -> bool:
+        """Whether the arm needs the sampling stage (the model's own answers)."""
+        return self.diverse == "self"
 
 
 class Experiment(BaseModel):
@@ -87,7 +128,7 @@ class Experiment(BaseModel):
                                   "(scored as the share that obey); needs `general`.")
     seeds: list[int] = Field(default_factory=lambda: [0])
     arms: list[Arm] = Field(default_factory=lambda: [Arm(name="sft", ratio=0), Arm(name="delia", ratio=100)])
-    baseline: str | None = Field(None, description="Arm the others are compared with; default: the first ratio-0 arm.")
+    baseline: str | None = Field(None, description="Arm the others are compared with; default: the first sft arm.")
     eval_base: bool = Field(True, description="Also evaluate the untuned model.")
     train_eval: bool = Field(False, description="Also score the task's eval set during training (the loss and "
                              "important-token loss curves); costs training time, the report's results do not need it.")
@@ -113,7 +154,7 @@ class Experiment(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> Experiment:
         if any(a.ratio > 0 for a in self.arms) and self.pool is None:
-            raise ValueError("an arm has ratio > 0 but no `pool` of diverse queries is given")
+            raise ValueError("an arm has ratio > 0 but no `pool` of diverse queries (and references) is given")
         if self.contrast is not None and self.general is None:
             raise ValueError("`contrast` needs `general` (its leakage rule and base model come with it)")
         if self.baseline is not None and self.baseline not in {a.name for a in self.arms}:
@@ -124,7 +165,7 @@ class Experiment(BaseModel):
     def baseline_arm(self) -> str | None:
         if self.baseline:
             return self.baseline
-        return next((a.name for a in self.arms if a.ratio == 0), None)
+        return next((a.name for a in self.arms if a.kind == "sft"), None)
 
 
 def load_experiment(path: str | Path) -> Experiment:

@@ -28,9 +28,10 @@ class ModelResult:
     seed: int | None
     eval_dir: Path
     train_dir: Path | None = None
-    trained_tokens: int | None = None
     wall_s: dict[str, float] = field(default_factory=dict)
     probe: dict[str, Any] | None = None
+    kind: str | None = None  # the arm's kind (sft, delia, delia-kl, replay-reference); None for the base model
+    compute: dict[str, float] | None = None  # tokens and estimated FLOPs (delia.compute.arm_cost)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -122,8 +123,12 @@ def summarise(runs: list[ModelResult], baseline: str | None, n_boot: int) -> dic
                            "general_prompts": (first.get("general") or {}).get("n"), "arms": {}}
     for name, group in arms.items():
         group.sort(key=lambda r: -1 if r.seed is None else r.seed)
-        entry: dict[str, Any] = {"ratio": group[0].ratio, "seeds": [r.seed for r in group], "metrics": {},
-                                 "delta": {}, "trained_tokens": _total(r.trained_tokens for r in group),
+        costs = [r.compute for r in group if r.compute]
+        entry: dict[str, Any] = {"ratio": group[0].ratio, "kind": group[0].kind, "seeds": [r.seed for r in group],
+                                 "metrics": {}, "delta": {},
+                                 "trained_tokens": _total(c["trained_tokens"] for c in costs),
+                                 "compute": {k: float(np.mean([c[k] for c in costs])) for k in costs[0]}
+                                 if costs else None,
                                  "wall_s": _sum_dicts(r.wall_s for r in group)}
         entry["per_seed"] = {}
         for m in metrics:
@@ -194,6 +199,22 @@ def _plots(runs: list[ModelResult], summary: dict[str, Any], folder: Path) -> li
         axes[0][0].legend(fontsize=7)
         fig.suptitle("mean with 95% interval per arm; x: one seed", fontsize=8)
         save(fig, "tradeoff.png", "Task metric against format leakage and drift")
+
+    costed = {n: a for n, a in summary["arms"].items() if a["compute"]}
+    y_metrics = [m for m in (primary, "leakage") if m in summary["metrics"]]
+    if costed and y_metrics:
+        fig, axes = plt.subplots(1, len(y_metrics), figsize=(5 * len(y_metrics), 3.8), squeeze=False)
+        for ax, m in zip(axes[0], y_metrics, strict=True):
+            k = 100 if is_pct(m) else 1
+            for i, (name, a) in enumerate(costed.items()):
+                y, lo, hi = (v * k for v in a["metrics"][m])
+                ax.errorbar([a["compute"]["flops"]], [y], yerr=[[y - lo], [hi - y]], fmt="o", color=f"C{i}",
+                            capsize=3, label=f"{name} ({a['kind']}, {a['ratio']:g})")
+            ax.set_xscale("log")
+            ax.set_xlabel("estimated FLOPs per seed (sampling share + training)")
+            ax.set_ylabel(f"{label(m)}: {'higher' if summary['higher_is_better'].get(m, True) else 'lower'} is better")
+        axes[0][0].legend(fontsize=7)
+        save(fig, "compute.png", "Task metric and leakage against compute")
 
     trained = {n: a for n, a in summary["arms"].items() if a["ratio"] is not None}
     if trained:
@@ -428,6 +449,22 @@ def _html(title: str, blocks: list[Block]) -> str:
     return "\n".join(out + ["</body></html>"])
 
 
+def compute_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(head, rows): what one seed of each arm cost, in tokens and estimated FLOPs (delia.compute), and wall time."""
+    head = ["arm", "kind", "ratio", "sampled queries", "generated tokens", "trained tokens", "forward-only tokens",
+            "TFLOPs", "wall s"]
+    rows = []
+    for name, a in summary["arms"].items():
+        c = a["compute"]
+        if not c:
+            continue
+        wall = sum(a["wall_s"].get(k, 0.0) for k in ("sample", "mix", "train")) / max(1, len(a["seeds"]))
+        rows.append([name, str(a["kind"]), f"{a['ratio']:g}", f"{c['sampled_queries']:,.0f}",
+                     f"{c['generated_tokens']:,.0f}", f"{c['trained_tokens']:,.0f}", f"{c['forward_only_tokens']:,.0f}",
+                     f"{c['flops'] / 1e12:,.1f}", f"{wall:,.0f}"])
+    return head, rows
+
+
 def write_report(folder: Path, title: str, runs: list[ModelResult], baseline: str | None,
                  manifest: dict[str, Any], n_boot: int = 2000) -> tuple[Path, Path, dict[str, Any]]:
     """Write report.md, report.html and summary.json into `folder`; returns their paths and the summary.
@@ -463,6 +500,14 @@ def write_report(folder: Path, title: str, runs: list[ModelResult], baseline: st
                        ("table", ["arm", "answer", "leak"],
                         [[arm, _short(text) or "(empty)", "–" if leak is None else "yes" if leak else "no"]
                          for arm, text, leak in answers])]
+    if (compute := compute_table(summary))[1]:
+        blocks += [("h2", "Compute"),
+                   ("p", "Per seed (mean over seeds). Sampling counts the share of the sampling run whose answers the "
+                    "arm mixed in; FLOPs are estimated from tokens (delia.compute: 2 forwards per trained token, 1 "
+                    "per forward-only, prompt or generated token); wall: that sampling share, mixing and training.")]
+        blocks.append(("table", *compute))
+        if "Task metric and leakage against compute" in plots:
+            blocks.append(("img", "compute", plots.pop("Task metric and leakage against compute")))
     costs = "; ".join(f"{n}: " + ", ".join(f"{stage} {s:.0f}" for stage, s in a["wall_s"].items())
                       for n, a in summary["arms"].items())
     blocks += [("h2", "All metrics"), ("table", *_results_table(summary)),

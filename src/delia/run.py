@@ -55,6 +55,7 @@ class StageCache:
 
 def run_experiment(exp: Experiment, out: Path) -> dict[str, Any]:
     """Sample, mix, train, evaluate and probe every arm and seed of `exp`; write the report into `out`."""
+    from delia.compute import arm_cost
     from delia.evaluate import evaluate
     from delia.mix import mix
     from delia.models import resolve_model
@@ -100,12 +101,12 @@ def run_experiment(exp: Experiment, out: Path) -> dict[str, Any]:
         return cache.run("probe", label, inputs, lambda d: probe(d, **kwargs))[1]["result"]
 
     train_eval = exp.task.eval if exp.train_eval else None
-    samples = None
-    if any(a.ratio > 0 for a in exp.arms):
-        folder, rec = cache.run("sample", "pool", {"model": model_id, "pool": data_hashes["pool"],
-                                                   "options": exp.sample},
-                                lambda d: sample(exp.pool, d / "samples.jsonl", model=model_path, **exp.sample))
-        samples, sample_s = folder / "samples.jsonl", rec["wall_s"]
+    samples = sampled = None
+    if any(a.samples for a in exp.arms):
+        folder, sampled = cache.run("sample", "pool", {"model": model_id, "pool": data_hashes["pool"],
+                                                       "options": exp.sample},
+                                    lambda d: sample(exp.pool, d / "samples.jsonl", model=model_path, **exp.sample))
+        samples = folder / "samples.jsonl"
 
     runs: list[ModelResult] = []
     if exp.eval_base:
@@ -120,19 +121,25 @@ def run_experiment(exp: Experiment, out: Path) -> dict[str, Any]:
         for seed in exp.seeds:
             label = f"{arm.name} seed {seed}"
             wall: dict[str, float] = {}
+            share = 0.0  # of the sampling run this arm's diverse rows took
             if arm.ratio > 0:
-                assert samples is not None
-                mix_inputs = {"task": data_hashes["task_train"], "diverse": sha256_file(samples), "ratio": arm.ratio,
-                              "seed": seed, "options": exp.mix}
-                folder, rec = cache.run("mix", label, mix_inputs, lambda d, r=arm.ratio, s=seed: mix(
-                    exp.task.train, samples, d / "mixed.jsonl", ratio=r, seed=s, tokenizer=model_path, **exp.mix))
+                diverse = samples if arm.samples else exp.pool
+                assert diverse is not None
+                mix_inputs = {"task": data_hashes["task_train"],
+                              "diverse": sha256_file(diverse) if arm.samples else data_hashes["pool"],
+                              "ratio": arm.ratio, "seed": seed, "options": exp.mix}
+                folder, rec = cache.run("mix", label, mix_inputs, lambda d, r=arm.ratio, s=seed, dv=diverse: mix(
+                    exp.task.train, dv, d / "mixed.jsonl", ratio=r, seed=s, tokenizer=model_path, **exp.mix))
                 train_data, data_hash = folder / "mixed.jsonl", sha256_file(folder / "mixed.jsonl")
                 wall["mix"] = rec["wall_s"]
-                if seed == exp.seeds[0]:  # one sampling serves every seed: count it once per arm
-                    wall["sample"] = sample_s
+                if arm.samples and sampled is not None:  # what sampling only the rows this seed uses would take
+                    share = rec["result"]["sources"]["diverse"]["rows"] / max(1, sampled["result"]["kept"])
+                    wall["sample"] = round(sampled["wall_s"] * share, 2)
             else:
                 train_data, data_hash = exp.task.train, data_hashes["task_train"]
             options = {**exp.train, **arm.train, "seed": seed}
+            if arm.diverse_loss != "ce":  # set only when it differs, so the default's stage keys stay as they were
+                options["diverse_loss"] = arm.diverse_loss
             train_key = {"model": model_id, "data": data_hash, "tokens": token_specs, "options": options}
             if train_eval is not None:
                 train_key["eval_data"] = data_hashes["task_eval"]
@@ -144,8 +151,9 @@ def run_experiment(exp: Experiment, out: Path) -> dict[str, Any]:
             efolder, rec = cache.run("eval", label, {"adapter": trained, **eval_inputs},
                                      lambda d, a=adapter: evaluate(exp.task.eval, d, adapter=a, **eval_kwargs))
             wall["eval"] = rec["wall_s"]
-            result = ModelResult(arm.name, arm.ratio, seed, efolder, train_dir=adapter, wall_s=wall,
-                               trained_tokens=_trained_tokens(adapter))
+            result = ModelResult(arm.name, arm.ratio, seed, efolder, train_dir=adapter, wall_s=wall, kind=arm.kind,
+                                 compute=arm_cost(model_path, _train_record(adapter),
+                                                  sampled["result"] if sampled else None, share))
             if described:
                 result.probe = probed(label, {"adapter": trained}, adapter=adapter, data=exp.task.eval)
             runs.append(result)
@@ -158,11 +166,10 @@ def run_experiment(exp: Experiment, out: Path) -> dict[str, Any]:
             "stages_run": cache.done, "stages_cached": cache.skipped}
 
 
-def _trained_tokens(adapter: Path) -> int | None:
-    meta = adapter / "delia_train.json"
-    if not meta.exists():
-        return None
-    return json.loads(meta.read_text(encoding="utf-8")).get("tokens_trained")
+def _train_record(adapter: Path) -> dict[str, Any]:
+    from delia.train import TRAIN_RECORD
+
+    return json.loads((adapter / TRAIN_RECORD).read_text(encoding="utf-8"))
 
 
 def summary_table(summary: dict[str, Any]) -> Any:

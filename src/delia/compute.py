@@ -1,0 +1,60 @@
+"""Compute accounting: the tokens each arm costs and their estimated FLOPs, measured after a run.
+
+Per-token forward FLOPs come from TRL's `compute_flops_per_token` (matmuls of every layer, attention
+scores at the stage's mean sequence length, the LM head; embeddings are lookups). TRL counts a full
+training step as 3 forwards; LoRA skips the weight gradients of the frozen weights, so a trained token is
+counted as 2 forwards (forward, and the backward pass to the activations), a forward-only token (the
+base model's pass under `diverse_loss kl`) as 1, and a sampled token (prompt or generated) as 1.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+TRAIN_FORWARDS = 2  # forward + backward to the activations (LoRA: no weight gradients for frozen weights)
+
+
+@cache
+def _config(model_path: str) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_path)
+
+
+def forward_flops(model_path: str | Path, seq_len: float) -> float:
+    """FLOPs of one token's forward pass in a sequence of `seq_len` tokens."""
+    from trl.trainer.utils import compute_flops_per_token
+
+    return compute_flops_per_token(_config(str(model_path)), max(1, round(seq_len))) / 3
+
+
+def sampling_cost(model_path: str | Path, summary: dict[str, Any], share: float = 1.0) -> dict[str, float]:
+    """Tokens and FLOPs of `share` of a sampling run (its `delia sample` summary): an arm that mixes 40 of
+    100 kept answers costs 40% of the run, since a run of 40 queries would have given it the same rows."""
+    prompt, generated = summary["prompt_tokens"], summary["completion_tokens"]
+    rows = max(1, summary["generated"])
+    flops = forward_flops(model_path, (prompt + generated) / rows) * (prompt + generated)
+    return {"sampled_queries": summary["queries"] * share, "prompt_tokens": prompt * share,
+            "generated_tokens": generated * share, "sample_flops": flops * share}
+
+
+def training_cost(model_path: str | Path, record: dict[str, Any]) -> dict[str, float]:
+    """Tokens and FLOPs of a finished training run, from its delia_train.json."""
+    data = record["data"]
+    fwd = forward_flops(model_path, data["train_tokens"] / max(1, data["rows"]))
+    trained, forward_only = record["tokens_trained"], record.get("tokens_forward_only", 0)
+    return {"trained_tokens": trained, "forward_only_tokens": forward_only,
+            "train_flops": fwd * (TRAIN_FORWARDS * trained + forward_only)}
+
+
+def arm_cost(model_path: str | Path, record: dict[str, Any], sample_summary: dict[str, Any] | None = None,
+             share: float = 0.0) -> dict[str, float]:
+    """One arm at one seed: its share of sampling (none for arms without self-samples) plus its training."""
+    cost = {"sampled_queries": 0.0, "prompt_tokens": 0.0, "generated_tokens": 0.0, "sample_flops": 0.0}
+    if sample_summary is not None and share > 0:
+        cost = sampling_cost(model_path, sample_summary, share)
+    cost.update(training_cost(model_path, record))
+    cost["flops"] = cost["sample_flops"] + cost["train_flops"]
+    return cost
