@@ -178,6 +178,26 @@ def test_every_arm_kind_runs_cached_and_resumes(experiment, tmp_path, monkeypatc
     assert len(kl_options) == 2 and {o.get("kl_coef") for o in kl_options} == {0.5, None}
     report = (out / "report.md").read_text()
     assert "## Compute" in report and "| kl-ref | delia-kl | 1 | 0 | 0 |" in report
+    plan = json.loads((out / "manifest.json").read_text())["plan"]
+    for row in plan["arms"]:  # the plan counts tokens the way training does, up to template details
+        measured = arms[row["arm"]]["compute"]
+        assert row["trained_tokens"] == pytest.approx(measured["trained_tokens"], rel=0.15)
+        assert row["forward_only_tokens"] == pytest.approx(measured["forward_only_tokens"], rel=0.15)
+        assert measured["est_wall_s"] == row["est_wall_s"] > 0
+    assert plan["sampling_run"]["queries"] == 12 and plan["arms"][2]["diverse_rows"] == 6
+
+
+def test_plan_prints_costs_in_80_columns_and_runs_nothing(experiment, tmp_path, monkeypatch, capsys):
+    from delia.cli import main
+
+    monkeypatch.setenv("DELIA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit) as e:
+        main(["run", str(experiment), "--plan", "--flops-per-s", "1e9", "--out", str(tmp_path / "out")])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert max(map(len, out.splitlines())) <= 80 and "delia" in out and "at the given 1 GFLOP/s" in out
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("arm, message", [

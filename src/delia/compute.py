@@ -14,6 +14,26 @@ from pathlib import Path
 from typing import Any
 
 TRAIN_FORWARDS = 2  # forward + backward to the activations (LoRA: no weight gradients for frozen weights)
+# Share of the measured matmul peak each stage reached on a 2-core CPU with SmolLM2-135M in fp32, for wall-time
+# estimates: sampling 41% (benchmarks/prefill_grouping.py --prompts pool --max-new-tokens 48), LoRA training 20%
+# (benchmarks/train_throughput.py). A GPU reaches other shares: pass the rate you see (`--flops-per-s`).
+STAGE_SHARE_OF_PEAK = {"sample": 0.41, "train": 0.20}
+
+
+def measure_matmul_flops(n: int = 1536, reps: int = 6) -> float:
+    """Best measured fp32 matmul FLOP/s of this process's threads on the CPU (the peak shares refer to)."""
+    import time
+
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.matmul(a, b)
+    best = 0.0
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.matmul(a, b)
+        best = max(best, 2 * n**3 / (time.perf_counter() - t))
+    return best
 
 
 @cache

@@ -452,7 +452,7 @@ def _html(title: str, blocks: list[Block]) -> str:
 def compute_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """(head, rows): what one seed of each arm cost, in tokens and estimated FLOPs (delia.compute), and wall time."""
     head = ["arm", "kind", "ratio", "sampled queries", "generated tokens", "trained tokens", "forward-only tokens",
-            "TFLOPs", "wall s"]
+            "TFLOPs", "wall s", "planned s"]
     rows = []
     for name, a in summary["arms"].items():
         c = a["compute"]
@@ -461,7 +461,8 @@ def compute_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         wall = sum(a["wall_s"].get(k, 0.0) for k in ("sample", "mix", "train")) / max(1, len(a["seeds"]))
         rows.append([name, str(a["kind"]), f"{a['ratio']:g}", f"{c['sampled_queries']:,.0f}",
                      f"{c['generated_tokens']:,.0f}", f"{c['trained_tokens']:,.0f}", f"{c['forward_only_tokens']:,.0f}",
-                     f"{c['flops'] / 1e12:,.1f}", f"{wall:,.0f}"])
+                     f"{c['flops'] / 1e12:,.1f}", f"{wall:,.0f}",
+                     f"{c['est_wall_s']:,.0f}" if "est_wall_s" in c else "–"])
     return head, rows
 
 
@@ -504,7 +505,8 @@ def write_report(folder: Path, title: str, runs: list[ModelResult], baseline: st
         blocks += [("h2", "Compute"),
                    ("p", "Per seed (mean over seeds). Sampling counts the share of the sampling run whose answers the "
                     "arm mixed in; FLOPs are estimated from tokens (delia.compute: 2 forwards per trained token, 1 "
-                    "per forward-only, prompt or generated token); wall: that sampling share, mixing and training.")]
+                    "per forward-only, prompt or generated token); wall: that sampling share, mixing and training, "
+                    "measured, and as `delia run --plan` estimated it before the run.")]
         blocks.append(("table", *compute))
         if "Task metric and leakage against compute" in plots:
             blocks.append(("img", "compute", plots.pop("Task metric and leakage against compute")))

@@ -53,21 +53,33 @@ class StageCache:
         return folder, json.loads(marker.read_text(encoding="utf-8"))
 
 
-def run_experiment(exp: Experiment, out: Path) -> dict[str, Any]:
-    """Sample, mix, train, evaluate and probe every arm and seed of `exp`; write the report into `out`."""
-    from delia.compute import arm_cost
-    from delia.evaluate import evaluate
-    from delia.mix import mix
-    from delia.models import resolve_model
-    from delia.report import ModelResult, write_report
-    from delia.sample import sample
+def resolve_paths(exp: Experiment) -> Experiment:
+    """`exp` with prepared data sets (`demo-data:...`) resolved to files, prepared on first use."""
     from delia.task_data import resolve_data_path
-    from delia.train import train
 
     exp.task.train, exp.task.eval = resolve_data_path(exp.task.train), resolve_data_path(exp.task.eval)
     exp.pool, exp.general, exp.contrast = (None if p is None else resolve_data_path(p)
                                            for p in (exp.pool, exp.general, exp.contrast))
+    return exp
+
+
+def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None) -> dict[str, Any]:
+    """Sample, mix, train, evaluate and probe every arm and seed of `exp`; write the report into `out`.
+
+    The report puts the plan's wall-time estimate (at `flops_per_s`, or measured) beside the measured time."""
+    from delia.compute import arm_cost
+    from delia.evaluate import evaluate
+    from delia.mix import mix
+    from delia.models import resolve_model
+    from delia.plan import plan_experiment
+    from delia.report import ModelResult, write_report
+    from delia.sample import sample
+    from delia.train import train
+
+    resolve_paths(exp)
     out.mkdir(parents=True, exist_ok=True)
+    plan = plan_experiment(exp, flops_per_s)
+    estimate = {a["arm"]: a["est_wall_s"] for a in plan["arms"]}
     cache = StageCache(out / "stages")
     model_path = resolve_model(exp.model)
     model_id = {"model": exp.model, "fingerprint": model_fingerprint(model_path)}
@@ -151,14 +163,14 @@ def run_experiment(exp: Experiment, out: Path) -> dict[str, Any]:
             efolder, rec = cache.run("eval", label, {"adapter": trained, **eval_inputs},
                                      lambda d, a=adapter: evaluate(exp.task.eval, d, adapter=a, **eval_kwargs))
             wall["eval"] = rec["wall_s"]
+            cost = arm_cost(model_path, _train_record(adapter), sampled["result"] if sampled else None, share)
             result = ModelResult(arm.name, arm.ratio, seed, efolder, train_dir=adapter, wall_s=wall, kind=arm.kind,
-                                 compute=arm_cost(model_path, _train_record(adapter),
-                                                  sampled["result"] if sampled else None, share))
+                                 compute={**cost, "est_wall_s": estimate[arm.name]})
             if described:
                 result.probe = probed(label, {"adapter": trained}, adapter=adapter, data=exp.task.eval)
             runs.append(result)
 
-    manifest = {"experiment": exp.model_dump(mode="json"), "model": model_id, "data_sha256": data_hashes,
+    manifest = {"experiment": exp.model_dump(mode="json"), "model": model_id, "data_sha256": data_hashes, "plan": plan,
                 "versions": library_versions(), "stages_run": cache.done, "stages_cached": cache.skipped}
     md, html, summary = write_report(out, exp.name, runs, exp.baseline_arm, manifest, exp.bootstrap)
     write_json(out / "manifest.json", manifest)
@@ -207,9 +219,48 @@ def print_summary(result: dict[str, Any]) -> None:
     console.print(f"report: {result['report_md']}\n        {result['report_html']}", highlight=False)
 
 
+def plan_table(plan: dict[str, Any]) -> Any:
+    """The cost plan as a rich table that fits 80 columns: per arm and seed, tokens, FLOPs and wall time."""
+    from rich.table import Table
+
+    table = Table(title=f"plan per seed ({plan['seeds']} seeds): estimates", title_justify="left")
+    for name in ("arm", "diverse rows", "generated tokens", "trained tokens", "fwd-only tokens", "TFLOPs", "wall"):
+        table.add_column(name, overflow="fold", justify="left" if name == "arm" else "right")
+    for a in plan["arms"]:
+        table.add_row(f"{escape(a['arm'])}\n{a['kind']} {a['ratio']:g}", f"{a['diverse_rows']:,}",
+                      f"≤{a['generated_tokens']:,.0f}", f"{a['trained_tokens']:,.0f}",
+                      f"{a['forward_only_tokens']:,.0f}", f"{a['flops'] / 1e12:,.2f}", _duration(a["est_wall_s"]))
+    return table
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else (
+        f"{seconds / 3600:.1f} h")
+
+
+def print_plan(plan: dict[str, Any]) -> None:
+    """The plan table, then what sampling runs once and the rate the wall times assume."""
+    out = Console(soft_wrap=False)
+    out.print(plan_table(plan))
+    if s := plan["sampling_run"]:
+        out.print(f"sampling (once, shared by every seed and self-sampling arm): {s['queries']:,} queries, "
+                  f"{s['prompt_tokens']:,} prompt tokens, ≤{s['completion_tokens']:,} generated tokens; each arm "
+                  "above counts the share it mixes in.", highlight=False)
+    rate = (f"the given {plan['flops_per_s'] / 1e9:,.0f} GFLOP/s" if plan["flops_per_s"] else
+            f"this machine's measured matmul peak ({plan['matmul_peak_flops'] / 1e9:,.0f} GFLOP/s) times the share "
+            "delia's CPU benchmarks reach: " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s"
+                                                        for k, v in plan["rates"].items()))
+    out.print(f"wall: FLOPs at {rate}. Generated tokens are upper bounds (max_new_tokens per answer).",
+              highlight=False)
+
+
 def run(
     experiment: Annotated[Path, typer.Argument(help="Experiment YAML (see examples/).", exists=True, dir_okay=False)],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default runs/<name>).")] = None,
+    plan: Annotated[bool, typer.Option("--plan", help="Print the estimated tokens, FLOPs and wall time of every "
+                                                      "arm and seed, then stop (nothing runs).")] = False,
+    flops_per_s: Annotated[float | None, typer.Option(
+        help="Rate for the wall-time estimates, e.g. 2e14 for a GPU (default: measured on this machine).")] = None,
 ) -> dict[str, Any]:
     """Run an experiment: sample, mix, train and eval every arm and seed, then write report.md and report.html.
 
@@ -217,9 +268,16 @@ def run(
 
     Examples:\n
       delia run examples/demo.yaml\n
+      delia run examples/paper-format.yaml --plan --flops-per-s 2e14\n
       delia run examples/paper-format.yaml --out runs/paper
     """
     exp = load_experiment(experiment)
-    result = run_experiment(exp, out or Path("runs") / exp.name)
+    if plan:
+        from delia.plan import plan_experiment
+
+        result = plan_experiment(resolve_paths(exp), flops_per_s)
+        print_plan(result)
+        return result
+    result = run_experiment(exp, out or Path("runs") / exp.name, flops_per_s)
     print_summary(result)
     return result

@@ -1,0 +1,90 @@
+"""`delia run --plan`: what an experiment will cost, per arm and seed, before anything runs.
+
+Tokens are counted with the model's tokenizer on the real data (one-shot prompts of the pool, the task's
+rows, the pool's references); generated tokens are the upper bound `max_new_tokens` per answer. FLOPs follow
+`delia.compute`; wall time divides them by a rate: the given FLOP/s, or this machine's measured matmul peak
+times the share of it that delia's benchmarks reach per stage (`delia.compute.STAGE_SHARE_OF_PEAK`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from delia.compute import STAGE_SHARE_OF_PEAK, sampling_cost, training_cost
+from delia.experiment import Experiment
+
+
+def _option(stage_fn: Any, options: dict[str, Any], name: str) -> Any:
+    """An option of a stage as the experiment sets it, else the stage's default."""
+    return options.get(name, inspect.signature(stage_fn).parameters[name].default)
+
+
+def plan_experiment(exp: Experiment, flops_per_s: float | None = None) -> dict[str, Any]:
+    """Estimated tokens, FLOPs and wall time of every arm (per seed) of `exp`; data paths must be resolved."""
+    from delia.compute import measure_matmul_flops
+    from delia.data import first_turns, read_chat
+    from delia.models import load_tokenizer, resolve_model
+    from delia.prompts import delia_prompt, prompt_ids
+    from delia.sample import sample
+    from delia.train import train
+
+    model_path = resolve_model(exp.model)
+    tok = load_tokenizer(model_path, resolved=True)
+    max_length = _option(train, exp.train, "max_length")
+
+    def row_tokens(messages: list[dict[str, str]]) -> int:
+        return min(max_length, len(prompt_ids(tok, messages, add_generation_prompt=False)))
+
+    task_rows = read_chat(exp.task.train).records
+    task_tokens = sum(row_tokens(r["messages"]) for r in task_rows)
+
+    pool_rows = read_chat(exp.pool, require_assistant=False).records if exp.pool is not None else []
+    pairs = [first_turns(r) for r in pool_rows]
+    limit, mode = _option(sample, exp.sample, "limit"), _option(sample, exp.sample, "mode")
+    max_prompt, max_new = _option(sample, exp.sample, "max_prompt_tokens"), _option(sample, exp.sample,
+                                                                                       "max_new_tokens")
+    per_query = _option(sample, exp.sample, "samples_per_query")
+    prompts = []
+    if any(a.samples for a in exp.arms):
+        for query, reference in pairs[:limit]:
+            if mode == "one-shot" and reference is None:
+                continue
+            n = len(prompt_ids(tok, delia_prompt(query, reference, mode)))
+            if max_prompt is None or n <= max_prompt:
+                prompts.append((query, n))
+    sampled = {"queries": len(prompts), "generated": len(prompts) * per_query,
+               "prompt_tokens": sum(n for _, n in prompts) * per_query,
+               "completion_tokens": len(prompts) * per_query * max_new}
+    # a self-sampled training row: the query as a user turn, then an answer of at most max_new tokens
+    self_row = (sum(row_tokens([{"role": "user", "content": q}, {"role": "assistant", "content": ""}])
+                    for q, _ in prompts) / max(1, len(prompts)) + max_new)
+    ref_row = (sum(row_tokens([{"role": "user", "content": q}, {"role": "assistant", "content": r}])
+                   for q, r in pairs if r is not None) / max(1, sum(r is not None for _, r in pairs)))
+
+    peak = None if flops_per_s else measure_matmul_flops()
+    rates = {stage: flops_per_s or peak * share for stage, share in STAGE_SHARE_OF_PEAK.items()}
+    arms = []
+    for arm in exp.arms:
+        available = sampled["generated"] if arm.samples else len(pairs)
+        diverse = min(available, round(arm.ratio * len(task_rows)))
+        options = {**exp.train, **arm.train}
+        passes = _option(train, options, "epochs")
+        if (steps := _option(train, options, "max_steps")) > 0:  # max_steps wins over epochs (one process)
+            rows_per_step = _option(train, options, "batch_size") * _option(train, options, "grad_accum")
+            passes = steps * rows_per_step / (len(task_rows) + diverse)
+        diverse_tokens = diverse * (self_row if arm.samples else ref_row)
+        data_tokens = task_tokens + diverse_tokens
+        record = {"data": {"train_tokens": data_tokens, "rows": len(task_rows) + diverse},
+                  "tokens_trained": data_tokens * passes,
+                  "tokens_forward_only": diverse_tokens * passes if arm.diverse_loss == "kl" else 0}
+        cost = {"sampled_queries": 0.0, "prompt_tokens": 0.0, "generated_tokens": 0.0, "sample_flops": 0.0}
+        if arm.samples and sampled["generated"]:
+            cost = sampling_cost(model_path, sampled, diverse / sampled["generated"])
+        cost.update(training_cost(model_path, record))
+        cost["flops"] = cost["sample_flops"] + cost["train_flops"]
+        cost["est_wall_s"] = cost["sample_flops"] / rates["sample"] + cost["train_flops"] / rates["train"]
+        arms.append({"arm": arm.name, "kind": arm.kind, "ratio": arm.ratio, "diverse_rows": diverse, **cost})
+    return {"model": exp.model, "seeds": len(exp.seeds), "task_rows": len(task_rows),
+            "sampling_run": sampled if prompts else None, "matmul_peak_flops": peak, "flops_per_s": flops_per_s,
+            "rates": rates, "arms": arms}
