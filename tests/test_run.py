@@ -50,8 +50,8 @@ def test_run_twice_second_skips_every_stage(experiment, tmp_path, monkeypatch):
     monkeypatch.setenv("DELIA_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
     first = run_experiment(load_experiment(experiment), out)
-    # sample + base eval + base probe, then per arm and seed: (mix) train eval probe
-    assert len(first["stages_run"]) == 3 + 2 * 3 + 2 * 4 and not first["stages_cached"]
+    # plan + sample + base eval + base probe, then per arm and seed: (mix) train eval probe
+    assert len(first["stages_run"]) == 4 + 2 * 3 + 2 * 4 and not first["stages_cached"]
     summary = first["summary"]
     assert set(summary["arms"]) == {"base", "sft", "delia"}
     assert summary["arms"]["delia"]["seeds"] == [0, 1]
@@ -85,7 +85,7 @@ def test_changed_option_reruns_only_what_depends_on_it(experiment, tmp_path):
     config["eval"]["max_new_tokens"] = 4
     experiment.write_text(yaml.safe_dump(config))
     again = run_experiment(load_experiment(experiment), out)
-    assert again["stages_cached"] == ["train:sft seed 0", "probe:sft seed 0"]
+    assert again["stages_cached"] == ["plan:costs", "train:sft seed 0", "probe:sft seed 0"]
     assert again["stages_run"] == ["eval:sft seed 0"]
 
 

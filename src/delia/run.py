@@ -78,8 +78,6 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None)
 
     resolve_paths(exp)
     out.mkdir(parents=True, exist_ok=True)
-    plan = plan_experiment(exp, flops_per_s)
-    estimate = {a["arm"]: a["est_wall_s"] for a in plan["arms"]}
     cache = StageCache(out / "stages")
     model_path = resolve_model(exp.model)
     model_id = {"model": exp.model, "fingerprint": model_fingerprint(model_path)}
@@ -87,6 +85,12 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None)
     for name in ("pool", "general", "contrast"):
         if getattr(exp, name) is not None:
             data_hashes[name] = sha256_file(getattr(exp, name))
+    # the estimate made before the first run of these settings, kept for the report's comparison
+    plan = cache.run("plan", "costs", {"model": model_id, "data": data_hashes, "flops_per_s": flops_per_s,
+                                       "experiment": exp.model_dump(mode="json", include={"arms", "seeds", "sample",
+                                                                                           "train"})},
+                     lambda d: plan_experiment(exp, flops_per_s))[1]["result"]
+    estimate = {a["arm"]: a["est_wall_s"] for a in plan["arms"]}
 
     metric_cfg = None
     if exp.task.metric_config:
