@@ -28,8 +28,10 @@ def read(path: Path) -> list[dict]:
 
 
 @pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DELIA_CACHE", str(tmp_path / "cache"))
+def cache(request, tmp_path, monkeypatch):
+    """Unit tests cache embeddings in their own folder; the e2e test uses the prepared demo data and model."""
+    if "e2e" not in request.keywords:
+        monkeypatch.setenv("DELIA_CACHE", str(tmp_path / "cache"))
 
 
 def test_each_filter_on_hand_made_rows(write_jsonl, tmp_path, tiny_model):
@@ -158,3 +160,35 @@ def test_demo_pool_through_the_pool_stage(tmp_path):
     assert summary["rows"] + sum(summary["steps"].values()) == 325 and summary["rows"] == 100
     assert summary["selection"]["clusters_covered"] == summary["selection"]["clusters"] == 10
     assert len(summary["selection"]["per_source"]) == 1
+
+
+def test_experiment_builds_its_pool_as_a_cached_stage(write_jsonl, tmp_path, tiny_model):
+    import yaml
+
+    from delia.experiment import load_experiment
+    from delia.report import _markdown, _pool_blocks
+    from delia.run import StageCache, build_pool
+
+    write_jsonl("train.jsonl", [chat("Is a lemon a fruit or a vegetable? Answer in one word please.", "fruit")])
+    write_jsonl("eval.jsonl", [chat(EVAL_Q, "blue")])
+    write_jsonl("src.jsonl", [chat(LONG_Q), chat(PARAPHRASE), chat("Name three rivers that flow through Germany.")])
+    config = {"model": str(tiny_model), "task": {"train": "train.jsonl", "eval": "eval.jsonl"},
+              "pool": {"sources": ["src.jsonl"], "near_threshold": 0.8}, "arms": [{"name": "delia", "ratio": 1}]}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    exp = load_experiment(path)
+    assert exp.pool == {"sources": [str(tmp_path / "src.jsonl")], "near_threshold": 0.8}
+    cache = StageCache(tmp_path / "stages")
+    built, facts = build_pool(cache, exp.pool, str(tiny_model), {"model": "tiny"}, [exp.task.train, exp.task.eval])
+    assert len(read(built)) == 2 and facts["decontaminated"] == 1 and facts["rows_read"] == 3
+    assert build_pool(cache, exp.pool, str(tiny_model), {"model": "tiny"}, [exp.task.train, exp.task.eval])[0] == built
+    assert cache.done == ["pool:pool"] and cache.skipped == ["pool:pool"]
+    report = _markdown("t", _pool_blocks(facts))
+    assert "3 rows read, 2 kept; 1 removed for overlapping" in report and "| contaminated | 1 |" in report
+
+    path.write_text(yaml.safe_dump({**config, "pool": {"sources": ["src.jsonl"], "near_treshold": 0.8}}))
+    with pytest.raises(DeliaError, match="'near_treshold' is not an option of delia pool .did you mean 'near_thres"):
+        load_experiment(path)
+    path.write_text(yaml.safe_dump({**config, "pool": {"size": 3}}))
+    with pytest.raises(DeliaError, match="needs `sources`"):
+        load_experiment(path)
