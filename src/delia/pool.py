@@ -157,6 +157,10 @@ def _reference(row: dict[str, Any]) -> str | None:
     return row["messages"][1]["content"] if len(row["messages"]) > 1 else None
 
 
+def _texts(row: dict[str, Any]) -> list[str]:
+    return [m["content"] for m in row["messages"]]
+
+
 # ----------------------------------------------------------------------------- decontamination
 
 
@@ -347,6 +351,7 @@ def _bounds(count: int, low: int | None, high: int | None, what: str) -> str | N
 
 def pool(
     sources: Annotated[list[str], typer.Argument(
+        metavar="SOURCE",
         help="Sources: files or folders in any format `delia data` reads, or hf:NAME[:SPLIT] (a hub dataset, or "
              "hf:PATH for a saved dataset folder).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output pool (messages JSONL); OUT.sources.json, "
@@ -432,8 +437,8 @@ def pool(
 
         rows = _drop(rows, map(contaminated, rows), removed)
     if script:
-        rows = _drop(rows, (None if all(script_share(t, script) >= script_min_share for t in (_query(r), _reference(r))
-                                        if t) else ("script", {}) for r in rows), removed)
+        rows = _drop(rows, (None if all(script_share(text, script) >= script_min_share for text in _texts(r))
+                            else ("script", {}) for r in rows), removed)
 
     model_path = resolve_model(model)
     tok = load_tokenizer(model_path, resolved=True)
