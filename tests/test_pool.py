@@ -168,25 +168,32 @@ def test_experiment_builds_its_pool_as_a_cached_stage(write_jsonl, tmp_path, tin
     import yaml
 
     from delia.experiment import load_experiment
-    from delia.report import _markdown, _pool_blocks
-    from delia.run import StageCache, build_pool
+    from delia.run import run_experiment
 
-    write_jsonl("train.jsonl", [chat("Is a lemon a fruit or a vegetable? Answer in one word please.", "fruit")])
-    write_jsonl("eval.jsonl", [chat(EVAL_Q, "blue")])
-    write_jsonl("src.jsonl", [chat(LONG_Q), chat(PARAPHRASE), chat("Name three rivers that flow through Germany.")])
-    config = {"model": str(tiny_model), "task": {"train": "train.jsonl", "eval": "eval.jsonl"},
-              "pool": {"sources": ["src.jsonl"], "near_threshold": 0.8}, "arms": [{"name": "delia", "ratio": 1}]}
+    write_jsonl("train.jsonl", [chat(f"Is item {i} a fruit? Answer yes or no.", '{"food": "yes"}') for i in range(4)])
+    write_jsonl("eval.jsonl", [chat(EVAL_Q, '{"food": "no"}'), chat("Is a stone a fruit?", '{"food": "no"}')])
+    write_jsonl("src.jsonl", [chat(f"Question {i}: tell me something about topic {i * 7} in detail.")
+                              for i in range(12)] + [chat(PARAPHRASE)])
+    config = {"model": str(tiny_model), "task": {"train": "train.jsonl", "eval": "eval.jsonl", "metric": "format",
+                                                 "metric_config": {"required_keys": ["food"]}},
+              "pool": {"sources": ["src.jsonl"], "size": 6, "near_dedup": False},
+              "arms": [{"name": "sft", "ratio": 0}, {"name": "delia", "ratio": 1}], "eval_base": False,
+              "bootstrap": 100, "mix": {"allow_short": True}, "train": {"max_steps": 1, "batch_size": 2},
+              "sample": {"max_new_tokens": 4, "drop_truncated": False, "drop_repetitive": False, "progress": False,
+                         "drop_reference_copies": False}, "eval": {"max_new_tokens": 4}}
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(config))
     exp = load_experiment(path)
-    assert exp.pool == {"sources": [str(tmp_path / "src.jsonl")], "near_threshold": 0.8}
-    cache = StageCache(tmp_path / "stages")
-    built, facts = build_pool(cache, exp.pool, str(tiny_model), {"model": "tiny"}, [exp.task.train, exp.task.eval])
-    assert len(read(built)) == 2 and facts["decontaminated"] == 1 and facts["rows_read"] == 3
-    assert build_pool(cache, exp.pool, str(tiny_model), {"model": "tiny"}, [exp.task.train, exp.task.eval])[0] == built
-    assert cache.done == ["pool:pool"] and cache.skipped == ["pool:pool"]
-    report = _markdown("t", _pool_blocks(facts))
-    assert "3 rows read, 2 kept; 1 removed for overlapping" in report and "| contaminated | 1 |" in report
+    assert exp.pool == {"sources": [str(tmp_path / "src.jsonl")], "size": 6, "near_dedup": False}
+    first = run_experiment(exp, tmp_path / "out")
+    assert first["stages_run"][:2] == ["pool:pool", "sample:pool"]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "13 rows read, 6 kept; 1 removed for overlapping the task's train or eval prompts" in report
+    assert "| contaminated | 1 |" in report and "| not_selected | 6 |" in report
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["pool"]["decontaminated"] == 1 and manifest["pool"]["selection"]["rows"] == 6
+    again = run_experiment(load_experiment(path), tmp_path / "out")
+    assert not again["stages_run"] and "pool:pool" in again["stages_cached"]
 
     path.write_text(yaml.safe_dump({**config, "pool": {"sources": ["src.jsonl"], "near_treshold": 0.8}}))
     with pytest.raises(DeliaError, match="'near_treshold' is not an option of delia pool .did you mean 'near_thres"):
