@@ -72,7 +72,7 @@ def run_experiment(exp: Experiment, out: Path) -> dict[str, Any]:
     model_path = resolve_model(exp.model)
     model_id = {"model": exp.model, "fingerprint": model_fingerprint(model_path)}
     pool_facts = None
-    if pool_spec is not None:
+    if pool_spec is not None and any(a.ratio > 0 for a in exp.arms):  # only DELIA arms sample from it
         exp.pool, pool_facts = build_pool(cache, pool_spec, model_path, model_id, [exp.task.train, exp.task.eval])
     data_hashes = {"task_train": sha256_file(exp.task.train), "task_eval": sha256_file(exp.task.eval)}
     for name in ("pool", "general", "contrast"):
