@@ -84,6 +84,8 @@ def _read_hf(spec: str, format: str, columns: dict[str, str] | None) -> tuple[Ch
         if split not in ds:
             raise DeliaError(f"{spec}: no split {split!r}; the dataset has {', '.join(ds)}")
         ds = ds[split]
+    elif split:
+        raise DeliaError(f"{spec}: the saved dataset has no splits; leave out ':{split}'")
     with tempfile.TemporaryDirectory(prefix="delia-pool-") as tmp:
         folder = Path(tmp) / "data"
         ds.save_to_disk(str(folder))
