@@ -36,7 +36,7 @@ app = typer.Typer(
     cls=PlainErrorsGroup,
     name="delia",
     help="DELIA: fine-tune a chat LLM on a small task without overfitting to its format.\n\n"
-    "Stages: sample -> mix -> train -> eval; `delia run` does all of them for an experiment.",
+    "Stages: pool -> sample -> mix -> train -> eval; `delia run` does all of them for an experiment.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
@@ -49,6 +49,7 @@ app.add_typer(model_app, name="model")
 
 # verb -> "module:function". Each function is also the Python API of its stage.
 STAGES: dict[str, str] = {
+    "pool": "delia.pool:pool",
     "sample": "delia.sample:sample",
     "sample-merge": "delia.sample:merge",
     "mix": "delia.mix:mix",

@@ -55,6 +55,8 @@ class ChatData:
     format: str
     records: list[dict[str, Any]]
     rejects: list[dict[str, Any]] = field(default_factory=list)
+    # where each record came from, `{"line": n}` or `{"row": i}` (provenance for stages that merge sources)
+    locations: list[dict[str, int]] = field(default_factory=list)
 
     def reject_counts(self) -> Counter[str]:
         return Counter(r["reason"] for r in self.rejects)
@@ -324,6 +326,7 @@ def read_chat(
     fmt = None if format == "auto" else format
     records: list[dict[str, Any]] = []
     rejects: list[dict[str, Any]] = []
+    locations: list[dict[str, int]] = []
     fld_name = {"messages": "messages", "sharegpt": "conversations"}
 
     for loc, raw in _iter_raw(path):
@@ -351,7 +354,8 @@ def read_chat(
                             "raw": raw if not isinstance(raw, DataError) else None})
             continue
         records.append({"messages": msgs, **extras})
-    return ChatData(str(path), fmt or (format if format != "auto" else "messages"), records, rejects)
+        locations.append(loc)
+    return ChatData(str(path), fmt or (format if format != "auto" else "messages"), records, rejects, locations)
 
 
 # ----------------------------------------------------------------------------- writing and helpers

@@ -20,6 +20,7 @@ from delia.files import read_yaml
 
 # Each section's stage function, and the options `delia run` sets itself (per arm, seed or task).
 STAGE_OPTIONS: dict[str, tuple[str, frozenset[str]]] = {
+    "pool": ("delia.pool:pool", frozenset({"out", "task", "model"})),
     "sample": ("delia.sample:sample", frozenset({"pool", "out", "model"})),
     "mix": ("delia.mix:mix", frozenset({"task", "diverse", "out", "ratio", "seed", "tokenizer"})),
     "train": ("delia.train:train", frozenset({"data", "out", "model", "add_token", "eval_data", "resume", "seed",
@@ -121,7 +122,10 @@ class Experiment(BaseModel):
     name: str = "experiment"
     model: str = "smollm2-135m"
     task: Task
-    pool: Path | None = Field(None, description="Diverse query pool; needed by any arm with ratio > 0.")
+    pool: Path | dict[str, Any] | None = Field(
+        None, description="Diverse query pool, needed by any arm with ratio > 0: a ready file, or `delia pool`'s "
+        "sources and options (`{sources: [...], size: N, ...}`), built as a stage and decontaminated against the "
+        "task's train and eval files.")
     general: Path | None = Field(None, description="Held-out general prompts (none in the pool or the task): every "
                                  "model is also scored on format leakage, drift from the base model and quality.")
     contrast: Path | None = Field(None, description="Prompts that tell the model not to use the task's format "
@@ -142,6 +146,15 @@ class Experiment(BaseModel):
     @classmethod
     def _stage_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         return check_stage_options(str(info.field_name), options)
+
+    @field_validator("pool")
+    @classmethod
+    def _pool_spec(cls, pool: Path | dict[str, Any] | None) -> Path | dict[str, Any] | None:
+        if isinstance(pool, dict):
+            if not isinstance(pool.get("sources"), list) or not pool["sources"]:
+                raise ValueError("a pool to build needs `sources`: a list of files, folders or hf: dataset ids")
+            check_stage_options("pool", pool)
+        return pool
 
     @field_validator("arms")
     @classmethod
@@ -188,5 +201,9 @@ def load_experiment(path: str | Path) -> Experiment:
         return (base / p).resolve()
 
     exp.task.train, exp.task.eval = rel(exp.task.train), rel(exp.task.eval)
-    exp.pool, exp.general, exp.contrast = rel(exp.pool), rel(exp.general), rel(exp.contrast)
+    if isinstance(exp.pool, dict):
+        exp.pool = {**exp.pool, "sources": [str(rel(Path(s))) for s in exp.pool["sources"]]}
+    else:
+        exp.pool = rel(exp.pool)
+    exp.general, exp.contrast = rel(exp.general), rel(exp.contrast)
     return exp

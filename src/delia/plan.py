@@ -12,6 +12,7 @@ import inspect
 from typing import Any
 
 from delia.compute import STAGE_SHARE_OF_PEAK, sampling_cost, training_cost
+from delia.errors import DeliaError
 from delia.experiment import Experiment
 
 
@@ -29,6 +30,9 @@ def plan_experiment(exp: Experiment, flops_per_s: float | None = None) -> dict[s
     from delia.sample import sample
     from delia.train import train
 
+    if isinstance(exp.pool, dict):
+        raise DeliaError("the plan counts the rows of a pool file, and this experiment's pool is still to be built "
+                         "from its sources: build it first (`delia pool`, or the run's pool stage) and name the file")
     model_path = resolve_model(exp.model)
     tok = load_tokenizer(model_path, resolved=True)
     max_length = _option(train, exp.train, "max_length")

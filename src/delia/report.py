@@ -466,6 +466,19 @@ def compute_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+def _pool_blocks(pool: dict[str, Any]) -> list[Block]:
+    """The pool that `delia pool` built for the run: rows per cleaning step, decontamination, coverage."""
+    sel = pool["selection"]
+    shares = ", ".join(f"{s} {v['share']:.0%}" for s, v in sel["per_source"].items())
+    coverage = (f" Selected for diversity from {sel['clusters_covered']} of {sel['clusters']} clusters."
+                if "clusters" in sel else "")
+    return [("h2", "Pool"),
+            ("p", f"Built by `delia pool` from {len(pool['sources'])} source(s): {pool['rows_read']} rows read, "
+             f"{pool['rows']} kept; {pool['decontaminated']} removed for overlapping the task's train or eval "
+             f"prompts (decontamination).{coverage} Rows per source: {shares}."),
+            ("table", ["step", "rows removed"], [[k, str(v)] for k, v in pool["steps"].items()])]
+
+
 def write_report(folder: Path, title: str, runs: list[ModelResult], baseline: str | None,
                  manifest: dict[str, Any], n_boot: int = 2000) -> tuple[Path, Path, dict[str, Any]]:
     """Write report.md, report.html and summary.json into `folder`; returns their paths and the summary.
@@ -522,6 +535,8 @@ def write_report(folder: Path, title: str, runs: list[ModelResult], baseline: st
         for r in runs if r.probe]
     if alignment:
         blocks += [("h2", "New-token alignment"), ("ul", alignment)]
+    if pool := manifest.get("pool"):
+        blocks += _pool_blocks(pool)
     blocks += [("h2", "Manifest"), ("pre", json.dumps(manifest, indent=2, default=str))]
 
     md_path, html_path = folder / "report.md", folder / "report.html"

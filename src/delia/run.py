@@ -58,8 +58,9 @@ def resolve_paths(exp: Experiment) -> Experiment:
     from delia.task_data import resolve_data_path
 
     exp.task.train, exp.task.eval = resolve_data_path(exp.task.train), resolve_data_path(exp.task.eval)
-    exp.pool, exp.general, exp.contrast = (None if p is None else resolve_data_path(p)
-                                           for p in (exp.pool, exp.general, exp.contrast))
+    if exp.pool is not None and not isinstance(exp.pool, dict):  # a dict is a spec that the pool stage builds
+        exp.pool = resolve_data_path(exp.pool)
+    exp.general, exp.contrast = (None if p is None else resolve_data_path(p) for p in (exp.general, exp.contrast))
     return exp
 
 
@@ -77,10 +78,16 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None)
     from delia.train import train
 
     resolve_paths(exp)
+    pool_spec = exp.pool if isinstance(exp.pool, dict) else None
     out.mkdir(parents=True, exist_ok=True)
     cache = StageCache(out / "stages")
     model_path = resolve_model(exp.model)
     model_id = {"model": exp.model, "fingerprint": model_fingerprint(model_path)}
+    pool_facts = None
+    if pool_spec is not None:  # built only when an arm draws diverse rows from it
+        exp.pool = None
+    if pool_spec is not None and any(a.ratio > 0 for a in exp.arms):
+        exp.pool, pool_facts = build_pool(cache, pool_spec, model_path, model_id, [exp.task.train, exp.task.eval])
     data_hashes = {"task_train": sha256_file(exp.task.train), "task_eval": sha256_file(exp.task.eval)}
     for name in ("pool", "general", "contrast"):
         if getattr(exp, name) is not None:
@@ -176,6 +183,8 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None)
 
     manifest = {"experiment": exp.model_dump(mode="json"), "model": model_id, "data_sha256": data_hashes, "plan": plan,
                 "versions": library_versions(), "stages_run": cache.done, "stages_cached": cache.skipped}
+    if pool_facts is not None:
+        manifest["pool"] = pool_facts
     md, html, summary = write_report(out, exp.name, runs, exp.baseline_arm, manifest, exp.bootstrap)
     write_json(out / "manifest.json", manifest)
     return {"report_md": str(md), "report_html": str(html), "summary": summary,
@@ -186,6 +195,26 @@ def _train_record(adapter: Path) -> dict[str, Any]:
     from delia.train import TRAIN_RECORD
 
     return json.loads((adapter / TRAIN_RECORD).read_text(encoding="utf-8"))
+
+
+def build_pool(cache: StageCache, spec: dict[str, Any], model_path: str, model_id: dict[str, Any],
+               targets: list[Path]) -> tuple[Path, dict[str, Any]]:
+    """The experiment's pool built by `delia pool` as a cached stage, decontaminated against the task's files;
+    returns its path and the facts the report shows (counts per step, decontamination, coverage)."""
+    from delia.pool import pool
+    from delia.task_data import resolve_data_path
+
+    sources = [str(resolve_data_path(s)) for s in spec["sources"]]
+    options = {k: v for k, v in spec.items() if k != "sources"}
+    inputs = {"model": model_id, "options": options, "task": [sha256_file(t) for t in targets],
+              "sources": [sha256_file(s) if Path(s).is_file() else s for s in sources]}
+    folder, rec = cache.run("pool", "pool", inputs, lambda d: pool(sources, out=d / "pool.jsonl", task=targets,
+                                                                   model=model_path, **options))
+    stats = rec["result"]
+    selection = {k: v for k, v in stats["selection"].items() if k not in ("cluster_sizes", "selected_per_cluster")}
+    return folder / "pool.jsonl", {"rows": stats["rows"], "rows_read": stats["rows_read"], "steps": stats["steps"],
+                                   "decontaminated": stats["decontamination"]["removed"], "selection": selection,
+                                   "sources": [s["source"] for s in stats["sources"]]}
 
 
 def summary_table(summary: dict[str, Any]) -> Any:

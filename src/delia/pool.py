@@ -1,0 +1,515 @@
+"""`delia pool`: the diverse query pool a DELIA run samples from, built from public sources, cleaned,
+decontaminated against the task and selected for diversity.
+
+Steps, in this order; each one's removals are counted in `OUT.sources.json` and listed with their reason in
+`OUT.removed.jsonl`, so no row disappears silently:
+
+1. read: rows that cannot be read (an error naming file, line and field, or counted with `skip_invalid`),
+   empty rows, multi-turn rows, rows without a reference answer;
+2. decontamination: a query sharing word n-grams with a task prompt (train or eval) above a threshold;
+3. script: queries or references whose letters are mostly outside the given Unicode scripts (optional);
+4. length: query and reference bounds in tokens of the target model's tokenizer;
+5. exact duplicates (normalised query text), then near-duplicates (MinHash LSH on word 3-grams);
+6. selection to `size` rows: k-means on the target model's mean-pooled hidden states, drawn round-robin
+   across clusters (seeded).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import tempfile
+import warnings
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+from rich.console import Console
+
+from delia.data import ChatData, parse_columns, read_chat
+from delia.errors import DeliaError
+from delia.files import atomic_writer, beside, sha256_file, sha256_json, write_json, write_jsonl
+from delia.metrics import script_share
+from delia.text import normalise
+
+HF_PREFIX = "hf:"
+EMPTY_REASONS = frozenset({"empty_content", "empty_conversation"})
+STEPS = ("invalid", "empty", "multi_turn", "no_reference", "contaminated", "script", "query_too_short",
+         "query_too_long", "reference_too_short", "reference_too_long", "duplicate", "near_duplicate",
+         "not_selected")
+_WORD = re.compile(r"\w+")
+console = Console(stderr=True, soft_wrap=True)
+
+
+def sources_path(out: str | Path) -> Path:
+    return beside(out, ".sources.json", strip=(".jsonl",))
+
+
+def removed_path(out: str | Path) -> Path:
+    return beside(out, ".removed.jsonl", strip=(".jsonl",))
+
+
+def plot_path(out: str | Path) -> Path:
+    return beside(out, ".selection.png", strip=(".jsonl",))
+
+
+# ----------------------------------------------------------------------------- reading sources
+
+
+def _folder_digest(folder: Path) -> str:
+    """Content hash of a saved dataset folder (its files' names and SHA-256)."""
+    return sha256_json(sorted((str(f.relative_to(folder)), sha256_file(f)) for f in folder.rglob("*") if f.is_file()))
+
+
+def _read_hf(spec: str, format: str, columns: dict[str, str] | None) -> tuple[ChatData, dict[str, Any]]:
+    """`hf:NAME[:SPLIT]`: a saved dataset folder (load_from_disk) or a hub dataset (load_dataset)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    name, _, split = spec[len(HF_PREFIX):].partition(":")
+    local = Path(name).expanduser()
+    try:
+        ds = datasets.load_from_disk(str(local)) if local.is_dir() else datasets.load_dataset(name)
+    except Exception as e:
+        if local.is_dir():
+            raise DeliaError(f"{spec}: cannot read the saved dataset: {e}") from None
+        raise DeliaError(f"{spec}: not a saved dataset folder, and the Hugging Face hub could not provide the "
+                         f"dataset '{name}' ({type(e).__name__}). Pass a local file or a saved dataset folder "
+                         "(hf:PATH) instead.") from None
+    if isinstance(ds, datasets.DatasetDict):
+        split = split or ("train" if "train" in ds else next(iter(ds)))
+        if split not in ds:
+            raise DeliaError(f"{spec}: no split {split!r}; the dataset has {', '.join(ds)}")
+        ds = ds[split]
+    elif split:
+        raise DeliaError(f"{spec}: the saved dataset has no splits; leave out ':{split}'")
+    with tempfile.TemporaryDirectory(prefix="delia-pool-") as tmp:
+        folder = Path(tmp) / "data"
+        ds.save_to_disk(str(folder))
+        data = read_chat(folder, format, columns=columns, require_assistant=False, skip_invalid=True)  # type: ignore[arg-type]
+        identity = {"kind": "hf", "name": name, "split": split or None, "rows": len(ds),
+                    "content_sha256": _folder_digest(folder)}
+    for r in data.rejects:  # name the source the user gave, not the temporary export
+        r["error"] = r["error"].replace(str(folder), spec, 1)
+    data.path = spec
+    return data, identity
+
+
+def _read_source(spec: str, format: str, columns: dict[str, str] | None) -> tuple[ChatData, dict[str, Any]]:
+    """A source's records (rows that are not valid chat come back as rejects) and its identity for SOURCES."""
+    if spec.startswith(HF_PREFIX):
+        return _read_hf(spec, format, columns)
+    path = Path(spec)
+    data = read_chat(path, format, columns=columns, require_assistant=False, skip_invalid=True)  # type: ignore[arg-type]
+    identity = ({"kind": "folder", "content_sha256": _folder_digest(path)} if path.is_dir()
+                else {"kind": "file", "sha256": sha256_file(path)})
+    return data, identity
+
+
+def _parse_licences(pairs: Sequence[str] | None, sources: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for p in pairs or []:
+        src, sep, lic = p.rpartition("=")
+        if not sep or src not in sources:
+            raise DeliaError(f"--licence expects SOURCE=LICENCE with SOURCE one of the sources, got {p!r}")
+        out[src] = lic
+    return out
+
+
+def _structured(spec: str, data: ChatData, licence: str | None, skip_invalid: bool, drop_multi_turn: bool,
+                require_reference: bool, removed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pool rows (user query, assistant reference) with provenance; the rest go to `removed` with a reason."""
+    for r in data.rejects:
+        if r["reason"] in EMPTY_REASONS:
+            removed.append({"reason": "empty", "source": spec, **_loc(r), "error": r["error"]})
+        elif skip_invalid:
+            removed.append({"reason": "invalid", "source": spec, **_loc(r), "error": r["error"]})
+        else:
+            raise DeliaError(r["error"])
+    rows = []
+    for record, loc in zip(data.records, data.locations, strict=True):
+        users = [m for m in record["messages"] if m["role"] == "user"]
+        refs = [m for m in record["messages"] if m["role"] == "assistant"]
+        where = {f"source_{k}": v for k, v in loc.items()}
+        reason = ("multi_turn" if drop_multi_turn and len(users) > 1
+                  else "no_reference" if require_reference and not refs else None)
+        messages = [{"role": "user", "content": users[0]["content"]}, *refs[:1]]
+        if reason:
+            removed.append({"reason": reason, "source": spec, **where, "messages": record["messages"]})
+            continue
+        own_id = {"source_id": record["id"]} if record.get("id") not in (None, "") else {}
+        place = f":{loc['line']}" if "line" in loc else f"[row {loc['row']}]"
+        rows.append({"messages": messages, "id": f"{spec}{place}", "source": spec, **where, **own_id,
+                     "licence": licence})
+    return rows
+
+
+def _loc(reject: dict[str, Any]) -> dict[str, int]:
+    return {f"source_{k}": reject[k] for k in ("line", "row") if k in reject}
+
+
+def _query(row: dict[str, Any]) -> str:
+    return row["messages"][0]["content"]
+
+
+def _reference(row: dict[str, Any]) -> str | None:
+    return row["messages"][1]["content"] if len(row["messages"]) > 1 else None
+
+
+def _texts(row: dict[str, Any]) -> list[str]:
+    return [m["content"] for m in row["messages"]]
+
+
+# ----------------------------------------------------------------------------- decontamination
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(normalise(text))
+
+
+def _grams(words: list[str], n: int) -> set[tuple[str, ...]]:
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+class Contamination:
+    """Word n-gram overlap of a query with every task prompt: the share of the shorter text's n-grams that the
+    two share. A prompt shorter than n words is one gram of all its words (matched as a contiguous phrase)."""
+
+    def __init__(self, targets: Sequence[Path], n: int):
+        self.n = n
+        self.prompts: list[dict[str, Any]] = []
+        self.index: dict[int, dict[tuple[str, ...], list[int]]] = defaultdict(lambda: defaultdict(list))
+        self.sizes: list[int] = []
+        for path in targets:
+            data = read_chat(path, require_assistant=False)
+            for record, loc in zip(data.records, data.locations, strict=True):
+                words = _words(" ".join(m["content"] for m in record["messages"] if m["role"] == "user"))
+                if not words:
+                    continue
+                m = min(n, len(words))
+                grams = _grams(words, m)
+                for g in grams:
+                    self.index[m][g].append(len(self.prompts))
+                self.sizes.append(len(grams))
+                self.prompts.append({"file": str(path), **loc})
+
+    def match(self, query: str) -> dict[str, Any] | None:
+        """The task prompt with the highest overlap, with the overlap, or None if it shares no n-gram."""
+        words = _words(query)
+        best: dict[str, Any] | None = None
+        for m, index in self.index.items():
+            grams = _grams(words, m)
+            shared = Counter(t for g in grams for t in index.get(g, ()))
+            for t, count in shared.items():
+                overlap = count / min(len(grams), self.sizes[t])
+                if best is None or overlap > best["overlap"]:
+                    best = {"task": self.prompts[t], "overlap": round(overlap, 4), "shared_ngrams": count}
+        return best
+
+
+# ----------------------------------------------------------------------------- duplicates
+
+
+def _exact_duplicates(rows: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]] | None]:
+    """Per row, None for the first of its normalised query, else the reason and the first row's id."""
+    first: dict[str, str] = {}
+    reasons: list[tuple[str, dict[str, Any]] | None] = []
+    for row in rows:
+        key = normalise(_query(row))
+        reasons.append(("duplicate", {"duplicate_of": first[key]}) if key in first else None)
+        first.setdefault(key, row["id"])
+    return reasons
+
+
+def _near_duplicates(rows: list[dict[str, Any]], threshold: float, num_perm: int = 128) -> dict[int, int]:
+    """{row index: index of the earlier row it nearly duplicates}: MinHash LSH on the queries' word 3-grams,
+    candidates confirmed by their estimated Jaccard similarity."""
+    from datasketch import MinHash, MinHashLSH
+
+    shingles = []
+    for row in rows:
+        words = _words(_query(row))
+        shingles.append([" ".join(g).encode() for g in _grams(words, min(3, len(words)))])
+    hashes = MinHash.bulk(shingles, num_perm=num_perm)
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    dupes = {}
+    for i, h in enumerate(hashes):
+        close = [j for j in lsh.query(h) if hashes[j].jaccard(h) >= threshold]
+        if close:
+            dupes[i] = min(close)
+        else:
+            lsh.insert(i, h)
+    return dupes
+
+
+# ----------------------------------------------------------------------------- diversity selection
+
+
+def embed(texts: Sequence[str], model_path: str, *, max_tokens: int, batch_size: int,
+          device: str | None) -> tuple[np.ndarray, Path, bool]:
+    """Mean-pooled last hidden states of `model_path` for each text (truncated to `max_tokens`), batched by
+    length; cached under $DELIA_CACHE/embeddings by model fingerprint and the texts' hash.
+    Returns (embeddings, cache file, whether it was cached)."""
+    from delia.models import cache_root, model_fingerprint
+
+    key = sha256_json({"model": model_fingerprint(model_path), "texts": sha256_json(list(texts)),
+                       "max_tokens": max_tokens})[:20]
+    cached = cache_root() / "embeddings" / f"{key}.npy"
+    if cached.exists():
+        return np.load(cached), cached, True
+    import torch
+
+    from delia.models import load_model
+
+    model, tok = load_model(model_path, device=device)
+    tok.padding_side = "right"
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            enc = tok([texts[i] for i in idx], add_special_tokens=False, truncation=True, max_length=max_tokens,
+                      padding=True, return_tensors="pt")
+            ids, mask = enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device)
+            hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+            weights = mask.unsqueeze(-1).float()
+            out[idx] = ((hidden * weights).sum(1) / weights.sum(1).clamp(min=1)).cpu().numpy()
+    with atomic_writer(cached, "wb") as fh:
+        np.save(fh, out)
+    return out, cached, False
+
+
+def select(vectors: np.ndarray, size: int, clusters: int, seed: int) -> tuple[list[int], np.ndarray]:
+    """(selected row indices in row order, cluster label of every row): seeded k-means (k-means++ start) on
+    standardised, unit-length vectors, then one row per cluster in turn, each cluster's rows in a seeded order,
+    until `size` rows are drawn."""
+    from scipy.cluster.vq import kmeans2
+
+    x = (vectors - vectors.mean(0)) / (vectors.std(0) + 1e-6)  # a few huge hidden dimensions would dominate
+    x /= np.linalg.norm(x, axis=1, keepdims=True) + 1e-6
+    with warnings.catch_warnings():  # an empty cluster only contributes no rows
+        warnings.simplefilter("ignore")
+        _, labels = kmeans2(x.astype(np.float64), clusters, iter=30, minit="++", seed=seed)
+    rng = np.random.default_rng(seed)
+    members = [list(rng.permutation(np.flatnonzero(labels == c))) for c in range(clusters)]
+    picked: list[int] = []
+    while len(picked) < size:
+        for m in members:
+            if m and len(picked) < size:
+                picked.append(int(m.pop(0)))
+    return sorted(picked), labels
+
+
+def _plot(vectors: np.ndarray, labels: np.ndarray, picked: list[int], path: Path) -> None:
+    """2-D PCA of the embeddings: every cleaned query grey, the selected ones coloured by cluster."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = vectors - vectors.mean(0)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    xy = x @ vt[:2].T
+    chosen = np.zeros(len(x), dtype=bool)
+    chosen[picked] = True
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ax.scatter(xy[~chosen, 0], xy[~chosen, 1], s=6, c="lightgrey", label=f"not selected ({(~chosen).sum()})")
+    ax.scatter(xy[chosen, 0], xy[chosen, 1], s=8, c=labels[chosen], cmap="tab20",
+               label=f"selected ({chosen.sum()}), colour: cluster")
+    ax.set(title="Pool selection: 2-D PCA of query embeddings", xlabel="PC 1", ylabel="PC 2")
+    ax.legend(loc="best", fontsize=8)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    with atomic_writer(path, "wb") as fh:
+        fh.write(buf.getvalue())
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _drop(rows: list[dict[str, Any]], reasons: Iterable[tuple[str, dict[str, Any]] | None],
+          removed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows whose reason is None; the others go to `removed` with their reason and details."""
+    kept = []
+    for row, why in zip(rows, reasons, strict=True):
+        if why is None:
+            kept.append(row)
+        else:
+            removed.append({"reason": why[0], **why[1], **row})
+    return kept
+
+
+def _bounds(count: int, low: int | None, high: int | None, what: str) -> str | None:
+    if low is not None and count < low:
+        return f"{what}_too_short"
+    if high is not None and count > high:
+        return f"{what}_too_long"
+    return None
+
+
+def pool(
+    sources: Annotated[list[str], typer.Argument(
+        metavar="SOURCE",
+        help="Sources: files or folders in any format `delia data` reads, or hf:NAME[:SPLIT] (a hub dataset, or "
+             "hf:PATH for a saved dataset folder).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output pool (messages JSONL); OUT.sources.json, "
+                                      "OUT.removed.jsonl and OUT.selection.png go beside it.")],
+    task: Annotated[list[Path] | None, typer.Option(
+        "--task", "-t", help="Task file (train or eval) to decontaminate against; repeatable.")] = None,
+    size: Annotated[int | None, typer.Option(help="Select this many rows for diversity (default: keep all).")]
+    = None,
+    model: Annotated[str, typer.Option("--model", "-m", help="Target model: its tokenizer counts the length "
+                                       "bounds, its hidden states embed the queries.")] = "smollm2-135m",
+    licence: Annotated[list[str] | None, typer.Option(help="SOURCE=LICENCE, repeatable: recorded per row.")]
+    = None,
+    format: Annotated[str, typer.Option("--format", "-f", help="Sources' format: auto, messages, prompt-completion, "
+                                        "alpaca or sharegpt.")] = "auto",
+    columns: Annotated[list[str] | None, typer.Option(
+        "--columns", "-c", help="FIELD=COLUMN, repeatable, applied to every source (a source without the "
+                                "column keeps its own field).")] = None,
+    skip_invalid: Annotated[bool, typer.Option(help="Count and drop rows that cannot be read instead of stopping "
+                                                    "at the first.")] = False,
+    drop_multi_turn: Annotated[bool, typer.Option(help="Drop rows with more than one user turn.")] = True,
+    require_reference: Annotated[bool, typer.Option(help="Drop rows without an assistant reference (one-shot "
+                                                         "sampling needs one).")] = True,
+    decontaminate: Annotated[bool, typer.Option(help="Drop queries that overlap a --task prompt.")] = True,
+    ngram: Annotated[int, typer.Option(help="Decontamination: n of the word n-grams.")] = 8,
+    overlap: Annotated[float, typer.Option(help="Decontamination: drop a query when this share of the shorter "
+                                                "text's n-grams (query or task prompt) is shared.")] = 0.2,
+    script: Annotated[list[str] | None, typer.Option(
+        help="Keep rows whose letters are mostly in these Unicode scripts (e.g. LATIN; repeatable). A script "
+             "heuristic, not language identification: it cannot tell English from French.")] = None,
+    script_min_share: Annotated[float, typer.Option(help="Share of letters that must be in --script.")] = 0.8,
+    min_query_tokens: Annotated[int | None, typer.Option(help="Shortest query, in tokens.")] = 2,
+    max_query_tokens: Annotated[int | None, typer.Option(help="Longest query, in tokens.")] = 1024,
+    min_reference_tokens: Annotated[int | None, typer.Option(
+        help="Shortest reference, in tokens (one-shot sampling mostly copies short ones).")] = 16,
+    max_reference_tokens: Annotated[int | None, typer.Option(help="Longest reference, in tokens.")] = 2048,
+    dedup: Annotated[bool, typer.Option(help="Drop exact duplicate queries (case and spacing ignored).")] = True,
+    near_dedup: Annotated[bool, typer.Option(help="Drop near-duplicate queries (MinHash LSH).")] = True,
+    near_threshold: Annotated[float, typer.Option(help="Jaccard similarity of word 3-grams that counts as a "
+                                                       "near-duplicate.")] = 0.7,
+    clusters: Annotated[int | None, typer.Option(help="k-means clusters for the selection (default: "
+                                                      "the square root of --size).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the clustering and the draw.")] = 0,
+    max_embed_tokens: Annotated[int, typer.Option(help="Tokens of each query that are embedded.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Queries per embedding batch.")] = 16,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: cuda if present).")] = None,
+) -> dict[str, Any]:
+    """Build a diverse query pool: read sources, clean, decontaminate, select; returns OUT.sources.json's content.
+
+    Every removed row is counted per step and listed with its reason in OUT.removed.jsonl.
+
+    Examples:\n
+      delia pool alpaca.json dolly.jsonl --out pool.jsonl --task task_train.jsonl --task task_eval.jsonl\n
+      delia pool hf:tatsu-lab/alpaca --out pool.jsonl --size 20000 --licence hf:tatsu-lab/alpaca=CC-BY-NC-4.0\n
+      delia pool hf:./saved_dataset:test --out pool.jsonl --script LATIN --min-reference-tokens 32
+    """
+    from delia.models import load_tokenizer, resolve_model
+
+    out = Path(out)
+    if out.suffix != ".jsonl":
+        raise DeliaError(f"{out}: the pool is written as messages JSONL; give a .jsonl path")
+    if not sources:
+        raise DeliaError("give at least one source")
+    if size is not None and size < 1:
+        raise DeliaError("--size must be at least 1")
+    licences = _parse_licences(licence, sources)
+    cols = parse_columns(columns)
+    removed: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+    source_facts = []
+    for spec in sources:
+        data, identity = _read_source(spec, format, cols)
+        got = _structured(spec, data, licences.get(spec), skip_invalid, drop_multi_turn, require_reference, removed)
+        source_facts.append({"source": spec, **identity, "format": data.format, "licence": licences.get(spec),
+                             "rows_read": len(data.records) + len(data.rejects), "rows_usable": len(got)})
+        rows += got
+
+    targets = [Path(t) for t in task or []]
+    contamination = Contamination(targets, ngram) if decontaminate and targets else None
+    if contamination is not None:
+        def contaminated(row: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+            hit = contamination.match(_query(row))
+            return ("contaminated", {"match": hit}) if hit and hit["overlap"] >= overlap else None
+
+        rows = _drop(rows, map(contaminated, rows), removed)
+    if script:
+        rows = _drop(rows, (None if all(script_share(text, script) >= script_min_share for text in _texts(r))
+                            else ("script", {}) for r in rows), removed)
+
+    model_path = resolve_model(model)
+    tok = load_tokenizer(model_path, resolved=True)
+    query_tokens = [len(ids) for ids in tok([_query(r) for r in rows], add_special_tokens=False)["input_ids"]]
+    ref_tokens = [len(ids) for ids in tok([_reference(r) or "" for r in rows], add_special_tokens=False)["input_ids"]]
+    reasons = []
+    for r, q, a in zip(rows, query_tokens, ref_tokens, strict=True):
+        why = _bounds(q, min_query_tokens, max_query_tokens, "query") or (
+            _bounds(a, min_reference_tokens, max_reference_tokens, "reference") if _reference(r) is not None else None)
+        reasons.append((why, {"tokens": {"query": q, "reference": a}}) if why else None)
+    rows = _drop(rows, reasons, removed)
+
+    if dedup:
+        rows = _drop(rows, _exact_duplicates(rows), removed)
+    if near_dedup and rows:
+        dupes = _near_duplicates(rows, near_threshold)
+        rows = _drop(rows, [("near_duplicate", {"duplicate_of": rows[dupes[i]]["id"]}) if i in dupes else None
+                            for i in range(len(rows))], removed)
+
+    selection: dict[str, Any] = {"method": "all", "rows": len(rows)}
+    plot = None
+    if size is not None and size < len(rows):
+        k = min(len(rows), clusters or max(1, round(size ** 0.5)))
+        vectors, cache_file, was_cached = embed([_query(r) for r in rows], model_path, max_tokens=max_embed_tokens,
+                                                batch_size=batch_size, device=device)
+        picked, labels = select(vectors, size, k, seed)
+        plot = plot_path(out)
+        _plot(vectors, labels, picked, plot)
+        chosen = set(picked)
+        rows = _drop(rows, [None if i in chosen else ("not_selected", {"cluster": int(labels[i])})
+                            for i in range(len(rows))], removed)
+        per_cluster = Counter(int(labels[i]) for i in picked)
+        selection = {"method": "k-means on mean-pooled last hidden states, round-robin across clusters",
+                     "rows": len(rows), "clusters": k, "nonempty_clusters": int(len(set(labels.tolist()))),
+                     "clusters_covered": len(per_cluster),
+                     "cluster_sizes": {str(c): int(n) for c, n in sorted(Counter(labels.tolist()).items())},
+                     "selected_per_cluster": {str(c): n for c, n in sorted(per_cluster.items())},
+                     "embedding": {"model": model, "max_tokens": max_embed_tokens, "cache": str(cache_file),
+                                   "cached": was_cached}}
+    if size is not None and size > len(rows) and selection["method"] == "all":
+        console.print(f"[yellow]warning:[/] {len(rows)} rows left after cleaning, fewer than --size {size}")
+    per_source = Counter(r["source"] for r in rows)
+    selection["per_source"] = {s: {"rows": per_source[s], "share": round(per_source[s] / max(1, len(rows)), 4)}
+                               for s in sources}
+
+    counts = Counter(r["reason"] for r in removed)
+    read = sum(f["rows_read"] for f in source_facts)
+    summary = {
+        "out": str(out), "rows": len(rows), "rows_read": read, "seed": seed,
+        "steps": {step: counts.get(step, 0) for step in STEPS},
+        "sources": source_facts,
+        "decontamination": {"enabled": contamination is not None, "ngram": ngram, "overlap": overlap,
+                            "removed": counts.get("contaminated", 0),
+                            "targets": [{"path": str(t), "sha256": sha256_file(t)} for t in targets]},
+        "selection": selection,
+        "settings": {"size": size, "model": model, "format": format, "columns": cols, "skip_invalid": skip_invalid,
+                     "drop_multi_turn": drop_multi_turn, "require_reference": require_reference,
+                     "script": script, "script_min_share": script_min_share,
+                     "query_tokens": [min_query_tokens, max_query_tokens],
+                     "reference_tokens": [min_reference_tokens, max_reference_tokens], "dedup": dedup,
+                     "near_dedup": near_dedup, "near_threshold": near_threshold, "clusters": clusters,
+                     "max_embed_tokens": max_embed_tokens},
+    }
+    # beside files first, the pool last: an OUT that exists is complete
+    write_jsonl(removed_path(out), removed)
+    summary["files"] = {"removed": str(removed_path(out)), "plot": str(plot) if plot else None}
+    write_json(sources_path(out), summary)
+    write_jsonl(out, rows)
+    steps = ", ".join(f"{k} {v}" for k, v in summary["steps"].items() if v)
+    console.print(f"[green]wrote[/] {len(rows)} of {read} rows to {out} (removed: {steps or 'none'}); "
+                  f"see {sources_path(out)}")
+    return summary
