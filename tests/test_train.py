@@ -64,31 +64,59 @@ def test_labels_mask_prompt_tokens(rows, tmp_path, tiny_model):
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()  # padding carries no loss either
 
 
+def _embedding_matrices(state: dict, tied: bool) -> dict[str, torch.Tensor]:
+    emb = next(v for k, v in state.items() if k.endswith("embed_tokens.weight"))
+    return {"embed_tokens": emb, "lm_head": emb if tied else state["lm_head.weight"]}
+
+
 @pytest.mark.parametrize("tied", [True, False])
-def test_train_new_token_tied_and_untied(rows, tmp_path, tiny_model, tiny_model_untied, tied):
+@pytest.mark.parametrize("padding_rows", [8, 0], ids=["padding-row", "resize"])
+def test_train_new_token_tied_and_untied(rows, tmp_path, tied, padding_rows):
+    """Only the new rows are parameters and only they are saved; every other embedding row stays bit-identical."""
+    from conftest import build_tiny_model
+
     data, eval_data = rows
-    model_dir = tiny_model if tied else tiny_model_untied
-    out = train(**_settings(data, tmp_path / "run", model_dir, eval_data=eval_data, add_token=["<sep>"],
-                            max_steps=4, eval_steps=2, merge=True))
+    model_dir = build_tiny_model(tmp_path / "base", tie=tied, padding_rows=padding_rows)
+    run = _setup(**_settings(data, tmp_path / "run", model_dir, eval_data=eval_data, add_token=["<sep>"],
+                             max_steps=4, eval_steps=2, merge=True, weight_decay=0.5))
+    out = run.fit()
     record = json.loads((out / TRAIN_RECORD).read_text())
     token = record["new_tokens"]["tokens"][0]
     sid = token["id"]
+    assert token["padding_row_reused"] == (padding_rows > 0)
+    assert record["new_tokens"]["embedding_rows"]["resized"] == (padding_rows == 0)
     assert record["steps"] == 4 and record["data"]["sources"] == {"task": 8, "diverse": 8}
-    assert record["peft"]["modules_to_save"] == (["embed_tokens"] if tied else ["embed_tokens", "lm_head"])
-    assert record["peft"]["trainable_params"] < record["peft"]["total_params"] / 2
+    assert record["peft"]["modules_to_save"] is None
+    assert record["peft"]["trainable_token_indices"] == ([sid] if tied else {"embed_tokens": [sid], "lm_head": [sid]})
+    hidden = 64
+    lora = sum(p.numel() for n, p in run.trainer.model.named_parameters() if "lora_" in n)
+    assert record["peft"]["trainable_params"] == lora + hidden * (1 if tied else 2)
     assert {"torch", "transformers", "trl", "peft"} <= set(record["versions"]) and record["data"]["sha256"]
     assert record["tokens_trained"] > 0 and not (out / "checkpoints").exists()
 
-    saved = load_file(str(out / "adapter_model.safetensors"))
-    base = load_file(str(model_dir / "model.safetensors"))
-    for name in ("embed_tokens", "lm_head"):  # PEFT saves both copies, tied or not
-        trained = next(v for k, v in saved.items() if k.endswith(f"{name}.weight"))
-        before = base.get(f"model.{name}.weight", base.get(f"{name}.weight", base["model.embed_tokens.weight"]))
-        assert abs(float(trained[sid].norm()) - token["init_norm"]) > 1e-4 or name == "lm_head"
-        assert not torch.equal(trained[sid], before[sid])  # the new row was trained from its init
-        torch.testing.assert_close(trained[:sid], before[:sid], atol=0, rtol=0)  # other rows kept (--train-rows new)
-    emb, head = (next(v for k, v in saved.items() if k.endswith(f"{n}.weight")) for n in ("embed_tokens", "lm_head"))
-    assert torch.equal(emb, head) == tied
+    saved = load_file(str(out / "adapter_model.safetensors"))  # LoRA and the new rows, nothing else
+    rows_saved = {k: v for k, v in saved.items() if "lora_" not in k}
+    assert {k.split(".")[-3]: tuple(v.shape) for k, v in rows_saved.items()} == (
+        {"embed_tokens": (1, hidden)} if tied else {"embed_tokens": (1, hidden), "lm_head": (1, hidden)})
+    assert all(k.endswith("token_adapter.trainable_tokens_delta") for k in rows_saved)
+    assert sum(v.numel() for v in saved.values()) == record["peft"]["trainable_params"]
+    adapter_cfg = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_cfg["trainable_token_indices"] == record["peft"]["trainable_token_indices"]
+
+    base = _embedding_matrices(load_file(str(model_dir / "model.safetensors")), tied)
+    merged_state = load_file(str(out / "merged" / "model.safetensors"))
+    merged = _embedding_matrices(merged_state, tied or "lm_head.weight" not in merged_state)
+    for name in ("embed_tokens", "lm_head"):
+        n_base = base[name].shape[0]
+        assert merged[name].shape[0] == (n_base if padding_rows else n_base + 1)
+        keep = [i for i in range(min(n_base, merged[name].shape[0])) if i != sid]
+        assert torch.equal(merged[name][keep], base[name][keep])  # bit-identical: no update, no weight decay
+        row = rows_saved[next(k for k in rows_saved if name in k)] if not tied or name == "embed_tokens" else None
+        if row is not None:
+            assert torch.equal(merged[name][sid], row[0])
+    emb_row = merged["embed_tokens"][sid]
+    assert abs(float(emb_row.norm()) - token["init_norm"]) > 1e-4  # the new row was trained from its init
+    assert torch.equal(merged["embed_tokens"][sid], merged["lm_head"][sid]) == tied
 
     log = [json.loads(x) for x in (out / TRAINER_LOG).read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
@@ -97,14 +125,27 @@ def test_train_new_token_tied_and_untied(rows, tmp_path, tiny_model, tiny_model_
     assert all(r["count"] == 3 and r["per_token"]["<sep>"]["count"] == 3 and r["prompt_loss"] for r in important)
     assert important[0]["loss"] != important[-1]["loss"]
 
+    # the trained model in memory, the reloaded adapter and the merged model score the new token alike
+    trained = run.trainer.model.eval()
     model, tok = load_trained(out, device="cpu")
     assert tok.convert_tokens_to_ids("<sep>") == sid and not model.training
-    merged = type(model.get_base_model()).from_pretrained(out / "merged")
-    x = torch.tensor([tok("Check <sep> now")["input_ids"]])
+    merged_model = type(model.get_base_model()).from_pretrained(out / "merged")
+    x = torch.tensor([tok("Check <sep> now <sep>")["input_ids"]])
+    assert sid in x[0].tolist()
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=x).logits, merged(input_ids=x).logits, atol=1e-4, rtol=1e-4)
+        expected = trained(input_ids=x).logits
+        torch.testing.assert_close(model(input_ids=x).logits, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(merged_model(input_ids=x).logits, expected, atol=1e-4, rtol=1e-4)
+    # generation that must emit the new token: the same greedy choice after reload
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Check item 1 in the <sep> format."}],
+                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        lp = [torch.log_softmax(m(**prompt).logits[0, -1], -1)[sid] for m in (trained, model, merged_model)]
+    torch.testing.assert_close(lp[1], lp[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lp[2], lp[0], atol=1e-4, rtol=1e-4)
     if tied:
-        assert merged.get_input_embeddings().weight.data_ptr() == merged.get_output_embeddings().weight.data_ptr()
+        assert merged_model.get_input_embeddings().weight.data_ptr() == \
+            merged_model.get_output_embeddings().weight.data_ptr()
 
 
 def _check_plain_peft(out, cwd):
