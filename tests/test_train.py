@@ -219,6 +219,83 @@ def test_resume_after_a_crash(rows, tmp_path, tiny_model, monkeypatch):
         train(**_settings(data, tmp_path / "cut", tiny_model, **kw))
 
 
+_KILL_SCRIPT = textwrap.dedent("""
+    import io, json, os, shutil, signal, sys
+    from pathlib import Path
+    import torch
+    from delia.train import train
+
+    settings, kill_at = json.loads(sys.argv[1]), sys.argv[2]
+    real_save, real_rmtree = torch.save, shutil.rmtree
+
+    def save(obj, f, *a, **k):  # the trainer writes half of checkpoint-4's optimizer state, then the process dies
+        if kill_at == "optimizer" and str(f).endswith(os.path.join("checkpoint-4", "optimizer.pt")):
+            buf = io.BytesIO()
+            real_save(obj, buf, *a, **k)
+            with open(f, "wb") as fh:
+                fh.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+                fh.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_save(obj, f, *a, **k)
+
+    def rmtree(path, *a, **k):  # checkpoint-4 is complete; the process dies while removing checkpoint-2
+        if kill_at == "prune" and Path(path).name == ".checkpoint-2.deleting" and Path(path).exists():
+            next(p for p in Path(path).iterdir() if p.is_file()).unlink()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_rmtree(path, *a, **k)
+
+    torch.save, shutil.rmtree = save, rmtree
+    train(**settings)
+""")
+
+
+@pytest.mark.parametrize("kill_at", ["optimizer", "prune"])
+def test_sigkill_mid_save_then_resume(rows, tmp_path, tiny_model, kill_at):
+    """A SIGKILL inside the checkpoint save (or inside the removal of the older one) leaves a usable checkpoint:
+    the resumed run ends with the same steps, each logged once, and the same weights as an uninterrupted run."""
+    import signal
+
+    import delia
+
+    data, _ = rows
+    kw = {"max_steps": 6, "save_steps": 2, "add_token": ["<sep>"]}
+    full = train(**_settings(data, tmp_path / "full", tiny_model, **kw, keep_checkpoints=True))
+    full_record = json.loads((full / TRAIN_RECORD).read_text())
+    def held(folder):  # what is in OUT/checkpoints but the model card the trainer writes there
+        return sorted(p.name for p in (folder / CHECKPOINTS).iterdir() if p.name != "README.md")
+
+    assert held(full) == ["checkpoint-6", RESUME_KEY_FILE]
+    newest = full / CHECKPOINTS / "checkpoint-6"
+    assert full_record["checkpoint_bytes"] == sum(f.stat().st_size for f in newest.rglob("*") if f.is_file()
+                                                  and f.name != "delia_checkpoint.json")
+    # what --resume needs: the adapter (LoRA + the new row), its optimizer state, small trainer files
+    assert full_record["checkpoint_bytes"] < 3 * (full / "adapter_model.safetensors").stat().st_size + 200_000
+
+    cut = tmp_path / "cut"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(delia.__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, json.dumps(_settings(data, cut, tiny_model, **kw)),
+                           kill_at], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    left = held(cut)
+    if kill_at == "optimizer":  # the previous checkpoint, and the one the kill cut short
+        assert left == ["checkpoint-2", "checkpoint-4", RESUME_KEY_FILE]
+        assert not (cut / CHECKPOINTS / "checkpoint-4" / "delia_checkpoint.json").exists()
+    else:  # the new, complete checkpoint, and what was left of the older one
+        assert left == [".checkpoint-2.deleting", "checkpoint-4", RESUME_KEY_FILE]
+
+    out = train(**_settings(data, cut, tiny_model, **kw, resume=True))
+    record = json.loads((out / TRAIN_RECORD).read_text())
+    assert record["steps"] == 6
+    assert record["resumed_from"].endswith("checkpoint-2" if kill_at == "optimizer" else "checkpoint-4")
+    log = [json.loads(x) for x in (out / TRAINER_LOG).read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    a, b = load_file(str(full / "adapter_model.safetensors")), load_file(str(out / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("name", [RESUME_KEY_FILE, LEGACY_RESUME_KEY_FILE])
 def test_resume_key_read_under_its_name_and_its_earlier_one(tmp_path, name):
     settings = {"max_steps": 6, "resume": True, "overwrite": False, "out": str(tmp_path)}
