@@ -148,6 +148,40 @@ def test_train_new_token_tied_and_untied(rows, tmp_path, tied, padding_rows):
             merged_model.get_output_embeddings().weight.data_ptr()
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_token_rows_fast_path_matches_peft(rows, tmp_path, tiny_model, tiny_model_untied, tied, monkeypatch):
+    """delia's row-only path gives PEFT's loss bit for bit and its gradients (new rows, LoRA) to rounding."""
+    import delia.train as delia_train
+
+    data, _ = rows
+    model_dir = tiny_model if tied else tiny_model_untied
+
+    def loss_and_grads(name):
+        run = _setup(**_settings(data, tmp_path / name, model_dir, add_token=["<sep>", "<x>"]))
+        trainer = run.trainer
+        base = trainer.model.get_base_model()
+        fast_parts = ["_fast_token_rows" in f.__code__.co_qualname for f in (
+            base.get_input_embeddings().token_adapter.forward, vars(base)["forward"])]
+        assert fast_parts == [name == "fast"] * 2
+        batch = next(iter(trainer.get_train_dataloader()))
+        batch["input_ids"][:, 3] = run.record["new_tokens"]["tokens"][1]["id"]  # a new token as input
+        batch["labels"][:, -2] = run.record["new_tokens"]["tokens"][0]["id"]  # and as a target
+        trainer.model.train()
+        torch.manual_seed(0)
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+    fast_loss, fast = loss_and_grads("fast")
+    monkeypatch.setattr(delia_train, "_fast_token_rows", lambda trainer: None)
+    peft_loss, reference = loss_and_grads("peft")
+    assert torch.equal(fast_loss, peft_loss)
+    assert fast.keys() == reference.keys() and sum("trainable_tokens_delta" in n for n in fast) == (1 if tied else 2)
+    for name in fast:
+        assert reference[name].abs().sum() > 0 or "lora_A" in name, name  # lora_B starts at zero
+        torch.testing.assert_close(fast[name], reference[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
 def _check_plain_peft(out, cwd):
     """Load the adapter in a fresh interpreter with transformers + peft only; it generates and its logits match."""
     reference, tok = load_trained(out, device="cpu")
