@@ -84,6 +84,7 @@ def new_token_cost(data: Path, tmp: Path, model: str, settings: dict, rounds: in
 
     times: dict[str, list[float]] = {"none": [], "token": []}
     sizes: dict[str, int] = {}
+    payload: dict[str, int] = {}
     record: dict = {}
     for r in range(rounds):
         arms = [("none", {}), ("token", {"add_token": ["<sep>"]})]
@@ -92,6 +93,7 @@ def new_token_cost(data: Path, tmp: Path, model: str, settings: dict, rounds: in
             tokens, runtime, tps = run_delia(data, out, model, {**settings, **extra}, "group_by_length")
             times[name].append(runtime / settings["max_steps"])
             sizes[name] = (out / "adapter_model.safetensors").stat().st_size
+            payload[name] = tensor_bytes(out / "adapter_model.safetensors")
             if name == "token":
                 record = _json.loads((out / TRAIN_RECORD).read_text())
             print(f"   round {r} {name:5s}: {runtime / settings['max_steps']:.3f} s/step, {tokens} tokens, "
@@ -104,10 +106,18 @@ def new_token_cost(data: Path, tmp: Path, model: str, settings: dict, rounds: in
 
     hidden = AutoConfig.from_pretrained(record["model"]["path"]).hidden_size
     rows = len(record["new_tokens"]["tokens"]) * (1 if record["new_tokens"]["tied_embeddings"] else 2)
-    bound = sizes["none"] + rows * hidden * 4
-    print(f"   adapter_model.safetensors: LoRA only {sizes['none']:,} bytes; with the token {sizes['token']:,} bytes; "
-          f"bound LoRA + {rows} fp32 row(s) of {hidden} = {bound:,} bytes "
-          f"({'PASS' if sizes['token'] <= bound else 'FAIL'})")
+    bound = payload["none"] + rows * hidden * 4
+    print(f"   adapter_model.safetensors: LoRA only {sizes['none']:,} bytes ({payload['none']:,} of tensors); with the "
+          f"token {sizes['token']:,} bytes ({payload['token']:,} of tensors); bound LoRA + {rows} fp32 row(s) of "
+          f"{hidden} = {bound:,} bytes of tensors ({'PASS' if payload['token'] <= bound else 'FAIL'}; the file adds "
+          f"{sizes['token'] - sizes['none'] - (payload['token'] - payload['none'])} bytes of header for the new entry)")
+
+
+def tensor_bytes(path: Path) -> int:
+    """Bytes of the tensors in a safetensors file (the file adds a JSON header naming them)."""
+    from safetensors.torch import load_file
+
+    return sum(t.numel() * t.element_size() for t in load_file(str(path)).values())
 
 
 def run_plain_trl(data: Path, out: Path, model: str, settings: dict, batching: str) -> tuple[int, float, float]:
