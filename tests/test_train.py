@@ -182,6 +182,22 @@ def test_token_rows_fast_path_matches_peft(rows, tmp_path, tiny_model, tiny_mode
         torch.testing.assert_close(fast[name], reference[name], atol=1e-6, rtol=1e-4, msg=name)
 
 
+def test_train_rows_all_keeps_the_matrix_copy(rows, tmp_path, tiny_model_untied):
+    """`--train-rows all`: PEFT modules_to_save copies of the embedding and the untied head, all rows trained."""
+    data, _ = rows
+    out = train(**_settings(data, tmp_path / "run", tiny_model_untied, add_token=["<sep>"], train_rows="all",
+                            max_steps=2))
+    record = json.loads((out / TRAIN_RECORD).read_text())
+    assert record["peft"]["modules_to_save"] == ["embed_tokens", "lm_head"]
+    assert record["peft"]["trainable_token_indices"] is None
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    emb = next(v for k, v in saved.items() if k.endswith("embed_tokens.weight"))
+    base = load_file(str(tiny_model_untied / "model.safetensors"))["model.embed_tokens.weight"]
+    assert emb.shape == base.shape and not torch.equal(emb[:-8], base[:-8])  # old rows trained too
+    model, tok = load_trained(out, device="cpu")
+    assert tok.convert_tokens_to_ids("<sep>") == record["new_tokens"]["tokens"][0]["id"]
+
+
 def _check_plain_peft(out, cwd):
     """Load the adapter in a fresh interpreter with transformers + peft only; it generates and its logits match."""
     reference, tok = load_trained(out, device="cpu")
