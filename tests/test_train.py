@@ -146,6 +146,9 @@ def test_train_new_token_tied_and_untied(rows, tmp_path, tied, padding_rows):
     if tied:
         assert merged_model.get_input_embeddings().weight.data_ptr() == \
             merged_model.get_output_embeddings().weight.data_ptr()
+    model.merge_adapter()  # what `delia eval --adapter` does before generating
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=x).logits, expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("tied", [True, False])
