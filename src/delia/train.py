@@ -2,9 +2,10 @@
 
 Each row becomes a conversational prompt/completion pair (prompt = every turn before the last
 assistant turn), which TRL turns into completion-only labels. New special tokens are added and
-initialised by `delia.tokens`; their embedding rows are trained as PEFT `modules_to_save` (the only
-way that trains them under TRL's fused LM head, see README "Training"). The output folder is a plain
-PEFT adapter with its tokenizer: transformers + peft load it without delia.
+initialised by `delia.tokens`; only their embedding rows are trained and saved, as PEFT trainable tokens
+(`_train_token_rows` makes them work, at the cost of the rows, under TRL's fused LM head; see README
+"Training"). The output folder is a plain PEFT adapter with its tokenizer: transformers + peft load it
+without delia. Checkpoints are marked complete and pruned to what `--resume` needs (`_checkpoint_keeper`).
 """
 
 from __future__ import annotations
