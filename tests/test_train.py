@@ -228,9 +228,11 @@ def _check_plain_peft(out, cwd):
     torch.testing.assert_close(torch.tensor(got["last"]), torch.tensor(expected), atol=1e-4, rtol=1e-4)
 
 
-def test_adapter_loads_with_plain_peft(rows, tmp_path, tiny_model):
+@pytest.mark.parametrize("tied", [True, False])
+def test_adapter_loads_with_plain_peft(rows, tmp_path, tiny_model, tiny_model_untied, tied):
     data, _ = rows
-    out = train(**_settings(data, tmp_path / "run", tiny_model, add_token=["<sep>"], max_steps=2))
+    out = train(**_settings(data, tmp_path / "run", tiny_model if tied else tiny_model_untied, add_token=["<sep>"],
+                            max_steps=2))
     _check_plain_peft(out, tmp_path)
 
 
