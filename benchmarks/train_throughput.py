@@ -6,7 +6,9 @@ one discarded warm-up step:
 
 1. trained tokens/s (non-padding tokens, TRL's `num_tokens`, over `train_runtime`) of delia and of a
    plain SFTTrainer script with the same model, data and settings, run alternately; ratio >= 0.95.
-2. padding waste (padding / all positions over one epoch of the real dataloader), the share of
+2. seconds per training step with one new token (`--add-token "<sep>"`) over the same step without it
+   (target <= 1.1), and the adapter's size against LoRA-only + the new rows.
+3. padding waste (padding / all positions over one epoch of the real dataloader), the share of
    positions that carry loss, and measured tokens/s for each batching mode (random order, length
    grouping, packing). Packing keeps rows whose response was cut off by max_length (TRL drops them
    otherwise), so its real tokens include context-only rows that train nothing.
@@ -47,7 +49,7 @@ def build_mixture(folder: Path, ratio: int, seed: int = 0) -> Path:
                                               {"role": "assistant", "content": answer}],
                                  "id": f"d{i}", "meta": {}}) + "\n")
     out = folder / "mix.jsonl"
-    mix(task, diverse, out, ratio=ratio, seed=seed, model="")
+    mix(task, diverse, out, ratio=ratio, seed=seed, tokenizer="")
     return out
 
 
@@ -67,6 +69,64 @@ def run_delia(data: Path, out: Path, model: str, settings: dict, batching: str) 
 
     train(data, out, model=model, batching=batching, overwrite=True, **settings)
     return tokens_per_s([json.loads(x) for x in (out / TRAINER_LOG).read_text().splitlines()])
+
+
+def new_token_cost(data: Path, tmp: Path, model: str, settings: dict, rounds: int) -> None:
+    """Step time with one new token (`--add-token "<sep>"`, PEFT trainable tokens) over the same run without it.
+
+    Same process, same rows, same settings, alternating the order each round; median over the rounds. With
+    the token, `<sep>` in the task rows becomes one token instead of several, so tokens differ slightly: the
+    ratio is of seconds per optimizer step. A third arm runs the token through PEFT's own path (whole-matrix
+    merge, TRL's full head gradient; only the `bias` fix), without delia's row-only path, for comparison.
+    Also the adapter sizes against the bound LoRA + the new rows.
+    """
+    import json as _json
+
+    import delia.train as delia_train
+    from delia.train import TRAIN_RECORD
+
+    times: dict[str, list[float]] = {"none": [], "token": [], "token-peft": []}
+    sizes: dict[str, int] = {}
+    payload: dict[str, int] = {}
+    record: dict = {}
+    fast = delia_train._fast_token_rows
+    for r in range(rounds):
+        arms = [("none", {}), ("token", {"add_token": ["<sep>"]}), ("token-peft", {"add_token": ["<sep>"]})]
+        for name, extra in arms[::-1] if r % 2 else arms:
+            out = tmp / f"tok-{name}{r}"
+            delia_train._fast_token_rows = fast if name != "token-peft" else (lambda trainer: None)
+            try:
+                tokens, runtime, tps = run_delia(data, out, model, {**settings, **extra}, "group_by_length")
+            finally:
+                delia_train._fast_token_rows = fast
+            times[name].append(runtime / settings["max_steps"])
+            sizes[name] = (out / "adapter_model.safetensors").stat().st_size
+            payload[name] = tensor_bytes(out / "adapter_model.safetensors")
+            if name == "token":
+                record = _json.loads((out / TRAIN_RECORD).read_text())
+            print(f"   round {r} {name:10s}: {runtime / settings['max_steps']:.3f} s/step, {tokens} tokens, "
+                  f"{tps:.1f} tokens/s")
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = med["token"] / med["none"]
+    print(f"   median s/step: with one new token {med['token']:.3f}, without {med['none']:.3f}: ratio {ratio:.3f} "
+          f"({'PASS' if ratio <= 1.1 else 'FAIL'}: <= 1.1 required); PEFT's own path {med['token-peft']:.3f}: "
+          f"ratio {med['token-peft'] / med['none']:.3f}")
+    from transformers import AutoConfig
+
+    hidden = AutoConfig.from_pretrained(record["model"]["path"]).hidden_size
+    rows = len(record["new_tokens"]["tokens"]) * (1 if record["new_tokens"]["tied_embeddings"] else 2)
+    bound = payload["none"] + rows * hidden * 4
+    print(f"   adapter_model.safetensors: LoRA only {sizes['none']:,} bytes ({payload['none']:,} of tensors); with the "
+          f"token {sizes['token']:,} bytes ({payload['token']:,} of tensors); bound LoRA + {rows} fp32 row(s) of "
+          f"{hidden} = {bound:,} bytes of tensors ({'PASS' if payload['token'] <= bound else 'FAIL'}; the file adds "
+          f"{sizes['token'] - sizes['none'] - (payload['token'] - payload['none'])} bytes of header for the new entry)")
+
+
+def tensor_bytes(path: Path) -> int:
+    """Bytes of the tensors in a safetensors file (the file adds a JSON header naming them)."""
+    from safetensors.torch import load_file
+
+    return sum(t.numel() * t.element_size() for t in load_file(str(path)).values())
 
 
 def run_plain_trl(data: Path, out: Path, model: str, settings: dict, batching: str) -> tuple[int, float, float]:
@@ -131,6 +191,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3, help="alternating delia/TRL pairs (median taken)")
+    p.add_argument("--only", choices=["all", "new-token"], default="all", help="new-token: section 2 only")
     args = p.parse_args()
 
     import datasets
@@ -151,8 +212,13 @@ def main() -> None:
               f"{args.steps} steps x batch {args.batch_size}, max_length {args.max_length}; "
               f"torch threads {torch.get_num_threads()}")
 
-        print("\n1. delia train vs plain TRL SFTTrainer (same settings, batching = group_by_length)")
         run_plain_trl(data, tmp / "warmup", args.model, {**settings, "max_steps": 1}, default)  # one-time costs
+        if args.only == "new-token":
+            print("\n2. one new token (PEFT trainable tokens) vs none: seconds per step, same process and data")
+            new_token_cost(data, tmp, args.model, settings, args.rounds)
+            print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+            return
+        print("\n1. delia train vs plain TRL SFTTrainer (same settings, batching = group_by_length)")
         delia_tps, trl_tps = [], []
         for r in range(args.rounds):
             pair = [("trl", run_plain_trl, trl_tps), ("delia", run_delia, delia_tps)]
@@ -164,7 +230,10 @@ def main() -> None:
         print(f"   median delia {statistics.median(delia_tps):.1f} tokens/s, TRL {statistics.median(trl_tps):.1f}"
               f" tokens/s: ratio {ratio:.3f} ({'PASS' if ratio >= 0.95 else 'FAIL'}: >= 0.95 required)")
 
-        print("\n2. padding waste over one epoch and measured throughput per batching mode (delia train)")
+        print("\n2. one new token (PEFT trainable tokens) vs none: seconds per step, same process and data")
+        new_token_cost(data, tmp, args.model, settings, args.rounds)
+
+        print("\n3. padding waste over one epoch and measured throughput per batching mode (delia train)")
         results = {}
         for mode in ("random", "group_by_length", "packing"):
             waste = padding_waste(data, tmp / f"pad-{mode}", args.model, settings, mode)

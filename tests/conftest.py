@@ -22,8 +22,10 @@ _CORPUS = [
 ]
 
 
-def build_tiny_model(folder: Path, *, tie: bool = True, seed: int = 0) -> Path:
-    """A 2-layer Llama (hidden 64) with a byte-level BPE tokenizer and a ChatML template, saved to `folder`."""
+def build_tiny_model(folder: Path, *, tie: bool = True, seed: int = 0, padding_rows: int = 8) -> Path:
+    """A 2-layer Llama (hidden 64) with a byte-level BPE tokenizer and a ChatML template, saved to `folder`.
+
+    `padding_rows` embedding rows lie past the tokenizer, as real checkpoints have (a new token reuses one)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -40,7 +42,7 @@ def build_tiny_model(folder: Path, *, tie: bool = True, seed: int = 0) -> Path:
     tok.chat_template = CHATML
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tok) + 8,  # padding rows beyond the tokenizer, as real checkpoints have
+        vocab_size=len(tok) + padding_rows,
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=tie,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,

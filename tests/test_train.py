@@ -64,31 +64,59 @@ def test_labels_mask_prompt_tokens(rows, tmp_path, tiny_model):
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()  # padding carries no loss either
 
 
+def _embedding_matrices(state: dict, tied: bool) -> dict[str, torch.Tensor]:
+    emb = next(v for k, v in state.items() if k.endswith("embed_tokens.weight"))
+    return {"embed_tokens": emb, "lm_head": emb if tied else state["lm_head.weight"]}
+
+
 @pytest.mark.parametrize("tied", [True, False])
-def test_train_new_token_tied_and_untied(rows, tmp_path, tiny_model, tiny_model_untied, tied):
+@pytest.mark.parametrize("padding_rows", [8, 0], ids=["padding-row", "resize"])
+def test_train_new_token_tied_and_untied(rows, tmp_path, tied, padding_rows):
+    """Only the new rows are parameters and only they are saved; every other embedding row stays bit-identical."""
+    from conftest import build_tiny_model
+
     data, eval_data = rows
-    model_dir = tiny_model if tied else tiny_model_untied
-    out = train(**_settings(data, tmp_path / "run", model_dir, eval_data=eval_data, add_token=["<sep>"],
-                            max_steps=4, eval_steps=2, merge=True))
+    model_dir = build_tiny_model(tmp_path / "base", tie=tied, padding_rows=padding_rows)
+    run = _setup(**_settings(data, tmp_path / "run", model_dir, eval_data=eval_data, add_token=["<sep>"],
+                             max_steps=4, eval_steps=2, merge=True, weight_decay=0.5))
+    out = run.fit()
     record = json.loads((out / TRAIN_RECORD).read_text())
     token = record["new_tokens"]["tokens"][0]
     sid = token["id"]
+    assert token["padding_row_reused"] == (padding_rows > 0)
+    assert record["new_tokens"]["embedding_rows"]["resized"] == (padding_rows == 0)
     assert record["steps"] == 4 and record["data"]["sources"] == {"task": 8, "diverse": 8}
-    assert record["peft"]["modules_to_save"] == (["embed_tokens"] if tied else ["embed_tokens", "lm_head"])
-    assert record["peft"]["trainable_params"] < record["peft"]["total_params"] / 2
+    assert record["peft"]["modules_to_save"] is None
+    assert record["peft"]["trainable_token_indices"] == ([sid] if tied else {"embed_tokens": [sid], "lm_head": [sid]})
+    hidden = 64
+    lora = sum(p.numel() for n, p in run.trainer.model.named_parameters() if "lora_" in n)
+    assert record["peft"]["trainable_params"] == lora + hidden * (1 if tied else 2)
     assert {"torch", "transformers", "trl", "peft"} <= set(record["versions"]) and record["data"]["sha256"]
     assert record["tokens_trained"] > 0 and not (out / "checkpoints").exists()
 
-    saved = load_file(str(out / "adapter_model.safetensors"))
-    base = load_file(str(model_dir / "model.safetensors"))
-    for name in ("embed_tokens", "lm_head"):  # PEFT saves both copies, tied or not
-        trained = next(v for k, v in saved.items() if k.endswith(f"{name}.weight"))
-        before = base.get(f"model.{name}.weight", base.get(f"{name}.weight", base["model.embed_tokens.weight"]))
-        assert abs(float(trained[sid].norm()) - token["init_norm"]) > 1e-4 or name == "lm_head"
-        assert not torch.equal(trained[sid], before[sid])  # the new row was trained from its init
-        torch.testing.assert_close(trained[:sid], before[:sid], atol=0, rtol=0)  # other rows kept (--train-rows new)
-    emb, head = (next(v for k, v in saved.items() if k.endswith(f"{n}.weight")) for n in ("embed_tokens", "lm_head"))
-    assert torch.equal(emb, head) == tied
+    saved = load_file(str(out / "adapter_model.safetensors"))  # LoRA and the new rows, nothing else
+    rows_saved = {k: v for k, v in saved.items() if "lora_" not in k}
+    assert {k.split(".")[-3]: tuple(v.shape) for k, v in rows_saved.items()} == (
+        {"embed_tokens": (1, hidden)} if tied else {"embed_tokens": (1, hidden), "lm_head": (1, hidden)})
+    assert all(k.endswith("token_adapter.trainable_tokens_delta") for k in rows_saved)
+    assert sum(v.numel() for v in saved.values()) == record["peft"]["trainable_params"]
+    adapter_cfg = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_cfg["trainable_token_indices"] == record["peft"]["trainable_token_indices"]
+
+    base = _embedding_matrices(load_file(str(model_dir / "model.safetensors")), tied)
+    merged_state = load_file(str(out / "merged" / "model.safetensors"))
+    merged = _embedding_matrices(merged_state, tied or "lm_head.weight" not in merged_state)
+    for name in ("embed_tokens", "lm_head"):
+        n_base = base[name].shape[0]
+        assert merged[name].shape[0] == (n_base if padding_rows else n_base + 1)
+        keep = [i for i in range(min(n_base, merged[name].shape[0])) if i != sid]
+        assert torch.equal(merged[name][keep], base[name][keep])  # bit-identical: no update, no weight decay
+        row = rows_saved[next(k for k in rows_saved if name in k)] if not tied or name == "embed_tokens" else None
+        if row is not None:
+            assert torch.equal(merged[name][sid], row[0])
+    emb_row = merged["embed_tokens"][sid]
+    assert abs(float(emb_row.norm()) - token["init_norm"]) > 1e-4  # the new row was trained from its init
+    assert torch.equal(merged["embed_tokens"][sid], merged["lm_head"][sid]) == tied
 
     log = [json.loads(x) for x in (out / TRAINER_LOG).read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
@@ -97,14 +125,80 @@ def test_train_new_token_tied_and_untied(rows, tmp_path, tiny_model, tiny_model_
     assert all(r["count"] == 3 and r["per_token"]["<sep>"]["count"] == 3 and r["prompt_loss"] for r in important)
     assert important[0]["loss"] != important[-1]["loss"]
 
+    # the trained model in memory, the reloaded adapter and the merged model score the new token alike
+    trained = run.trainer.model.eval()
     model, tok = load_trained(out, device="cpu")
     assert tok.convert_tokens_to_ids("<sep>") == sid and not model.training
-    merged = type(model.get_base_model()).from_pretrained(out / "merged")
-    x = torch.tensor([tok("Check <sep> now")["input_ids"]])
+    merged_model = type(model.get_base_model()).from_pretrained(out / "merged")
+    x = torch.tensor([tok("Check <sep> now <sep>")["input_ids"]])
+    assert sid in x[0].tolist()
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=x).logits, merged(input_ids=x).logits, atol=1e-4, rtol=1e-4)
+        expected = trained(input_ids=x).logits
+        torch.testing.assert_close(model(input_ids=x).logits, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(merged_model(input_ids=x).logits, expected, atol=1e-4, rtol=1e-4)
+    # generation that must emit the new token: the same greedy choice after reload
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Check item 1 in the <sep> format."}],
+                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        lp = [torch.log_softmax(m(**prompt).logits[0, -1], -1)[sid] for m in (trained, model, merged_model)]
+    torch.testing.assert_close(lp[1], lp[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lp[2], lp[0], atol=1e-4, rtol=1e-4)
     if tied:
-        assert merged.get_input_embeddings().weight.data_ptr() == merged.get_output_embeddings().weight.data_ptr()
+        assert merged_model.get_input_embeddings().weight.data_ptr() == \
+            merged_model.get_output_embeddings().weight.data_ptr()
+    model.merge_adapter()  # what `delia eval --adapter` does before generating
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=x).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_token_rows_fast_path_matches_peft(rows, tmp_path, tiny_model, tiny_model_untied, tied, monkeypatch):
+    """delia's row-only path gives PEFT's loss bit for bit and its gradients (new rows, LoRA) to rounding."""
+    import delia.train as delia_train
+
+    data, _ = rows
+    model_dir = tiny_model if tied else tiny_model_untied
+
+    def loss_and_grads(name):
+        run = _setup(**_settings(data, tmp_path / name, model_dir, add_token=["<sep>", "<x>"]))
+        trainer = run.trainer
+        base = trainer.model.get_base_model()
+        fast_parts = ["_fast_token_rows" in f.__code__.co_qualname for f in (
+            base.get_input_embeddings().token_adapter.forward, vars(base)["forward"])]
+        assert fast_parts == [name == "fast"] * 2
+        batch = next(iter(trainer.get_train_dataloader()))
+        batch["input_ids"][:, 3] = run.record["new_tokens"]["tokens"][1]["id"]  # a new token as input
+        batch["labels"][:, -2] = run.record["new_tokens"]["tokens"][0]["id"]  # and as a target
+        trainer.model.train()
+        torch.manual_seed(0)
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+    fast_loss, fast = loss_and_grads("fast")
+    monkeypatch.setattr(delia_train, "_fast_token_rows", lambda trainer: None)
+    peft_loss, reference = loss_and_grads("peft")
+    assert torch.equal(fast_loss, peft_loss)
+    assert fast.keys() == reference.keys() and sum("trainable_tokens_delta" in n for n in fast) == (1 if tied else 2)
+    for name in fast:
+        assert reference[name].abs().sum() > 0 or "lora_A" in name, name  # lora_B starts at zero
+        torch.testing.assert_close(fast[name], reference[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_train_rows_all_keeps_the_matrix_copy(rows, tmp_path, tiny_model_untied):
+    """`--train-rows all`: PEFT modules_to_save copies of the embedding and the untied head, all rows trained."""
+    data, _ = rows
+    out = train(**_settings(data, tmp_path / "run", tiny_model_untied, add_token=["<sep>"], train_rows="all",
+                            max_steps=2))
+    record = json.loads((out / TRAIN_RECORD).read_text())
+    assert record["peft"]["modules_to_save"] == ["embed_tokens", "lm_head"]
+    assert record["peft"]["trainable_token_indices"] is None
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    emb = next(v for k, v in saved.items() if k.endswith("embed_tokens.weight"))
+    base = load_file(str(tiny_model_untied / "model.safetensors"))["model.embed_tokens.weight"]
+    assert emb.shape == base.shape and not torch.equal(emb[:-8], base[:-8])  # old rows trained too
+    model, tok = load_trained(out, device="cpu")
+    assert tok.convert_tokens_to_ids("<sep>") == record["new_tokens"]["tokens"][0]["id"]
 
 
 def _check_plain_peft(out, cwd):
@@ -134,9 +228,11 @@ def _check_plain_peft(out, cwd):
     torch.testing.assert_close(torch.tensor(got["last"]), torch.tensor(expected), atol=1e-4, rtol=1e-4)
 
 
-def test_adapter_loads_with_plain_peft(rows, tmp_path, tiny_model):
+@pytest.mark.parametrize("tied", [True, False])
+def test_adapter_loads_with_plain_peft(rows, tmp_path, tiny_model, tiny_model_untied, tied):
     data, _ = rows
-    out = train(**_settings(data, tmp_path / "run", tiny_model, add_token=["<sep>"], max_steps=2))
+    out = train(**_settings(data, tmp_path / "run", tiny_model if tied else tiny_model_untied, add_token=["<sep>"],
+                            max_steps=2))
     _check_plain_peft(out, tmp_path)
 
 
@@ -176,6 +272,83 @@ def test_resume_after_a_crash(rows, tmp_path, tiny_model, monkeypatch):
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
     with pytest.raises(DeliaError, match="finished training run"):
         train(**_settings(data, tmp_path / "cut", tiny_model, **kw))
+
+
+_KILL_SCRIPT = textwrap.dedent("""
+    import io, json, os, shutil, signal, sys
+    from pathlib import Path
+    import torch
+    from delia.train import train
+
+    settings, kill_at = json.loads(sys.argv[1]), sys.argv[2]
+    real_save, real_rmtree = torch.save, shutil.rmtree
+
+    def save(obj, f, *a, **k):  # the trainer writes half of checkpoint-4's optimizer state, then the process dies
+        if kill_at == "optimizer" and str(f).endswith(os.path.join("checkpoint-4", "optimizer.pt")):
+            buf = io.BytesIO()
+            real_save(obj, buf, *a, **k)
+            with open(f, "wb") as fh:
+                fh.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+                fh.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_save(obj, f, *a, **k)
+
+    def rmtree(path, *a, **k):  # checkpoint-4 is complete; the process dies while removing checkpoint-2
+        if kill_at == "prune" and Path(path).name == ".checkpoint-2.deleting" and Path(path).exists():
+            next(p for p in Path(path).iterdir() if p.is_file()).unlink()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_rmtree(path, *a, **k)
+
+    torch.save, shutil.rmtree = save, rmtree
+    train(**settings)
+""")
+
+
+@pytest.mark.parametrize("kill_at", ["optimizer", "prune"])
+def test_sigkill_mid_save_then_resume(rows, tmp_path, tiny_model, kill_at):
+    """A SIGKILL inside the checkpoint save (or inside the removal of the older one) leaves a usable checkpoint:
+    the resumed run ends with the same steps, each logged once, and the same weights as an uninterrupted run."""
+    import signal
+
+    import delia
+
+    data, _ = rows
+    kw = {"max_steps": 6, "save_steps": 2, "add_token": ["<sep>"]}
+    full = train(**_settings(data, tmp_path / "full", tiny_model, **kw, keep_checkpoints=True))
+    full_record = json.loads((full / TRAIN_RECORD).read_text())
+    def held(folder):  # what is in OUT/checkpoints but the model card the trainer writes there
+        return sorted(p.name for p in (folder / CHECKPOINTS).iterdir() if p.name != "README.md")
+
+    assert held(full) == ["checkpoint-6", RESUME_KEY_FILE]
+    newest = full / CHECKPOINTS / "checkpoint-6"
+    assert full_record["checkpoint_bytes"] == sum(f.stat().st_size for f in newest.rglob("*") if f.is_file()
+                                                  and f.name != "delia_checkpoint.json")
+    # what --resume needs: the adapter (LoRA + the new row), its optimizer state, small trainer files
+    assert full_record["checkpoint_bytes"] < 3 * (full / "adapter_model.safetensors").stat().st_size + 200_000
+
+    cut = tmp_path / "cut"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(delia.__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, json.dumps(_settings(data, cut, tiny_model, **kw)),
+                           kill_at], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    left = held(cut)
+    if kill_at == "optimizer":  # the previous checkpoint, and the one the kill cut short
+        assert left == ["checkpoint-2", "checkpoint-4", RESUME_KEY_FILE]
+        assert not (cut / CHECKPOINTS / "checkpoint-4" / "delia_checkpoint.json").exists()
+    else:  # the new, complete checkpoint, and what was left of the older one
+        assert left == [".checkpoint-2.deleting", "checkpoint-4", RESUME_KEY_FILE]
+
+    out = train(**_settings(data, cut, tiny_model, **kw, resume=True))
+    record = json.loads((out / TRAIN_RECORD).read_text())
+    assert record["steps"] == 6
+    assert record["resumed_from"].endswith("checkpoint-2" if kill_at == "optimizer" else "checkpoint-4")
+    log = [json.loads(x) for x in (out / TRAINER_LOG).read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    a, b = load_file(str(full / "adapter_model.safetensors")), load_file(str(out / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", [RESUME_KEY_FILE, LEGACY_RESUME_KEY_FILE])

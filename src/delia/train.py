@@ -2,15 +2,17 @@
 
 Each row becomes a conversational prompt/completion pair (prompt = every turn before the last
 assistant turn), which TRL turns into completion-only labels. New special tokens are added and
-initialised by `delia.tokens`; their embedding rows are trained as PEFT `modules_to_save` (the only
-way that trains them under TRL's fused LM head, see README "Training"). The output folder is a plain
-PEFT adapter with its tokenizer: transformers + peft load it without delia.
+initialised by `delia.tokens`; only their embedding rows are trained and saved, as PEFT trainable tokens
+(`_train_token_rows` makes them work, at the cost of the rows, under TRL's fused LM head; see README
+"Training"). The output folder is a plain PEFT adapter with its tokenizer: transformers + peft load it
+without delia. Checkpoints are marked complete and pruned to what `--resume` needs (`_checkpoint_keeper`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -28,6 +30,7 @@ TRAIN_RECORD = "delia_train.json"
 TRAINER_LOG = "trainer_log.jsonl"
 CHECKPOINTS = "checkpoints"
 RESUME_KEY_FILE = "resume_key.json"  # inside CHECKPOINTS: the settings a --resume must match
+CHECKPOINT_DONE = "delia_checkpoint.json"  # inside a checkpoint: written last, marks it complete
 LEGACY_RESUME_KEY_FILE = "delia_run.json"  # earlier name, still read on --resume
 BATCHING = ("group_by_length", "random", "packing")
 DIVERSE_LOSSES = ("ce", "kl")
@@ -109,18 +112,22 @@ def train(
 class _Training:
     """A prepared training run: the trainer, and what goes into delia_train.json."""
 
-    def __init__(self, trainer: Any, tokenizer: Any, out: Path, record: dict[str, Any], settings: dict[str, Any]):
+    def __init__(self, trainer: Any, tokenizer: Any, out: Path, record: dict[str, Any], settings: dict[str, Any],
+                 keeper: Any):
         self.trainer, self.tokenizer, self.out, self.record, self.settings = trainer, tokenizer, out, record, settings
+        self.keeper = keeper  # the checkpoint callback: marks, prunes and measures checkpoints
 
     def checkpoint(self) -> str | None:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        folder = self.out / CHECKPOINTS
-        return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+        """The newest complete checkpoint in OUT/checkpoints (None if there is none)."""
+        found = complete_checkpoints(self.out / CHECKPOINTS)
+        return str(found[-1]) if found else None
 
     def fit(self) -> Path:
         trainer, out = self.trainer, self.out
         resume_from = self.checkpoint() if self.settings["resume"] else None
+        if self.settings["resume"] and trainer.is_world_process_zero():
+            _drop_checkpoints(out / CHECKPOINTS, keep=resume_from)  # a save a kill cut short, deletions left over
+        trainer.accelerator.wait_for_everyone()
         if self.settings["resume"] and resume_from is None:
             print(f"delia train: no checkpoint in {out / CHECKPOINTS}; starting from the beginning", file=sys.stderr)
         result = trainer.train(resume_from_checkpoint=resume_from)
@@ -149,7 +156,7 @@ class _Training:
             # input tokens of one pass over the data times the passes run (pro rata for a partial epoch)
             tokens_trained=round(self.record["data"]["train_tokens"] * (trainer.state.epoch or 0)),
             tokens_forward_only=round(self.record["data"]["anchor_tokens"] * (trainer.state.epoch or 0)),
-            metrics=result.metrics,
+            metrics=result.metrics, checkpoint_bytes=self.keeper.bytes,
             outputs=sorted(p.name for p in out.iterdir()) + [TRAIN_RECORD],
         )
         write_json(out / TRAIN_RECORD, self.record)  # last: its presence marks a finished run
@@ -239,7 +246,7 @@ def _setup(**s: Any) -> _Training:
     from delia.data import read_chat
     from delia.important import encode_rows, important_ids, make_callback
     from delia.models import load_tokenizer, resolve_model
-    from delia.tokens import add_tokens, embedding_module_names, parse_token_specs
+    from delia.tokens import add_tokens, parse_token_specs
 
     data, out = Path(s["data"]), Path(s["out"])
     if s["train_rows"] not in ("new", "all"):
@@ -276,15 +283,13 @@ def _setup(**s: Any) -> _Training:
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokens = add_tokens(base, tokenizer, specs, s["token_init"], s["seed"]) if specs else None
 
-    in_name, out_name = embedding_module_names(base)
-    modules_to_save = None
-    if tokens:  # train the new rows: the whole embedding (and untied head), tied copies kept tied
-        modules_to_save = [in_name] + ([out_name] if out_name and not tokens["tied_embeddings"] else [])
+    modules_to_save, token_rows = _embedding_training(base, tokens, s["train_rows"])
     peft_config = LoraConfig(
         r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=s["lora_dropout"], bias="none",
         target_modules=s["target_modules"] or ["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM",
         modules_to_save=list(modules_to_save) if modules_to_save else None,  # PEFT extends the list it gets
-        ensure_weight_tying=bool(tokens and tokens["tied_embeddings"]),
+        # tied rows: PEFT ties the head's trainable tokens to the input's by itself; a tied matrix copy needs asking
+        trainable_token_indices=token_rows, ensure_weight_tying=bool(modules_to_save and tokens["tied_embeddings"]),
     )
     has_eval = bool(eval_records)
     args = SFTConfig(
@@ -326,12 +331,15 @@ def _setup(**s: Any) -> _Training:
     if not isinstance(trainer.model, PeftModel):  # never fall back to full-model training silently
         raise DeliaError("the trainer did not wrap the model with the LoRA adapter")
 
-    if tokens and s["train_rows"] == "new":
+    if token_rows is not None:
         if trainer.is_fsdp_enabled or (trainer.is_deepspeed_enabled and
                                        trainer.accelerator.state.deepspeed_plugin.zero_stage == 3):
-            raise DeliaError("--train-rows new masks gradients of whole parameters, which FSDP and ZeRO-3 shard; "
-                             "pass --train-rows all with these")
-        _train_only_rows(trainer, [t["id"] for t in tokens["tokens"]])
+            raise DeliaError("--train-rows new (PEFT trainable tokens) is not supported with FSDP or ZeRO-3, which "
+                             "shard the embedding; pass --train-rows all with these")
+        _train_token_rows(trainer)
+
+    keeper = _checkpoint_keeper(out / CHECKPOINTS, trainer)
+    trainer.add_callback(keeper)
 
     chosen = s["important_token"] or [t for t, _ in specs]
     if has_eval and chosen:
@@ -356,29 +364,231 @@ def _setup(**s: Any) -> _Training:
         "device": str(trainer.args.device), "processes": trainer.args.world_size,
         "precision": next((k for k, on in precision.items() if on), "fp32"),
         "peft": {"target_modules": sorted(peft_config.target_modules), "modules_to_save": modules_to_save,
+                 "trainable_token_indices": token_rows,
                  "trainable_params": trainable, "total_params": total},
         "new_tokens": tokens,
         "important_tokens": chosen if has_eval else [],
     }
     if trainer.is_world_process_zero():
         write_json(out / CHECKPOINTS / RESUME_KEY_FILE, _resume_key(s))
-    return _Training(trainer, tokenizer, out, record, s)
+    return _Training(trainer, tokenizer, out, record, s, keeper)
 
 
-def _train_only_rows(trainer: Any, ids: list[int]) -> None:
-    """Keep every embedding row but `ids` at its base value although PEFT trains the whole matrix copy.
+def _embedding_training(base: Any, tokens: dict[str, Any] | None,
+                        train_rows: str) -> tuple[list[str] | None, list[int] | dict[str, list[int]] | None]:
+    """(PEFT `modules_to_save`, PEFT `trainable_token_indices`) that train the embedding rows of `tokens`.
 
-    A gradient hook zeroes the other rows' gradients, and the copies are left out of weight decay
-    (decoupled decay would otherwise shrink all rows). Tied copies share one parameter, so one hook.
+    `new`: only the tokens' rows are parameters (PEFT trainable tokens): on the input embedding, and on the
+    output embedding too when untied (tied: PEFT ties the head's rows to the input's). `all`: a trainable
+    copy of the whole matrix (and of the untied head).
     """
-    names = [n for n, p in trainer.model.named_parameters() if p.requires_grad and "modules_to_save" in n]
-    for name, param in trainer.model.named_parameters():
-        if name in names:
-            mask = param.new_zeros(param.shape[0], 1)
-            mask[ids] = 1
-            param.register_hook(lambda grad, mask=mask: grad * mask)
+    from delia.tokens import embedding_module_names
+
+    if not tokens:
+        return None, None
+    in_name, out_name = embedding_module_names(base)
+    untied_head = [out_name] if out_name and not tokens["tied_embeddings"] else []
+    if train_rows == "all":
+        return [in_name] + untied_head, None
+    rows = [t["id"] for t in tokens["tokens"]]
+    return None, ({in_name: rows, out_name: rows} if untied_head else rows)
+
+
+def _train_token_rows(trainer: Any) -> None:
+    """Make PEFT trainable-token rows train under TRL's fused LM head, and keep them out of weight decay.
+
+    TRL's fused head (`trl.trainer.utils.add_fused_lm_head`) reads `lm_head.weight` and `lm_head.bias`
+    directly. PEFT's `TrainableTokensWrapper` answers `.weight` with the merged matrix (base rows plus the
+    trained rows, differentiable in the rows), but has no `bias` attribute: the wrapper gets its base layer's
+    bias (None for the heads delia supports). The rows are left out of weight decay like the rest of the
+    embedding in `--train-rows all` (decoupled decay would pull them towards zero, not towards their init).
+    """
+    from peft.utils.other import TrainableTokensWrapper
+
+    head = trainer.model.get_output_embeddings()
+    if isinstance(head, TrainableTokensWrapper) and "bias" not in vars(head):
+        bias = getattr(head.token_adapter.get_base_layer(), "bias", None)
+        if bias is not None:
+            raise DeliaError("--train-rows new: the model's output head has a bias, which TRL's fused LM head "
+                             "cannot read through PEFT trainable tokens; pass --train-rows all")
+        object.__setattr__(head, "bias", None)
     decay = trainer.get_decay_parameter_names
-    trainer.get_decay_parameter_names = lambda model: [n for n in decay(model) if "modules_to_save" not in n]
+    trainer.get_decay_parameter_names = lambda model: [n for n in decay(model) if "trainable_tokens_delta" not in n]
+    _fast_token_rows(trainer)
+
+
+def _fast_token_rows(trainer: Any) -> None:
+    """Train the token rows at the cost of the rows: same values, same gradients, without whole-matrix work.
+
+    PEFT's trainable tokens compute with the merged matrix (a copy of the whole embedding with the rows
+    written in). Its gradient is a whole matrix too: a dense embedding gradient on the input side, and on
+    the output side TRL's fused head, seeing a `weight` that requires grad, computes the gradient of every
+    head row (one more tokens x vocab x hidden matmul per step) to keep the new rows' part of it. Here:
+
+    - input: the base embedding's lookup (frozen), with the new tokens' positions replaced by their rows;
+    - output, in TRL's fused forward: the head is handed the merged matrix detached (the fused kernel then
+      computes only the hidden-state gradient, with the trained rows' values in the softmax), and the new
+      rows' gradient is added through a term that is exactly zero in value, `sum_r (1[target = r] - p_r)
+      (z_r - sg(z_r))` per position, with z_r = sg(h) . row_r and p_r from the kernel's own log-normaliser
+      (target logit - log-prob): the gradient of the log-probability with respect to row r.
+
+    Log-probabilities and loss keep their values bit for bit. Used for plain heads only (no logit scale or
+    softcap, TRL's temperature 1, no bias), otherwise PEFT's path runs unchanged; outside training
+    (no grad, merged or disabled adapters) too. `entropy` from the fused head carries no gradient to the
+    rows (SFT's loss does not use it).
+    """
+    import functools
+
+    import torch
+    from peft.utils.other import TrainableTokensWrapper
+
+    base = trainer.model.get_base_model()
+    emb, head = base.get_input_embeddings(), base.get_output_embeddings()
+    if not isinstance(emb, TrainableTokensWrapper):
+        return
+
+    def active(layer: Any) -> list[str]:
+        if layer.disable_adapters or layer.merged or not torch.is_grad_enabled():
+            return []
+        return [a for a in layer.active_adapters if a in layer.trainable_tokens_delta]
+
+    layer_in = emb.token_adapter
+    if type(layer_in.base_layer) is torch.nn.Embedding and layer_in._get_embed_scale() is None:
+        peft_forward = layer_in.forward
+
+        def embed(x: Any, *args: Any, **kwargs: Any) -> Any:
+            names = active(layer_in)
+            if not names or args or kwargs:
+                return peft_forward(x, *args, **kwargs)
+            out = layer_in.base_layer(x)
+            for name in names:
+                for j, i in enumerate(layer_in.token_indices[name]):
+                    row = layer_in.trainable_tokens_delta[name][j].to(out.dtype)
+                    out = torch.where((x == i).unsqueeze(-1), row, out)
+            return out
+
+        layer_in.forward = embed
+
+    text = base.config.get_text_config()
+    plain_head = (isinstance(head, TrainableTokensWrapper) and getattr(head, "bias", None) is None
+                  and not any(getattr(text, k, None) is not None for k in (
+                      "final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                      "logits_scaling")))
+    if not plain_head or "forward" not in vars(base):  # TRL sets its fused forward on the model instance
+        return
+    fused, backbone, layer_out = base.forward, getattr(base, base.base_model_prefix), head.token_adapter
+
+    @functools.wraps(fused)
+    def forward(*args: Any, fused_lm_head: bool = False, labels: Any = None, shift_labels: Any = None,
+                num_items_in_batch: Any = None, **kwargs: Any) -> Any:
+        names = active(layer_out) if fused_lm_head else []
+        call = dict(fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
+                    num_items_in_batch=num_items_in_batch)
+        if not names:
+            return fused(*args, **call, **kwargs)
+        seen: list[Any] = []
+        hook = backbone.register_forward_hook(lambda m, i, o: seen.append(o.last_hidden_state))
+        weight = layer_out.get_merged_weights(names).detach()
+        object.__setattr__(head, "weight", weight)  # what the fused head reads, for this call only
+        try:
+            out = fused(*args, **call, **kwargs)
+        finally:
+            hook.remove()
+            del head.__dict__["weight"]
+        h = seen[-1][:, :-1] if shift_labels is None else seen[-1]
+        targets = (labels[:, 1:] if shift_labels is None else shift_labels).to(weight.device)
+        mask = out.label_mask
+        hm, tm = h.to(weight.device)[mask].detach().float(), targets[mask]
+        log_norm = (hm * weight[tm].float()).sum(-1) - out.log_probs[mask].detach().float()
+        term = hm.new_zeros(hm.shape[0])
+        for name in names:
+            ids = torch.tensor(layer_out.token_indices[name], device=weight.device)
+            z = hm @ layer_out.trainable_tokens_delta[name].float().t()
+            p = torch.exp(z.detach() - log_norm.unsqueeze(-1))
+            term = term + (((tm.unsqueeze(-1) == ids).float() - p) * (z - z.detach())).sum(-1)
+        zero = out.log_probs.new_zeros(out.log_probs.shape).masked_scatter(mask, term.to(out.log_probs.dtype))
+        out.log_probs = out.log_probs + zero
+        count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        out.loss = out.loss - zero.sum() / count
+        return out
+
+    base.forward = forward
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """Complete `checkpoint-N` folders in `folder`, oldest first.
+
+    Complete: holds the `CHECKPOINT_DONE` marker, written after everything else the trainer saves. Checkpoints
+    of runs from before the marker count as complete when their `trainer_state.json` (saved last) reads.
+    """
+    if not folder.is_dir():
+        return []
+    found = sorted((int(m.group(1)), p) for p in folder.iterdir()
+                   if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
+    marked = [p for _, p in found if (p / CHECKPOINT_DONE).is_file()]
+    if marked or not found:
+        return marked
+    return [p for _, p in found if _reads(p / "trainer_state.json")]  # a run saved before the marker existed
+
+
+def _reads(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _drop_checkpoints(folder: Path, keep: str | Path | None) -> None:
+    """Remove every checkpoint folder in `folder` but `keep`: renamed away first, so a kill mid-removal leaves no
+    half-deleted folder under a checkpoint's name; leftovers of such a kill (`.*.deleting`) are removed too."""
+    if not folder.is_dir():
+        return
+    keep = Path(keep).name if keep else None
+    for p in sorted(folder.iterdir()):
+        if p.is_dir() and p.name.startswith("checkpoint-") and p.name != keep:
+            gone = p.with_name(f".{p.name}.deleting")
+            shutil.rmtree(gone, ignore_errors=True)
+            os.replace(p, gone)
+            shutil.rmtree(gone, ignore_errors=True)
+        elif p.is_dir() and p.name.endswith(".deleting"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _checkpoint_keeper(folder: Path, trainer: Any) -> Any:
+    """A TrainerCallback that keeps exactly what `--resume` needs.
+
+    The trainer writes `checkpoint-N` in place (transformers 5 has no atomic checkpoint save, and its
+    `save_total_limit` rotation would delete the previous checkpoint before anything marks the new one
+    complete). After the trainer's save returns, every process has written its part (barrier), the main
+    process writes the `CHECKPOINT_DONE` marker (atomically, with the checkpoint's size) and only then
+    removes the older checkpoints. A kill at any point leaves a complete checkpoint: during a save the previous
+    one, after it the new one; `_Training.checkpoint()` takes the newest complete one and resume removes the rest.
+    Checkpoints hold the adapter without PEFT's extra copies of a resized embedding (the resumed run rebuilds
+    the base identically, seeded), so their size is the adapter, its optimizer state and the trainer's state.
+    """
+    import functools
+
+    from transformers import TrainerCallback
+
+    model = trainer.model
+    if hasattr(model, "peft_config"):  # checkpoints: LoRA and trained rows only (like the final adapter)
+        model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
+
+    class CheckpointKeeper(TrainerCallback):
+        bytes: int | None = None
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            trainer.accelerator.wait_for_everyone()
+            if state.is_world_process_zero:
+                ckpt = folder / f"checkpoint-{state.global_step}"
+                size = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file())
+                write_json(ckpt / CHECKPOINT_DONE, {"step": state.global_step, "bytes": size})
+                self.bytes = size
+                _drop_checkpoints(folder, keep=ckpt)
+            trainer.accelerator.wait_for_everyone()
+
+    return CheckpointKeeper()
 
 
 def _sources(records: list[dict[str, Any]]) -> dict[str, int]:
