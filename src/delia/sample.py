@@ -398,6 +398,8 @@ def sample(
     start = time.monotonic()
     pool, out = Path(pool), Path(out)
     _check_choices(mode, backend, base_url)
+    _auto_or_int(batch_size, "--batch-size")
+    _auto_or_int(batch_tokens, "--batch-tokens")
     params = SamplingParams(temperature, top_p, max_new_tokens, seed, samples_per_query)
     shard_i, shard_n = parse_shard(shard)
     filters = Filters(drop_empty, drop_truncated, drop_repetitive, drop_reference_copies, drop_duplicates)

@@ -211,8 +211,8 @@ class HFBackend:
         need = len(prompts[order[0]]) + params.max_new_tokens
         if self.batch_tokens != "auto" and need > budget:
             raise DeliaError(f"a batch of {budget} tokens cannot hold the longest prompt ({len(prompts[order[0]])} "
-                             f"tokens) and its {params.max_new_tokens} new tokens: raise the token budget to at "
-                             f"least {need} or leave long prompts out (--max-prompt-tokens)")
+                             f"tokens) and its {params.max_new_tokens} new tokens: raise the token budget "
+                             f"(--batch-tokens) to at least {need} or leave long prompts out (--max-prompt-tokens)")
         # prefills and prefill forwards, decode steps, rows decoded summed over steps, most KV tokens held
         self.stats: Counter[str] = Counter()
         decode = self._decode if self.batching == "continuous" else self._decode_static
