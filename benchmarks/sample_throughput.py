@@ -104,6 +104,7 @@ def main() -> None:
     ap.add_argument("--batch-size", default="auto")
     ap.add_argument("--batch-tokens", default="auto")
     ap.add_argument("--skip-stage", action="store_true", help="skip the end-to-end `sample()` run")
+    ap.add_argument("--skip-naive", action="store_true", help="skip the naive loop (e.g. timing another checkout)")
     args = ap.parse_args()
 
     model, tok = load_model(args.model, device="cpu")
@@ -140,7 +141,8 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
     batch_tokens = args.batch_tokens if args.batch_tokens == "auto" else int(args.batch_tokens)
-    backend = HFBackend(model, tok, batch_size, batch_tokens)
+    budget = {} if batch_tokens == "auto" else {"batch_tokens": batch_tokens}  # also runs code from before budgets
+    backend = HFBackend(model, tok, batch_size, **budget)
     print(f"model {args.model}: {n_params / 1e6:.1f} M parameters, fp32, {torch.get_num_threads()} threads; "
           f"{len(prompts)} prompts, max_new_tokens={params.max_new_tokens}, temperature={params.temperature}, "
           f"top_p={params.top_p}")
@@ -151,17 +153,18 @@ def main() -> None:
     peak = matmul_flops()
     print(f"measured fp32 matmul: {peak / 1e9:.1f} GFLOP/s")
 
-    n_tok, n_sec = naive(model, tok, prompts, params)
+    n_tok, n_sec = (1, float("nan")) if args.skip_naive else naive(model, tok, prompts, params)
     b_tok, b_sec, occupancy = batched(backend, prompts, params)
     n_rate, b_rate = n_tok / n_sec, b_tok / b_sec
     prompt_tokens = sum(map(len, prompts))
-    for name, tokens, seconds in (("naive loop", n_tok, n_sec), ("delia hf", b_tok, b_sec)):
+    runs = [("naive loop", n_tok, n_sec)] * (not args.skip_naive) + [("delia hf", b_tok, b_sec)]
+    for name, tokens, seconds in runs:
         flops = 2 * n_params * (prompt_tokens + tokens) / seconds
         print(f"{name:>11}: {tokens:6d} generated tokens in {seconds:6.1f} s = {tokens / seconds:7.1f} tokens/s; "
               f"{flops / 1e9:6.1f} GFLOP/s = {flops / peak:6.1%} of measured matmul FLOP/s")
     print(f"speed-up: {b_rate / n_rate:.2f}x (wall time {n_sec / b_sec:.2f}x; mean rows per decode step: "
           f"{occupancy:.1f} of at most {min(len(prompts), MAX_ROWS_CPU)}; KV tokens held at most "
-          f"{backend.stats['max_tokens_in_flight']})")
+          f"{backend.stats.get('max_tokens_in_flight', 'n/a')})")
 
     if not args.skip_stage:
         from delia.files import write_jsonl
