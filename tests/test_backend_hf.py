@@ -192,18 +192,6 @@ def test_bad_settings_are_user_errors(backend, prompts):
         get_backend("tgi", "x")
 
 
-def test_length_groups_are_contiguous_runs_of_similar_length():
-    from delia.backends.hf import length_groups
-
-    lengths = [460, 246, 236, 235, 213, 211, 171, 149, 127, 119, 102, 79, 68, 63, 60]
-    groups = length_groups(lengths)
-    assert [j for g in groups for j in g] == list(range(len(lengths)))
-    for g in groups:
-        run_ = [lengths[j] for j in g]
-        assert min(run_) >= 0.75 * max(run_)
-    assert len(groups) == 5 and length_groups([]) == [] and length_groups([7, 7, 7]) == [range(0, 3)]
-
-
 # ----------------------------------------------------------------------------- caches continuous batching cannot edit
 
 

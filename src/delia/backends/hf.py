@@ -9,8 +9,8 @@ seeded generator, so its answer depends on its seed, not on its batch or the bud
 
 Continuous batching edits the cache's key and value tensors in place, which is sound only for plain
 full-attention layers; a model with other layers (sliding-window, chunked, linear-attention or
-recurrent state) is decoded by a static loop instead: one batch at a time, prefilled together and
-decoded until its last row ends (see `continuous_batching_supported`).
+recurrent state) is decoded by a static loop instead: one batch at a time (within the same token budget),
+prefilled together in one forward and decoded until its last row ends (see `continuous_batching_supported`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ MAX_TOKENS_CPU = 32768
 # held up for long by a prefill and rows start finishing while the rest are still being prefilled.
 PREFILL_CHUNK_TOKENS = 512
 
-# Rows prefilled together are at least this share of the longest one's length (see `length_groups`).
+# Rows prefilled together are at least this share of the longest one's length, so padding wastes at most a
+# quarter of a prefill forward (see `HFBackend._admit`; `benchmarks/prefill_grouping.py`).
 PREFILL_MIN_SHARE = 0.75
 
 # Candidates examined for the top-p cut before falling back to sorting the whole vocabulary.
@@ -445,18 +446,6 @@ class HFBackend:
         ended = tokens[-1] in eos
         text = self.tokenizer.decode(tokens[:-1] if ended else tokens, skip_special_tokens=True)
         return Completion(text, "stop" if ended else "length", len(prompt), len(tokens), row.sample, tuple(tokens))
-
-
-def length_groups(lengths: Sequence[int], min_share: float = PREFILL_MIN_SHARE) -> list[range]:
-    """Consecutive runs of `lengths` in which every length is at least `min_share` of the run's longest, so
-    padding wastes at most 1 - min_share of a run (the back end takes rows longest first, so runs are long)."""
-    groups: list[range] = []
-    start = 0
-    for j in range(1, len(lengths) + 1):
-        if j == len(lengths) or not min(lengths[start:j + 1]) >= min_share * max(lengths[start:j + 1]):
-            groups.append(range(start, j))
-            start = j
-    return groups
 
 
 def _merge(cache: Any, mask: Any, new_cache: Any, new_mask: Any) -> tuple[Any, Any]:
