@@ -37,6 +37,15 @@ def rss_bytes(pid: int) -> tuple[int, int]:
     return kib("VmRSS"), kib("VmHWM")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of `pid` so far (0 once it is gone): less sensitive than wall time to other load."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def lines(path: Path) -> int:
     try:
         return path.read_bytes().count(b"\n")
@@ -69,15 +78,16 @@ def main() -> None:
         child = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
         peak = 0
         seen = 0
-        marks: list[tuple[float, int, int]] = []  # (seconds, rows written, resident bytes)
+        marks: list[tuple[float, int, int, float]] = []  # (seconds, rows written, resident bytes, CPU seconds)
         while child.poll() is None:
             rows = lines(out) + lines(rejects)
             rss, hwm = rss_bytes(child.pid)
             peak = max(peak, hwm)
             if rows > seen:
                 seen = rows
-                marks.append((time.monotonic() - start, rows, rss))
-                print(f"{marks[-1][0]:7.1f} s: {rows:3d} rows written, resident {rss / 2**30:.2f} GiB", flush=True)
+                marks.append((time.monotonic() - start, rows, rss, cpu_seconds(child.pid)))
+                print(f"{marks[-1][0]:7.1f} s: {rows:3d} rows written, resident {rss / 2**30:.2f} GiB, "
+                      f"{marks[-1][3]:.0f} CPU s", flush=True)
                 if args.stop_after is not None and rows >= args.stop_after:
                     child.send_signal(signal.SIGKILL)
                     child.wait()
@@ -89,8 +99,8 @@ def main() -> None:
             sys.exit(f"delia sample failed ({child.returncode}):\n{err}")
         peak = max(peak, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)  # exact, after wait()
         rows = lines(out) + lines(rejects)
-        first = f"{marks[0][0]:.1f} s" if marks else "none"
-        print(f"first row after {first}; {rows} rows in {wall:.1f} s "
+        first = f"{marks[0][0]:.1f} s ({marks[0][3]:.0f} CPU s)" if marks else "none"
+        print(f"first row after {first}; {rows} rows in {wall:.1f} s; load average {os.getloadavg()[0]:.1f} "
               f"({'killed' if child.returncode else 'finished'}); peak resident memory {peak / 2**30:.2f} GiB")
 
 

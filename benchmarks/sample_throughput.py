@@ -84,11 +84,17 @@ def naive(model, tok, prompts: list[list[int]], params: SamplingParams) -> tuple
     return tokens, time.perf_counter() - t
 
 
+ANSWERS: dict[int, tuple[int, ...]] = {}  # the last `batched` run's answers (token ids) by prompt
+
+
 def batched(backend: HFBackend, prompts: list[list[int]], params: SamplingParams) -> tuple[int, float, float]:
-    """(tokens, seconds, mean rows per decode step)."""
+    """(tokens, seconds, mean rows per decode step); the answers are left in ANSWERS."""
+    ANSWERS.clear()
     t = time.perf_counter()
-    tokens = sum(c.completion_tokens for _, c in backend.generate(prompts, params))
+    for i, c in backend.generate(prompts, params):
+        ANSWERS[i] = c.token_ids
     seconds = time.perf_counter() - t
+    tokens = sum(map(len, ANSWERS.values()))
     return tokens, seconds, backend.stats["row_steps"] / max(backend.stats["decode_steps"], 1)
 
 
@@ -105,6 +111,8 @@ def main() -> None:
     ap.add_argument("--batch-tokens", default="auto")
     ap.add_argument("--skip-stage", action="store_true", help="skip the end-to-end `sample()` run")
     ap.add_argument("--skip-naive", action="store_true", help="skip the naive loop (e.g. timing another checkout)")
+    ap.add_argument("--compare-budget", type=int, default=None,
+                    help="also answer with this --batch-tokens and check that every answer is the same")
     args = ap.parse_args()
 
     model, tok = load_model(args.model, device="cpu")
@@ -165,6 +173,14 @@ def main() -> None:
     print(f"speed-up: {b_rate / n_rate:.2f}x (wall time {n_sec / b_sec:.2f}x; mean rows per decode step: "
           f"{occupancy:.1f} of at most {min(len(prompts), MAX_ROWS_CPU)}; KV tokens held at most "
           f"{backend.stats.get('max_tokens_in_flight', 'n/a')})")
+
+    if args.compare_budget:
+        first = dict(ANSWERS)
+        other = HFBackend(model, tok, batch_size, batch_tokens=args.compare_budget)
+        _, seconds, occupancy = batched(other, prompts, params)
+        same = sum(first[i] == ANSWERS[i] for i in first)
+        print(f"--batch-tokens {args.compare_budget}: {seconds:.1f} s, mean rows per decode step {occupancy:.1f}; "
+              f"same answers (token ids) for {same} of {len(first)} prompts")
 
     if not args.skip_stage:
         from delia.files import write_jsonl
