@@ -367,7 +367,7 @@ def sample(
     = "auto",
     batch_tokens: Annotated[str, typer.Option(
         help="hf: token budget of a batch: each row in flight reserves its prompt plus --max-new-tokens of KV "
-             "cache (padded to the widest row); auto fits it to memory (at most 32768 on CPU). Bounds memory "
+             "cache (padded to the widest row); auto fits it to memory (at most 65536 on CPU). Bounds memory "
              "and the work a kill loses; never changes the answers.")] = "auto",
     device: Annotated[str | None, typer.Option(help="hf: cpu, cuda, cuda:1 (default: cuda if present).")] = None,
     dtype: Annotated[str, typer.Option(help="hf/vllm: auto, float32, bfloat16 or float16.")] = "auto",
