@@ -1,5 +1,6 @@
-"""Prefill in runs of similar length (`delia.backends.hf.length_groups`) against one group padded to its longest
-prompt, in one process: the hf back end greedily answering prompts of mixed lengths (default: the demo's
+"""Prefill in runs of similar length (`delia.backends.hf.PREFILL_MIN_SHARE`: prompts prefilled together, at most
+`PREFILL_CHUNK_TOKENS` padded tokens, are within 75% of the longest) against groups of any lengths padded to their
+longest prompt, in one process: the hf back end greedily answering prompts of mixed lengths (default: the demo's
 general prompts, as `delia eval --general` does; or the demo pool's one-shot prompts, as `delia sample` does).
 Checks that both give the same answers, and prints wall time, the ratio, and each run's share of the
 machine's measured matmul FLOP/s (2 x parameters x prompt and generated tokens per second).

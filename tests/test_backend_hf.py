@@ -132,25 +132,64 @@ def test_sampler_draws_from_the_top_p_distribution(monkeypatch, candidates):
     assert greedy.tolist() == [0, 0]
 
 
-def test_bad_settings_are_user_errors(backend):
+def test_token_budget_bounds_the_batch_and_never_changes_the_answers(backend, prompts, monkeypatch):
+    params = SamplingParams(max_new_tokens=12, seed=6, n=2)
+    free = run(backend, prompts, params)  # auto: every row fits at once
+    real = HFBackend._forward
+    calls = []  # (rows, tokens of cache the forward attends to, padding included)
+
+    def record(self, ids, mask, positions, cache):
+        calls.append((ids.shape[0], mask.numel()))
+        return real(self, ids, mask, positions, cache)
+
+    monkeypatch.setattr(HFBackend, "_forward", record)
+    longest = max(map(len, prompts)) + params.max_new_tokens
+    for budget in (longest, 2 * longest + 5, 3 * longest):
+        calls.clear()
+        small = HFBackend(backend.model, backend.tokenizer, batch_tokens=budget)
+        assert run(small, prompts, params) == free  # a row's answer depends on its seed alone
+        assert small.stats["max_tokens_in_flight"] <= budget
+        assert max(tokens for _, tokens in calls) <= budget
+        rows_at_once = max(rows for rows, _ in calls)
+        assert rows_at_once <= budget // (min(map(len, prompts)) + params.max_new_tokens)
+        assert rows_at_once < 2 * len(prompts)  # the budget, not the row count, held rows back
+
+
+def test_long_prompts_are_prefilled_in_chunks_with_the_same_answers(backend, prompts, monkeypatch):
+    params = SamplingParams(max_new_tokens=10, seed=1)
+    whole = run(backend, prompts, params)
+    greedy = run(backend, prompts, SamplingParams(temperature=0, max_new_tokens=10))
+    monkeypatch.setattr("delia.backends.hf.PREFILL_CHUNK_TOKENS", 8)  # every prompt is longer
+    assert min(map(len, prompts)) > 8
+    assert run(backend, prompts, params) == whole
+    assert backend.stats["prefills"] == len(prompts)
+    assert backend.stats["prefill_forwards"] >= sum(-(-len(p) // 8) for p in prompts)
+    assert run(backend, prompts, SamplingParams(temperature=0, max_new_tokens=10)) == greedy
+
+
+def test_rows_finish_and_are_yielded_while_later_prompts_wait(backend, prompts):
+    params = SamplingParams(max_new_tokens=3, seed=0, n=2)
+    small = HFBackend(backend.model, backend.tokenizer, batch_tokens=max(map(len, prompts)) + 3)  # one row at a time
+    stream = small.generate(prompts, params)
+    first = next(stream)
+    assert small.stats["prefills"] == 1  # one row prefilled, decoded and handed over; nine still queued
+    stream.close()
+    assert first == next(iter(small.generate(prompts, params)))
+
+
+def test_bad_settings_are_user_errors(backend, prompts):
     with pytest.raises(DeliaError):
         SamplingParams(top_p=0)
     with pytest.raises(DeliaError):
         HFBackend(backend.model, backend.tokenizer, batch_size=0)
+    for bad in (0, -5, "many", True, 2.5):
+        with pytest.raises(DeliaError, match="batch_tokens must be a positive integer or 'auto'"):
+            HFBackend(backend.model, backend.tokenizer, batch_tokens=bad)
+    tight = HFBackend(backend.model, backend.tokenizer, batch_tokens=max(map(len, prompts)) + 3)
+    with pytest.raises(DeliaError, match=r"cannot hold the longest prompt .*--max-prompt-tokens"):
+        list(tight.generate(prompts, SamplingParams(max_new_tokens=4)))
     with pytest.raises(DeliaError, match="back end"):
         get_backend("tgi", "x")
-
-
-def test_length_groups_are_contiguous_runs_of_similar_length():
-    from delia.backends.hf import length_groups
-
-    lengths = [460, 246, 236, 235, 213, 211, 171, 149, 127, 119, 102, 79, 68, 63, 60]
-    groups = length_groups(lengths)
-    assert [j for g in groups for j in g] == list(range(len(lengths)))
-    for g in groups:
-        run_ = [lengths[j] for j in g]
-        assert min(run_) >= 0.75 * max(run_)
-    assert len(groups) == 5 and length_groups([]) == [] and length_groups([7, 7, 7]) == [range(0, 3)]
 
 
 # ----------------------------------------------------------------------------- caches continuous batching cannot edit

@@ -295,6 +295,42 @@ def test_sigkill_mid_run_then_rerun_gives_every_query_exactly_once(tiny_model, w
     assert len(ids) == 120 and len(set(ids)) == 120
 
 
+def test_rows_are_written_as_they_finish_and_an_interrupt_keeps_them(tiny_model, write_jsonl, tmp_path, monkeypatch):
+    from delia.backends.hf import HFBackend
+
+    pool = write_jsonl("pool.jsonl", pool_rows(12))
+    out = tmp_path / "o.jsonl"
+    settings = {"model": str(tiny_model), "max_new_tokens": 4, "drop_truncated": False, "progress": False}
+    real = HFBackend.generate
+    written = []
+
+    def interrupted(self, prompts, params, seeds=None):  # the back end's stream, cut after its third answer
+        for k, item in enumerate(real(self, prompts, params, seeds)):
+            if k == 3:
+                written.append(len(ids_in(out)))
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(HFBackend, "generate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sample(pool, out, batch_tokens="100", **settings)  # one row in flight at a time
+    assert written == [3] and len(ids_in(out)) == 3  # each answer was on disk before the next was asked for
+    monkeypatch.setattr(HFBackend, "generate", real)
+    summary = sample(pool, out, batch_tokens="auto", **settings)  # another budget resumes the same run
+    assert summary["resumed"] == 3 and summary["generated"] == 9
+    whole = tmp_path / "whole.jsonl"
+    sample(pool, whole, **settings)
+    assert sorted(map(json.dumps, read_complete_jsonl(out))) == sorted(map(json.dumps, read_complete_jsonl(whole)))
+
+
+def test_bad_batch_options_are_refused_before_any_file_is_touched(scripted, write_jsonl, tmp_path):
+    pool = write_jsonl("pool.jsonl", pool_rows(2))
+    for option, value in (("batch_tokens", "0"), ("batch_tokens", "lots"), ("batch_size", "-1")):
+        with pytest.raises(DeliaError, match=f"--{option.replace('_', '-')} must be a positive integer or 'auto'"):
+            sample(pool, tmp_path / "o.jsonl", progress=False, **{option: value})
+        assert not (tmp_path / "o.jsonl").exists() and not manifest_path(tmp_path / "o.jsonl").exists()
+
+
 @pytest.mark.e2e
 def test_smollm2_one_shot_sampling_end_to_end(write_jsonl, tmp_path):
     from delia.models import DEFAULT_MODEL

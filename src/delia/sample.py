@@ -186,7 +186,7 @@ def _pick_up(out: Path, queries: list[Query], n: int, filters: Filters) -> tuple
 
 def _open_backend(backend: str, model: str, *, served_model: str | None, batch_size: str, device: str | None,
                   dtype: str, tensor_parallel: int, base_url: str | None, concurrency: int, timeout: float,
-                  max_retries: int) -> Backend:
+                  max_retries: int, batch_tokens: str = "auto") -> Backend:
     """The back end through `get_backend`, given the options of its kind: hf loads --model's tokenizer with
     the model; vllm and openai get it here, so that every back end renders prompts with --model's template.
     """
@@ -194,8 +194,8 @@ def _open_backend(backend: str, model: str, *, served_model: str | None, batch_s
 
     options: dict[str, Any]
     if backend == "hf":
-        options = {"batch_size": batch_size if batch_size == "auto" else _int(batch_size), "device": device,
-                   "dtype": dtype}
+        options = {"batch_size": _auto_or_int(batch_size, "--batch-size"),
+                   "batch_tokens": _auto_or_int(batch_tokens, "--batch-tokens"), "device": device, "dtype": dtype}
     else:
         from delia.models import load_tokenizer
 
@@ -363,7 +363,12 @@ def sample(
     drop_reference_copies: Annotated[bool, typer.Option(help="Reject answers that copy the reference or talk "
                                                              "about 'the reference answer'.")] = True,
     drop_duplicates: Annotated[bool, typer.Option(help="Reject exact duplicate answers.")] = True,
-    batch_size: Annotated[str, typer.Option(help="hf: rows per batch, or auto (fitted to memory).")] = "auto",
+    batch_size: Annotated[str, typer.Option(help="hf: rows per batch at most, or auto (64 on CPU, 512 on GPU).")]
+    = "auto",
+    batch_tokens: Annotated[str, typer.Option(
+        help="hf: token budget of a batch: each row in flight reserves its prompt plus --max-new-tokens of KV "
+             "cache (padded to the widest row); auto fits it to memory (at most 65536 on CPU). Bounds memory "
+             "and the work a kill loses; never changes the answers.")] = "auto",
     device: Annotated[str | None, typer.Option(help="hf: cpu, cuda, cuda:1 (default: cuda if present).")] = None,
     dtype: Annotated[str, typer.Option(help="hf/vllm: auto, float32, bfloat16 or float16.")] = "auto",
     tensor_parallel: Annotated[int, typer.Option(help="vllm: GPUs to split the model across.")] = 1,
@@ -393,6 +398,8 @@ def sample(
     start = time.monotonic()
     pool, out = Path(pool), Path(out)
     _check_choices(mode, backend, base_url)
+    _auto_or_int(batch_size, "--batch-size")
+    _auto_or_int(batch_tokens, "--batch-tokens")
     params = SamplingParams(temperature, top_p, max_new_tokens, seed, samples_per_query)
     shard_i, shard_n = parse_shard(shard)
     filters = Filters(drop_empty, drop_truncated, drop_repetitive, drop_reference_copies, drop_duplicates)
@@ -415,7 +422,8 @@ def sample(
     if todo:
         engine = _open_backend(backend, model, served_model=served_model, batch_size=batch_size, device=device,
                                dtype=dtype, tensor_parallel=tensor_parallel, base_url=base_url,
-                               concurrency=concurrency, timeout=timeout, max_retries=max_retries)
+                               concurrency=concurrency, timeout=timeout, max_retries=max_retries,
+                               batch_tokens=batch_tokens)
         model_path = engine.tokenizer.name_or_path
         todo, prompts = _render_prompts(todo, engine.tokenizer, mode, system, max_prompt_tokens, skipped)
         _generate_and_write(engine, todo, prompts, params, out, filters, tally,
@@ -430,12 +438,17 @@ def sample(
     return summary
 
 
-def _int(value: str) -> int:
-    """--batch-size as an integer (it is a string so that it can also be 'auto')."""
+def _auto_or_int(value: str | int, option: str) -> str | int:
+    """'auto', or a positive integer (options such as --batch-size are strings so that they can be 'auto')."""
+    if value == "auto":
+        return value
     try:
-        return int(value)
-    except ValueError:
-        raise DeliaError(f"--batch-size must be an integer or 'auto', got {value!r}") from None
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number < 1:
+        raise DeliaError(f"{option} must be a positive integer or 'auto', got {value!r}")
+    return number
 
 
 def _ids_digest(ids: Iterable[str]) -> str:

@@ -61,7 +61,10 @@ class Backend(Protocol):
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  seeds: Sequence[int] | None = None) -> Iterator[tuple[int, Completion]]:
-        """Yield `(index into prompts, completion)`, `params.n` per prompt, as batches finish (any order).
+        """Yield `(index into prompts, completion)`, `params.n` per prompt, as they finish (any order).
+
+        The caller writes each answer as it arrives, so a back end yields as early as it can: the work a
+        kill loses and the wait for the first row are what it holds before yielding.
 
         `seeds[i]` is prompt i's seed (default: derived from `params.seed` and i); sample k of a
         prompt uses `derive_seed(seeds[i], k)`.

@@ -1,12 +1,16 @@
-"""transformers back end with continuous batching: prompts are prefilled in left-padded groups (longest
-first), decoded together over one KV cache, and each row leaves the batch the step it ends, its slot
-refilled from the queue, so short answers never wait for long ones. The batch is sized to memory;
-every row samples from its own seeded generator, so its answer depends on its seed, not its batch.
+"""transformers back end with continuous batching: prompts join the batch longest first, each decode step
+interleaved with one prefill forward of at most `PREFILL_CHUNK_TOKENS` prompt tokens (a run of similar-length
+prompts left-padded together, or a chunk of one long prompt), so the first rows decode, finish and are
+yielded while later prompts are still being prefilled. Rows decode together over one KV cache, and each row
+leaves the batch the step it ends, its slot refilled from the queue, so short answers never wait for long
+ones. The batch is sized by a token budget (each row reserves its prompt plus `max_new_tokens` of KV cache,
+padding to the batch's widest row included), fitted to memory by default; every row samples from its own
+seeded generator, so its answer depends on its seed, not on its batch or the budget.
 
 Continuous batching edits the cache's key and value tensors in place, which is sound only for plain
 full-attention layers; a model with other layers (sliding-window, chunked, linear-attention or
-recurrent state) is decoded by a static loop instead: one batch at a time, prefilled together and
-decoded until its last row ends (see `continuous_batching_supported`).
+recurrent state) is decoded by a static loop instead: one batch at a time (within the same token budget),
+prefilled together in one forward and decoded until its last row ends (see `continuous_batching_supported`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,19 @@ MAX_ROWS_CPU = 64
 MAX_ROWS_GPU = 512
 
 
-# Rows prefilled together are at least this share of the longest one's length (see `length_groups`).
+# Tokens of KV cache a CPU batch holds at most when the budget is fitted to memory: more rows hold more work
+# in flight (lost on a kill) for little gain. Not much less, though: a batch's cache is padded to its widest
+# row, so with long prompts a smaller budget means few rows per decode step (issue 10's 48-row command on
+# SmolLM2: 109 s at 32768 tokens, 83 s at 65536, peak memory 2.8 and 3.0 GiB; `benchmarks/sample_first_row.py`).
+MAX_TOKENS_CPU = 65536
+
+# Prompt tokens per prefill forward (rows x columns): short prompts are prefilled several together, a
+# longer one in chunks of this many tokens, one chunk between two decode steps, so decoding rows are never
+# held up for long by a prefill and rows start finishing while the rest are still being prefilled.
+PREFILL_CHUNK_TOKENS = 512
+
+# Rows prefilled together are at least this share of the longest one's length, so padding wastes at most a
+# quarter of a prefill forward (see `HFBackend._admit`; `benchmarks/prefill_grouping.py`).
 PREFILL_MIN_SHARE = 0.75
 
 # Candidates examined for the top-p cut before falling back to sorting the whole vocabulary.
@@ -83,6 +99,17 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
 
 
+@dataclass
+class _Filling:
+    """Rows being prefilled: their left-padded prompt ids and mask, their own cache, the columns done so far."""
+
+    rows: list[_Row]
+    ids: Any
+    mask: Any
+    cache: Any
+    done: int = 0
+
+
 def continuous_batching_supported(model: Any) -> bool:
     """Whether `model`'s KV cache is one the continuous loop may merge and trim (`_merge`, `_select`): every
     layer of the `DynamicCache` transformers builds for its config a plain full-attention `DynamicLayer`.
@@ -108,12 +135,14 @@ class HFBackend:
 
     name = "hf"
 
-    def __init__(self, model: Any, tokenizer: Any, batch_size: int | str = "auto"):
-        if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
-            raise DeliaError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
+    def __init__(self, model: Any, tokenizer: Any, batch_size: int | str = "auto", batch_tokens: int | str = "auto"):
+        for name, value in (("batch_size", batch_size), ("batch_tokens", batch_tokens)):
+            if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise DeliaError(f"{name} must be a positive integer or 'auto', got {value!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.batch_tokens = batch_tokens
         self.device = next(model.parameters()).device
         gen_eos = model.generation_config.eos_token_id
         eos = {tokenizer.eos_token_id} | set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
@@ -125,13 +154,13 @@ class HFBackend:
         self.batching = "continuous" if continuous_batching_supported(model) else "static"
 
     @classmethod
-    def load(cls, model: str, *, batch_size: int | str = "auto", device: str | None = None,
-             dtype: str = "auto") -> HFBackend:
+    def load(cls, model: str, *, batch_size: int | str = "auto", batch_tokens: int | str = "auto",
+             device: str | None = None, dtype: str = "auto") -> HFBackend:
         """Resolve and load `model` (see `delia.models.load_model`) and wrap it."""
         from delia.models import load_model
 
         m, tok = load_model(model, dtype=dtype, device=device)
-        return cls(m, tok, batch_size)
+        return cls(m, tok, batch_size, batch_tokens)
 
     # ------------------------------------------------------------------ memory
 
@@ -155,16 +184,19 @@ class HFBackend:
             return 4 << 30
 
     def _limits(self) -> tuple[int, int]:
-        """(max rows, padded-token budget) per batch. Each padded token costs its KV cache plus a share of
-        the activations; a third of free memory is used so the estimate's slack absorbs the rest.
+        """(max rows, token budget) of a batch: `batch_size` and `batch_tokens`, or fitted to memory. Each
+        token of the budget costs its KV cache plus a share of the activations; a third of free memory is
+        used so the estimate's slack absorbs the rest (on CPU at most `MAX_TOKENS_CPU` tokens).
         """
-        max_rows = MAX_ROWS_GPU if self.device.type == "cuda" else MAX_ROWS_CPU
-        if self.batch_size != "auto":
-            return int(self.batch_size), 1 << 62
+        cpu = self.device.type != "cuda"
+        max_rows = int(self.batch_size) if self.batch_size != "auto" else MAX_ROWS_CPU if cpu else MAX_ROWS_GPU
+        if self.batch_tokens != "auto":
+            return max_rows, int(self.batch_tokens)
         c = getattr(self.model.config, "text_config", self.model.config)
         itemsize = next(self.model.parameters()).element_size()
         per_token = self._kv_bytes_per_token() + 8 * c.hidden_size * itemsize
-        return max_rows, max(1, self._free_bytes() // 3 // per_token)
+        budget = max(1, self._free_bytes() // 3 // per_token)
+        return max_rows, min(budget, MAX_TOKENS_CPU) if cpu else budget
 
     # ------------------------------------------------------------------ generation
 
@@ -179,7 +211,13 @@ class HFBackend:
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # memory trouble shows first
         queue = deque((i, k, s) for i in order for k, s in enumerate(sample_seeds[i]))
         max_rows, budget = self._limits()
-        self.stats: Counter[str] = Counter()  # prefills, decode steps, rows decoded summed over steps
+        need = len(prompts[order[0]]) + params.max_new_tokens
+        if self.batch_tokens != "auto" and need > budget:
+            raise DeliaError(f"a batch of {budget} tokens cannot hold the longest prompt ({len(prompts[order[0]])} "
+                             f"tokens) and its {params.max_new_tokens} new tokens: raise the token budget "
+                             f"(--batch-tokens) to at least {need} or leave long prompts out (--max-prompt-tokens)")
+        # prefills and prefill forwards, decode steps, rows decoded summed over steps, most KV tokens held
+        self.stats: Counter[str] = Counter()
         decode = self._decode if self.batching == "continuous" else self._decode_static
         while queue:
             try:
@@ -192,52 +230,130 @@ class HFBackend:
 
     def _decode(self, prompts: Sequence[Sequence[int]], queue: deque[tuple[int, int, int]], params: SamplingParams,
                 max_rows: int, budget: int) -> Iterator[tuple[int, Completion]]:
-        """Decode until `queue` (prompt index, sample, seed) is empty. On an exception the rows in flight go back to
-        the front of the queue, to be redone from their seeds."""
+        """Decode until `queue` (prompt index, sample, seed) is empty: each step, one prefill forward of the rows
+        joining (`_admit`, `_prefill_step`), then one decode step of the rows in the batch. On an exception the
+        rows in flight go back to the front of the queue, to be redone from their seeds."""
         import torch
 
         eos = set(self.eos_ids)
         vocab = len(self.tokenizer)
         rows: list[_Row] = []
-        new: list[_Row] = []  # taken from the queue, not yet in `rows`
+        filling: _Filling | None = None
         cache = mask = None
         last = pos = torch.zeros(0, dtype=torch.long, device=self.device)
-        try:
-            while queue or rows:
-                width = max(mask.shape[1] if rows else 0, len(prompts[queue[0][0]]) if queue else 0)
-                room = min(max_rows - len(rows), budget // (width + params.max_new_tokens) - len(rows), len(queue))
-                if queue and (not rows or room >= min(max(1, max_rows // 4), len(queue))):
-                    new = [self._row(*queue.popleft()) for _ in range(max(room, 1))]
-                    new_cache, new_mask, tokens = self._prefill(prompts, new, params, vocab)
-                    self.stats["prefills"] += 1
-                    cache, mask = _merge(cache, mask, new_cache, new_mask)
-                    fresh = len(rows)
-                    last = torch.cat([last, tokens])
-                    pos = torch.cat([pos, torch.tensor([len(prompts[r.index]) for r in new], device=self.device)])
-                    rows, new = rows + new, []
+        finished: list[tuple[_Row, Completion]] = []  # ended, not yet yielded
+
+        def take(start: int) -> list[int]:
+            """Take each row's new token (rows from `start` on); the rows that go on (those that ended are
+            moved to `finished`)."""
+            keep = list(range(start))
+            for j, t in enumerate(last[start:].tolist(), start=start):
+                done = self._take(prompts, rows[j], t, eos, params)
+                if done is None:
+                    keep.append(j)
                 else:
-                    mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-                    logits = self._forward(last.unsqueeze(1), mask, pos.unsqueeze(1), cache)
-                    self.stats["decode_steps"] += 1
-                    self.stats["row_steps"] += len(rows)
-                    pos = pos + 1
-                    last = draw(logits, [r.generator for r in rows], params, vocab)
-                    fresh = 0
-                keep = list(range(fresh))
-                for j, t in enumerate(last[fresh:].tolist(), start=fresh):
-                    done = self._take(prompts, rows[j], t, eos, params)
-                    if done is not None:
-                        yield rows[j].index, done
+                    finished.append((rows[j], done))
+            return keep
+
+        try:
+            while queue or rows or filling:
+                if filling is None and queue:
+                    filling = self._admit(prompts, queue, rows, params, max_rows, budget)
+                for step in ("prefill", "decode"):
+                    if step == "prefill":
+                        if filling is None:
+                            continue
+                        first = self._prefill_step(filling, params, vocab)
+                        self._count_in_flight(mask if rows else None, filling)
+                        if first is None:
+                            continue
+                        # prompts done: the rows join the batch with their first tokens
+                        cache, mask = _merge(cache, mask, filling.cache, filling.mask)
+                        lengths = [len(prompts[r.index]) for r in filling.rows]
+                        last = torch.cat([last, first])
+                        pos = torch.cat([pos, torch.tensor(lengths, dtype=torch.long, device=self.device)])
+                        fresh, rows, filling = len(rows), rows + filling.rows, None
                     else:
-                        keep.append(j)
-                if len(keep) < len(rows):
-                    rows = [rows[j] for j in keep]
-                    idx = torch.tensor(keep, dtype=torch.long, device=self.device)
-                    last, pos = last[idx], pos[idx]
-                    cache, mask = _select(cache, mask, idx)
+                        if not rows:
+                            continue
+                        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+                        logits = self._forward(last.unsqueeze(1), mask, pos.unsqueeze(1), cache)
+                        self.stats["decode_steps"] += 1
+                        self.stats["row_steps"] += len(rows)
+                        self._count_in_flight(mask, filling)
+                        pos = pos + 1
+                        last = draw(logits, [r.generator for r in rows], params, vocab)
+                        fresh = 0
+                    keep = take(fresh)
+                    if len(keep) < len(rows):
+                        rows = [rows[j] for j in keep]
+                        idx = torch.tensor(keep, dtype=torch.long, device=self.device)
+                        last, pos = last[idx], pos[idx]
+                        cache, mask = _select(cache, mask, idx)
+                    while finished:
+                        yield finished[0][0].index, finished[0][1]
+                        finished.pop(0)
         except BaseException:
-            queue.extendleft((r.index, r.sample, r.seed) for r in reversed(rows + new))
+            pending = [r for r, _ in finished] + rows + (filling.rows if filling is not None else [])
+            queue.extendleft((r.index, r.sample, r.seed) for r in reversed(pending))
             raise
+
+    def _admit(self, prompts: Sequence[Sequence[int]], queue: deque[tuple[int, int, int]], rows: list[_Row],
+               params: SamplingParams, max_rows: int, budget: int) -> _Filling | None:
+        """The next rows to prefill, from the front of `queue` (longest first), or None if none fits yet.
+
+        Rows join while every row in flight can still reserve the widest one's prompt plus `max_new_tokens` of
+        cache within `budget` (the batch's cache is padded to its widest row), up to `max_rows`; rows prefilled
+        together are a run of similar length (`PREFILL_MIN_SHARE`) within `PREFILL_CHUNK_TOKENS` padded tokens,
+        or a single longer prompt, prefilled in chunks. With nothing in flight, one row always joins.
+        """
+        new = params.max_new_tokens
+        reserve = max((len(prompts[r.index]) + new for r in rows), default=0)
+        taken: list[tuple[int, int, int]] = []
+        while queue and len(rows) + len(taken) < max_rows:
+            length = len(prompts[queue[0][0]])
+            if taken:
+                width = len(prompts[taken[0][0]])
+                if length < PREFILL_MIN_SHARE * width or (len(taken) + 1) * width > PREFILL_CHUNK_TOKENS:
+                    break
+            if (len(rows) + len(taken) + 1) * max(reserve, length + new) > budget and (rows or taken):
+                break
+            taken.append(queue.popleft())
+            reserve = max(reserve, length + new)
+        if not taken:
+            return None
+        import torch
+        from transformers import DynamicCache
+
+        group = [self._row(*t) for t in taken]
+        width = max(len(prompts[r.index]) for r in group)
+        ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for j, r in enumerate(group):
+            p = prompts[r.index]
+            ids[j, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            mask[j, width - len(p):] = 1
+        self.stats["prefills"] += 1
+        return _Filling(group, ids.to(self.device), mask.to(self.device), DynamicCache())
+
+    def _prefill_step(self, f: _Filling, params: SamplingParams, vocab: int) -> Any:
+        """Prefill the next columns of `f` (at most `PREFILL_CHUNK_TOKENS` tokens); the rows' first sampled
+        tokens once their prompts are done, else None."""
+        end = min(f.ids.shape[1], f.done + max(1, PREFILL_CHUNK_TOKENS // len(f.rows)))
+        mask = f.mask[:, :end]
+        positions = (mask.cumsum(dim=1) - 1).clamp_(min=0)[:, f.done:end]
+        logits = self._forward(f.ids[:, f.done:end], mask, positions, f.cache)
+        self.stats["prefill_forwards"] += 1
+        self.stats["prefill_tokens"] += len(f.rows) * (end - f.done)
+        f.done = end
+        if end < f.ids.shape[1]:
+            return None
+        return draw(logits, [r.generator for r in f.rows], params, vocab)
+
+    def _count_in_flight(self, mask: Any, filling: _Filling | None) -> None:
+        """Record the most tokens of KV cache held at once: the batch's (padding included) and the filling rows'."""
+        held = (mask.numel() if mask is not None else 0) + (len(filling.rows) * filling.done if filling else 0)
+        self.stats["max_tokens_in_flight"] = max(self.stats["max_tokens_in_flight"], held)
 
     def _decode_static(self, prompts: Sequence[Sequence[int]], queue: deque[tuple[int, int, int]],
                        params: SamplingParams, max_rows: int, budget: int) -> Iterator[tuple[int, Completion]]:
@@ -310,26 +426,6 @@ class HFBackend:
                              use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
 
-    def _prefill(self, prompts: Sequence[Sequence[int]], new: list[_Row], params: SamplingParams,
-                 vocab: int) -> tuple[Any, Any, Any]:
-        """(KV cache, attention mask, first sampled tokens) of new rows, in their order.
-
-        Rows are prefilled in runs of similar length (`length_groups`) and the caches merged: a padded
-        position costs a prefill as much as a real token. `benchmarks/prefill_grouping.py`: the same answers,
-        1.11x faster on the demo pool's one-shot prompts (161-512 tokens); the wider the lengths spread, the more.
-        """
-        import torch
-        from transformers import DynamicCache
-
-        cache = mask = None
-        tokens = []
-        for group in length_groups([len(prompts[r.index]) for r in new]):
-            group_cache, group_mask, first = self._prefill_group(prompts, [new[j] for j in group], params, vocab,
-                                                                 DynamicCache())
-            cache, mask = _merge(cache, mask, group_cache, group_mask)
-            tokens.append(first)
-        return cache, mask, torch.cat(tokens)
-
     def _prefill_group(self, prompts: Sequence[Sequence[int]], new: list[_Row], params: SamplingParams,
                        vocab: int, cache: Any) -> tuple[Any, Any, Any]:
         """(`cache` filled, attention mask, first sampled tokens) of rows left-padded to their longest prompt."""
@@ -352,18 +448,6 @@ class HFBackend:
         ended = tokens[-1] in eos
         text = self.tokenizer.decode(tokens[:-1] if ended else tokens, skip_special_tokens=True)
         return Completion(text, "stop" if ended else "length", len(prompt), len(tokens), row.sample, tuple(tokens))
-
-
-def length_groups(lengths: Sequence[int], min_share: float = PREFILL_MIN_SHARE) -> list[range]:
-    """Consecutive runs of `lengths` in which every length is at least `min_share` of the run's longest, so
-    padding wastes at most 1 - min_share of a run (the back end takes rows longest first, so runs are long)."""
-    groups: list[range] = []
-    start = 0
-    for j in range(1, len(lengths) + 1):
-        if j == len(lengths) or not min(lengths[start:j + 1]) >= min_share * max(lengths[start:j + 1]):
-            groups.append(range(start, j))
-            start = j
-    return groups
 
 
 def _merge(cache: Any, mask: Any, new_cache: Any, new_mask: Any) -> tuple[Any, Any]:
