@@ -15,10 +15,10 @@ import argparse
 import time
 
 import torch
-from sample_throughput import matmul_flops
 
 import delia.backends.hf as hf
 from delia.backends import SamplingParams
+from delia.compute import measure_matmul_flops
 from delia.data import first_turns, read_chat
 from delia.models import DEFAULT_MODEL, load_model
 from delia.prompts import delia_prompt, prompt_ids
@@ -59,7 +59,7 @@ def main() -> None:
           f"{lengths[len(lengths) // 2]}, longest {lengths[-1]}), greedy, max_new_tokens={args.max_new_tokens}, "
           f"{torch.get_num_threads()} threads")
     answer(backend, prompts[:2], SamplingParams(temperature=0.0, max_new_tokens=2), hf.PREFILL_MIN_SHARE)  # warm-up
-    peak = matmul_flops()
+    peak = measure_matmul_flops()
     grouped_share = hf.PREFILL_MIN_SHARE
     one, t_one = answer(backend, prompts, params, 0.0)
     runs, t_runs = answer(backend, prompts, params, grouped_share)

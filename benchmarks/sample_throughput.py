@@ -23,6 +23,7 @@ import torch
 
 from delia.backends import SamplingParams
 from delia.backends.hf import MAX_ROWS_CPU, HFBackend
+from delia.compute import measure_matmul_flops
 from delia.data import first_turns, read_chat
 from delia.models import DEFAULT_MODEL, load_model
 from delia.prompts import delia_prompt, prompt_ids
@@ -54,18 +55,6 @@ QUERIES = [
     "Explain what inflation is in simple terms.",
     "Write a Python function that reverses a string.",
 ]
-
-
-def matmul_flops(n: int = 1536, reps: int = 6) -> float:
-    """Best measured fp32 matmul FLOP/s of this process's threads."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.matmul(a, b)
-    best = 0.0
-    for _ in range(reps):
-        t = time.perf_counter()
-        torch.matmul(a, b)
-        best = max(best, 2 * n**3 / (time.perf_counter() - t))
-    return best
 
 
 def naive(model, tok, prompts: list[list[int]], params: SamplingParams) -> tuple[int, float]:
@@ -158,7 +147,7 @@ def main() -> None:
     warm = SamplingParams(max_new_tokens=4)
     naive(model, tok, prompts[:1], warm)
     batched(backend, prompts[:2], warm)
-    peak = matmul_flops()
+    peak = measure_matmul_flops()
     print(f"measured fp32 matmul: {peak / 1e9:.1f} GFLOP/s")
 
     n_tok, n_sec = (1, float("nan")) if args.skip_naive else naive(model, tok, prompts, params)
