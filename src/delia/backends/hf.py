@@ -322,19 +322,12 @@ class HFBackend:
             reserve = max(reserve, length + new)
         if not taken:
             return None
-        import torch
         from transformers import DynamicCache
 
         group = [self._row(*t) for t in taken]
-        width = max(len(prompts[r.index]) for r in group)
-        ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(group), width), dtype=torch.long)
-        for j, r in enumerate(group):
-            p = prompts[r.index]
-            ids[j, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
-            mask[j, width - len(p):] = 1
+        ids, mask = self._left_padded(prompts, group)
         self.stats["prefills"] += 1
-        return _Filling(group, ids.to(self.device), mask.to(self.device), DynamicCache())
+        return _Filling(group, ids, mask, DynamicCache())
 
     def _prefill_step(self, f: _Filling, params: SamplingParams, vocab: int) -> Any:
         """Prefill the next columns of `f` (at most `PREFILL_CHUNK_TOKENS` tokens); the rows' first sampled
@@ -426,19 +419,23 @@ class HFBackend:
                              use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
 
-    def _prefill_group(self, prompts: Sequence[Sequence[int]], new: list[_Row], params: SamplingParams,
-                       vocab: int, cache: Any) -> tuple[Any, Any, Any]:
-        """(`cache` filled, attention mask, first sampled tokens) of rows left-padded to their longest prompt."""
+    def _left_padded(self, prompts: Sequence[Sequence[int]], rows: list[_Row]) -> tuple[Any, Any]:
+        """(ids, attention mask) of the rows' prompts, left-padded to the longest, on the model's device."""
         import torch
 
-        width = max(len(prompts[r.index]) for r in new)
-        ids = torch.full((len(new), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(new), width), dtype=torch.long)
-        for j, r in enumerate(new):
+        width = max(len(prompts[r.index]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, r in enumerate(rows):
             p = prompts[r.index]
             ids[j, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
             mask[j, width - len(p):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        return ids.to(self.device), mask.to(self.device)
+
+    def _prefill_group(self, prompts: Sequence[Sequence[int]], new: list[_Row], params: SamplingParams,
+                       vocab: int, cache: Any) -> tuple[Any, Any, Any]:
+        """(`cache` filled, attention mask, first sampled tokens) of rows left-padded to their longest prompt."""
+        ids, mask = self._left_padded(prompts, new)
         positions = (mask.cumsum(dim=1) - 1).clamp_(min=0)
         logits = self._forward(ids, mask, positions, cache)
         return cache, mask, draw(logits, [r.generator for r in new], params, vocab)
