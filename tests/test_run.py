@@ -170,6 +170,7 @@ def test_every_arm_kind_runs_cached_and_resumes(experiment, tmp_path, monkeypatc
     assert kl_ref["generated_tokens"] == 0 == replay["generated_tokens"] and kl_ref["sample_flops"] == 0
     assert kl_ref["forward_only_tokens"] > 0 and kl_self["forward_only_tokens"] > 0
     assert delia["forward_only_tokens"] == 0 < delia["generated_tokens"] == kl_self["generated_tokens"]
+    assert delia["sampled_queries"] == 6  # half of the 12 sampled queries: the 6 rows ratio 1 mixes in
     assert arms["sft"]["compute"]["flops"] < delia["flops"]
     stages = sorted(p.name.split("-")[0] for p in (out / "stages").iterdir())
     assert stages.count("sample") == 1 and stages.count("train") == 5
@@ -213,3 +214,11 @@ def test_bad_arm_kinds_are_refused_at_load(experiment, arm, message):
     experiment.write_text(yaml.safe_dump(config))
     with pytest.raises(DeliaError, match=message):
         load_experiment(experiment)
+
+
+def test_baseline_option_refuses_an_unknown_arm(experiment, capsys):
+    from delia.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["run", str(experiment), "--baseline", "nope"])
+    assert e.value.code != 0 and "--baseline 'nope' is not an arm" in capsys.readouterr().err

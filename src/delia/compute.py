@@ -57,7 +57,8 @@ def sampling_cost(model_path: str | Path, summary: dict[str, Any], share: float 
     prompt, generated = summary["prompt_tokens"], summary["completion_tokens"]
     rows = max(1, summary["generated"])
     flops = forward_flops(model_path, (prompt + generated) / rows) * (prompt + generated)
-    return {"sampled_queries": summary["queries"] * share, "prompt_tokens": prompt * share,
+    sampled = summary["queries"] - sum(summary.get("skipped", {}).values())  # not those left out (too long, ...)
+    return {"sampled_queries": sampled * share, "prompt_tokens": prompt * share,
             "generated_tokens": generated * share, "sample_flops": flops * share}
 
 

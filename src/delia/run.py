@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from delia import __version__
+from delia.errors import DeliaError
 from delia.experiment import Experiment, load_experiment
 from delia.files import sha256_file, sha256_json, write_json
 from delia.models import model_fingerprint
@@ -294,6 +295,9 @@ def run(
                                                       "arm and seed, then stop (nothing runs).")] = False,
     flops_per_s: Annotated[float | None, typer.Option(
         help="Rate for the wall-time estimates, e.g. 2e14 for a GPU (default: measured on this machine).")] = None,
+    baseline: Annotated[str | None, typer.Option(
+        help="Arm the report compares the others with (default: the experiment's `baseline`, else its first sft "
+             "arm); a rerun with another baseline reuses every finished stage.")] = None,
 ) -> dict[str, Any]:
     """Run an experiment: sample, mix, train and eval every arm and seed, then write report.md and report.html.
 
@@ -302,9 +306,15 @@ def run(
     Examples:\n
       delia run examples/demo.yaml\n
       delia run examples/paper-format.yaml --plan --flops-per-s 2e14\n
-      delia run examples/paper-format.yaml --out runs/paper
+      delia run examples/paper-format.yaml --out runs/paper\n
+      delia run examples/anchor-cpu.yaml --baseline delia-2
     """
     exp = load_experiment(experiment)
+    if baseline is not None:
+        if baseline not in {a.name for a in exp.arms}:
+            raise DeliaError(f"--baseline {baseline!r} is not an arm of {experiment} "
+                             f"({', '.join(a.name for a in exp.arms)})")
+        exp.baseline = baseline
     if plan:
         from delia.plan import plan_experiment
 
