@@ -109,3 +109,26 @@ def test_kl_needs_diverse_rows(write_jsonl, tmp_path, tiny_model):
                                                     {"role": "assistant", "content": "hello"}]}] * 4)
     with pytest.raises(DeliaError, match="no row has source 'diverse'"):
         _setup(**_settings(data, tmp_path / "run", tiny_model, **KL))
+
+
+def test_chunked_and_unchunked_kl_agree_on_the_tiny_model(rows, tmp_path, tiny_model):
+    data, _ = rows
+    run = _setup(**_settings(data, tmp_path / "run", tiny_model, **KL, add_token=["<sep>"]))
+    trainer, model = run.trainer, run.trainer.model
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    batch = _batch(run)
+    model.train()
+    results = []
+    for chunk in (1, 3, 100_000):
+        trainer.kl_chunk = chunk
+        torch.manual_seed(0)  # the same LoRA dropout masks
+        loss = trainer.compute_loss(model, dict(batch))
+        grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+        results.append((loss.detach(), grads))
+    for loss, grads in results[1:]:
+        torch.testing.assert_close(loss, results[0][0])
+        for a, b in zip(grads, results[0][1], strict=True):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
