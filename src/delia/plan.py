@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from delia.compute import STAGE_SHARE_OF_PEAK, sampling_cost, training_cost
+from delia.compute import STAGE_SHARE_OF_PEAK, arm_cost
 from delia.errors import DeliaError
 from delia.experiment import Experiment
 
@@ -82,11 +82,8 @@ def plan_experiment(exp: Experiment, flops_per_s: float | None = None) -> dict[s
         record = {"data": {"train_tokens": data_tokens, "rows": len(task_rows) + diverse},
                   "tokens_trained": data_tokens * passes,
                   "tokens_forward_only": diverse_tokens * passes if arm.diverse_loss == "kl" else 0}
-        cost = {"sampled_queries": 0.0, "prompt_tokens": 0.0, "generated_tokens": 0.0, "sample_flops": 0.0}
-        if arm.samples and sampled["generated"]:
-            cost = sampling_cost(model_path, sampled, diverse / sampled["generated"])
-        cost.update(training_cost(model_path, record))
-        cost["flops"] = cost["sample_flops"] + cost["train_flops"]
+        share = diverse / sampled["generated"] if arm.samples and sampled["generated"] else 0.0
+        cost = arm_cost(model_path, record, sampled, share)
         cost["est_wall_s"] = cost["sample_flops"] / rates["sample"] + cost["train_flops"] / rates["train"]
         arms.append({"arm": arm.name, "kind": arm.kind, "ratio": arm.ratio, "diverse_rows": diverse, **cost})
     return {"model": exp.model, "seeds": len(exp.seeds), "task_rows": len(task_rows),
