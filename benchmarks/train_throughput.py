@@ -229,6 +229,14 @@ def main() -> None:
         ratio = statistics.median(delia_tps) / statistics.median(trl_tps)
         print(f"   median delia {statistics.median(delia_tps):.1f} tokens/s, TRL {statistics.median(trl_tps):.1f}"
               f" tokens/s: ratio {ratio:.3f} ({'PASS' if ratio >= 0.95 else 'FAIL'}: >= 0.95 required)")
+        from delia.compute import TRAIN_FORWARDS, forward_flops, measure_matmul_flops
+        from delia.models import resolve_model
+
+        peak = measure_matmul_flops()
+        achieved = TRAIN_FORWARDS * forward_flops(resolve_model(args.model), args.max_length) * statistics.median(
+            delia_tps)
+        print(f"   delia {achieved / 1e9:.1f} GFLOP/s ({TRAIN_FORWARDS} forwards per trained token, delia.compute) = "
+              f"{100 * achieved / peak:.1f}% of the measured {peak / 1e9:.0f} GFLOP/s matmul peak (target 40%)")
 
         print("\n2. one new token (PEFT trainable tokens) vs none: seconds per step, same process and data")
         new_token_cost(data, tmp, args.model, settings, args.rounds)
