@@ -1,9 +1,10 @@
 """`delia run --plan`: what an experiment will cost, per arm and seed, before anything runs.
 
-Tokens are counted with the model's tokenizer on the real data (one-shot prompts of the pool, the task's
-rows, the pool's references); generated tokens are the upper bound `max_new_tokens` per answer. FLOPs follow
-`delia.compute`; wall time divides them by a rate: the given FLOP/s, or this machine's measured matmul peak
-times the share of it that delia's benchmarks reach per stage (`delia.compute.STAGE_SHARE_OF_PEAK`).
+Tokens are counted with the model's tokenizer on the real data (the pool's prompts as `delia sample` renders
+them, the task's rows, the pool's rows as `delia mix` draws them for reference arms); generated tokens are the
+upper bound `max_new_tokens` per answer. FLOPs follow `delia.compute`; wall time divides them by a rate: the
+given FLOP/s, or this machine's measured matmul peak times the share of it that delia reached per stage
+(`delia.compute.STAGE_SHARE_OF_PEAK`).
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ def _option(stage_fn: Any, options: dict[str, Any], name: str) -> Any:
 def plan_experiment(exp: Experiment, flops_per_s: float | None = None) -> dict[str, Any]:
     """Estimated tokens, FLOPs and wall time of every arm (per seed) of `exp`; data paths must be resolved."""
     from delia.compute import measure_matmul_flops
-    from delia.data import first_turns, read_chat
+    from delia.data import read_chat
     from delia.models import load_tokenizer, resolve_model
-    from delia.prompts import delia_prompt, prompt_ids
-    from delia.sample import sample
+    from delia.prompts import prompt_ids
+    from delia.sample import sample, sampled_prompts
     from delia.train import train
 
     if isinstance(exp.pool, dict):
@@ -43,34 +44,28 @@ def plan_experiment(exp: Experiment, flops_per_s: float | None = None) -> dict[s
     task_rows = read_chat(exp.task.train).records
     task_tokens = sum(row_tokens(r["messages"]) for r in task_rows)
 
-    pool_rows = read_chat(exp.pool, require_assistant=False).records if exp.pool is not None else []
-    pairs = [first_turns(r) for r in pool_rows]
-    limit, mode = _option(sample, exp.sample, "limit"), _option(sample, exp.sample, "mode")
-    max_prompt, max_new = _option(sample, exp.sample, "max_prompt_tokens"), _option(sample, exp.sample,
-                                                                                       "max_new_tokens")
+    max_new = _option(sample, exp.sample, "max_new_tokens")
     per_query = _option(sample, exp.sample, "samples_per_query")
-    prompts = []
-    if any(a.samples for a in exp.arms):
-        for query, reference in pairs[:limit]:
-            if mode == "one-shot" and reference is None:
-                continue
-            n = len(prompt_ids(tok, delia_prompt(query, reference, mode)))
-            if max_prompt is None or n <= max_prompt:
-                prompts.append((query, n))
+    queries, prompts = [], []
+    if any(a.samples for a in exp.arms):  # the queries `delia sample` would answer, rendered as it renders them
+        queries, prompts = sampled_prompts(exp.pool, tok, **{k: _option(sample, exp.sample, k) for k in (
+            "format", "columns", "skip_invalid", "shard", "limit", "mode", "system", "max_prompt_tokens")})
     sampled = {"queries": len(prompts), "generated": len(prompts) * per_query,
-               "prompt_tokens": sum(n for _, n in prompts) * per_query,
+               "prompt_tokens": sum(map(len, prompts)) * per_query,
                "completion_tokens": len(prompts) * per_query * max_new}
     # a self-sampled training row: the query as a user turn, then an answer of at most max_new tokens
     self_row = (sum(row_tokens([{"role": "user", "content": q}, {"role": "assistant", "content": ""}])
-                    for q, _ in prompts) / max(1, len(prompts)) + max_new)
-    ref_row = (sum(row_tokens([{"role": "user", "content": q}, {"role": "assistant", "content": r}])
-                   for q, r in pairs if r is not None) / max(1, sum(r is not None for _, r in pairs)))
+                    for _, q, _ in queries) / max(1, len(queries)) + max_new)
+    references = []  # what `delia mix` draws for reference arms: the pool's rows as they are
+    if any(a.ratio > 0 and not a.samples for a in exp.arms):
+        references = [r["messages"] for r in read_chat(exp.pool).records]
+    ref_row = sum(map(row_tokens, references)) / max(1, len(references))
 
     peak = None if flops_per_s else measure_matmul_flops()
     rates = {stage: flops_per_s or peak * share for stage, share in STAGE_SHARE_OF_PEAK.items()}
     arms = []
     for arm in exp.arms:
-        available = sampled["generated"] if arm.samples else len(pairs)
+        available = sampled["generated"] if arm.samples else len(references)
         diverse = min(available, round(arm.ratio * len(task_rows)))
         options = {**exp.train, **arm.train}
         passes = _option(train, options, "epochs")

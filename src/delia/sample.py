@@ -208,6 +208,15 @@ def _open_backend(backend: str, model: str, *, served_model: str | None, batch_s
     return get_backend(backend, served_model or model if backend == "openai" else model, **options)
 
 
+def sampled_prompts(pool: Path, tokenizer: Any, *, format: str = "auto", columns: list[str] | None = None,
+                    skip_invalid: bool = False, shard: str | None = None, limit: int | None = None,
+                    mode: str = "one-shot", system: str | None = None, max_prompt_tokens: int | None = None,
+                    ) -> tuple[list[Query], list[list[int]]]:
+    """(queries, their prompt ids): what `sample` with these options answers in a fresh run (for cost plans)."""
+    queries, skipped, _ = _select_queries(pool, format, columns, skip_invalid, parse_shard(shard), limit, mode)
+    return _render_prompts(queries, tokenizer, mode, system, max_prompt_tokens, skipped)
+
+
 def _render_prompts(todo: list[Query], tokenizer: Any, mode: str, system: str | None, max_prompt_tokens: int | None,
                     skipped: Counter[str]) -> tuple[list[Query], list[list[int]]]:
     """(queries, their prompt ids): with --max-prompt-tokens, longer prompts are left out and counted in `skipped`."""
