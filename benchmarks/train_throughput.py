@@ -163,14 +163,10 @@ def run_plain_trl(data: Path, out: Path, model: str, settings: dict, batching: s
 
 def padding_waste(data: Path, out: Path, model: str, settings: dict, batching: str) -> dict:
     """Padding share over one epoch of the dataloader delia builds for this batching mode."""
-    import inspect
+    from delia.train import build_trainer
 
-    from delia.train import _setup, train
-
-    defaults = {k: p.default for k, p in inspect.signature(train).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    run = _setup(**{**defaults, **settings, "data": str(data), "out": str(out), "model": model,
-                    "batching": batching, "overwrite": True, "max_steps": -1})
+    run = build_trainer(data, out, **{**settings, "model": model, "batching": batching, "overwrite": True,
+                                      "max_steps": -1})
     real = total = batches = loss = 0
     for batch in run.trainer.get_train_dataloader():
         ids = batch["input_ids"]

@@ -9,7 +9,7 @@ from test_train import _conversation, _settings
 
 from delia.anchor import AnchoredSFTTrainer, chunked_kl
 from delia.errors import DeliaError
-from delia.train import ANCHOR_COLUMN, TRAIN_RECORD, _setup, train
+from delia.train import ANCHOR_COLUMN, TRAIN_RECORD, build_trainer, train
 
 KL = {"diverse_loss": "kl"}
 
@@ -46,7 +46,7 @@ def test_chunked_kl_matches_the_full_kl_at_any_chunk():
 
 def test_anchor_rows_flagged_and_collated(rows, tmp_path, tiny_model):
     data, _ = rows
-    run = _setup(**_settings(data, tmp_path / "run", tiny_model, **KL))
+    run = build_trainer(**_settings(data, tmp_path / "run", tiny_model, **KL))
     assert isinstance(run.trainer, AnchoredSFTTrainer)
     flags = run.trainer.train_dataset[ANCHOR_COLUMN]
     assert sum(flags) == 8 and len(flags) == 16  # rows with source 'diverse' (every even one)
@@ -56,7 +56,7 @@ def test_anchor_rows_flagged_and_collated(rows, tmp_path, tiny_model):
 
 def test_kl_is_zero_at_the_zero_adapter_and_positive_after_a_step(rows, tmp_path, tiny_model):
     data, _ = rows
-    run = _setup(**_settings(data, tmp_path / "run", tiny_model, **KL))
+    run = build_trainer(**_settings(data, tmp_path / "run", tiny_model, **KL))
     trainer, model = run.trainer, run.trainer.model
     batch = _batch(run)
     anchor = batch[ANCHOR_COLUMN]
@@ -96,24 +96,24 @@ FAST_KL = {"max_length": 256, "batch_size": 4, "warmup_steps": 0, "learning_rate
 @pytest.mark.parametrize("bad, message", [
     ({"diverse_loss": "mse"}, "unknown diverse_loss"),
     ({**KL, "batching": "packing"}, "not packing"),
-    ({**KL, "kl_temperature": 0}, "kl_temperature > 0"),
+    ({**KL, "kl_temperature": 0}, "kl_temperature must be > 0"),
 ])
 def test_bad_kl_settings(rows, tmp_path, tiny_model, bad, message):
     data, _ = rows
     with pytest.raises(DeliaError, match=message):
-        _setup(**_settings(data, tmp_path / "run", tiny_model, **bad))
+        build_trainer(**_settings(data, tmp_path / "run", tiny_model, **bad))
 
 
 def test_kl_needs_diverse_rows(write_jsonl, tmp_path, tiny_model):
     data = write_jsonl("task.jsonl", [{"messages": [{"role": "user", "content": "hi"},
                                                     {"role": "assistant", "content": "hello"}]}] * 4)
     with pytest.raises(DeliaError, match="no row has source 'diverse'"):
-        _setup(**_settings(data, tmp_path / "run", tiny_model, **KL))
+        build_trainer(**_settings(data, tmp_path / "run", tiny_model, **KL))
 
 
 def test_chunked_and_unchunked_kl_agree_on_the_tiny_model(rows, tmp_path, tiny_model):
     data, _ = rows
-    run = _setup(**_settings(data, tmp_path / "run", tiny_model, **KL, add_token=["<sep>"]))
+    run = build_trainer(**_settings(data, tmp_path / "run", tiny_model, **KL, add_token=["<sep>"]))
     trainer, model = run.trainer, run.trainer.model
     with torch.no_grad():
         for name, p in model.named_parameters():

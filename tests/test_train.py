@@ -20,7 +20,7 @@ from delia.train import (
     TRAIN_RECORD,
     TRAINER_LOG,
     _check_out,
-    _setup,
+    build_trainer,
     train,
 )
 
@@ -40,16 +40,12 @@ def rows(write_jsonl):
 
 
 def _settings(data, out, model, **kw):
-    import inspect
-
-    s = {k: p.default for k, p in inspect.signature(train).parameters.items()
-         if p.default is not inspect.Parameter.empty}
-    return {**s, **FAST, "data": str(data), "out": str(out), "model": str(model), **kw}
+    return {**FAST, "data": str(data), "out": str(out), "model": str(model), **kw}
 
 
 def test_labels_mask_prompt_tokens(rows, tmp_path, tiny_model):
     data, _ = rows
-    run = _setup(**_settings(data, tmp_path / "run", tiny_model))
+    run = build_trainer(**_settings(data, tmp_path / "run", tiny_model))
     tok = run.tokenizer
     example = run.trainer.train_dataset[0]
     conv = _conversation(0)["messages"]
@@ -77,7 +73,7 @@ def test_train_new_token_tied_and_untied(rows, tmp_path, tied, padding_rows):
 
     data, eval_data = rows
     model_dir = build_tiny_model(tmp_path / "base", tie=tied, padding_rows=padding_rows)
-    run = _setup(**_settings(data, tmp_path / "run", model_dir, eval_data=eval_data, add_token=["<sep>"],
+    run = build_trainer(**_settings(data, tmp_path / "run", model_dir, eval_data=eval_data, add_token=["<sep>"],
                              max_steps=4, eval_steps=2, merge=True, weight_decay=0.5))
     out = run.fit()
     record = json.loads((out / TRAIN_RECORD).read_text())
@@ -160,7 +156,7 @@ def test_token_rows_fast_path_matches_peft(rows, tmp_path, tiny_model, tiny_mode
     model_dir = tiny_model if tied else tiny_model_untied
 
     def loss_and_grads(name):
-        run = _setup(**_settings(data, tmp_path / name, model_dir, add_token=["<sep>", "<x>"]))
+        run = build_trainer(**_settings(data, tmp_path / name, model_dir, add_token=["<sep>", "<x>"]))
         trainer = run.trainer
         base = trainer.model.get_base_model()
         fast_parts = ["_fast_token_rows" in f.__code__.co_qualname for f in (
@@ -256,7 +252,7 @@ def test_resume_after_a_crash(rows, tmp_path, tiny_model, monkeypatch):
         train(**_settings(data, tmp_path / "cut", tiny_model, **kw))
     monkeypatch.setattr(Trainer, "training_step", real_step)
     assert not (tmp_path / "cut" / TRAIN_RECORD).exists()
-    with pytest.raises(DeliaError, match="--resume"):
+    with pytest.raises(DeliaError, match="`resume`"):
         train(**_settings(data, tmp_path / "cut", tiny_model, **kw))
     with pytest.raises(DeliaError, match="max_steps"):
         train(**_settings(data, tmp_path / "cut", tiny_model, **{**kw, "max_steps": 7}, resume=True))

@@ -1,15 +1,25 @@
-"""The `delia` command. Each stage verb is a plain function of the Python API registered here as is:
-its signature is the CLI, and `--config FILE.yaml` supplies any of its options by name.
+"""The `delia` command: the CLI layer over the library's stage functions.
+
+Each stage verb is a plain function of the Python API (`delia.train.train`, ...) whose options are a typed
+config (`delia.train.TrainConfig`): this module turns the config's fields into the verb's options (`--config
+FILE.yaml` sets any of them by name), passes a progress bar as the stage's progress callback, shows the stage's
+log, and prints what the stage returns. Stages themselves never print.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import inspect
+import logging
+import re
 import sys
+import types
+import typing
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
@@ -60,6 +70,8 @@ STAGES: dict[str, str] = {
     "demo": "delia.demo:demo",
     "demo-data": "delia.task_data:prepare_data",
 }
+# verb -> how the command prints what its stage returns (the stage itself only logs)
+SHOW: dict[str, Callable[[Any], None]] = {}
 
 
 def _load_config(ctx: typer.Context, _param: Any, value: Path | None) -> Path | None:
@@ -102,10 +114,156 @@ def with_config(func):
     return wrapper
 
 
+def _cli_type(tp: Any) -> Any:
+    """The type typer parses a field as: choices and mixed unions as text (the config validates them)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return str
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        inner = _cli_type(args[0]) if len(args) == 1 else str
+        return inner | None if type(None) in typing.get_args(tp) else inner
+    return tp
+
+
+def _doc(hint: Any) -> tuple[Any, str | None]:
+    """(type, help) of a stage function's positional parameter, written `Annotated[type, "help"]`."""
+    if typing.get_origin(hint) is Annotated:
+        base, *meta = typing.get_args(hint)
+        return base, next((m for m in meta if isinstance(m, str)), None)
+    return hint, None
+
+
+def _option_names(name: str, field: Any) -> tuple[str, ...]:
+    """A field's names on the command line: its `Flags`, else none (typer's `--name`, `--name/--no-name`)."""
+    from delia.config import Flags
+
+    flags = next((m for m in field.metadata if isinstance(m, Flags)), None)
+    return flags.names if flags else ()
+
+
+def _config_class(func: Callable[..., Any]) -> Any:
+    from delia.config import StageConfig
+
+    hint = typing.get_type_hints(func).get("config")
+    return next((a for a in typing.get_args(hint) if isinstance(a, type) and issubclass(a, StageConfig)), None)
+
+
+def _with_flags(message: str, config_class: Any) -> str:
+    """A library message names options as `field`; on the command line they are --field."""
+    fields = config_class.model_fields
+
+    def flag(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name not in fields:
+            return m.group(0)
+        return next(iter(_option_names(name, fields[name])), f"--{name.replace('_', '-')}")
+
+    return re.sub(r"`([a-z_]+)`", flag, message)
+
+
+def stage_command(func: Callable[..., Any], show: Callable[[Any], None] | None = None) -> Callable[..., Any]:
+    """A typer command for a stage function `func(ARGS..., config: XConfig | None = None, *, progress, ...)`:
+    ARGS become arguments (help from `Annotated[type, "help"]`), the config's fields options (help from their
+    docstrings), and `show` prints the result."""
+    from delia.config import ConfigError
+
+    hints = typing.get_type_hints(func, include_extras=True)
+    config_class = _config_class(func)
+    params, arguments = [], []
+    for name, p in inspect.signature(func).parameters.items():
+        if name in ("config", "progress") or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL, p.KEYWORD_ONLY):
+            continue
+        base, help_text = _doc(hints[name])
+        arguments.append(name)
+        params.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=p.default,
+                                        annotation=Annotated[base, typer.Argument(help=help_text)]))
+    for name, field in (config_class.model_fields if config_class else {}).items():
+        option = typer.Option(*_option_names(name, field),
+                              help=_with_flags(field.description, config_class) if field.description else None)
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
+                                        default=field.get_default(call_default_factory=True),
+                                        annotation=Annotated[_cli_type(field.annotation), option]))
+    takes_progress = "progress" in inspect.signature(func).parameters
+
+    @functools.wraps(func)
+    def command(**values: Any) -> None:
+        args = {name: values.pop(name) for name in arguments}
+        try:
+            if config_class is not None:
+                args["config"] = config_class.build(**values)
+            with _progress_bar() if takes_progress else contextlib.nullcontext() as bar:
+                result = func(**args, **({"progress": bar} if takes_progress else {}))
+        except DeliaError as e:
+            if config_class is None:
+                raise
+            if isinstance(e, ConfigError):
+                raise typer.BadParameter(_with_flags(str(e), config_class)) from None
+            raise _Reworded(_with_flags(str(e), config_class), e) from None
+        if show is not None:
+            show(result)
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    del command.__wrapped__  # typer reads the signature above, not the stage function's
+    return with_config(command)
+
+
+class _Reworded(DeliaError):
+    """A stage's error with its options named as command-line flags; keeps the original's exit code."""
+
+    def __init__(self, message: str, original: DeliaError):
+        super().__init__(message)
+        self.exit_code = original.exit_code
+
+
+@contextlib.contextmanager
+def _progress_bar() -> Iterator[Callable[[Any], None]]:
+    """A progress callback drawn as rich bars on stderr, one per task the stage reports."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[unit]}"), TextColumn("{task.fields[rate]}"), TextColumn("ETA"),
+               TimeRemainingColumn())
+    tasks: dict[str, Any] = {}
+    with Progress(*columns, console=console, transient=False) as bars:
+
+        def update(event: Any) -> None:
+            if event.task not in tasks:
+                tasks[event.task] = bars.add_task(event.task, total=event.total, unit=event.unit, rate="")
+            task_id = tasks[event.task]
+            elapsed = bars.tasks[task_id].elapsed or 0.0
+            rate = "  ".join(f"{v / elapsed:.1f} {k}/s" for k, v in event.counts.items()) if elapsed > 0 else ""
+            bars.update(task_id, completed=event.done, total=event.total, rate=rate)
+
+        yield update
+
+
+class _LogFormat(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        return message if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {message}"
+
+
+def _show_logs() -> None:
+    """Stages log what they do (`logging`, logger `delia`); the command shows it on stderr, never cut."""
+    logger = logging.getLogger("delia")
+    if not any(getattr(h, "_delia", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_LogFormat())
+        handler._delia = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def _register_stages() -> None:
     for verb, target in STAGES.items():
         module, fn = target.split(":")
-        app.command(verb)(with_config(getattr(importlib.import_module(module), fn)))
+        func = getattr(importlib.import_module(module), fn)
+        if _config_class(func) is None:
+            app.command(verb)(with_config(func))
+        else:
+            app.command(verb)(stage_command(func, SHOW.get(verb)))
 
 
 def _version(value: bool) -> None:
@@ -211,6 +369,7 @@ def model_prepare(
 
 
 def main(argv: list[str] | None = None) -> None:
+    _show_logs()
     _register_stages()
     try:
         app(args=argv, standalone_mode=True)

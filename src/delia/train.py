@@ -11,15 +11,16 @@ without delia. Checkpoints are marked complete and pruned to what `--resume` nee
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-import typer
+from pydantic import Field, model_validator
 
+from delia.config import Flags, StageConfig
 from delia.errors import DeliaError
 from delia.files import changed_settings, sha256_file, sha256_json, write_json, write_jsonl
 from delia.important import IMPORTANT_LOSS_FILE
@@ -32,85 +33,118 @@ CHECKPOINTS = "checkpoints"
 RESUME_KEY_FILE = "resume_key.json"  # inside CHECKPOINTS: the settings a --resume must match
 CHECKPOINT_DONE = "delia_checkpoint.json"  # inside a checkpoint: written last, marks it complete
 LEGACY_RESUME_KEY_FILE = "delia_run.json"  # earlier name, still read on --resume
-BATCHING = ("group_by_length", "random", "packing")
-DIVERSE_LOSSES = ("ce", "kl")
 ANCHOR_COLUMN = "anchor"  # per-row flag of diverse_loss kl: trained by KL to the base model, not by CE
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Settings that may differ between a killed run and its --resume.
 _RESUME_FREE = {"resume", "overwrite", "merge", "keep_checkpoints", "out"}
+log = logging.getLogger(__name__)
+
+
+class TrainConfig(StageConfig):
+    """Options of `delia train`. Defaults are the paper's: LoRA r=16, alpha=16, dropout 0.05 on q/k/v/o,
+    lr 2e-4 constant with 25 warmup steps, 1 epoch."""
+
+    model: Annotated[str, Flags("--model", "-m")] = "smollm2-135m"
+    """Base model: bundled name, folder or .gguf."""
+    eval_data: Path | None = None
+    """Task eval rows: eval loss and important-token loss at every evaluation."""
+    format: Annotated[str, Flags("--format", "-f")] = "auto"
+    """Format of the data and the eval data (auto-detected)."""
+    lora_r: int = Field(16, ge=1)
+    """LoRA rank."""
+    lora_alpha: int = 16
+    """LoRA alpha."""
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    """LoRA dropout."""
+    target_modules: Annotated[list[str] | None, Flags("--target-module")] = None
+    """Module adapted by LoRA, repeatable (default: q/k/v/o projections)."""
+    learning_rate: float = Field(2e-4, gt=0)
+    """Peak learning rate."""
+    lr_scheduler: str = "constant_with_warmup"
+    """transformers scheduler name."""
+    warmup_steps: int = Field(25, ge=0)
+    """Linear warmup steps."""
+    epochs: float = Field(1.0, gt=0)
+    """Passes over the data."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1: run the epochs)."""
+    batch_size: int = Field(8, ge=1)
+    """Rows per device per step."""
+    grad_accum: int = Field(1, ge=1)
+    """Gradient accumulation steps."""
+    weight_decay: float = Field(0.01, ge=0)
+    """AdamW weight decay."""
+    max_length: int = Field(1024, ge=1)
+    """Tokens per row (longer rows are cut at the end)."""
+    batching: Literal["group_by_length", "random", "packing"] = "group_by_length"
+    """group_by_length (least padding on DELIA mixtures, see benchmarks/train_throughput.py), random, or packing."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto (bf16 on a GPU that supports it, else fp32), fp32, bf16 or fp16."""
+    gradient_checkpointing: bool = False
+    """Trade compute for activation memory."""
+    add_token: list[str] | None = None
+    """New special token, repeatable: TOKEN or TOKEN=DESCRIPTION (what it stands for)."""
+    token_init: Literal["random", "mean", "mean-noise", "description"] = "random"
+    """Init of new token rows: random (normal, std of the matrix, seeded), mean, mean-noise, description."""
+    train_rows: Literal["new", "all"] = "new"
+    """Embedding rows trained with `add_token`: new (only the added tokens' rows) or all."""
+    diverse_loss: Literal["ce", "kl"] = "ce"
+    """Loss of the mixture's diverse rows (source 'diverse'): ce (their text, as DELIA) or kl (the base model's
+    next-token distribution at every answer position: KL(base || tuned), adapter off)."""
+    kl_coef: float = Field(1.0, ge=0)
+    """Weight of the KL of diverse rows against the task's CE."""
+    kl_temperature: float = Field(1.0, gt=0)
+    """Temperature of both distributions in the KL."""
+    kl_chunk: int = Field(1024, ge=1)
+    """Positions per chunk of the KL (memory: chunk x vocab logits)."""
+    important_token: list[str] | None = None
+    """Token whose loss is tracked on the eval data, repeatable (default: the added tokens)."""
+    eval_steps: int = Field(25, ge=1)
+    """Evaluate every N steps (with `eval_data`)."""
+    logging_steps: int = Field(5, ge=1)
+    """Log the training loss every N steps."""
+    save_steps: int = Field(100, ge=1)
+    """Checkpoint every N steps (for `resume`)."""
+    seed: int = 0
+    """Seed of LoRA init, token init, data order and dropout."""
+    resume: bool = False
+    """Continue from the last checkpoint in OUT/checkpoints."""
+    overwrite: bool = False
+    """Replace a finished or unfinished run in OUT."""
+    merge: bool = False
+    """Also write the merged full model to OUT/merged."""
+    keep_checkpoints: bool = False
+    """Keep OUT/checkpoints after a successful run."""
+
+    @model_validator(mode="after")
+    def _kl_rows_apart(self) -> TrainConfig:
+        if self.diverse_loss == "kl" and self.batching == "packing":
+            raise ValueError("diverse_loss kl needs each row apart (its flag says which loss it gets); "
+                             "use batching group_by_length or random, not packing")
+        return self
 
 
 def train(
-    data: Annotated[Path, typer.Argument(help="Training rows: a `delia mix` output or any chat dataset.")],
-    out: Annotated[Path, typer.Argument(help="Output folder: the PEFT adapter, its tokenizer and delia_train.json.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Base model: bundled name, folder or .gguf.")] = (
-        "smollm2-135m"),
-    eval_data: Annotated[Path | None, typer.Option(
-        help="Task eval rows: eval loss and important-token loss at every evaluation.")] = None,
-    format: Annotated[str, typer.Option("--format", "-f", help="Format of DATA and EVAL_DATA (auto-detected).")] = (
-        "auto"),
-    lora_r: Annotated[int, typer.Option(help="LoRA rank.")] = 16,
-    lora_alpha: Annotated[int, typer.Option(help="LoRA alpha.")] = 16,
-    lora_dropout: Annotated[float, typer.Option(help="LoRA dropout.")] = 0.05,
-    target_modules: Annotated[list[str] | None, typer.Option(
-        "--target-module", help="Module adapted by LoRA, repeatable (default: q/k/v/o projections).")] = None,
-    learning_rate: Annotated[float, typer.Option(help="Peak learning rate.")] = 2e-4,
-    lr_scheduler: Annotated[str, typer.Option(help="transformers scheduler name.")] = "constant_with_warmup",
-    warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps.")] = 25,
-    epochs: Annotated[float, typer.Option(help="Passes over DATA.")] = 1.0,
-    max_steps: Annotated[int, typer.Option(help="Stop after this many optimizer steps (-1: run the epochs).")] = -1,
-    batch_size: Annotated[int, typer.Option(help="Rows per device per step.")] = 8,
-    grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.01,
-    max_length: Annotated[int, typer.Option(help="Tokens per row (longer rows are cut at the end).")] = 1024,
-    batching: Annotated[str, typer.Option(
-        help="group_by_length (least padding on DELIA mixtures, see benchmarks/train_throughput.py), "
-             "random, or packing.")] = "group_by_length",
-    precision: Annotated[str, typer.Option(
-        help="auto (bf16 on a GPU that supports it, else fp32), fp32, bf16 or fp16.")] = "auto",
-    gradient_checkpointing: Annotated[bool, typer.Option(help="Trade compute for activation memory.")] = False,
-    add_token: Annotated[list[str] | None, typer.Option(
-        help="New special token, repeatable: TOKEN or TOKEN=DESCRIPTION (what it stands for).")] = None,
-    token_init: Annotated[str, typer.Option(
-        help="Init of new token rows: random (normal, std of the matrix, seeded), mean, mean-noise, description.",
-    )] = "random",
-    train_rows: Annotated[str, typer.Option(
-        help="Embedding rows trained with --add-token: new (only the added tokens' rows) or all.")] = "new",
-    diverse_loss: Annotated[str, typer.Option(
-        help="Loss of the mixture's diverse rows (source 'diverse'): ce (their text, as DELIA) or kl (the base "
-             "model's next-token distribution at every answer position: KL(base || tuned), adapter off).")] = "ce",
-    kl_coef: Annotated[float, typer.Option(help="Weight of the KL of diverse rows against the task's CE.")] = 1.0,
-    kl_temperature: Annotated[float, typer.Option(help="Temperature of both distributions in the KL.")] = 1.0,
-    kl_chunk: Annotated[int, typer.Option(help="Positions per chunk of the KL (memory: chunk x vocab logits).")] = (
-        1024),
-    important_token: Annotated[list[str] | None, typer.Option(
-        help="Token whose loss is tracked on EVAL_DATA, repeatable (default: the added tokens).")] = None,
-    eval_steps: Annotated[int, typer.Option(help="Evaluate every N steps (with --eval-data).")] = 25,
-    logging_steps: Annotated[int, typer.Option(help="Log the training loss every N steps.")] = 5,
-    save_steps: Annotated[int, typer.Option(help="Checkpoint every N steps (for --resume).")] = 100,
-    seed: Annotated[int, typer.Option(help="Seed of LoRA init, token init, data order and dropout.")] = 0,
-    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in OUT/checkpoints.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace a finished or unfinished run in OUT.")] = False,
-    merge: Annotated[bool, typer.Option(help="Also write the merged full model to OUT/merged.")] = False,
-    keep_checkpoints: Annotated[bool, typer.Option(help="Keep OUT/checkpoints after a successful run.")] = False,
+    data: Annotated[Path, "Training rows: a `delia mix` output or any chat dataset."],
+    out: Annotated[Path, "Output folder: the PEFT adapter, its tokenizer and delia_train.json."],
+    config: TrainConfig | None = None,
+    **options: Any,
 ) -> Path:
     """LoRA SFT of MODEL on DATA; writes a PEFT adapter folder to OUT and returns its path.
 
-    Defaults are the paper's: r=16, alpha=16, dropout 0.05 on q/k/v/o, lr 2e-4 constant with 25
-    warmup steps, 1 epoch. Under `accelerate launch` the same command runs distributed.
+    `options` set any TrainConfig field over `config`. Under `accelerate launch` the same command runs
+    distributed.
 
     Examples:\n
       delia train mix.jsonl runs/delia --eval-data task_eval.jsonl --add-token "<sep>"\n
       delia train mix.jsonl runs/delia --resume\n
       accelerate launch --config_file configs/accelerate/zero2.yaml -m delia train mix.jsonl runs/delia
     """
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
-    training = _setup(**settings)
-    return training.fit()
+    return build_trainer(data, out, config, **options).fit()
 
 
-class _Training:
-    """A prepared training run: the trainer, and what goes into delia_train.json."""
+class Training:
+    """A prepared training run (`build_trainer`): the TRL trainer, and what goes into delia_train.json; `fit()`
+    runs it."""
 
     def __init__(self, trainer: Any, tokenizer: Any, out: Path, record: dict[str, Any], settings: dict[str, Any],
                  keeper: Any):
@@ -129,7 +163,7 @@ class _Training:
             _drop_checkpoints(out / CHECKPOINTS, keep=resume_from)  # a save a kill cut short, deletions left over
         trainer.accelerator.wait_for_everyone()
         if self.settings["resume"] and resume_from is None:
-            print(f"delia train: no checkpoint in {out / CHECKPOINTS}; starting from the beginning", file=sys.stderr)
+            log.warning("no checkpoint in %s; starting from the beginning", out / CHECKPOINTS)
         result = trainer.train(resume_from_checkpoint=resume_from)
         main, tmp = trainer.is_world_process_zero(), out / ".adapter.tmp"
         if main:
@@ -198,17 +232,17 @@ def _check_out(out: Path, settings: dict[str, Any], main: bool) -> None:
             (out / name).unlink(missing_ok=True)
         return
     if (out / TRAIN_RECORD).exists():
-        raise DeliaError(f"{out}: holds a finished training run; pass --overwrite to replace it")
+        raise DeliaError(f"{out}: holds a finished training run; set `overwrite` to replace it")
     if ckpt.is_dir() and any(ckpt.iterdir()):
         if not settings["resume"]:
-            raise DeliaError(f"{out}: holds checkpoints of an unfinished run; pass --resume to continue it "
-                             "or --overwrite to start over")
+            raise DeliaError(f"{out}: holds checkpoints of an unfinished run; set `resume` to continue it "
+                             "or `overwrite` to start over")
         key_file = next((ckpt / n for n in (RESUME_KEY_FILE, LEGACY_RESUME_KEY_FILE) if (ckpt / n).exists()), None)
         saved = json.loads(key_file.read_text()) if key_file else {}
         now = _resume_key(settings)
         diff = changed_settings(saved, now)
         if diff:
-            raise DeliaError(f"{out}: --resume with settings or data that differ from the checkpointed run: "
+            raise DeliaError(f"{out}: `resume` with settings or data that differ from the checkpointed run: "
                              f"{', '.join(diff)}")
 
 
@@ -227,15 +261,14 @@ def _data_hash(path: Path) -> str:
 def _precision(precision: str) -> dict[str, bool]:
     import torch
 
-    if precision not in PRECISIONS:
-        raise DeliaError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
-def _setup(**s: Any) -> _Training:
-    """Everything up to a ready SFTTrainer; `train` runs it. Tests inspect the trainer it builds."""
+def build_trainer(data: str | Path, out: str | Path, config: TrainConfig | None = None,
+                  **options: Any) -> Training:
+    """Everything up to a ready SFTTrainer, for `train` to run (tests and benchmarks inspect or time it)."""
     import datasets
     import torch
     from accelerate import PartialState
@@ -248,19 +281,11 @@ def _setup(**s: Any) -> _Training:
     from delia.models import load_tokenizer, resolve_model
     from delia.tokens import add_tokens, parse_token_specs
 
-    data, out = Path(s["data"]), Path(s["out"])
-    if s["train_rows"] not in ("new", "all"):
-        raise DeliaError(f"unknown --train-rows {s['train_rows']!r}; expected new or all")
-    if s["batching"] not in BATCHING:
-        raise DeliaError(f"unknown batching {s['batching']!r}; expected one of {', '.join(BATCHING)}")
-    if s["diverse_loss"] not in DIVERSE_LOSSES:
-        raise DeliaError(f"unknown diverse_loss {s['diverse_loss']!r}; expected one of {', '.join(DIVERSE_LOSSES)}")
-    kl = s["diverse_loss"] == "kl"
-    if kl and s["batching"] == "packing":
-        raise DeliaError("diverse_loss kl needs each row apart (its flag says which loss it gets); "
-                         "use batching group_by_length or random, not packing")
-    if s["kl_coef"] < 0 or s["kl_temperature"] <= 0 or s["kl_chunk"] < 1:
-        raise DeliaError("kl_coef must be >= 0, kl_temperature > 0 and kl_chunk >= 1")
+    cfg = TrainConfig.build(config, **options)
+    data, out = Path(data), Path(out)
+    # the settings as recorded and compared on resume: the data, the output and every option
+    s: dict[str, Any] = {"data": str(data), "out": str(out), **cfg.model_dump(mode="json")}
+    kl = cfg.diverse_loss == "kl"
     precision = _precision(s["precision"])
     specs = parse_token_specs(s["add_token"])
     s["data_sha256"] = _data_hash(data)
@@ -323,19 +348,19 @@ def _setup(**s: Any) -> _Training:
         "train": len(records) - len(trainer.train_dataset),
         "eval": len(eval_records) - (len(trainer.eval_dataset) if has_eval else 0)}
     if dropped and any(dropped.values()):
-        print(f"delia train: dropped rows whose prompt alone fills --max-length {s['max_length']} "
-              f"(no response token left to train on): {dropped}", file=sys.stderr)
+        log.warning("dropped rows whose prompt alone fills max_length %s (no response token left to train on): %s",
+                    s["max_length"], dropped)
         if len(trainer.train_dataset) == 0 or (has_eval and len(trainer.eval_dataset) == 0):
             raise DeliaError(f"no {'training' if len(trainer.train_dataset) == 0 else 'eval'} row fits in "
-                             f"--max-length {s['max_length']}; raise it")
+                             f"`max_length` {s['max_length']}; raise it")
     if not isinstance(trainer.model, PeftModel):  # never fall back to full-model training silently
         raise DeliaError("the trainer did not wrap the model with the LoRA adapter")
 
     if token_rows is not None:
         if trainer.is_fsdp_enabled or (trainer.is_deepspeed_enabled and
                                        trainer.accelerator.state.deepspeed_plugin.zero_stage == 3):
-            raise DeliaError("--train-rows new (PEFT trainable tokens) is not supported with FSDP or ZeRO-3, which "
-                             "shard the embedding; pass --train-rows all with these")
+            raise DeliaError("`train_rows` new (PEFT trainable tokens) is not supported with FSDP or ZeRO-3, "
+                             "which shard the embedding; set `train_rows` all with these")
         _train_token_rows(trainer)
 
     keeper = _checkpoint_keeper(out / CHECKPOINTS, trainer)
@@ -371,7 +396,7 @@ def _setup(**s: Any) -> _Training:
     }
     if trainer.is_world_process_zero():
         write_json(out / CHECKPOINTS / RESUME_KEY_FILE, _resume_key(s))
-    return _Training(trainer, tokenizer, out, record, s, keeper)
+    return Training(trainer, tokenizer, out, record, s, keeper)
 
 
 def _embedding_training(base: Any, tokens: dict[str, Any] | None,
@@ -409,8 +434,8 @@ def _train_token_rows(trainer: Any) -> None:
     if isinstance(head, TrainableTokensWrapper) and "bias" not in vars(head):
         bias = getattr(head.token_adapter.get_base_layer(), "bias", None)
         if bias is not None:
-            raise DeliaError("--train-rows new: the model's output head has a bias, which TRL's fused LM head "
-                             "cannot read through PEFT trainable tokens; pass --train-rows all")
+            raise DeliaError("`train_rows` new: the model's output head has a bias, which TRL's fused LM head "
+                             "cannot read through PEFT trainable tokens; set `train_rows` all")
         object.__setattr__(head, "bias", None)
     decay = trainer.get_decay_parameter_names
     trainer.get_decay_parameter_names = lambda model: [n for n in decay(model) if "trainable_tokens_delta" not in n]
@@ -563,7 +588,7 @@ def _checkpoint_keeper(folder: Path, trainer: Any) -> Any:
     complete). After the trainer's save returns, every process has written its part (barrier), the main
     process writes the `CHECKPOINT_DONE` marker (atomically, with the checkpoint's size) and only then
     removes the older checkpoints. A kill at any point leaves a complete checkpoint: during a save the previous
-    one, after it the new one; `_Training.checkpoint()` takes the newest complete one and resume removes the rest.
+    one, after it the new one; `Training.checkpoint()` takes the newest complete one and resume removes the rest.
     Checkpoints hold the adapter without PEFT's extra copies of a resized embedding (the resumed run rebuilds
     the base identically, seeded), so their size is the adapter, its optimizer state and the trainer's state.
     """

@@ -1,0 +1,97 @@
+"""Typed stage options: one pydantic model per stage (`TrainConfig`, `SampleConfig`, ...).
+
+The CLI verb, the Python API and an experiment's YAML section all build the same model, so a value is
+checked once, the same way, wherever it comes from, and an experiment is checked whole when it is loaded.
+A field's docstring is its documentation (`--help`, the README); `Flags` gives it other command-line names.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+from typing_extensions import Self
+
+from delia.errors import DeliaError
+
+
+@dataclass(frozen=True)
+class Flags:
+    """Command-line names of a field, replacing the default `--field-name` (e.g. `Flags("--model", "-m")`)."""
+
+    names: tuple[str, ...]
+
+    def __init__(self, *names: str):
+        object.__setattr__(self, "names", names)
+
+
+_BOUNDS = {"greater_than": (">", "gt"), "greater_than_equal": (">=", "ge"), "less_than": ("<", "lt"),
+           "less_than_equal": ("<=", "le")}  # pydantic error type -> (operator, its key in the error's ctx)
+
+
+class ConfigError(DeliaError):
+    """Options that do not validate: one `where: field: reason` line per problem."""
+
+
+class StageConfig(BaseModel):
+    """Base of the stage configs: unknown keys are refused, every value is checked on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    verb: ClassVar[str] = ""  # the `delia VERB` these options belong to (default: the class name's stem)
+
+    @classmethod
+    def build(cls, config: StageConfig | None = None, /, *, where: str | None = None, **options: Any) -> Self:
+        """`config` (or the defaults) with `options` set on top, validated. `where` prefixes error lines
+        (a file, a YAML section); the errors name options by their field names."""
+        if config is not None and not isinstance(config, cls):
+            raise ConfigError(f"expected a {cls.__name__}, got {type(config).__name__}")
+        values = {**(config.model_dump(exclude_unset=True) if config else {}), **options}
+        try:
+            return cls.model_validate(values)
+        except ValidationError as e:
+            raise ConfigError("\n".join(cls.problems(e, where))) from None
+
+    @classmethod
+    def problems(cls, error: ValidationError, where: str | None = None) -> list[str]:
+        """Readable `where: field 'name': reason` lines of a ValidationError of this config."""
+        lines = []
+        for err in error.errors():
+            loc = ".".join(map(str, err["loc"]))
+            if err["type"] == "extra_forbidden":
+                close = difflib.get_close_matches(loc, list(cls.model_fields), n=1)
+                reason = f"{loc!r} is not an option of delia {cls.verb_name()}" + (
+                    f" (did you mean {close[0]!r}?)" if close else "")
+            elif err["type"] == "literal_error":
+                choices = typing.get_args(cls.model_fields[loc].annotation) if loc in cls.model_fields else ()
+                close = difflib.get_close_matches(str(err["input"]), list(map(str, choices)), n=1)
+                reason = (f"field {loc!r}: unknown {loc} {err['input']!r}; expected one of "
+                          f"{', '.join(map(str, choices))}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            elif err["type"] in _BOUNDS:
+                op, key = _BOUNDS[err["type"]]
+                reason = f"field {loc!r}: {loc} must be {op} {err['ctx'][key]:g}, got {err['input']!r}"
+            else:
+                reason = err["msg"].removeprefix("Value error, ")
+                reason = f"field {loc!r}: {reason}" if loc else reason
+            lines.append(f"{where}: {reason}" if where else reason)
+        return lines
+
+    @classmethod
+    def verb_name(cls) -> str:
+        return cls.verb or cls.__name__.removesuffix("Config").lower()
+
+    @classmethod
+    def check_section(cls, options: dict[str, Any], owned: frozenset[str] = frozenset()) -> dict[str, Any]:
+        """An experiment's section for this stage: its keys and values checked (ValueError listing every
+        problem), keys that `delia run` sets itself refused. Returns the section as given, validated."""
+        problems = [f"{key!r} is set by the experiment itself (task, seeds, arms), not in `{cls.verb_name()}:`"
+                    for key in options if key in owned]
+        try:
+            cls.model_validate({k: v for k, v in options.items() if k not in owned})
+        except ValidationError as e:
+            problems += cls.problems(e)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return options
