@@ -151,7 +151,7 @@ def _config_class(func: Callable[..., Any]) -> Any:
 
 def _with_flags(message: str, config_class: Any) -> str:
     """A library message names options as `field`; on the command line they are --field."""
-    fields = config_class.model_fields
+    fields = config_class.model_fields if config_class else {}
 
     def flag(m: re.Match[str]) -> str:
         name = m.group(1)
@@ -195,8 +195,6 @@ def stage_command(func: Callable[..., Any], show: Callable[[Any], None] | None =
             with _progress_bar() if takes_progress else contextlib.nullcontext() as bar:
                 result = func(**args, **({"progress": bar} if takes_progress else {}))
         except DeliaError as e:
-            if config_class is None:
-                raise
             if isinstance(e, ConfigError):
                 raise typer.BadParameter(_with_flags(str(e), config_class)) from None
             raise _Reworded(_with_flags(str(e), config_class), e) from None
@@ -260,8 +258,10 @@ def _register_stages() -> None:
     for verb, target in STAGES.items():
         module, fn = target.split(":")
         func = getattr(importlib.import_module(module), fn)
-        if _config_class(func) is None:
-            app.command(verb)(with_config(func))
+        if any(typing.get_origin(h) is Annotated and any(isinstance(m, typer.models.ParameterInfo)
+                                                         for m in typing.get_args(h)[1:])
+               for h in typing.get_type_hints(func, include_extras=True).values()):
+            app.command(verb)(with_config(func))  # not converted yet: a typer-annotated function
         else:
             app.command(verb)(stage_command(func, SHOW.get(verb)))
 
