@@ -158,7 +158,7 @@ def test_terminal_table_fits_the_width_and_cuts_nothing(tmp_path, width):
 
     from rich.console import Console
 
-    from delia.run import summary_table
+    from delia.cli import summary_table
 
     summary = summarise(_three_arms(tmp_path), "sft", 200)
     buf = io.StringIO()

@@ -417,3 +417,31 @@ def test_two_cpu_processes_with_accelerate(rows, tmp_path, tiny_model):
     assert [r["step"] for r in important] == [0, 2]  # written once, by the main process
     model, tok = load_trained(out, device="cpu")
     assert tok.convert_tokens_to_ids("<sep>") == record["new_tokens"]["tokens"][0]["id"]
+
+
+def test_progress_callback_and_logs_instead_of_printing(rows, tmp_path, tiny_model, caplog, capsys):
+    """Training reports optimizer steps to the caller's callback and its logs to the `delia.train` logger;
+    transformers prints nothing."""
+    import logging
+
+    data, _ = rows
+    events = []
+    with caplog.at_level(logging.INFO, logger="delia"):
+        train(**_settings(data, tmp_path / "run", tiny_model, max_steps=3), progress=events.append)
+    assert [(e.task, e.done, e.total) for e in events] == [("training", i, 3) for i in (1, 2, 3)]
+    assert any(r.name == "delia.train" and r.getMessage().startswith("step 1: loss=") for r in caplog.records)
+    assert "'loss'" not in capsys.readouterr().out  # transformers' PrinterCallback would print the log dicts
+
+
+def test_train_config_errors_name_the_field():
+    from delia.config import ConfigError
+    from delia.train import TrainConfig
+
+    with pytest.raises(ConfigError, match="field 'lora_r': lora_r must be >= 1, got 0"):
+        TrainConfig.build(lora_r=0)
+    with pytest.raises(ConfigError, match=r"unknown batching 'pack'; .*\(did you mean 'packing'\?\)"):
+        TrainConfig(batching="random").build(batching="pack")
+    with pytest.raises(ConfigError, match="'lerning_rate' is not an option of delia train .did you mean"):
+        TrainConfig.build(lerning_rate=1e-3)
+    cfg = TrainConfig.build(TrainConfig.build(lora_r=4), seed=3)  # options set on top of a config
+    assert (cfg.lora_r, cfg.seed, cfg.lora_alpha) == (4, 3, 16)

@@ -70,8 +70,6 @@ STAGES: dict[str, str] = {
     "demo": "delia.demo:demo",
     "demo-data": "delia.task_data:prepare_data",
 }
-# verb -> how the command prints what its stage returns (the stage itself only logs)
-SHOW: dict[str, Callable[[Any], None]] = {}
 
 
 def _load_config(ctx: typer.Context, _param: Any, value: Path | None) -> Path | None:
@@ -366,6 +364,92 @@ def model_prepare(
     from delia.models import resolve_model
 
     typer.echo(resolve_model(model))
+
+
+# ----------------------------------------------------------------------------- what each verb prints
+
+
+def summary_table(summary: dict[str, Any]) -> Any:
+    """The verdict as a rich table that fits 80 columns: one block of rows per arm, a metric per row, its
+    mean [95% interval] and the paired Δ to the baseline; cells wrap, never cut."""
+    from rich.table import Table
+
+    from delia.report import headline, interval, label
+
+    base = summary.get("baseline")
+    table = Table(title="results: mean [95% interval]", title_justify="left", show_lines=False)
+    table.add_column("arm / metric", overflow="fold")
+    table.add_column("mean [95%]", overflow="fold")
+    table.add_column(f"Δ vs {base}" if base else "Δ", overflow="fold")
+    for name, a in summary["arms"].items():
+        ratio = "" if a["ratio"] is None else f" (ratio {a['ratio']:g})"
+        table.add_row(f"[bold]{escape(name)}[/]{ratio}", "", "", end_section=False)
+        for m in headline(summary):
+            d = a["delta"].get(m)
+            table.add_row(f"  {label(m)}", interval(a["metrics"][m], m), interval(d, m, sign=True) if d else "–")
+    return table
+
+
+def show_run(result: dict[str, Any]) -> None:
+    """`delia run`/`delia demo`: the cost plan (with --plan), else the verdict table and sentences, then where
+    the report is."""
+    if "report_md" not in result:
+        show_plan(result)
+        return
+    from delia.report import verdict
+
+    summary = result["summary"]
+    out = Console(soft_wrap=False)  # stdout: the result itself
+    out.print(summary_table(summary))
+    for line in verdict(summary):
+        out.print(escape(line), highlight=False)
+    if not summary["general"]:
+        out.print("no general prompts evaluated: leakage and drift unknown (set `general` in the experiment)")
+    console.print(f"report: {result['report_md']}\n        {result['report_html']}", highlight=False)
+
+
+def plan_table(plan: dict[str, Any]) -> Any:
+    """The cost plan as a rich table that fits 80 columns: per arm and seed, tokens, FLOPs and wall time."""
+    from rich.table import Table
+
+    table = Table(title=f"plan per seed ({plan['seeds']} seeds): estimates", title_justify="left")
+    for name in ("arm", "diverse rows", "generated tokens", "trained tokens", "fwd-only tokens", "TFLOPs", "wall"):
+        table.add_column(name, overflow="fold", justify="left" if name == "arm" else "right")
+    for a in plan["arms"]:
+        table.add_row(f"{escape(a['arm'])}\n{a['kind']} {a['ratio']:g}", f"{a['diverse_rows']:,}",
+                      f"≤{a['generated_tokens']:,.0f}", f"{a['trained_tokens']:,.0f}",
+                      f"{a['forward_only_tokens']:,.0f}", f"{a['flops'] / 1e12:,.2f}", _duration(a["est_wall_s"]))
+    return table
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else (
+        f"{seconds / 3600:.1f} h")
+
+
+def show_plan(plan: dict[str, Any]) -> None:
+    """The plan table, then what sampling runs once and the rate the wall times assume."""
+    out = Console(soft_wrap=False)  # stdout: the result itself
+    out.print(plan_table(plan))
+    if s := plan["sampling_run"]:
+        out.print(f"sampling (once, shared by every seed and self-sampling arm): {s['queries']:,} queries, "
+                  f"{s['prompt_tokens']:,} prompt tokens, ≤{s['completion_tokens']:,} generated tokens; each arm "
+                  "above counts the share it mixes in.", highlight=False)
+    rate = (f"the given {plan['flops_per_s'] / 1e9:,.0f} GFLOP/s" if plan["flops_per_s"] else
+            f"this machine's measured matmul peak ({plan['matmul_peak_flops'] / 1e9:,.0f} GFLOP/s) times the share "
+            "delia's CPU benchmarks reach: " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s"
+                                                        for k, v in plan["rates"].items()))
+    out.print(f"wall: FLOPs at {rate}. Generated tokens are upper bounds (max_new_tokens per answer).",
+              highlight=False)
+
+
+def show_path(path: Path) -> None:
+    """`delia demo-data`: the prepared folder, alone on stdout (for `$(delia demo-data)`)."""
+    typer.echo(path)
+
+
+# verb -> how the command prints what its stage returns (the stage itself only logs)
+SHOW: dict[str, Callable[[Any], None]] = {"run": show_run, "demo": show_run, "demo-data": show_path}
 
 
 def main(argv: list[str] | None = None) -> None:

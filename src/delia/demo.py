@@ -9,25 +9,29 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-import typer
+from delia.config import Flags, StageConfig
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 
 
-def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("runs/demo"),
-) -> dict[str, Any]:
+class DemoConfig(StageConfig):
+    """Options of `delia demo`."""
+
+    out: Annotated[Path, Flags("--out", "-o")] = Path("runs/demo")
+    """Output folder."""
+
+
+def demo(config: DemoConfig | None = None, **options: Any) -> dict[str, Any]:
     """Run the preset DELIA experiment on the bundled SmolLM2-135M (plain SFT against DELIA, two seeds).
 
-    Prints the results table and the report's path. A rerun reuses every finished stage.
+    Returns the run's result; the command prints its results table and the report's path. A rerun reuses
+    every finished stage.
 
     Examples:\n
       delia demo\n
       delia demo --out /tmp/delia-demo
     """
     from delia.experiment import load_experiment
-    from delia.run import print_summary, run_experiment
+    from delia.run import run_experiment
 
-    result = run_experiment(load_experiment(DEMO_CONFIG), out)
-    print_summary(result)
-    return result
+    return run_experiment(load_experiment(DEMO_CONFIG), DemoConfig.build(config, **options).out)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
+import logging
 import os
 import random
 import subprocess
@@ -44,6 +45,8 @@ from delia.errors import DeliaError
 from delia.files import atomic_dir, sha256_file, write_json, write_jsonl
 from delia.general import SHORT_REFERENCE_WORDS
 from delia.text import normalise
+
+log = logging.getLogger(__name__)
 
 DEMO_VERSION = "2"
 SEED = 0
@@ -138,7 +141,7 @@ def fetch_wheel(downloads: Path) -> Path:
         return wheel
     downloads.mkdir(parents=True, exist_ok=True)
     spec = f"{PACKAGE['name']}=={PACKAGE['version']}"
-    print(f"delia: downloading {spec} from PyPI (46 MB, once) into {downloads}", file=sys.stderr)
+    log.info("downloading %s from PyPI (46 MB, once) into %s", spec, downloads)
     with tempfile.TemporaryDirectory(dir=downloads, prefix=".pip-") as tmp:
         req = Path(tmp) / "requirements.txt"
         req.write_text(f"{spec} --hash=sha256:{PACKAGE['sha256']}\n", encoding="utf-8")
@@ -525,7 +528,7 @@ class DataSet:
         if not force and self.intact(folder):
             return folder
         if folder.exists() and not force and any(folder.iterdir()):
-            print(f"delia: {folder} is incomplete or changed; rebuilding it", file=sys.stderr)
+            log.warning("%s is incomplete or changed; rebuilding it", folder)
         wheel = fetch_wheel(cache_root() / "downloads")
         with atomic_dir(folder) as tmp:
             built = self.build(wheel, tmp)
@@ -535,7 +538,7 @@ class DataSet:
                        "package": package_record(wheel), **built}
             write_json(tmp / "SOURCES.json", sources)
         counts = ", ".join(f"{name} {sources['files'][name]['rows']}" for name in self.files)
-        print(f"delia: {self.name} data in {folder} ({counts})", file=sys.stderr)
+        log.info("%s data in %s (%s)", self.name, folder, counts)
         return folder
 
 
@@ -619,26 +622,3 @@ def prepare_demo_data(out: Path | None = None, force: bool = False) -> Path:
     A prepared folder whose files match SOURCES.json is reused as is. `delia demo-data` is its CLI.
     """
     return DEMO.prepare(out, force)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m delia.demo_data [--out DIR] [--force]`: prepare the demo folder, print its path and row counts."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m delia.demo_data", description=main.__doc__)
-    parser.add_argument("--out", type=Path, default=None, help="folder to write (default: the cache)")
-    parser.add_argument("--force", action="store_true", help="rebuild even if already prepared")
-    args = parser.parse_args(argv)
-    try:
-        folder = prepare_demo_data(args.out, args.force)
-    except DeliaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    sources = json.loads((folder / "SOURCES.json").read_text(encoding="utf-8"))
-    print(folder)
-    for name in FILES:
-        print(f"  {name}: {sources['files'][name]['rows']} rows")
-
-
-if __name__ == "__main__":
-    main()

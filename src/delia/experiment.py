@@ -1,15 +1,14 @@
 """The experiment config that `delia run` reads: one YAML names the model, the task, the pool, the arms and seeds.
 
-Stage sections (`sample`, `mix`, `train`, `eval`) pass their keys straight to the stage functions, so any
-option of `delia sample` / `delia mix` / `delia train` / `delia eval` can be set here under the same name.
-Their keys are checked against those options when the file is loaded, before any stage runs.
+Stage sections (`sample`, `mix`, `train`, `eval`, a built `pool`) are the stages' typed configs
+(`SampleConfig`, `MixConfig`, `TrainConfig`, `EvalConfig`, `PoolConfig`): any option of the verb can be set
+here under the same name, and every key and value is checked when the file is loaded, before any stage runs.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
-import inspect
 from pathlib import Path
 from typing import Any
 
@@ -18,35 +17,28 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from delia.errors import DeliaError
 from delia.files import read_yaml
 
-# Each section's stage function, and the options `delia run` sets itself (per arm, seed or task).
-STAGE_OPTIONS: dict[str, tuple[str, frozenset[str]]] = {
-    "pool": ("delia.pool:pool", frozenset({"out", "task", "model"})),
-    "sample": ("delia.sample:sample", frozenset({"pool", "out", "model"})),
-    "mix": ("delia.mix:mix", frozenset({"task", "diverse", "out", "ratio", "seed", "tokenizer"})),
-    "train": ("delia.train:train", frozenset({"data", "out", "model", "add_token", "eval_data", "resume", "seed",
-                                              "diverse_loss"})),
-    "eval": ("delia.evaluate:evaluate", frozenset({"data", "out", "model", "adapter", "metric", "metric_config",
-                                                   "general", "contrast"})),
+# Each section's stage config, and the options `delia run` sets itself (per arm, seed or task).
+STAGE_CONFIGS: dict[str, tuple[str, frozenset[str]]] = {
+    "pool": ("delia.pool:PoolConfig", frozenset({"out", "task", "model"})),
+    "sample": ("delia.sample:SampleConfig", frozenset({"model"})),
+    "mix": ("delia.mix:MixConfig", frozenset({"ratio", "seed", "tokenizer"})),
+    "train": ("delia.train:TrainConfig", frozenset({"model", "add_token", "eval_data", "resume", "seed",
+                                                   "diverse_loss"})),
+    "eval": ("delia.evaluate:EvalConfig", frozenset({"model", "adapter", "metric", "metric_config", "general",
+                                                    "contrast"})),
 }
 
 
+def stage_config(stage: str) -> Any:
+    """The config class of an experiment section's stage."""
+    module, name = STAGE_CONFIGS[stage][0].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def check_stage_options(stage: str, options: dict[str, Any]) -> dict[str, Any]:
-    """`options` unchanged if every key is an option of the stage that `delia run` leaves to the section;
-    otherwise a ValueError naming each bad key (with the closest option, for a typo)."""
-    target, set_by_run = STAGE_OPTIONS[stage]
-    module, fn = target.split(":")
-    known = set(inspect.signature(getattr(importlib.import_module(module), fn)).parameters) - set_by_run
-    problems = []
-    for key in options:
-        if key in set_by_run:
-            problems.append(f"{key!r} is set by the experiment itself (task, seeds, arms), not in `{stage}:`")
-        elif key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            problems.append(f"{key!r} is not an option of delia {stage}"
-                            + (f" (did you mean {close[0]!r}?)" if close else ""))
-    if problems:
-        raise ValueError("; ".join(problems))
-    return options
+    """`options` unchanged if they validate as the stage's config and leave alone what `delia run` sets;
+    otherwise a ValueError naming each bad key or value (with the closest option, for a typo)."""
+    return stage_config(stage).check_section(options, STAGE_CONFIGS[stage][1])
 
 
 class Task(BaseModel):
@@ -172,6 +164,12 @@ class Experiment(BaseModel):
             raise ValueError("`contrast` needs `general` (its leakage rule and base model come with it)")
         if self.baseline is not None and self.baseline not in {a.name for a in self.arms}:
             raise ValueError(f"baseline {self.baseline!r} is not an arm")
+        train_config = stage_config("train")
+        for arm in self.arms:  # the experiment's train section and the arm's overrides, together
+            try:
+                train_config.build(**{**self.train, **arm.train}, diverse_loss=arm.diverse_loss)
+            except DeliaError as e:
+                raise ValueError(f"arm {arm.name!r}: {e}") from None
         return self
 
     @property

@@ -8,23 +8,23 @@ training resume inside their folder). Changing any input (data, model, option) c
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
-import typer
-from rich.console import Console
-from rich.markup import escape
+from pydantic import Field
 
 from delia import __version__
+from delia.config import Flags, StageConfig
 from delia.errors import DeliaError
 from delia.experiment import Experiment, load_experiment
 from delia.files import sha256_file, sha256_json, write_json
 from delia.models import model_fingerprint
 from delia.versions import library_versions
 
-console = Console(stderr=True)
+log = logging.getLogger(__name__)
 
 
 class StageCache:
@@ -41,10 +41,10 @@ class StageCache:
         marker = folder / "stage.json"
         if marker.exists():
             self.skipped.append(f"{stage}:{label}")
-            console.print(f"[dim]cached[/] {stage} {label} -> {folder}", highlight=False)
+            log.info("cached %s %s -> %s", stage, label, folder)
             return folder, json.loads(marker.read_text(encoding="utf-8"))
         folder.mkdir(parents=True, exist_ok=True)
-        console.rule(f"{stage} {label}")
+        log.info("-- %s %s -> %s", stage, label, folder)
         start = time.perf_counter()
         result = fn(folder)
         record = {"stage": stage, "label": label, "inputs": inputs, "wall_s": round(time.perf_counter() - start, 2),
@@ -218,90 +218,26 @@ def build_pool(cache: StageCache, spec: dict[str, Any], model_path: str, model_i
                                    "sources": [s["source"] for s in stats["sources"]]}
 
 
-def summary_table(summary: dict[str, Any]) -> Any:
-    """The verdict as a rich table that fits 80 columns: one block of rows per arm, a metric per row, its
-    mean [95% interval] and the paired Δ to the baseline; cells wrap, never cut."""
-    from rich.table import Table
+class RunConfig(StageConfig):
+    """Options of `delia run` (the experiment's own settings are in its YAML)."""
 
-    from delia.report import headline, interval, label
-
-    base = summary.get("baseline")
-    table = Table(title="results: mean [95% interval]", title_justify="left", show_lines=False)
-    table.add_column("arm / metric", overflow="fold")
-    table.add_column("mean [95%]", overflow="fold")
-    table.add_column(f"Δ vs {base}" if base else "Δ", overflow="fold")
-    for name, a in summary["arms"].items():
-        ratio = "" if a["ratio"] is None else f" (ratio {a['ratio']:g})"
-        table.add_row(f"[bold]{escape(name)}[/]{ratio}", "", "", end_section=False)
-        for m in headline(summary):
-            d = a["delta"].get(m)
-            table.add_row(f"  {label(m)}", interval(a["metrics"][m], m), interval(d, m, sign=True) if d else "–")
-    return table
+    out: Annotated[Path | None, Flags("--out", "-o")] = None
+    """Output folder (default runs/<name>)."""
+    plan: Annotated[bool, Flags("--plan")] = False
+    """Return the estimated tokens, FLOPs and wall time of every arm and seed, and stop (nothing runs)."""
+    flops_per_s: float | None = Field(None, gt=0)
+    """Rate for the wall-time estimates, e.g. 2e14 for a GPU (default: measured on this machine)."""
+    baseline: str | None = None
+    """Arm the report compares the others with (default: the experiment's `baseline`, else its first sft arm);
+    a rerun with another baseline reuses every finished stage."""
 
 
-def print_summary(result: dict[str, Any]) -> None:
-    """The verdict table and sentences, then where the report is (the CLI's view of a run's result)."""
-    from delia.report import verdict
-
-    summary = result["summary"]
-    out = Console(soft_wrap=False)
-    out.print(summary_table(summary))
-    for line in verdict(summary):
-        out.print(escape(line), highlight=False)
-    if not summary["general"]:
-        out.print("no general prompts evaluated: leakage and drift unknown (set `general` in the experiment)")
-    console.print(f"report: {result['report_md']}\n        {result['report_html']}", highlight=False)
-
-
-def plan_table(plan: dict[str, Any]) -> Any:
-    """The cost plan as a rich table that fits 80 columns: per arm and seed, tokens, FLOPs and wall time."""
-    from rich.table import Table
-
-    table = Table(title=f"plan per seed ({plan['seeds']} seeds): estimates", title_justify="left")
-    for name in ("arm", "diverse rows", "generated tokens", "trained tokens", "fwd-only tokens", "TFLOPs", "wall"):
-        table.add_column(name, overflow="fold", justify="left" if name == "arm" else "right")
-    for a in plan["arms"]:
-        table.add_row(f"{escape(a['arm'])}\n{a['kind']} {a['ratio']:g}", f"{a['diverse_rows']:,}",
-                      f"≤{a['generated_tokens']:,.0f}", f"{a['trained_tokens']:,.0f}",
-                      f"{a['forward_only_tokens']:,.0f}", f"{a['flops'] / 1e12:,.2f}", _duration(a["est_wall_s"]))
-    return table
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else (
-        f"{seconds / 3600:.1f} h")
-
-
-def print_plan(plan: dict[str, Any]) -> None:
-    """The plan table, then what sampling runs once and the rate the wall times assume."""
-    out = Console(soft_wrap=False)
-    out.print(plan_table(plan))
-    if s := plan["sampling_run"]:
-        out.print(f"sampling (once, shared by every seed and self-sampling arm): {s['queries']:,} queries, "
-                  f"{s['prompt_tokens']:,} prompt tokens, ≤{s['completion_tokens']:,} generated tokens; each arm "
-                  "above counts the share it mixes in.", highlight=False)
-    rate = (f"the given {plan['flops_per_s'] / 1e9:,.0f} GFLOP/s" if plan["flops_per_s"] else
-            f"this machine's measured matmul peak ({plan['matmul_peak_flops'] / 1e9:,.0f} GFLOP/s) times the share "
-            "delia's CPU benchmarks reach: " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s"
-                                                        for k, v in plan["rates"].items()))
-    out.print(f"wall: FLOPs at {rate}. Generated tokens are upper bounds (max_new_tokens per answer).",
-              highlight=False)
-
-
-def run(
-    experiment: Annotated[Path, typer.Argument(help="Experiment YAML (see examples/).", exists=True, dir_okay=False)],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default runs/<name>).")] = None,
-    plan: Annotated[bool, typer.Option("--plan", help="Print the estimated tokens, FLOPs and wall time of every "
-                                                      "arm and seed, then stop (nothing runs).")] = False,
-    flops_per_s: Annotated[float | None, typer.Option(
-        help="Rate for the wall-time estimates, e.g. 2e14 for a GPU (default: measured on this machine).")] = None,
-    baseline: Annotated[str | None, typer.Option(
-        help="Arm the report compares the others with (default: the experiment's `baseline`, else its first sft "
-             "arm); a rerun with another baseline reuses every finished stage.")] = None,
-) -> dict[str, Any]:
+def run(experiment: Annotated[Path, "Experiment YAML (see examples/)."], config: RunConfig | None = None,
+        **options: Any) -> dict[str, Any]:
     """Run an experiment: sample, mix, train and eval every arm and seed, then write report.md and report.html.
 
     Finished stages are cached by a hash of their inputs: a rerun skips them, an interrupted run continues.
+    Returns the run's result (the report's paths and summary), or with `plan` the cost plan.
 
     Examples:\n
       delia run examples/demo.yaml\n
@@ -309,18 +245,15 @@ def run(
       delia run examples/paper-format.yaml --out runs/paper\n
       delia run examples/anchor-cpu.yaml --baseline delia-2
     """
+    cfg = RunConfig.build(config, **options)
     exp = load_experiment(experiment)
-    if baseline is not None:
-        if baseline not in {a.name for a in exp.arms}:
-            raise DeliaError(f"--baseline {baseline!r} is not an arm of {experiment} "
+    if cfg.baseline is not None:
+        if cfg.baseline not in {a.name for a in exp.arms}:
+            raise DeliaError(f"`baseline` {cfg.baseline!r} is not an arm of {experiment} "
                              f"({', '.join(a.name for a in exp.arms)})")
-        exp.baseline = baseline
-    if plan:
+        exp.baseline = cfg.baseline
+    if cfg.plan:
         from delia.plan import plan_experiment
 
-        result = plan_experiment(resolve_paths(exp), flops_per_s)
-        print_plan(result)
-        return result
-    result = run_experiment(exp, out or Path("runs") / exp.name, flops_per_s)
-    print_summary(result)
-    return result
+        return plan_experiment(resolve_paths(exp), cfg.flops_per_s)
+    return run_experiment(exp, cfg.out or Path("runs") / exp.name, cfg.flops_per_s)

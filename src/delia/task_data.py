@@ -21,11 +21,10 @@ import random
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal
-
-import typer
+from typing import Annotated, Any, ClassVar, Literal
 
 from delia import demo_data as dd
+from delia.config import Flags, StageConfig
 from delia.errors import DeliaError
 
 # ----------------------------------------------------------------------------- sep
@@ -345,16 +344,21 @@ def resolve_data_path(path: str | Path) -> Path:
     return data.prepare() / name
 
 
-def prepare_data(
-    set_name: Annotated[Literal["demo", "sep", "mt"], typer.Option(
-        "--set", help="demo: the food task, pool and general prompts; sep: held-out and contrast <sep> rows; "
-                      "mt: English->Japanese manga translation with the demo's pool and general prompts.")] = "demo",
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder to write (default: "
-                                             "$DELIA_CACHE/data/<set>-<version>, DELIA_CACHE defaulting to "
-                                             "~/.cache/delia).")] = None,
-    force: Annotated[bool, typer.Option(help="Rebuild even if the folder is already prepared.")] = False,
-) -> Path:
-    """Build (once), print and return a data set's folder: its JSONL files and SOURCES.json.
+class DataConfig(StageConfig):
+    """Options of `delia demo-data`."""
+
+    verb: ClassVar[str] = "demo-data"
+    set_name: Annotated[Literal["demo", "sep", "mt"], Flags("--set")] = "demo"
+    """demo: the food task, pool and general prompts; sep: held-out and contrast <sep> rows; mt: English->Japanese
+    manga translation with the demo's pool and general prompts."""
+    out: Annotated[Path | None, Flags("--out", "-o")] = None
+    """Folder to write (default: $DELIA_CACHE/data/<set>-<version>, DELIA_CACHE defaulting to ~/.cache/delia)."""
+    force: bool = False
+    """Rebuild even if the folder is already prepared."""
+
+
+def prepare_data(config: DataConfig | None = None, **options: Any) -> Path:
+    """Build (once) and return a data set's folder: its JSONL files and SOURCES.json.
 
     The data comes from the PyPI package `evals` (MIT), downloaded once with pip into $DELIA_CACHE/downloads.
     A prepared folder whose files match SOURCES.json is reused as is. Experiment configs name its files as
@@ -365,6 +369,5 @@ def prepare_data(
       delia demo-data --set sep\n
       delia demo-data --set mt --out data/mt --force
     """
-    folder = SETS[set_name].prepare(out, force)
-    typer.echo(folder)
-    return folder
+    cfg = DataConfig.build(config, **options)
+    return SETS[cfg.set_name].prepare(cfg.out, cfg.force)

@@ -25,6 +25,7 @@ from delia.errors import DeliaError
 from delia.files import changed_settings, sha256_file, sha256_json, write_json, write_jsonl
 from delia.important import IMPORTANT_LOSS_FILE
 from delia.models import load_trained
+from delia.progress import Progress, ProgressCallback, report
 from delia.versions import library_versions
 
 TRAIN_RECORD = "delia_train.json"
@@ -127,6 +128,8 @@ def train(
     data: Annotated[Path, "Training rows: a `delia mix` output or any chat dataset."],
     out: Annotated[Path, "Output folder: the PEFT adapter, its tokenizer and delia_train.json."],
     config: TrainConfig | None = None,
+    *,
+    progress: ProgressCallback | None = None,
     **options: Any,
 ) -> Path:
     """LoRA SFT of MODEL on DATA; writes a PEFT adapter folder to OUT and returns its path.
@@ -139,7 +142,7 @@ def train(
       delia train mix.jsonl runs/delia --resume\n
       accelerate launch --config_file configs/accelerate/zero2.yaml -m delia train mix.jsonl runs/delia
     """
-    return build_trainer(data, out, config, **options).fit()
+    return build_trainer(data, out, config, progress=progress, **options).fit()
 
 
 class Training:
@@ -266,8 +269,8 @@ def _precision(precision: str) -> dict[str, bool]:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
-def build_trainer(data: str | Path, out: str | Path, config: TrainConfig | None = None,
-                  **options: Any) -> Training:
+def build_trainer(data: str | Path, out: str | Path, config: TrainConfig | None = None, *,
+                  progress: ProgressCallback | None = None, **options: Any) -> Training:
     """Everything up to a ready SFTTrainer, for `train` to run (tests and benchmarks inspect or time it)."""
     import datasets
     import torch
@@ -330,7 +333,7 @@ def build_trainer(data: str | Path, out: str | Path, config: TrainConfig | None 
         train_sampling_strategy="group_by_length" if s["batching"] == "group_by_length" else "random",
         logging_steps=s["logging_steps"], save_strategy="steps", save_steps=s["save_steps"],
         eval_strategy="steps" if has_eval else "no", eval_steps=s["eval_steps"], eval_on_start=has_eval,
-        dataset_num_proc=None, **precision,
+        dataset_num_proc=None, disable_tqdm=True, **precision,  # progress and logs: `_reporter`
     )
     datasets.disable_progress_bars()
     trainer_class, extra = SFTTrainer, {}
@@ -363,6 +366,7 @@ def build_trainer(data: str | Path, out: str | Path, config: TrainConfig | None 
                              "which shard the embedding; set `train_rows` all with these")
         _train_token_rows(trainer)
 
+    _report_to(trainer, progress)
     keeper = _checkpoint_keeper(out / CHECKPOINTS, trainer)
     trainer.add_callback(keeper)
 
@@ -614,6 +618,25 @@ def _checkpoint_keeper(folder: Path, trainer: Any) -> Any:
             trainer.accelerator.wait_for_everyone()
 
     return CheckpointKeeper()
+
+
+def _report_to(trainer: Any, progress: ProgressCallback | None) -> None:
+    """The trainer's progress to `progress` (optimizer steps) and its logs (loss, learning rate, ...) to the
+    `delia.train` logger, in place of transformers' own printing."""
+    from transformers import PrinterCallback, TrainerCallback
+
+    class Reporter(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.is_world_process_zero:
+                report(progress, Progress("training", state.global_step, state.max_steps, unit="steps"))
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+            if state.is_world_process_zero and logs:
+                log.info("step %d: %s", state.global_step,
+                         "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items()))
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(Reporter())
 
 
 def _sources(records: list[dict[str, Any]]) -> dict[str, int]:
