@@ -262,6 +262,22 @@ def _show_logs() -> None:
     logger.setLevel(logging.INFO)
 
 
+def _metrics(metrics: Mapping[str, Any]) -> str:
+    return "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+
+
+def show_eval(summary: dict[str, Any]) -> None:
+    """`delia eval`: the task's metrics, the general and contrast ones, and the metric's notes."""
+    for name, metrics in (("eval", summary["metrics"]),
+                          *((k, summary[k]["metrics"]) for k in ("general", "contrast") if k in summary)):
+        console.print(f"[green]{name}[/] {escape(_metrics(metrics))}", highlight=False)
+    for note in summary["notes"]:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+
+
+SHOW["eval"] = show_eval
+
+
 def _register_stages() -> None:
     for verb, target in STAGES.items():
         module, fn = target.split(":")
