@@ -278,6 +278,18 @@ def show_eval(summary: dict[str, Any]) -> None:
 SHOW["eval"] = show_eval
 
 
+def show_probe(result: dict[str, Any]) -> None:
+    """`delia probe`: per token, its cosine by layer against the baseline, and its nearest neighbours."""
+    for token, e in result["tokens"].items():
+        line = (f"{token}: cosine_last by layer {' '.join(f'{v:.2f}' for v in e['cosine_last'])} (baseline "
+                f"{' '.join(f'{v:.2f}' for v in e['baseline'])}); nearest: "
+                f"{', '.join(repr(n['token']) for n in e['neighbours'][:5])}")
+        console.print(f"[green]probe[/] {escape(line)}", highlight=False)
+
+
+SHOW["probe"] = show_probe
+
+
 def _register_stages() -> None:
     for verb, target in STAGES.items():
         module, fn = target.split(":")
