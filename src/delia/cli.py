@@ -290,6 +290,19 @@ def show_probe(result: dict[str, Any]) -> None:
 SHOW["probe"] = show_probe
 
 
+def show_mix(summary: dict[str, Any]) -> None:
+    """`delia mix`: rows (and tokens) per source, where the mixture and its summary are."""
+    from delia.mix import summary_path
+
+    counts = ", ".join(f"{s}: {v['rows']} rows" + (f" / {v['total_tokens']} tokens" if "total_tokens" in v else "")
+                       for s, v in summary["sources"].items())
+    console.print(f"[green]wrote[/] {summary['rows']} rows to {escape(summary['out'])} ({escape(counts)}); "
+                  f"summary in {escape(str(summary_path(summary['out'])))}")
+
+
+SHOW["mix"] = show_mix
+
+
 def _register_stages() -> None:
     for verb, target in STAGES.items():
         module, fn = target.split(":")
