@@ -214,7 +214,7 @@ def test_an_undetectable_first_row_says_which_keys_it_expected(write_jsonl):
     with pytest.raises(DataError) as e:
         read_chat(write_jsonl("t.jsonl", [{"text": "hi"}]))
     assert (e.value.reason, e.value.line) == ("unknown_format", 1)
-    assert "'text'" in str(e.value) and "--format" in str(e.value)
+    assert "'text'" in str(e.value) and "`format`" in str(e.value)
 
 
 def test_json_documents_name_the_row_or_the_line(tmp_path):
@@ -254,7 +254,7 @@ def test_a_mapped_column_that_is_absent_is_named(tmp_path):
     with pytest.raises(DataError) as e:
         read_chat(path, "prompt-completion", columns={"prompt": "question", "completion": "answr"})
     assert (e.value.row, e.value.field, e.value.reason) == (0, "answr", "missing_key")
-    assert "--columns maps it to column 'answr'" in str(e.value)
+    assert "`columns` maps it to column 'answr'" in str(e.value)
 
 
 def test_output_formats_that_are_only_read_are_refused(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 
 from delia.cli import main
 from delia.errors import DeliaError
-from delia.evaluate import PREDICTIONS, SCORES, evaluate
+from delia.evaluate import PREDICTIONS, SCORES, EvalConfig, evaluate
 from delia.metrics import MetricConfig, score
 
 ROWS = [
@@ -54,12 +54,15 @@ def test_evaluate_tiny_model(tiny_model, write_jsonl, tmp_path):
     assert len(scores["data_sha256"]) == 64 and scores["model"] == str(tiny_model)
     assert sorted(x.name for x in out.iterdir()) == [PREDICTIONS, SCORES]  # no temporary files left
 
-    again = evaluate(data, tmp_path / "again", model=str(tiny_model), max_new_tokens=6)  # greedy: same outputs
+    events = []
+    again = evaluate(data, tmp_path / "again", EvalConfig(model=str(tiny_model), max_new_tokens=6),
+                     progress=events.append)  # greedy: same outputs
     assert [p["output"] for p in _read(tmp_path / "again")[0]] == [p["output"] for p in preds]
     assert again["metrics"] == scores["metrics"]
+    assert [(e.task, e.done, e.total, e.unit) for e in events] == [("eval", i, 3, "rows") for i in (1, 2, 3)]
 
 
-def test_evaluate_cli_with_metric_config_and_limit(tiny_model, write_jsonl, tmp_path):
+def test_evaluate_cli_with_metric_config_and_limit(tiny_model, write_jsonl, tmp_path, capsys):
     data = write_jsonl("eval.jsonl", ROWS)
     cfg = tmp_path / "metric.yaml"
     cfg.write_text("kind: contains\n")
@@ -72,6 +75,7 @@ def test_evaluate_cli_with_metric_config_and_limit(tiny_model, write_jsonl, tmp_
     assert len(preds) == 2 and scores["rows"] == 2 and scores["primary"] == "contains"
     assert all(set(p["scores"]) == {"contains"} for p in preds)
     assert scores["metrics"]["n"] == 2
+    assert "eval contains=" in capsys.readouterr().err  # the command prints the metrics the stage returns
 
 
 def test_evaluate_errors(tiny_model, write_jsonl, tmp_path):
@@ -85,6 +89,36 @@ def test_evaluate_errors(tiny_model, write_jsonl, tmp_path):
     bad = write_jsonl("bad.jsonl", [{"messages": [{"role": "user", "content": "no answer"}]}])
     with pytest.raises(DeliaError, match="last turn must be from the assistant"):
         evaluate(bad, tmp_path / "o", model=str(tiny_model))
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(("options", "named"), [
+    ({"metric": "bleu"}, "field 'metric': unknown metric 'bleu'; expected one of format, translation"),
+    ({"max_new_tokens": 0}, "field 'max_new_tokens': max_new_tokens must be >= 1, got 0"),
+    ({"top_p": 1.5}, "field 'top_p': top_p must be <= 1, got 1.5"),
+    ({"contrast": "c.jsonl"}, "`contrast` needs `general`"),
+    ({"adapter": "a", "base_model": "b"}, "`base_model` is for a merged `model`"),
+    ({"model": "m", "adapter": "a"}, "set `model` or `adapter`, not both"),
+    ({"max_new_token": 8}, "'max_new_token' is not an option of delia eval (did you mean 'max_new_tokens'?)"),
+])
+def test_eval_options_are_checked_before_anything_runs(options, named, tmp_path):
+    with pytest.raises(DeliaError) as e:
+        evaluate(tmp_path / "missing.jsonl", tmp_path / "o", **options)
+    assert named in str(e.value)
+    with pytest.raises(DeliaError):
+        EvalConfig.build(**options)
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_cli_names_flags_of_a_bad_combination_and_a_missing_file(write_jsonl, tmp_path, capsys):
+    data, contrast = write_jsonl("eval.jsonl", ROWS), write_jsonl("contrast.jsonl", ROWS)
+    with pytest.raises(SystemExit) as done:
+        main(["eval", str(data), str(tmp_path / "o"), "--contrast", str(contrast)])
+    assert done.value.code == 2 and "--contrast needs --general" in " ".join(capsys.readouterr().err.split())
+    with pytest.raises(SystemExit) as done:
+        main(["eval", str(data), str(tmp_path / "o"), "--general", str(tmp_path / "nope.jsonl")])
+    err = " ".join(capsys.readouterr().err.split())
+    assert done.value.code == 2 and f"--general {tmp_path / 'nope.jsonl'}: no such file or folder" in err
     assert not (tmp_path / "o").exists()
 
 

@@ -188,7 +188,7 @@ def test_contrast_needs_general(tiny_model, write_jsonl, tmp_path):
 
     task = write_jsonl("task.jsonl", [{"messages": [{"role": "user", "content": "2+2?"},
                                                     {"role": "assistant", "content": "4"}]}])
-    with pytest.raises(DeliaError, match="--contrast needs --general"):
+    with pytest.raises(DeliaError, match="`contrast` needs `general`"):
         evaluate(task, tmp_path / "eval", model=str(tiny_model), metric="exact", max_new_tokens=2,
                  contrast=write_jsonl("contrast.jsonl", CONTRAST))
     assert not (tmp_path / "eval" / SCORES).exists()

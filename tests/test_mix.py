@@ -1,11 +1,12 @@
 import json
+import logging
 from collections import Counter
 
 import pytest
 
 from delia.data import read_chat
 from delia.errors import DeliaError
-from delia.mix import mix, summary_path
+from delia.mix import MixConfig, mix, summary_path
 
 
 def _rows(prefix, n, answer="fine"):
@@ -46,19 +47,43 @@ def test_deterministic_for_a_seed(inputs, tmp_path):
     assert a.read_bytes() != c.read_bytes()
 
 
-def test_pool_too_small(inputs, tmp_path):
+def test_pool_too_small(inputs, tmp_path, caplog):
     task, diverse = inputs
     with pytest.raises(DeliaError, match="pool has 30 rows but 40"):
         mix(task, diverse, tmp_path / "m.jsonl", ratio=10, tokenizer="")
     assert not (tmp_path / "m.jsonl").exists()
-    summary = mix(task, diverse, tmp_path / "m.jsonl", ratio=10, allow_short=True, tokenizer="")
+    summary = mix(task, diverse, tmp_path / "m.jsonl", MixConfig(ratio=10, allow_short=True), tokenizer="")
     assert summary["short"] and summary["sources"]["diverse"]["rows"] == 30
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "only 30 rows of the 40" in caplog.text
 
 
 @pytest.mark.parametrize("kw", [{}, {"ratio": 1, "diverse_count": 3}, {"ratio": -1}])
 def test_needs_one_valid_amount(inputs, tmp_path, kw):
     with pytest.raises(DeliaError):
         mix(*inputs, tmp_path / "m.jsonl", tokenizer="", **kw)
+
+
+@pytest.mark.parametrize(("options", "named"), [
+    ({}, "set exactly one of `ratio` or `diverse_count`"),
+    ({"ratio": 1, "diverse_count": 3}, "set exactly one of `ratio` or `diverse_count`"),
+    ({"ratio": -1}, "field 'ratio': ratio must be >= 0, got -1"),
+    ({"diverse_count": -2}, "field 'diverse_count': diverse_count must be >= 0, got -2"),
+    ({"ratio": 1, "seeed": 2}, "'seeed' is not an option of delia mix (did you mean 'seed'?)"),
+])
+def test_options_errors_name_the_field(inputs, tmp_path, options, named):
+    with pytest.raises(DeliaError) as e:
+        mix(*inputs, tmp_path / "m.jsonl", **options)
+    assert named in str(e.value)
+    assert not (tmp_path / "m.jsonl").exists()
+
+
+def test_cli_names_the_flags_of_a_bad_amount(inputs, tmp_path, capsys):
+    from delia.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["mix", *map(str, inputs), str(tmp_path / "m.jsonl"), "--ratio", "1", "--diverse-count", "2"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert done.value.code == 2 and "set exactly one of --ratio or --diverse-count" in err
 
 
 def test_hf_dataset_output_and_cli(inputs, tmp_path):
@@ -76,7 +101,7 @@ def test_hf_dataset_output_and_cli(inputs, tmp_path):
 
 
 @pytest.mark.parametrize("flag", ["--tokenizer", "--model", "-m"])
-def test_cli_empty_tokenizer_skips_counts(inputs, tmp_path, flag):
+def test_cli_empty_tokenizer_skips_counts(inputs, tmp_path, flag, capsys):
     from delia.cli import main
 
     task, diverse = inputs
@@ -85,9 +110,10 @@ def test_cli_empty_tokenizer_skips_counts(inputs, tmp_path, flag):
     assert done.value.code == 0
     summary = json.loads(summary_path(tmp_path / "m.jsonl").read_text())
     assert summary["tokenizer"] is None and "total_tokens" not in summary["sources"]["task"]
+    assert "wrote 8 rows to" in capsys.readouterr().err  # the command prints the summary the stage returns
 
 
-def test_default_tokenizer_never_installs(inputs, tmp_path, monkeypatch, capsys):
+def test_default_tokenizer_never_installs(inputs, tmp_path, monkeypatch, caplog):
     import delia.models
 
     def no_install(*a, **k):
@@ -96,9 +122,10 @@ def test_default_tokenizer_never_installs(inputs, tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(delia.models, "bundled_installed", lambda name: False)
     monkeypatch.setattr(delia.models, "load_tokenizer", no_install)
     monkeypatch.setattr(delia.models, "_bundled_gguf", no_install)
+    caplog.set_level(logging.INFO, logger="delia")
     summary = mix(*inputs, tmp_path / "m.jsonl", ratio=1)
     assert summary["tokenizer"] is None and "total_tokens" not in summary["sources"]["diverse"]
-    assert "not installed" in capsys.readouterr().err
+    assert "not installed" in caplog.text
 
 
 def test_default_tokenizer_is_the_bundled_model_when_installed(inputs, tmp_path, monkeypatch, tiny_model):

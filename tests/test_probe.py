@@ -9,7 +9,7 @@ import pytest
 from delia.cli import main
 from delia.errors import DeliaError
 from delia.models import load_model
-from delia.probe import PROBE, TEMPLATES, probe, probe_token
+from delia.probe import PROBE, TEMPLATES, ProbeConfig, probe, probe_token
 from delia.tokens import add_tokens
 
 DESC = "the format of a dict with keys thought and hallucination"
@@ -62,7 +62,7 @@ def test_identical_embedding_gives_cosine_one(tiny_model):
     assert other["cosine_last"][0] < 0.9
 
 
-def test_probe_cli_templates_and_token_file(tiny_model_untied, tmp_path):
+def test_probe_cli_templates_and_token_file(tiny_model_untied, tmp_path, capsys):
     tokens = tmp_path / "tokens.yaml"
     tokens.write_text("'<sep>': the hallucination-check format\n'<q>': a question\n")
     out = tmp_path / "p"
@@ -77,11 +77,32 @@ def test_probe_cli_templates_and_token_file(tiny_model_untied, tmp_path):
         assert entry["prompt_source"] == "templates" and entry["prompts"] == len(TEMPLATES)
         _check_entry(entry, 3, 4)
     assert result["added_for_probe"]["tied_embeddings"] is False and result["added_for_probe"]["init"] == "mean"
+    assert "probe <q>: cosine_last by layer" in capsys.readouterr().err  # the command prints the result
 
 
 def test_probe_needs_descriptions(tiny_model, tmp_path):
     with pytest.raises(DeliaError, match="no token with a description"):
         probe(tmp_path / "p", model=str(tiny_model), token=["<sep>"])
+
+
+@pytest.mark.parametrize(("options", "named"), [
+    ({"init": "zeros"}, "field 'init': unknown init 'zeros'; expected one of random, mean, mean-noise, description"),
+    ({"max_prompts": 0}, "field 'max_prompts': max_prompts must be >= 1, got 0"),
+    ({"format": "csv"}, "field 'format': unknown format 'csv'"),
+    ({"model": "m", "adapter": "a"}, "set `model` or `adapter`, not both"),
+])
+def test_probe_options_errors_name_the_field(options, named, tmp_path):
+    with pytest.raises(DeliaError) as e:
+        probe(tmp_path / "p", ProbeConfig(token=["<sep>=x"]), **options)
+    assert named in str(e.value)
+    assert not (tmp_path / "p").exists()
+
+
+def test_probe_reports_progress_per_token(tiny_model, tmp_path):
+    events = []
+    probe(tmp_path / "p", model=str(tiny_model), token=["<a>=first", "<b>=second"], max_prompts=1, neighbours=2,
+          progress=events.append)
+    assert [(e.task, e.done, e.total) for e in events] == [("probe", 1, 2), ("probe", 2, 2)]
 
 
 def test_eval_and_probe_on_a_trained_adapter(tiny_model, delia_format_data, write_jsonl, tmp_path):

@@ -17,6 +17,8 @@ def test_parse_token_specs():
         parse_token_specs(["<a>", "<a>=again"])
     with pytest.raises(DeliaError, match="non-empty"):
         parse_token_specs([" <a>"])
+    with pytest.raises(DeliaError, match="^`token` ' <a>': "):  # the errors name the option the specs came from
+        parse_token_specs([" <a>"], option="token")
 
 
 @pytest.mark.parametrize("method", ["random", "mean", "mean-noise", "description"])

@@ -17,7 +17,7 @@ import re
 import sys
 import types
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -147,17 +147,25 @@ def _config_class(func: Callable[..., Any]) -> Any:
     return next((a for a in typing.get_args(hint) if isinstance(a, type) and issubclass(a, StageConfig)), None)
 
 
-def _with_flags(message: str, config_class: Any) -> str:
-    """A library message names options as `field`; on the command line they are --field."""
+def _flags(config_class: Any) -> dict[str, str]:
+    """Each field of a config -> the flag that sets it on the command line."""
     fields = config_class.model_fields if config_class else {}
+    return {name: next(iter(_option_names(name, field)), f"--{name.replace('_', '-')}")
+            for name, field in fields.items()}
 
-    def flag(m: re.Match[str]) -> str:
-        name = m.group(1)
-        if name not in fields:
-            return m.group(0)
-        return next(iter(_option_names(name, fields[name])), f"--{name.replace('_', '-')}")
 
-    return re.sub(r"`([a-z_]+)`", flag, message)
+def _with_flags(message: str, flags: Mapping[str, str]) -> str:
+    """A library message names options as `field`; on the command line they are --field."""
+    return re.sub(r"`([a-z_]+)`", lambda m: flags.get(m.group(1), m.group(0)), message)
+
+
+@contextlib.contextmanager
+def _named_as_flags(flags: Mapping[str, str]) -> Iterator[None]:
+    """Library errors raised inside name the options as the command's flags."""
+    try:
+        yield
+    except DeliaError as e:
+        raise _Reworded(_with_flags(str(e), flags), e) from None
 
 
 def stage_command(func: Callable[..., Any], show: Callable[[Any], None] | None = None) -> Callable[..., Any]:
@@ -168,6 +176,7 @@ def stage_command(func: Callable[..., Any], show: Callable[[Any], None] | None =
 
     hints = typing.get_type_hints(func, include_extras=True)
     config_class = _config_class(func)
+    flags = _flags(config_class)
     params, arguments = [], []
     for name, p in inspect.signature(func).parameters.items():
         if name in ("config", "progress") or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL, p.KEYWORD_ONLY):
@@ -178,7 +187,7 @@ def stage_command(func: Callable[..., Any], show: Callable[[Any], None] | None =
                                         annotation=Annotated[base, typer.Argument(help=help_text)]))
     for name, field in (config_class.model_fields if config_class else {}).items():
         option = typer.Option(*_option_names(name, field),
-                              help=_with_flags(field.description, config_class) if field.description else None)
+                              help=_with_flags(field.description, flags) if field.description else None)
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
                                         default=field.get_default(call_default_factory=True),
                                         annotation=Annotated[_cli_type(field.annotation), option]))
@@ -187,15 +196,14 @@ def stage_command(func: Callable[..., Any], show: Callable[[Any], None] | None =
     @functools.wraps(func)
     def command(**values: Any) -> None:
         args = {name: values.pop(name) for name in arguments}
-        try:
-            if config_class is not None:
-                args["config"] = config_class.build(**values)
-            with _progress_bar() if takes_progress else contextlib.nullcontext() as bar:
-                result = func(**args, **({"progress": bar} if takes_progress else {}))
-        except DeliaError as e:
-            if isinstance(e, ConfigError):
-                raise typer.BadParameter(_with_flags(str(e), config_class)) from None
-            raise _Reworded(_with_flags(str(e), config_class), e) from None
+        with _named_as_flags(flags):
+            try:
+                if config_class is not None:
+                    args["config"] = config_class.build(**values)
+                with _progress_bar() if takes_progress else contextlib.nullcontext() as bar:
+                    result = func(**args, **({"progress": bar} if takes_progress else {}))
+            except ConfigError as e:
+                raise typer.BadParameter(_with_flags(str(e), flags)) from None
         if show is not None:
             show(result)
 
@@ -252,6 +260,47 @@ def _show_logs() -> None:
     logger.setLevel(logging.INFO)
 
 
+def _metrics(metrics: Mapping[str, Any]) -> str:
+    return "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+
+
+def show_eval(summary: dict[str, Any]) -> None:
+    """`delia eval`: the task's metrics, the general and contrast ones, and the metric's notes."""
+    for name, metrics in (("eval", summary["metrics"]),
+                          *((k, summary[k]["metrics"]) for k in ("general", "contrast") if k in summary)):
+        console.print(f"[green]{name}[/] {escape(_metrics(metrics))}", highlight=False)
+    for note in summary["notes"]:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+
+
+SHOW["eval"] = show_eval
+
+
+def show_probe(result: dict[str, Any]) -> None:
+    """`delia probe`: per token, its cosine by layer against the baseline, and its nearest neighbours."""
+    for token, e in result["tokens"].items():
+        line = (f"{token}: cosine_last by layer {' '.join(f'{v:.2f}' for v in e['cosine_last'])} (baseline "
+                f"{' '.join(f'{v:.2f}' for v in e['baseline'])}); nearest: "
+                f"{', '.join(repr(n['token']) for n in e['neighbours'][:5])}")
+        console.print(f"[green]probe[/] {escape(line)}", highlight=False)
+
+
+SHOW["probe"] = show_probe
+
+
+def show_mix(summary: dict[str, Any]) -> None:
+    """`delia mix`: rows (and tokens) per source, where the mixture and its summary are."""
+    from delia.mix import summary_path
+
+    counts = ", ".join(f"{s}: {v['rows']} rows" + (f" / {v['total_tokens']} tokens" if "total_tokens" in v else "")
+                       for s, v in summary["sources"].items())
+    console.print(f"[green]wrote[/] {summary['rows']} rows to {escape(summary['out'])} ({escape(counts)}); "
+                  f"summary in {escape(str(summary_path(summary['out'])))}")
+
+
+SHOW["mix"] = show_mix
+
+
 def _register_stages() -> None:
     for verb, target in STAGES.items():
         module, fn = target.split(":")
@@ -286,6 +335,7 @@ ColumnsOpt = Annotated[
     list[str] | None,
     typer.Option("--columns", "-c", help="FIELD=COLUMN, repeatable: map a format's field to the file's column."),
 ]
+_DATA_FLAGS = {"format": "--format", "columns": "--columns"}  # the options of FormatOpt and ColumnsOpt
 
 
 @data_app.command("inspect")
@@ -306,7 +356,8 @@ def data_inspect(
     from delia.data import describe, parse_columns, read_chat
     from delia.models import load_tokenizer
 
-    data = read_chat(file, format, columns=parse_columns(columns), skip_invalid=skip_invalid)  # type: ignore[arg-type]
+    with _named_as_flags(_DATA_FLAGS):
+        data = read_chat(file, format, columns=parse_columns(columns), skip_invalid=skip_invalid)  # type: ignore[arg-type]
     info = describe(data, load_tokenizer(model) if model else None)
     table = Table(title=escape(str(file)), show_header=False)
     for key in ("format", "rows", "turns", "roles", "rejected", "prompt_tokens", "response_tokens", "total_tokens"):
@@ -341,8 +392,9 @@ def data_convert(
     """
     from delia.data import parse_columns, read_chat, write_chat, write_rejects
 
-    data = read_chat(src, format, columns=parse_columns(columns), skip_invalid=skip_invalid,  # type: ignore[arg-type]
-                     require_assistant=not allow_no_assistant)
+    with _named_as_flags(_DATA_FLAGS):
+        data = read_chat(src, format, columns=parse_columns(columns), skip_invalid=skip_invalid,  # type: ignore[arg-type]
+                         require_assistant=not allow_no_assistant)
     write_chat(out, data.records)
     console.print(f"[green]wrote[/] {len(data.records)} rows ({data.format}) to {escape(str(out))}")
     if data.rejects:

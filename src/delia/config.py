@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from typing_extensions import Self
@@ -30,6 +30,13 @@ class Flags:
 
 _BOUNDS = {"greater_than": (">", "gt"), "greater_than_equal": (">=", "ge"), "less_than": ("<", "lt"),
            "less_than_equal": ("<=", "le")}  # pydantic error type -> (operator, its key in the error's ctx)
+
+
+def _choices(annotation: Any) -> tuple[Any, ...]:
+    """The values a `Literal[...]` field takes, also when it is optional (`Literal[...] | None`)."""
+    if typing.get_origin(annotation) is Literal:
+        return typing.get_args(annotation)
+    return tuple(c for arg in typing.get_args(annotation) for c in _choices(arg))
 
 
 class ConfigError(DeliaError):
@@ -65,7 +72,7 @@ class StageConfig(BaseModel):
                 reason = f"{loc!r} is not an option of delia {cls.verb_name()}" + (
                     f" (did you mean {close[0]!r}?)" if close else "")
             elif err["type"] == "literal_error":
-                choices = typing.get_args(cls.model_fields[loc].annotation) if loc in cls.model_fields else ()
+                choices = _choices(cls.model_fields[loc].annotation) if loc in cls.model_fields else ()
                 close = difflib.get_close_matches(str(err["input"]), list(map(str, choices)), n=1)
                 reason = (f"field {loc!r}: unknown {loc} {err['input']!r}; expected one of "
                           f"{', '.join(map(str, choices))}" + (f" (did you mean {close[0]!r}?)" if close else ""))

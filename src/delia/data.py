@@ -229,7 +229,7 @@ def _to_messages(fmt: str, row: Mapping[str, Any], err: _Err, columns: Mapping[s
     for k in dict(_FORMAT_KEYS)[fmt]:
         if k not in row:
             source = (columns or {}).get(k)  # name the file's column the user mapped, which is what is missing
-            where = f"; --columns maps it to column '{source}', which this row lacks" if source else ""
+            where = f"; `columns` maps it to column '{source}', which this row lacks" if source else ""
             raise err(source or k, f"missing key '{k}' (format {fmt}{where})", "missing_key")
     if fmt == "messages":
         return _messages(row["messages"], err, "messages")
@@ -284,13 +284,13 @@ def _check_extras(extras: Mapping[str, Any], err: _Err) -> None:
 
 
 def parse_columns(pairs: list[str] | None) -> dict[str, str] | None:
-    """`["prompt=question", ...]` (the --columns option) as the mapping `read_chat` takes."""
+    """`["prompt=question", ...]` (the `columns` option) as the mapping `read_chat` takes."""
     if not pairs:
         return None
     out = {}
     for p in pairs:
         if "=" not in p:
-            raise DeliaError(f"--columns expects FIELD=COLUMN, got {p!r}")
+            raise DeliaError(f"`columns` expects FIELD=COLUMN, got {p!r}")
         k, v = p.split("=", 1)
         out[k.strip()] = v.strip()
     return out
@@ -342,7 +342,7 @@ def read_chat(
                 if fmt is None:
                     raise err(None, f"cannot detect the format from keys {sorted(row)[:8]}; expected "
                               "'messages', 'conversations', 'prompt'+'completion' or 'instruction'+'output' "
-                              "(or pass --format / --columns)", "unknown_format")
+                              "(or set `format` / `columns`)", "unknown_format")
             msgs = _to_messages(fmt, row, err, columns)
             validate_messages(msgs, err, fld_name.get(fmt, "messages"), require_assistant)
             extras = {k: v for k, v in row.items() if k not in _CONSUMED[fmt]}

@@ -45,12 +45,15 @@ _FORMAT_ONLY = ("required_keys", "exact_keys", "allowed_values", "label_key", "e
 SCRIPT_SHARE = 0.5
 
 
+MetricKind = Literal["format", "translation", "exact", "contains"]
+
+
 class MetricConfig(BaseModel):
     """How a task's outputs are scored; `kind` picks the metric, the other fields configure it."""
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["format", "translation", "exact", "contains"] = "format"
+    kind: MetricKind = "format"
     # format
     required_keys: list[str] = []
     exact_keys: bool = False  # the object's keys must be exactly `required_keys`

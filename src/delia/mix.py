@@ -6,18 +6,42 @@ draw and the order, so the same inputs and seed give the same file byte for byte
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 from typing import Annotated, Any
 
-import typer
-from rich.console import Console
+from pydantic import Field, model_validator
 
+from delia.config import Flags, StageConfig
 from delia.data import ChatData, describe, read_chat, row_id, write_chat
 from delia.errors import DeliaError
 from delia.files import beside, sha256_file, write_json
 
 SOURCES = ("task", "diverse")
+log = logging.getLogger(__name__)
+
+
+class MixConfig(StageConfig):
+    """Options of `delia mix`: how many diverse rows (exactly one of `ratio` and `diverse_count`), and the seed."""
+
+    ratio: float | None = Field(None, ge=0)
+    """Diverse rows per task row, e.g. 100 (the paper's)."""
+    diverse_count: int | None = Field(None, ge=0)
+    """Number of diverse rows (instead of `ratio`)."""
+    seed: int = 0
+    """Seed of the draw and the shuffle."""
+    allow_short: bool = False
+    """Take the whole pool when it has fewer rows than asked (with a warning) instead of failing."""
+    tokenizer: Annotated[str | None, Flags("--tokenizer", "--model", "-m")] = None
+    """Model whose tokenizer counts the tokens in the summary ('' to skip them); by default the bundled model if
+    it is installed, else the counts are skipped (nothing is installed just to count)."""
+
+    @model_validator(mode="after")
+    def _one_amount(self) -> MixConfig:
+        if (self.ratio is None) == (self.diverse_count is None):
+            raise ValueError("set exactly one of `ratio` or `diverse_count`")
+        return self
 
 
 def summary_path(out: str | Path) -> Path:
@@ -32,54 +56,42 @@ def _tagged(record: dict[str, Any], source: str) -> dict[str, Any]:
 
 
 def mix(
-    task: Annotated[Path, typer.Argument(help="Task training rows (any format `delia data` reads).")],
-    diverse: Annotated[Path, typer.Argument(help="Diverse rows: the messages JSONL `delia sample` writes.")],
-    out: Annotated[Path, typer.Argument(help="Output: .jsonl (messages JSONL) or a folder (saved HF dataset).")],
-    ratio: Annotated[float | None, typer.Option(help="Diverse rows per task row, e.g. 100 (the paper's).")] = None,
-    diverse_count: Annotated[int | None, typer.Option(help="Number of diverse rows (instead of --ratio).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the draw and the shuffle.")] = 0,
-    allow_short: Annotated[bool, typer.Option(
-        help="Take the whole pool when it has fewer rows than asked (with a warning) instead of failing.")] = False,
-    tokenizer: Annotated[str | None, typer.Option(
-        "--tokenizer", "--model", "-m",
-        help="Model whose tokenizer counts the tokens in the summary ('' to skip them); by default the bundled "
-             "model if it is installed, else the counts are skipped (nothing is installed just to count).")] = None,
+    task: Annotated[Path, "Task training rows (any format `delia data` reads)."],
+    diverse: Annotated[Path, "Diverse rows: the messages JSONL `delia sample` writes."],
+    out: Annotated[Path, "Output: .jsonl (messages JSONL) or a folder (saved HF dataset)."],
+    config: MixConfig | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """Mix task rows with diverse rows; writes OUT and OUT.summary.json, returns the summary.
 
     Each output row keeps `source` ("task" or "diverse") and `id`. The summary counts rows and
-    tokens per source.
+    tokens per source. `options` set any MixConfig field over `config`.
 
     Examples:\n
       delia mix task.jsonl diverse.jsonl mix.jsonl --ratio 100\n
       delia mix task.jsonl diverse.jsonl mix.jsonl --diverse-count 5000 --seed 1
     """
-    if (ratio is None) == (diverse_count is None):
-        raise DeliaError("pass exactly one of --ratio or --diverse-count")
-    if (ratio is not None and ratio < 0) or (diverse_count is not None and diverse_count < 0):
-        raise DeliaError("--ratio and --diverse-count must not be negative")
+    cfg = MixConfig.build(config, **options)
     task_data = read_chat(task)
     pool = read_chat(diverse).records
     if not task_data.records:
         raise DeliaError(f"{task}: no task rows")
-    wanted = diverse_count if diverse_count is not None else round(ratio * len(task_data.records))  # type: ignore[operator]
+    wanted = cfg.diverse_count if cfg.diverse_count is not None else round(cfg.ratio * len(task_data.records))  # type: ignore[operator]
     short = wanted > len(pool)
-    if short and not allow_short:
+    if short and not cfg.allow_short:
         raise DeliaError(f"{diverse}: the pool has {len(pool)} rows but {wanted} diverse rows are asked for "
-                         f"({len(task_data.records)} task rows); sample more, lower --ratio, or pass --allow-short")
-    console = Console(stderr=True)
+                         f"({len(task_data.records)} task rows); sample more, lower `ratio`, or set `allow_short`")
     if short:
-        console.print(f"[yellow]warning:[/] {diverse} has only {len(pool)} rows of the {wanted} asked for; "
-                      "using all of them (--allow-short)")
+        log.warning("%s has only %d rows of the %d asked for; using all of them (allow_short)", diverse, len(pool),
+                    wanted)
 
-    rng = random.Random(seed)
+    rng = random.Random(cfg.seed)
     picked = rng.sample(range(len(pool)), min(wanted, len(pool)))
     rows = [_tagged(r, "task") for r in task_data.records] + [_tagged(pool[i], "diverse") for i in picked]
     rng.shuffle(rows)
     write_chat(out, rows)
 
-    if tokenizer is None:
-        tokenizer = _default_tokenizer(console)
+    tokenizer = _default_tokenizer() if cfg.tokenizer is None else cfg.tokenizer
     tok = None
     if tokenizer:
         from delia.models import load_tokenizer
@@ -91,26 +103,23 @@ def mix(
         per_source[source] = {k: info[k] for k in ("rows", "prompt_tokens", "response_tokens", "total_tokens")
                               if k in info}
     summary = {
-        "out": str(out), "seed": seed, "ratio": ratio, "diverse_count": diverse_count,
+        "out": str(out), "seed": cfg.seed, "ratio": cfg.ratio, "diverse_count": cfg.diverse_count,
         "diverse_asked": wanted, "short": short, "rows": len(rows), "tokenizer": tokenizer or None,
         "sources": per_source,
         "inputs": {"task": {"path": str(task), "sha256": _hash(task), "rows": len(task_data.records)},
                    "diverse": {"path": str(diverse), "sha256": _hash(diverse), "rows": len(pool)}},
     }
     write_json(summary_path(out), summary)
-    counts = ", ".join(f"{s}: {v['rows']} rows" + (f" / {v['total_tokens']} tokens" if "total_tokens" in v else "")
-                       for s, v in per_source.items())
-    console.print(f"[green]wrote[/] {len(rows)} rows to {out} ({counts}); summary in {summary_path(out)}")
     return summary
 
 
-def _default_tokenizer(console: Console) -> str | None:
+def _default_tokenizer() -> str | None:
     """The bundled default model when it is installed; otherwise None (no counts), with a note."""
     from delia.models import BUNDLED, DEFAULT_MODEL, bundled_installed
 
     if DEFAULT_MODEL in BUNDLED and not bundled_installed(DEFAULT_MODEL):
-        console.print(f"note: {DEFAULT_MODEL} is not installed, so the summary has no token counts "
-                      "(pass --tokenizer to count them)")
+        log.info("note: %s is not installed, so the summary has no token counts (set the tokenizer option to "
+                 "count them)", DEFAULT_MODEL)
         return None
     return DEFAULT_MODEL
 

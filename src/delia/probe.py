@@ -22,11 +22,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-import typer
+from pydantic import Field, model_validator
 
+from delia.config import Flags, StageConfig
+from delia.data import Format
 from delia.errors import DeliaError
+from delia.models import DEFAULT_MODEL
+from delia.progress import Progress, ProgressCallback, report
 
 PROBE = "probe.json"
 # Prompts used when no data row puts the token in a prompt.
@@ -37,6 +41,41 @@ TEMPLATES = (
     "Follow {token} strictly when you write your answer.",
 )
 _EMBED_CHUNK = 8192
+
+
+class ProbeConfig(StageConfig):
+    """Options of `delia probe`: the model, the tokens and their descriptions, the prompts."""
+
+    model: Annotated[str | None, Flags("--model", "-m")] = Field(
+        None, description=f"Base or merged model (default {DEFAULT_MODEL}); not with `adapter`.")
+    adapter: Path | None = None
+    """Adapter folder written by `delia train`; its delia_train.json supplies token descriptions."""
+    token: Annotated[list[str] | None, Flags("--token", "-t")] = None
+    """TOKEN=DESCRIPTION, repeatable: the instruction the token stands for."""
+    tokens_file: Path | None = None
+    """YAML mapping of token to description."""
+    data: Path | None = None
+    """Rows whose prompts use the tokens (e.g. the task's eval set); without it, or when no row has a token,
+    templates."""
+    format: Annotated[Format, Flags("--format", "-f")] = "auto"
+    """Format of `data` (auto, messages, ...)."""
+    max_prompts: int = Field(16, ge=1)
+    """Prompts per token."""
+    neighbours: int = Field(10, ge=1)
+    """Nearest vocabulary neighbours to list."""
+    init: Literal["random", "mean", "mean-noise", "description"] = "random"
+    """Init for a token the model lacks (as `delia train --token-init`): random, mean, mean-noise or
+    description."""
+    seed: int = 0
+    """Seed of that init."""
+    device: str | None = None
+    """cpu, cuda ... (default: cuda if present)."""
+
+    @model_validator(mode="after")
+    def _one_model(self) -> ProbeConfig:
+        if self.model is not None and self.adapter is not None:
+            raise ValueError("set `model` or `adapter`, not both: the adapter records its base model")
+        return self
 
 
 def _recorded_descriptions(folder: Path | None) -> dict[str, str]:
@@ -52,7 +91,7 @@ def _recorded_descriptions(folder: Path | None) -> dict[str, str]:
 
 def _descriptions(token: list[str] | None, tokens_file: Path | None, adapter: Path | None,
                   model: str | None) -> dict[str, str]:
-    """Token -> description: --token options win over the YAML file, which wins over the training record."""
+    """Token -> description: `token` options win over the YAML file, which wins over the training record."""
     from delia.tokens import parse_token_specs
 
     found = _recorded_descriptions(adapter) or _recorded_descriptions(Path(model) if model else None)
@@ -63,20 +102,20 @@ def _descriptions(token: list[str] | None, tokens_file: Path | None, adapter: Pa
         if not isinstance(mapping, dict) or not all(isinstance(k, str) for k in mapping):
             raise DeliaError(f"{tokens_file}: expected a mapping of token to description")
         found.update({k: str(v) for k, v in mapping.items() if v})
-    found.update({t: d for t, d in parse_token_specs(token) if d})
+    found.update({t: d for t, d in parse_token_specs(token, option="token") if d})
     if not found:
-        raise DeliaError("no token with a description: pass --token '<sep>=what it stands for', --tokens-file, "
-                         "or an adapter whose delia_train.json records descriptions")
+        raise DeliaError("no token with a description: set `token` '<sep>=what it stands for', `tokens_file`, "
+                         "or an `adapter` whose delia_train.json records descriptions")
     return found
 
 
-def _prompts(token: str, data: Path | None, fmt: str, max_prompts: int) -> tuple[list[list[dict[str, str]]], str]:
+def _prompts(token: str, data: Path | None, fmt: Format, max_prompts: int) -> tuple[list[list[dict[str, str]]], str]:
     """Conversations that use `token` in a user turn (eval rows: all but the last assistant turn), or templates."""
     if data is not None:
         from delia.data import read_chat
 
         found = []
-        for rec in read_chat(data, fmt, require_assistant=False).records:  # type: ignore[arg-type]
+        for rec in read_chat(data, fmt, require_assistant=False).records:
             msgs = rec["messages"]
             msgs = msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs
             if any(token in m["content"] for m in msgs if m["role"] == "user"):
@@ -177,42 +216,30 @@ def probe_token(model: Any, tokenizer: Any, token: str, description: str,
 
 
 def probe(
-    out: Annotated[Path, typer.Argument(help="Output folder: probe.json.")],
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Base or merged model (default "
-                                              "smollm2-135m); not with --adapter.")] = None,
-    adapter: Annotated[Path | None, typer.Option(help="Adapter folder written by `delia train`; its "
-                                                  "delia_train.json supplies token descriptions.")] = None,
-    token: Annotated[list[str] | None, typer.Option("--token", "-t", help="TOKEN=DESCRIPTION, repeatable: "
-                                                    "the instruction the token stands for.")] = None,
-    tokens_file: Annotated[Path | None, typer.Option(help="YAML mapping of token to description.", exists=True,
-                                                     dir_okay=False)] = None,
-    data: Annotated[Path | None, typer.Option(help="Rows whose prompts use the tokens (e.g. the task's eval "
-                                              "set); without it, or when no row has a token, templates.")] = None,
-    format: Annotated[str, typer.Option("--format", "-f", help="Format of --data (auto, messages, ...).")] = "auto",
-    max_prompts: Annotated[int, typer.Option(help="Prompts per token.", min=1)] = 16,
-    neighbours: Annotated[int, typer.Option(help="Nearest vocabulary neighbours to list.", min=1)] = 10,
-    init: Annotated[str, typer.Option(help="Init for a token the model lacks (as `delia train --token-init`): "
-                                      "random, mean, mean-noise or description.")] = "random",
-    seed: Annotated[int, typer.Option(help="Seed of that init.")] = 0,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda ... (default: cuda if present).")] = None,
+    out: Annotated[Path, "Output folder: probe.json."],
+    config: ProbeConfig | None = None,
+    *,
+    progress: ProgressCallback | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """Compare hidden states of prompts using a new token with the same prompts spelling out its description.
+
+    `options` set any ProbeConfig field over `config`; `progress` hears of every probed token.
 
     Examples:\n
       delia probe runs/probe-base --token '<sep>=the format of a Python dict with the keys thought and
       hallucination' --data ../shared/data/delia-format/eval.jsonl\n
       delia probe runs/probe-delia --adapter runs/delia-adapter --data ../shared/data/delia-format/eval.jsonl
     """
-    from rich.console import Console
-
     from delia.files import write_json
     from delia.models import load_for_eval
     from delia.tokens import add_tokens
 
-    descriptions = _descriptions(token, tokens_file, adapter, model)
-    lm, tokenizer, loaded = load_for_eval(model, adapter, device)
+    cfg = ProbeConfig.build(config, **options)
+    descriptions = _descriptions(cfg.token, cfg.tokens_file, cfg.adapter, cfg.model)
+    lm, tokenizer, loaded = load_for_eval(cfg.model, cfg.adapter, cfg.device)
     missing = [(t, d) for t, d in descriptions.items() if t not in tokenizer.get_vocab()]
-    added = add_tokens(lm, tokenizer, missing, method=init, seed=seed) if missing else None
+    added = add_tokens(lm, tokenizer, missing, method=cfg.init, seed=cfg.seed) if missing else None
     result: dict[str, Any] = {
         "model": loaded,
         "measure": "per layer (0 = embeddings), cosine between the hidden state at the token and at the last "
@@ -222,17 +249,12 @@ def probe(
         "tokens": {},
     }
     for t, d in descriptions.items():
-        prompts, source = _prompts(t, data, format, max_prompts)
-        entry = probe_token(lm, tokenizer, t, d, prompts, neighbours)
+        prompts, source = _prompts(t, cfg.data, cfg.format, cfg.max_prompts)
+        entry = probe_token(lm, tokenizer, t, d, prompts, cfg.neighbours)
         entry["prompt_source"] = source
         entry["in_model"] = t not in dict(missing)
         result["tokens"][t] = entry
+        report(progress, Progress("probe", len(result["tokens"]), len(descriptions), unit="tokens"))
     result["layers"] = len(next(iter(result["tokens"].values()))["cosine_last"])
     write_json(Path(out) / PROBE, result)
-    console = Console(stderr=True)
-    for t, e in result["tokens"].items():
-        console.print(f"[green]probe[/] {t}: cosine_last by layer "
-                      f"{' '.join(f'{v:.2f}' for v in e['cosine_last'])} (baseline "
-                      f"{' '.join(f'{v:.2f}' for v in e['baseline'])}); nearest: "
-                      f"{', '.join(repr(n['token']) for n in e['neighbours'][:5])}", highlight=False)
     return result

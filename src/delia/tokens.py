@@ -17,19 +17,20 @@ INIT_METHODS = ("random", "mean", "mean-noise", "description")
 MEAN_NOISE_SCALE = 0.1
 
 
-def parse_token_specs(specs: list[str] | None) -> list[tuple[str, str | None]]:
+def parse_token_specs(specs: list[str] | None, option: str = "add_token") -> list[tuple[str, str | None]]:
     """`["<sep>", "<x>=what x stands for"]` -> `[("<sep>", None), ("<x>", "what x stands for")]`.
 
-    The description follows the first `=` after a non-empty token; duplicates are an error.
+    The description follows the first `=` after a non-empty token; duplicates are an error. `option` is the
+    name of the option the specs come from, for the errors.
     """
     out: list[tuple[str, str | None]] = []
     for spec in specs or []:
         cut = spec.find("=", 1)
         token, desc = (spec, None) if cut == -1 else (spec[:cut], spec[cut + 1:].strip() or None)
         if not token.strip() or token != token.strip():
-            raise DeliaError(f"--add-token {spec!r}: the token must be non-empty and have no surrounding spaces")
+            raise DeliaError(f"`{option}` {spec!r}: the token must be non-empty and have no surrounding spaces")
         if token in (t for t, _ in out):
-            raise DeliaError(f"--add-token {token!r} is given twice")
+            raise DeliaError(f"`{option}` {token!r} is given twice")
         out.append((token, desc))
     return out
 
@@ -83,7 +84,7 @@ def add_tokens(model: Any, tokenizer: Any, specs: list[tuple[str, str | None]], 
             desc_ids.append(None)
             continue
         if not desc:
-            raise DeliaError(f"token {token!r}: init 'description' needs a description (--add-token '{token}=...')")
+            raise DeliaError(f"token {token!r}: init 'description' needs a description (`add_token` '{token}=...')")
         ids = tokenizer(desc, add_special_tokens=False)["input_ids"]
         if not ids:
             raise DeliaError(f"token {token!r}: its description tokenizes to nothing")
