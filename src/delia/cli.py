@@ -273,8 +273,6 @@ def show_eval(summary: dict[str, Any]) -> None:
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
 
 
-SHOW["eval"] = show_eval
-
 
 def show_probe(result: dict[str, Any]) -> None:
     """`delia probe`: per token, its cosine by layer against the baseline, and its nearest neighbours."""
@@ -284,8 +282,6 @@ def show_probe(result: dict[str, Any]) -> None:
                 f"{', '.join(repr(n['token']) for n in e['neighbours'][:5])}")
         console.print(f"[green]probe[/] {escape(line)}", highlight=False)
 
-
-SHOW["probe"] = show_probe
 
 
 def show_mix(summary: dict[str, Any]) -> None:
@@ -297,8 +293,6 @@ def show_mix(summary: dict[str, Any]) -> None:
     console.print(f"[green]wrote[/] {summary['rows']} rows to {escape(summary['out'])} ({escape(counts)}); "
                   f"summary in {escape(str(summary_path(summary['out'])))}")
 
-
-SHOW["mix"] = show_mix
 
 
 def _register_stages() -> None:
@@ -501,7 +495,8 @@ def show_path(path: Path) -> None:
 
 
 # verb -> how the command prints what its stage returns (the stage itself only logs)
-SHOW: dict[str, Callable[[Any], None]] = {"run": show_run, "demo": show_run, "demo-data": show_path}
+SHOW: dict[str, Callable[[Any], None]] = {"eval": show_eval, "probe": show_probe, "mix": show_mix, "run": show_run,
+                                          "demo": show_run, "demo-data": show_path}
 
 
 def main(argv: list[str] | None = None) -> None:

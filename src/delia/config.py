@@ -90,13 +90,15 @@ class StageConfig(BaseModel):
         return cls.verb or cls.__name__.removesuffix("Config").lower()
 
     @classmethod
-    def check_section(cls, options: dict[str, Any], owned: frozenset[str] = frozenset()) -> dict[str, Any]:
+    def check_section(cls, options: dict[str, Any], owned: frozenset[str] = frozenset(),
+                      stand_ins: dict[str, Any] | None = None) -> dict[str, Any]:
         """An experiment's section for this stage: its keys and values checked (ValueError listing every
-        problem), keys that `delia run` sets itself refused. Returns the section as given, validated."""
+        problem), keys that `delia run` sets itself refused (`stand_ins` give values for those the config's
+        rules need). Returns the section as given, validated."""
         problems = [f"{key!r} is set by the experiment itself (task, seeds, arms), not in `{cls.verb_name()}:`"
                     for key in options if key in owned]
         try:
-            cls.model_validate({k: v for k, v in options.items() if k not in owned})
+            cls.model_validate({**(stand_ins or {}), **{k: v for k, v in options.items() if k not in owned}})
         except ValidationError as e:
             problems += cls.problems(e)
         if problems:

@@ -21,12 +21,16 @@ from delia.files import read_yaml
 STAGE_CONFIGS: dict[str, tuple[str, frozenset[str]]] = {
     "pool": ("delia.pool:PoolConfig", frozenset({"out", "task", "model"})),
     "sample": ("delia.sample:SampleConfig", frozenset({"model"})),
-    "mix": ("delia.mix:MixConfig", frozenset({"ratio", "seed", "tokenizer"})),
+    "mix": ("delia.mix:MixConfig", frozenset({"ratio", "diverse_count", "seed", "tokenizer"})),
     "train": ("delia.train:TrainConfig", frozenset({"model", "add_token", "eval_data", "resume", "seed",
                                                    "diverse_loss"})),
     "eval": ("delia.evaluate:EvalConfig", frozenset({"model", "adapter", "metric", "metric_config", "general",
                                                     "contrast"})),
 }
+
+
+# What `delia run` sets that a section's own rules depend on, stood in for when a section is checked alone.
+STAND_INS: dict[str, dict[str, Any]] = {"mix": {"ratio": 1.0}}
 
 
 def stage_config(stage: str) -> Any:
@@ -38,7 +42,7 @@ def stage_config(stage: str) -> Any:
 def check_stage_options(stage: str, options: dict[str, Any]) -> dict[str, Any]:
     """`options` unchanged if they validate as the stage's config and leave alone what `delia run` sets;
     otherwise a ValueError naming each bad key or value (with the closest option, for a typo)."""
-    return stage_config(stage).check_section(options, STAGE_CONFIGS[stage][1])
+    return stage_config(stage).check_section(options, STAGE_CONFIGS[stage][1], STAND_INS.get(stage, {}))
 
 
 class Task(BaseModel):
