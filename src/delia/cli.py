@@ -126,12 +126,16 @@ def _cli_type(tp: Any) -> Any:
     return tp
 
 
-def _doc(hint: Any) -> tuple[Any, str | None]:
-    """(type, help) of a stage function's positional parameter, written `Annotated[type, "help"]`."""
-    if typing.get_origin(hint) is Annotated:
-        base, *meta = typing.get_args(hint)
-        return base, next((m for m in meta if isinstance(m, str)), None)
-    return hint, None
+def _doc(hint: Any) -> tuple[Any, Any]:
+    """(type, typer parameter) of a stage function's positional parameter, written `Annotated[type, "help"]`: an
+    argument, or with `Flags(...)` among its metadata a required option of those names."""
+    from delia.config import Flags
+
+    base, meta = (typing.get_args(hint)[0], typing.get_args(hint)[1:]) if typing.get_origin(hint) is Annotated \
+        else (hint, ())
+    help_text = next((m for m in meta if isinstance(m, str)), None)
+    flags = next((m for m in meta if isinstance(m, Flags)), None)
+    return base, typer.Option(*flags.names, help=help_text) if flags else typer.Argument(help=help_text)
 
 
 def _option_names(name: str, field: Any) -> tuple[str, ...]:
@@ -174,10 +178,10 @@ def stage_command(func: Callable[..., Any], show: Callable[[Any], None] | None =
     for name, p in inspect.signature(func).parameters.items():
         if name in ("config", "progress") or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL, p.KEYWORD_ONLY):
             continue
-        base, help_text = _doc(hints[name])
+        base, parameter = _doc(hints[name])
         arguments.append(name)
         params.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=p.default,
-                                        annotation=Annotated[base, typer.Argument(help=help_text)]))
+                                        annotation=Annotated[base, parameter]))
     for name, field in (config_class.model_fields if config_class else {}).items():
         option = typer.Option(*_option_names(name, field),
                               help=_with_flags(field.description, config_class) if field.description else None)
@@ -252,6 +256,28 @@ def _show_logs() -> None:
         handler._delia = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+
+
+def show_sample(summary: dict[str, Any]) -> None:
+    """`delia sample`'s summary as a table: pool, shard, resume, filters, tokens and speed."""
+    from delia.filters import REASONS
+
+    table = Table(title=escape(f"delia sample -> {summary['out']}"), show_header=False)
+    rows = [("queries in pool", summary["pool_rows"])]
+    rows += [(f"  skipped: {k.replace('_', ' ')}", v) for k, v in summary["skipped"].items()]
+    rows += [("queries in this shard" if summary["shard"] != "0/1" else "queries to sample", summary["queries"]),
+             ("  done before (resumed)", summary["resumed"]), ("samples generated now", summary["generated"]),
+             ("kept (total in file)", summary["kept"]), ("rejected (total)", sum(summary["rejected"].values()))]
+    rows += [(f"  {reason.replace('_', ' ')}", summary["rejected"].get(reason, 0)) for reason in REASONS]
+    rows += [("prompt tokens (now)", summary["prompt_tokens"]),
+             ("completion tokens (now)", summary["completion_tokens"]),
+             ("wall time", f"{summary['wall_s']:.1f} s"), ("completion tokens/s", f"{summary['tokens_per_s']:.1f}")]
+    for k, v in rows:
+        table.add_row(k, str(v))
+    console.print(table)
+
+
+SHOW["sample"] = show_sample
 
 
 def _register_stages() -> None:
