@@ -71,7 +71,7 @@ def main() -> None:
         rejects = Path(tmp) / "out.rejects.jsonl"
         cmd = [sys.executable, "-m", "delia", "sample", str(pool), str(out), "--limit", str(args.limit),
                "--max-prompt-tokens", str(args.max_prompt_tokens), "--max-new-tokens", str(args.max_new_tokens),
-               "--no-progress", *args.extra]
+               *args.extra]
         env = {**os.environ, "PYTHONPATH": str(args.src.resolve())}
         print("$ PYTHONPATH=" + env["PYTHONPATH"], " ".join(cmd[1:]), flush=True)
         start = time.monotonic()

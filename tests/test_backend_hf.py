@@ -186,7 +186,7 @@ def test_bad_settings_are_user_errors(backend, prompts):
         with pytest.raises(DeliaError, match="batch_tokens must be a positive integer or 'auto'"):
             HFBackend(backend.model, backend.tokenizer, batch_tokens=bad)
     tight = HFBackend(backend.model, backend.tokenizer, batch_tokens=max(map(len, prompts)) + 3)
-    with pytest.raises(DeliaError, match=r"cannot hold the longest prompt .*--max-prompt-tokens"):
+    with pytest.raises(DeliaError, match=r"cannot hold the longest prompt .*`max_prompt_tokens`"):
         list(tight.generate(prompts, SamplingParams(max_new_tokens=4)))
     with pytest.raises(DeliaError, match="back end"):
         get_backend("tgi", "x")

@@ -147,6 +147,39 @@ def test_bad_source_exits_2_names_file_line_and_field_and_writes_nothing(write_j
     assert done.value.code == 0 and json.loads(sources_path(out).read_text())["steps"]["invalid"] == 1
 
 
+def test_bad_options_are_refused_by_name(tmp_path, capsys):
+    import re
+
+    from delia.pool import PoolConfig
+
+    out = tmp_path / "p.jsonl"
+    for options, text in (({"size": 0}, "field 'size': size must be >= 1, got 0"),
+                          ({"overlap": 2}, "field 'overlap': overlap must be <= 1, got 2"),
+                          ({"near_treshold": 0.5}, "'near_treshold' is not an option of delia pool (did you mean "
+                                                   "'near_threshold'?)"),
+                          ({"licence": ["nosuch=MIT"]}, "`licence` expects SOURCE=LICENCE with SOURCE one of")):
+        with pytest.raises(DeliaError, match=re.escape(text)):
+            pool(["src.jsonl"], out=out, **options)
+        assert not out.exists()
+    assert PoolConfig.build(size=5).size == 5
+    with pytest.raises(SystemExit) as done:  # the command names its flags
+        main(["pool", "src.jsonl", "--out", str(out), "--licence", "nosuch=MIT"])
+    assert done.value.code == 2 and "--licence expects SOURCE=LICENCE" in " ".join(capsys.readouterr().err.split())
+    with pytest.raises(SystemExit) as done:
+        main(["pool", "src.jsonl", "-o", str(out), "--size", "0"])
+    assert done.value.code == 2 and "field 'size': size must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_too_few_rows_for_the_size_is_logged(write_jsonl, tmp_path, tiny_model, caplog):
+    src = write_jsonl("src.jsonl", [chat(LONG_Q)])
+    with caplog.at_level("INFO", logger="delia"):
+        summary = pool([str(src)], out=tmp_path / "p.jsonl", model=str(tiny_model), size=5)
+    assert summary["rows"] == 1
+    assert ("WARNING", "1 rows left after cleaning, fewer than size 5") in [(r.levelname, r.getMessage())
+                                                                             for r in caplog.records]
+    assert any(r.getMessage().startswith(f"wrote 1 of 1 rows to {tmp_path / 'p.jsonl'}") for r in caplog.records)
+
+
 @pytest.mark.e2e
 def test_demo_pool_through_the_pool_stage(tmp_path):
     """The demo's pool (prepared once from the `evals` wheel) against its task, with SmolLM2-135M's tokenizer and
@@ -179,7 +212,7 @@ def test_experiment_builds_its_pool_as_a_cached_stage(write_jsonl, tmp_path, tin
               "pool": {"sources": ["src.jsonl"], "size": 6, "near_dedup": False},
               "arms": [{"name": "sft", "ratio": 0}, {"name": "delia", "ratio": 1}], "eval_base": False,
               "bootstrap": 100, "mix": {"allow_short": True}, "train": {"max_steps": 1, "batch_size": 2},
-              "sample": {"max_new_tokens": 4, "drop_truncated": False, "drop_repetitive": False, "progress": False,
+              "sample": {"max_new_tokens": 4, "drop_truncated": False, "drop_repetitive": False,
                          "drop_reference_copies": False}, "eval": {"max_new_tokens": 4}}
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(config))

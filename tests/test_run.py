@@ -35,7 +35,7 @@ def experiment(tmp_path, tiny_model, write_jsonl):
                                    "allowed_values": {"hallucination": ["yes", "no"]}, "label_key": "hallucination"},
                  "add_tokens": {"<sep>": "a Python dict with the keys thought and hallucination"}},
         "arms": [{"name": "sft", "ratio": 0}, {"name": "delia", "ratio": 1}],
-        "sample": {"max_new_tokens": 8, "drop_truncated": False, "drop_repetitive": False, "progress": False,
+        "sample": {"max_new_tokens": 8, "drop_truncated": False, "drop_repetitive": False,
                    "drop_duplicates": False, "drop_reference_copies": False},
         "mix": {"allow_short": True},
         "train": {"max_steps": 2, "batch_size": 2, "warmup_steps": 0, "eval_steps": 1, "logging_steps": 1},

@@ -7,6 +7,7 @@ random model covers the real transformers path and seeding.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -16,7 +17,7 @@ from delia.errors import DeliaError
 from delia.files import read_complete_jsonl
 from delia.filters import copies_reference, is_repetitive, mentions_reference
 from delia.models import load_tokenizer
-from delia.sample import in_shard, manifest_path, merge, parse_shard, sample
+from delia.sample import SampleConfig, in_shard, manifest_path, merge, parse_shard, sample
 
 PROSE = ("Paris is the capital of France. It lies on the Seine, has about two million people, and is known for "
          "its museums, its cafes, the Eiffel Tower and a long history as a centre of art and science.")
@@ -68,7 +69,7 @@ def ids_in(out):
 def test_output_rows_manifest_and_summary(tiny_model, write_jsonl, tmp_path):
     pool = write_jsonl("pool.jsonl", [*pool_rows(5), {"id": "custom-7", **pool_rows(1)[0]}])
     out = tmp_path / "diverse.jsonl"
-    summary = sample(pool, out, model=str(tiny_model), max_new_tokens=6, drop_truncated=False, progress=False)
+    summary = sample(pool, out, model=str(tiny_model), max_new_tokens=6, drop_truncated=False)
     rows = read_complete_jsonl(out)
     assert summary["queries"] == 6 and summary["generated"] == 6
     assert summary["kept"] == len(rows) and summary["kept"] + sum(summary["rejected"].values()) == 6
@@ -88,14 +89,14 @@ def test_output_rows_manifest_and_summary(tiny_model, write_jsonl, tmp_path):
 
 def test_same_seed_same_file_and_shards_reproduce_the_whole_run(tiny_model, write_jsonl, tmp_path):
     pool = write_jsonl("pool.jsonl", pool_rows(8))
-    kw = {"model": str(tiny_model), "max_new_tokens": 5, "drop_truncated": False, "progress": False}
+    kw = {"model": str(tiny_model), "max_new_tokens": 5, "drop_truncated": False}
     sample(pool, tmp_path / "a.jsonl", **kw)
     sample(pool, tmp_path / "b.jsonl", **kw)
     a = read_complete_jsonl(tmp_path / "a.jsonl")
     assert a == read_complete_jsonl(tmp_path / "b.jsonl")
     sample(pool, tmp_path / "s0.jsonl", shard="0/2", **kw)
     sample(pool, tmp_path / "s1.jsonl", shard="1/2", **kw)
-    merged = merge([tmp_path / "s1.jsonl", tmp_path / "s0.jsonl"], tmp_path / "m.jsonl", progress=False)
+    merged = merge([tmp_path / "s1.jsonl", tmp_path / "s0.jsonl"], tmp_path / "m.jsonl")
     assert merged["queries"] == 8
     by_id = {r["id"]: r["messages"] for r in a}
     assert {r["id"]: r["messages"] for r in read_complete_jsonl(tmp_path / "m.jsonl")} == by_id
@@ -115,7 +116,7 @@ def test_filters_reject_with_reasons_and_can_be_switched_off(scripted, write_jso
     }
     pool = write_jsonl("pool.jsonl", pool_rows(8))
     out = tmp_path / "o.jsonl"
-    summary = sample(pool, out, progress=False)
+    summary = sample(pool, out)
     assert summary["rejected"] == {"empty": 1, "truncated": 1, "repetition": 1, "copies_reference": 1,
                                    "mentions_reference": 1, "duplicate": 1}
     kept = {r["messages"][0]["content"]: r["messages"][1]["content"] for r in read_complete_jsonl(out)}
@@ -124,7 +125,7 @@ def test_filters_reject_with_reasons_and_can_be_switched_off(scripted, write_jso
     assert rejects["Question number 1?"] == "truncated" and rejects["Question number 6?"] == "duplicate"
     assert summary["kept"] == 2
     off = sample(pool, tmp_path / "off.jsonl", drop_empty=False, drop_truncated=False, drop_repetitive=False,
-                 drop_reference_copies=False, drop_duplicates=False, progress=False)
+                 drop_reference_copies=False, drop_duplicates=False)
     assert off["kept"] == 8 and off["rejected"] == {}
 
 
@@ -145,50 +146,50 @@ def test_filter_heuristics():
 def test_resume_skips_done_rows_drops_a_torn_line_and_redoes_half_written_queries(scripted, write_jsonl, tmp_path):
     pool = write_jsonl("pool.jsonl", pool_rows(6))
     out = tmp_path / "o.jsonl"
-    sample(pool, out, samples_per_query=2, progress=False)
+    sample(pool, out, samples_per_query=2)
     full = read_complete_jsonl(out)
     assert len(full) == 12 and len({r["id"] for r in full}) == 12
     lines = out.read_bytes().splitlines(keepends=True)
     # a crash: the last query lost one of its two samples and a third sample was half written
     out.write_bytes(b"".join(lines[:-1]) + lines[-1][:25])
     scripted.asked.clear()
-    summary = sample(pool, out, samples_per_query=2, progress=False)
+    summary = sample(pool, out, samples_per_query=2)
     assert scripted.asked == [full[-1]["messages"][0]["content"]]
     assert summary["resumed"] == 5 and summary["generated"] == 2
     again = read_complete_jsonl(out)
     assert sorted(r["id"] for r in again) == sorted(r["id"] for r in full)
     assert sorted(json.dumps(r, sort_keys=True) for r in again) == sorted(json.dumps(r, sort_keys=True) for r in full)
     scripted.asked.clear()
-    assert sample(pool, out, samples_per_query=2, progress=False)["generated"] == 0 and scripted.asked == []
+    assert sample(pool, out, samples_per_query=2)["generated"] == 0 and scripted.asked == []
 
 
 def test_resume_refuses_other_settings_and_foreign_files(scripted, write_jsonl, tmp_path):
     pool = write_jsonl("pool.jsonl", pool_rows(3))
     out = tmp_path / "o.jsonl"
-    assert sample(pool, out, limit=2, progress=False)["generated"] == 2
-    extended = sample(pool, out, progress=False)  # a larger --limit extends the run
+    assert sample(pool, out, limit=2)["generated"] == 2
+    extended = sample(pool, out)  # a larger `limit` extends the run
     assert (extended["resumed"], extended["generated"], extended["kept"]) == (2, 1, 3)
     with pytest.raises(DeliaError, match=r"temperature: 0.7 -> 0.3"):
-        sample(pool, out, temperature=0.3, progress=False)
-    assert sample(pool, out, temperature=0.3, overwrite=True, progress=False)["generated"] == 3
+        sample(pool, out, temperature=0.3)
+    assert sample(pool, out, temperature=0.3, overwrite=True)["generated"] == 3
     foreign = tmp_path / "foreign.jsonl"
     foreign.write_text('{"messages": []}\n')
     with pytest.raises(DeliaError, match="not a delia sample output"):
-        sample(pool, foreign, progress=False)
+        sample(pool, foreign)
 
 
 def test_modes_and_references(scripted, write_jsonl, tmp_path):
     refless = write_jsonl("refless.jsonl", pool_rows(3, reference=False))
     with pytest.raises(DeliaError, match="zero-shot"):
-        sample(refless, tmp_path / "a.jsonl", progress=False)
-    assert sample(refless, tmp_path / "b.jsonl", mode="zero-shot", progress=False)["kept"] == 3
+        sample(refless, tmp_path / "a.jsonl")
+    assert sample(refless, tmp_path / "b.jsonl", mode="zero-shot")["kept"] == 3
     prompt = scripted.tokenizer.decode(scripted_prompt(scripted, write_jsonl, tmp_path))
     assert prompt.count("Question number 0?") == 2 and "Reference answer 0." in prompt
     mixed = write_jsonl("mixed.jsonl", [*pool_rows(2), *pool_rows(3, reference=False)[2:]])
-    summary = sample(mixed, tmp_path / "c.jsonl", progress=False)
+    summary = sample(mixed, tmp_path / "c.jsonl")
     assert summary["skipped"] == {"no_reference": 1} and summary["kept"] == 2
     with pytest.raises(DeliaError, match="mode"):
-        sample(mixed, tmp_path / "d.jsonl", mode="few-shot", progress=False)
+        sample(mixed, tmp_path / "d.jsonl", mode="few-shot")
 
 
 def scripted_prompt(scripted, write_jsonl, tmp_path):
@@ -200,7 +201,7 @@ def scripted_prompt(scripted, write_jsonl, tmp_path):
         return real(prompts, params, seeds)
 
     scripted.generate = spy
-    sample(write_jsonl("one.jsonl", pool_rows(1)), tmp_path / "one-out.jsonl", progress=False)
+    sample(write_jsonl("one.jsonl", pool_rows(1)), tmp_path / "one-out.jsonl")
     scripted.generate = real
     return seen[0]
 
@@ -210,10 +211,10 @@ def test_max_prompt_tokens_skips_long_queries_before_generating(scripted, write_
     rows[1]["messages"][0]["content"] = "A much longer question " * 30 + "?"
     pool = write_jsonl("pool.jsonl", rows)
     out = tmp_path / "out.jsonl"
-    summary = sample(pool, out, max_prompt_tokens=120, progress=False)
+    summary = sample(pool, out, max_prompt_tokens=120)
     assert summary["skipped"] == {"prompt_too_long": 1} and summary["kept"] == 3 and summary["resumed"] == 0
     assert not any("much longer" in q for q in scripted.asked)
-    again = sample(pool, out, max_prompt_tokens=120, progress=False)  # a resume does not retry it either
+    again = sample(pool, out, max_prompt_tokens=120)  # a resume does not retry it either
     assert again["skipped"] == {"prompt_too_long": 1} and again["generated"] == 0 and again["resumed"] == 3
 
 
@@ -228,40 +229,45 @@ def test_shards_split_deterministically_and_merge_checks(scripted, write_jsonl, 
     pool = write_jsonl("pool.jsonl", pool_rows(12))
     parts = [tmp_path / f"p{i}.jsonl" for i in range(3)]
     for i, p in enumerate(parts):
-        sample(pool, p, shard=f"{i}/3", progress=False)
+        sample(pool, p, shard=f"{i}/3")
     assert sorted(sum((ids_in(p) for p in parts), [])) == ids_in_whole(pool, tmp_path)
-    summary = merge(parts, tmp_path / "all.jsonl", progress=False)
+    summary = merge(parts, tmp_path / "all.jsonl")
     assert summary["queries"] == 12 and summary["kept"] == 12
     with pytest.raises(DeliaError, match=r"missing \[2\]"):
-        merge(parts[:2], tmp_path / "x.jsonl", progress=False)
+        merge(parts[:2], tmp_path / "x.jsonl")
     with pytest.raises(DeliaError, match=r"given twice \[0\]"):
-        merge([*parts, parts[0]], tmp_path / "x.jsonl", progress=False)
+        merge([*parts, parts[0]], tmp_path / "x.jsonl")
     lines = parts[1].read_text().splitlines(keepends=True)
     parts[1].write_text("".join(lines[:-1]))  # a row lost after the run finished
     with pytest.raises(DeliaError, match="do not cover"):
-        merge(parts, tmp_path / "x.jsonl", progress=False)
-    sample(pool, tmp_path / "other.jsonl", shard="1/3", seed=9, progress=False)
+        merge(parts, tmp_path / "x.jsonl")
+    sample(pool, tmp_path / "other.jsonl", shard="1/3", seed=9)
     with pytest.raises(DeliaError, match="other settings"):
-        merge([parts[0], tmp_path / "other.jsonl", parts[2]], tmp_path / "x.jsonl", progress=False)
+        merge([parts[0], tmp_path / "other.jsonl", parts[2]], tmp_path / "x.jsonl")
     m = json.loads(manifest_path(parts[2]).read_text())
     manifest_path(parts[2]).write_text(json.dumps({**m, "status": "running"}))
     with pytest.raises(DeliaError, match="did not finish"):
-        merge(parts, tmp_path / "x.jsonl", progress=False)
+        merge(parts, tmp_path / "x.jsonl")
 
 
 def ids_in_whole(pool, tmp_path):
-    sample(pool, tmp_path / "whole.jsonl", progress=False)
+    sample(pool, tmp_path / "whole.jsonl")
     return ids_in(tmp_path / "whole.jsonl")
 
 
-def test_merge_rejects_duplicate_answers_across_shards(scripted, write_jsonl, tmp_path):
+def test_merge_rejects_duplicate_answers_across_shards(scripted, write_jsonl, tmp_path, caplog):
+    from delia.cli import main
+
     scripted.script = {f"Question number {i}?": ("The same answer for everyone.", "stop") for i in range(6)}
     pool = write_jsonl("pool.jsonl", pool_rows(6))
     parts = [tmp_path / f"p{i}.jsonl" for i in range(2)]
     for i, p in enumerate(parts):
-        assert sample(pool, p, shard=f"{i}/2", progress=False)["kept"] == 1
-    summary = merge(parts, tmp_path / "all.jsonl", progress=False)
+        assert sample(pool, p, shard=f"{i}/2")["kept"] == 1
+    summary = merge(parts, tmp_path / "all.jsonl")
     assert summary["kept"] == 1 and summary["cross_shard_duplicates"] == 1 and summary["rejected"] == {"duplicate": 5}
+    with caplog.at_level("INFO", logger="delia"), pytest.raises(SystemExit) as done:  # the command: --out or -o
+        main(["sample-merge", *map(str, parts), "-o", str(tmp_path / "cli.jsonl")])
+    assert done.value.code == 0 and f"merged 2 shards: 6 queries, 1 kept, 5 rejected -> {tmp_path}" in caplog.text
 
 
 def test_sigkill_mid_run_then_rerun_gives_every_query_exactly_once(tiny_model, write_jsonl, tmp_path):
@@ -273,7 +279,7 @@ def test_sigkill_mid_run_then_rerun_gives_every_query_exactly_once(tiny_model, w
 
     pool = write_jsonl("pool.jsonl", pool_rows(120))
     out = tmp_path / "o.jsonl"
-    args = ["--model", str(tiny_model), "--max-new-tokens", "4", "--no-drop-truncated", "--no-progress"]
+    args = ["--model", str(tiny_model), "--max-new-tokens", "4", "--no-drop-truncated"]
     proc = subprocess.Popen([sys.executable, "-m", "delia", "sample", str(pool), str(out), *args,
                              "--batch-size", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
@@ -289,7 +295,7 @@ def test_sigkill_mid_run_then_rerun_gives_every_query_exactly_once(tiny_model, w
     assert json.loads(manifest_path(out).read_text())["status"] == "running"
     before = len(ids_in(out))
     assert 10 <= before < 120
-    summary = sample(pool, out, model=str(tiny_model), max_new_tokens=4, drop_truncated=False, progress=False)
+    summary = sample(pool, out, model=str(tiny_model), max_new_tokens=4, drop_truncated=False)
     assert summary["resumed"] == before and summary["generated"] == 120 - before
     ids = ids_in(out)
     assert len(ids) == 120 and len(set(ids)) == 120
@@ -300,7 +306,7 @@ def test_rows_are_written_as_they_finish_and_an_interrupt_keeps_them(tiny_model,
 
     pool = write_jsonl("pool.jsonl", pool_rows(12))
     out = tmp_path / "o.jsonl"
-    settings = {"model": str(tiny_model), "max_new_tokens": 4, "drop_truncated": False, "progress": False}
+    settings = {"model": str(tiny_model), "max_new_tokens": 4, "drop_truncated": False}
     real = HFBackend.generate
     written = []
 
@@ -326,9 +332,66 @@ def test_rows_are_written_as_they_finish_and_an_interrupt_keeps_them(tiny_model,
 def test_bad_batch_options_are_refused_before_any_file_is_touched(scripted, write_jsonl, tmp_path):
     pool = write_jsonl("pool.jsonl", pool_rows(2))
     for option, value in (("batch_tokens", "0"), ("batch_tokens", "lots"), ("batch_size", "-1")):
-        with pytest.raises(DeliaError, match=f"--{option.replace('_', '-')} must be a positive integer or 'auto'"):
-            sample(pool, tmp_path / "o.jsonl", progress=False, **{option: value})
+        with pytest.raises(DeliaError, match=f"`{option}` must be a positive integer or 'auto'"):
+            sample(pool, tmp_path / "o.jsonl", **{option: value})
         assert not (tmp_path / "o.jsonl").exists() and not manifest_path(tmp_path / "o.jsonl").exists()
+
+
+def test_bad_options_are_refused_by_name_before_any_file_is_touched(write_jsonl, tmp_path):
+    pool = write_jsonl("pool.jsonl", pool_rows(2))
+    out = tmp_path / "o.jsonl"
+    for options, text in (({"backend": "tgi"}, "field 'backend': unknown backend 'tgi'; expected one of hf, vllm"),
+                          ({"mode": "one-shoot"}, "(did you mean 'one-shot'?)"),
+                          ({"samples_per_query": 0}, "field 'samples_per_query': samples_per_query must be >= 1"),
+                          ({"top_p": 1.5}, "field 'top_p': top_p must be <= 1, got 1.5"),
+                          ({"backend": "openai"}, "`backend` openai needs `base_url`"),
+                          ({"shard": "4/4"}, "field 'shard': `shard` expects i/N"),
+                          ({"max_new_token": 9}, "'max_new_token' is not an option of delia sample (did you mean")):
+        with pytest.raises(DeliaError, match=re.escape(text)):
+            SampleConfig.build(**options)
+        with pytest.raises(DeliaError, match=re.escape(text)):
+            sample(pool, out, **options)
+        assert not out.exists() and not manifest_path(out).exists()
+    with pytest.raises(DeliaError, match="'progress' is not an option of delia sample"):  # the CLI's bar now
+        SampleConfig.build(progress=False)
+    config = SampleConfig(max_new_tokens=7, seed=3)
+    assert SampleConfig.build(config, seed=4).model_dump(exclude_defaults=True) == {"max_new_tokens": 7, "seed": 4}
+
+
+def test_progress_reports_every_finished_query_and_the_command_shows_the_summary(scripted, write_jsonl, tmp_path,
+                                                                                  capsys):
+    from delia.cli import show_sample
+
+    events = []
+    summary = sample(write_jsonl("pool.jsonl", pool_rows(5)), tmp_path / "o.jsonl", samples_per_query=2,
+                     progress=events.append)
+    done = [e.done for e in events]
+    assert done == sorted(done) and done[0] == 0 and done[-1] == 5 and len(done) == 6
+    assert {(e.task, e.total, e.unit) for e in events} == {("sampling", 5, "queries")}
+    assert events[-1].counts["tok"] == summary["completion_tokens"] > 0
+    show_sample(summary)
+    table = capsys.readouterr().err
+    title, *rows = table.splitlines()
+    assert title == f"delia sample -> {tmp_path / 'o.jsonl'}"  # a path is never broken
+    assert "queries to sample" in table and "samples generated now" in table and max(map(len, rows)) <= 80
+
+
+def test_command_help_and_errors_name_flags(write_jsonl, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "COLUMNS": "80"}
+    done = subprocess.run([sys.executable, "-m", "delia", "sample", "--help"], capture_output=True, text=True,
+                          env=env)
+    assert done.returncode == 0 and "--no-drop-empty" in done.stdout and "--batch-tokens" in done.stdout
+    assert "Example" in done.stdout and "--progress" not in done.stdout
+    pool = write_jsonl("pool.jsonl", pool_rows(2))
+    for flags, text in ((["--backend", "openai"], "--backend openai needs --base-url"),
+                        (["--batch-tokens", "0"], "--batch-tokens must be a positive integer or 'auto', got 0")):
+        command = [sys.executable, "-m", "delia", "sample", str(pool), str(tmp_path / "o.jsonl"), *flags]
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        assert done.returncode == 2 and text in " ".join(done.stderr.split())
 
 
 @pytest.mark.e2e
@@ -345,7 +408,7 @@ def test_smollm2_one_shot_sampling_end_to_end(write_jsonl, tmp_path):
                                   {"role": "assistant", "content": "Use my_list[::-1] or my_list.reverse()."}]},
     ])
     out = tmp_path / "o.jsonl"
-    summary = sample(pool, out, max_new_tokens=48, device="cpu", drop_truncated=False, progress=False)
+    summary = sample(pool, out, max_new_tokens=48, device="cpu", drop_truncated=False)
     assert summary["generated"] == 3 and summary["completion_tokens"] > 10
     rows = read_complete_jsonl(out)
     assert rows and all(r["messages"][1]["content"].strip() for r in rows)
@@ -368,19 +431,19 @@ def test_stage_on_the_openai_and_vllm_back_ends(tiny_model, write_jsonl, tmp_pat
     server = FakeServer(fail_every=4)
     try:
         summary = sample(pool, tmp_path / "api.jsonl", model=str(tiny_model), backend="openai", base_url=server.url,
-                         served_model="served", concurrency=2, max_retries=3, progress=False)
+                         served_model="served", concurrency=2, max_retries=3)
     finally:
         server.close()
     assert summary["kept"] == 5 and {r["model"] for r in server.requests} == {"served"}
     rows = read_complete_jsonl(tmp_path / "api.jsonl")
     assert {r["meta"]["backend"] for r in rows} == {"openai"} and rows[0]["meta"]["completion_tokens"] == 7
-    with pytest.raises(DeliaError, match="--base-url"):
-        sample(pool, tmp_path / "nourl.jsonl", model=str(tiny_model), backend="openai", progress=False)
+    with pytest.raises(DeliaError, match="`base_url`"):
+        sample(pool, tmp_path / "nourl.jsonl", model=str(tiny_model), backend="openai")
 
     calls: list = []
     monkeypatch.setitem(sys.modules, "vllm", fake_vllm(calls))
     summary = sample(pool, tmp_path / "vllm.jsonl", model=str(tiny_model), backend="vllm", tensor_parallel=2,
-                     samples_per_query=2, progress=False)
+                     samples_per_query=2)
     assert calls[0][2]["tensor_parallel_size"] == 2 and summary["kept"] == 10
     texts = [r["messages"][1]["content"] for r in read_complete_jsonl(tmp_path / "vllm.jsonl")]
     assert len(set(texts)) == 10  # "s<seed>": a distinct seed for each of the 10 samples

@@ -124,12 +124,16 @@ def _cli_type(tp: Any) -> Any:
     return tp
 
 
-def _doc(hint: Any) -> tuple[Any, str | None]:
-    """(type, help) of a stage function's positional parameter, written `Annotated[type, "help"]`."""
-    if typing.get_origin(hint) is Annotated:
-        base, *meta = typing.get_args(hint)
-        return base, next((m for m in meta if isinstance(m, str)), None)
-    return hint, None
+def _doc(hint: Any) -> tuple[Any, Any]:
+    """(type, typer parameter) of a stage function's positional parameter, written `Annotated[type, "help"]`: an
+    argument, or with `Flags(...)` among its metadata a required option of those names."""
+    from delia.config import Flags
+
+    base, meta = (typing.get_args(hint)[0], typing.get_args(hint)[1:]) if typing.get_origin(hint) is Annotated \
+        else (hint, ())
+    help_text = next((m for m in meta if isinstance(m, str)), None)
+    flags = next((m for m in meta if isinstance(m, Flags)), None)
+    return base, typer.Option(*flags.names, help=help_text) if flags else typer.Argument(help=help_text)
 
 
 def _option_names(name: str, field: Any) -> tuple[str, ...]:
@@ -181,10 +185,10 @@ def stage_command(func: Callable[..., Any], show: Callable[[Any], None] | None =
     for name, p in inspect.signature(func).parameters.items():
         if name in ("config", "progress") or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL, p.KEYWORD_ONLY):
             continue
-        base, help_text = _doc(hints[name])
+        base, parameter = _doc(hints[name])
         arguments.append(name)
         params.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=p.default,
-                                        annotation=Annotated[base, typer.Argument(help=help_text)]))
+                                        annotation=Annotated[base, parameter]))
     for name, field in (config_class.model_fields if config_class else {}).items():
         option = typer.Option(*_option_names(name, field),
                               help=_with_flags(field.description, flags) if field.description else None)
@@ -260,51 +264,12 @@ def _show_logs() -> None:
     logger.setLevel(logging.INFO)
 
 
-def _metrics(metrics: Mapping[str, Any]) -> str:
-    return "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-
-
-def show_eval(summary: dict[str, Any]) -> None:
-    """`delia eval`: the task's metrics, the general and contrast ones, and the metric's notes."""
-    for name, metrics in (("eval", summary["metrics"]),
-                          *((k, summary[k]["metrics"]) for k in ("general", "contrast") if k in summary)):
-        console.print(f"[green]{name}[/] {escape(_metrics(metrics))}", highlight=False)
-    for note in summary["notes"]:
-        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
-
-
-
-def show_probe(result: dict[str, Any]) -> None:
-    """`delia probe`: per token, its cosine by layer against the baseline, and its nearest neighbours."""
-    for token, e in result["tokens"].items():
-        line = (f"{token}: cosine_last by layer {' '.join(f'{v:.2f}' for v in e['cosine_last'])} (baseline "
-                f"{' '.join(f'{v:.2f}' for v in e['baseline'])}); nearest: "
-                f"{', '.join(repr(n['token']) for n in e['neighbours'][:5])}")
-        console.print(f"[green]probe[/] {escape(line)}", highlight=False)
-
-
-
-def show_mix(summary: dict[str, Any]) -> None:
-    """`delia mix`: rows (and tokens) per source, where the mixture and its summary are."""
-    from delia.mix import summary_path
-
-    counts = ", ".join(f"{s}: {v['rows']} rows" + (f" / {v['total_tokens']} tokens" if "total_tokens" in v else "")
-                       for s, v in summary["sources"].items())
-    console.print(f"[green]wrote[/] {summary['rows']} rows to {escape(summary['out'])} ({escape(counts)}); "
-                  f"summary in {escape(str(summary_path(summary['out'])))}")
-
 
 
 def _register_stages() -> None:
     for verb, target in STAGES.items():
         module, fn = target.split(":")
-        func = getattr(importlib.import_module(module), fn)
-        if any(typing.get_origin(h) is Annotated and any(isinstance(m, typer.models.ParameterInfo)
-                                                         for m in typing.get_args(h)[1:])
-               for h in typing.get_type_hints(func, include_extras=True).values()):
-            app.command(verb)(with_config(func))  # not converted yet: a typer-annotated function
-        else:
-            app.command(verb)(stage_command(func, SHOW.get(verb)))
+        app.command(verb)(stage_command(getattr(importlib.import_module(module), fn), SHOW.get(verb)))
 
 
 def _version(value: bool) -> None:
@@ -415,6 +380,57 @@ def model_prepare(
 # ----------------------------------------------------------------------------- what each verb prints
 
 
+def _metrics(metrics: Mapping[str, Any]) -> str:
+    return "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+
+
+def show_eval(summary: dict[str, Any]) -> None:
+    """`delia eval`: the task's metrics, the general and contrast ones, and the metric's notes."""
+    for name, metrics in (("eval", summary["metrics"]),
+                          *((k, summary[k]["metrics"]) for k in ("general", "contrast") if k in summary)):
+        console.print(f"[green]{name}[/] {escape(_metrics(metrics))}", highlight=False)
+    for note in summary["notes"]:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+
+
+def show_probe(result: dict[str, Any]) -> None:
+    """`delia probe`: per token, its cosine by layer against the baseline, and its nearest neighbours."""
+    for token, e in result["tokens"].items():
+        line = (f"{token}: cosine_last by layer {' '.join(f'{v:.2f}' for v in e['cosine_last'])} (baseline "
+                f"{' '.join(f'{v:.2f}' for v in e['baseline'])}); nearest: "
+                f"{', '.join(repr(n['token']) for n in e['neighbours'][:5])}")
+        console.print(f"[green]probe[/] {escape(line)}", highlight=False)
+
+
+def show_mix(summary: dict[str, Any]) -> None:
+    """`delia mix`: rows (and tokens) per source, where the mixture and its summary are."""
+    from delia.mix import summary_path
+
+    counts = ", ".join(f"{s}: {v['rows']} rows" + (f" / {v['total_tokens']} tokens" if "total_tokens" in v else "")
+                       for s, v in summary["sources"].items())
+    console.print(f"[green]wrote[/] {summary['rows']} rows to {escape(summary['out'])} ({escape(counts)}); "
+                  f"summary in {escape(str(summary_path(summary['out'])))}")
+
+
+def show_sample(summary: dict[str, Any]) -> None:
+    """`delia sample`'s summary as a table: pool, shard, resume, filters, tokens and speed."""
+    from delia.filters import REASONS
+
+    table = Table(title=escape(f"delia sample -> {summary['out']}"), show_header=False)
+    rows = [("queries in pool", summary["pool_rows"])]
+    rows += [(f"  skipped: {k.replace('_', ' ')}", v) for k, v in summary["skipped"].items()]
+    rows += [("queries in this shard" if summary["shard"] != "0/1" else "queries to sample", summary["queries"]),
+             ("  done before (resumed)", summary["resumed"]), ("samples generated now", summary["generated"]),
+             ("kept (total in file)", summary["kept"]), ("rejected (total)", sum(summary["rejected"].values()))]
+    rows += [(f"  {reason.replace('_', ' ')}", summary["rejected"].get(reason, 0)) for reason in REASONS]
+    rows += [("prompt tokens (now)", summary["prompt_tokens"]),
+             ("completion tokens (now)", summary["completion_tokens"]),
+             ("wall time", f"{summary['wall_s']:.1f} s"), ("completion tokens/s", f"{summary['tokens_per_s']:.1f}")]
+    for k, v in rows:
+        table.add_row(k, str(v))
+    console.print(table)
+
+
 def summary_table(summary: dict[str, Any]) -> Any:
     """The verdict as a rich table that fits 80 columns: one block of rows per arm, a metric per row, its
     mean [95% interval] and the paired Δ to the baseline; cells wrap, never cut."""
@@ -495,8 +511,9 @@ def show_path(path: Path) -> None:
 
 
 # verb -> how the command prints what its stage returns (the stage itself only logs)
-SHOW: dict[str, Callable[[Any], None]] = {"eval": show_eval, "probe": show_probe, "mix": show_mix, "run": show_run,
-                                          "demo": show_run, "demo-data": show_path}
+SHOW: dict[str, Callable[[Any], None]] = {"sample": show_sample, "mix": show_mix, "eval": show_eval,
+                                          "probe": show_probe, "run": show_run, "demo": show_run,
+                                          "demo-data": show_path}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,17 +9,11 @@ given FLOP/s, or this machine's measured matmul peak times the share of it that 
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from delia.compute import STAGE_SHARE_OF_PEAK, arm_cost
 from delia.errors import DeliaError
 from delia.experiment import Experiment
-
-
-def _option(stage_fn: Any, options: dict[str, Any], name: str) -> Any:
-    """An option of a stage as the experiment sets it, else the stage's default."""
-    return options.get(name, inspect.signature(stage_fn).parameters[name].default)
 
 
 def plan_experiment(exp: Experiment, flops_per_s: float | None = None) -> dict[str, Any]:
@@ -28,15 +22,15 @@ def plan_experiment(exp: Experiment, flops_per_s: float | None = None) -> dict[s
     from delia.data import read_chat
     from delia.models import load_tokenizer, resolve_model
     from delia.prompts import prompt_ids
-    from delia.sample import sample, sampled_prompts
-    from delia.train import train
+    from delia.sample import SampleConfig, sampled_prompts
+    from delia.train import TrainConfig
 
     if isinstance(exp.pool, dict):
         raise DeliaError("the plan counts the rows of a pool file, and this experiment's pool is still to be built "
                          "from its sources: build it first (`delia pool`, or the run's pool stage) and name the file")
     model_path = resolve_model(exp.model)
     tok = load_tokenizer(model_path, resolved=True)
-    max_length = _option(train, exp.train, "max_length")
+    max_length = TrainConfig.build(**exp.train).max_length
 
     def row_tokens(messages: list[dict[str, str]]) -> int:
         return min(max_length, len(prompt_ids(tok, messages, add_generation_prompt=False)))
@@ -44,12 +38,11 @@ def plan_experiment(exp: Experiment, flops_per_s: float | None = None) -> dict[s
     task_rows = read_chat(exp.task.train).records
     task_tokens = sum(row_tokens(r["messages"]) for r in task_rows)
 
-    max_new = _option(sample, exp.sample, "max_new_tokens")
-    per_query = _option(sample, exp.sample, "samples_per_query")
+    sampling = SampleConfig.build(**exp.sample)
+    max_new, per_query = sampling.max_new_tokens, sampling.samples_per_query
     queries, prompts = [], []
     if any(a.samples for a in exp.arms):  # the queries `delia sample` would answer, rendered as it renders them
-        queries, prompts = sampled_prompts(exp.pool, tok, **{k: _option(sample, exp.sample, k) for k in (
-            "format", "columns", "skip_invalid", "shard", "limit", "mode", "system", "max_prompt_tokens")})
+        queries, prompts = sampled_prompts(exp.pool, tok, sampling)
     sampled = {"queries": len(prompts), "generated": len(prompts) * per_query,
                "prompt_tokens": sum(map(len, prompts)) * per_query,
                "completion_tokens": len(prompts) * per_query * max_new}
@@ -67,10 +60,10 @@ def plan_experiment(exp: Experiment, flops_per_s: float | None = None) -> dict[s
     for arm in exp.arms:
         available = sampled["generated"] if arm.samples else len(references)
         diverse = min(available, round(arm.ratio * len(task_rows)))
-        options = {**exp.train, **arm.train}
-        passes = _option(train, options, "epochs")
-        if (steps := _option(train, options, "max_steps")) > 0:  # max_steps wins over epochs (one process)
-            rows_per_step = _option(train, options, "batch_size") * _option(train, options, "grad_accum")
+        training = TrainConfig.build(**{**exp.train, **arm.train})
+        passes = training.epochs
+        if (steps := training.max_steps) > 0:  # max_steps wins over epochs (one process)
+            rows_per_step = training.batch_size * training.grad_accum
             passes = steps * rows_per_step / (len(task_rows) + diverse)
         diverse_tokens = diverse * (self_row if arm.samples else ref_row)
         data_tokens = task_tokens + diverse_tokens

@@ -17,6 +17,7 @@ Steps, in this order; each one's removals are counted in `OUT.sources.json` and 
 from __future__ import annotations
 
 import io
+import logging
 import re
 import tempfile
 import warnings
@@ -26,9 +27,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-import typer
-from rich.console import Console
+from pydantic import Field
 
+from delia.config import Flags, StageConfig
 from delia.data import ChatData, parse_columns, read_chat
 from delia.errors import DeliaError
 from delia.files import atomic_writer, beside, sha256_file, sha256_json, write_json, write_jsonl
@@ -41,7 +42,7 @@ STEPS = ("invalid", "empty", "multi_turn", "no_reference", "contaminated", "scri
          "query_too_long", "reference_too_short", "reference_too_long", "duplicate", "near_duplicate",
          "not_selected")
 _WORD = re.compile(r"\w+")
-console = Console(stderr=True, soft_wrap=True)
+log = logging.getLogger(__name__)
 
 
 def sources_path(out: str | Path) -> Path:
@@ -114,7 +115,7 @@ def _parse_licences(pairs: Sequence[str] | None, sources: Sequence[str]) -> dict
     for p in pairs or []:
         src, sep, lic = p.rpartition("=")
         if not sep or src not in sources:
-            raise DeliaError(f"--licence expects SOURCE=LICENCE with SOURCE one of the sources, got {p!r}")
+            raise DeliaError(f"`licence` expects SOURCE=LICENCE with SOURCE one of the sources, got {p!r}")
         out[src] = lic
     return out
 
@@ -351,58 +352,77 @@ def _bounds(count: int, low: int | None, high: int | None, what: str) -> str | N
     return None
 
 
+class PoolConfig(StageConfig):
+    """Options of `delia pool`."""
+
+    task: Annotated[list[Path] | None, Flags("--task", "-t")] = None
+    """Task file (train or eval) to decontaminate against; repeatable."""
+    size: int | None = Field(None, ge=1)
+    """Select this many rows for diversity (default: keep all)."""
+    model: Annotated[str, Flags("--model", "-m")] = "smollm2-135m"
+    """Target model: its tokenizer counts the length bounds, its hidden states embed the queries."""
+    licence: list[str] | None = None
+    """SOURCE=LICENCE, repeatable: recorded per row."""
+    format: Annotated[str, Flags("--format", "-f")] = "auto"
+    """Sources' format: auto, messages, prompt-completion, alpaca or sharegpt."""
+    columns: Annotated[list[str] | None, Flags("--columns", "-c")] = None
+    """FIELD=COLUMN, repeatable, applied to every source (a source without the column keeps its own field)."""
+    skip_invalid: bool = False
+    """Count and drop rows that cannot be read instead of stopping at the first."""
+    drop_multi_turn: bool = True
+    """Drop rows with more than one user turn."""
+    require_reference: bool = True
+    """Drop rows without an assistant reference (one-shot sampling needs one)."""
+    decontaminate: bool = True
+    """Drop queries that overlap a `task` prompt."""
+    ngram: int = Field(8, ge=1)
+    """Decontamination: n of the word n-grams."""
+    overlap: float = Field(0.2, ge=0, le=1)
+    """Decontamination: drop a query when this share of the shorter text's n-grams (query or task prompt) is
+    shared."""
+    script: list[str] | None = None
+    """Keep rows whose letters are mostly in these Unicode scripts (e.g. LATIN; repeatable). A script heuristic,
+    not language identification: it cannot tell English from French."""
+    script_min_share: float = Field(0.8, ge=0, le=1)
+    """Share of letters that must be in `script`."""
+    min_query_tokens: int | None = Field(2, ge=0)
+    """Shortest query, in tokens."""
+    max_query_tokens: int | None = Field(1024, ge=0)
+    """Longest query, in tokens."""
+    min_reference_tokens: int | None = Field(16, ge=0)
+    """Shortest reference, in tokens (one-shot sampling mostly copies short ones)."""
+    max_reference_tokens: int | None = Field(2048, ge=0)
+    """Longest reference, in tokens."""
+    dedup: bool = True
+    """Drop exact duplicate queries (case and spacing ignored)."""
+    near_dedup: bool = True
+    """Drop near-duplicate queries (MinHash LSH)."""
+    near_threshold: float = Field(0.7, gt=0, le=1)
+    """Jaccard similarity of word 3-grams that counts as a near-duplicate."""
+    clusters: int | None = Field(None, ge=1)
+    """k-means clusters for the selection (default: the square root of `size`)."""
+    seed: int = 0
+    """Seed of the clustering and the draw."""
+    max_embed_tokens: int = Field(128, ge=1)
+    """Tokens of each query that are embedded."""
+    batch_size: int = Field(16, ge=1)
+    """Queries per embedding batch."""
+    device: str | None = None
+    """cpu, cuda, ... (default: cuda if present)."""
+
+
 def pool(
-    sources: Annotated[list[str], typer.Argument(
-        metavar="SOURCE",
-        help="Sources: files or folders in any format `delia data` reads, or hf:NAME[:SPLIT] (a hub dataset, or "
-             "hf:PATH for a saved dataset folder).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output pool (messages JSONL); OUT.sources.json, "
-                                      "OUT.removed.jsonl and OUT.selection.png go beside it.")],
-    task: Annotated[list[Path] | None, typer.Option(
-        "--task", "-t", help="Task file (train or eval) to decontaminate against; repeatable.")] = None,
-    size: Annotated[int | None, typer.Option(help="Select this many rows for diversity (default: keep all).")]
-    = None,
-    model: Annotated[str, typer.Option("--model", "-m", help="Target model: its tokenizer counts the length "
-                                       "bounds, its hidden states embed the queries.")] = "smollm2-135m",
-    licence: Annotated[list[str] | None, typer.Option(help="SOURCE=LICENCE, repeatable: recorded per row.")]
-    = None,
-    format: Annotated[str, typer.Option("--format", "-f", help="Sources' format: auto, messages, prompt-completion, "
-                                        "alpaca or sharegpt.")] = "auto",
-    columns: Annotated[list[str] | None, typer.Option(
-        "--columns", "-c", help="FIELD=COLUMN, repeatable, applied to every source (a source without the "
-                                "column keeps its own field).")] = None,
-    skip_invalid: Annotated[bool, typer.Option(help="Count and drop rows that cannot be read instead of stopping "
-                                                    "at the first.")] = False,
-    drop_multi_turn: Annotated[bool, typer.Option(help="Drop rows with more than one user turn.")] = True,
-    require_reference: Annotated[bool, typer.Option(help="Drop rows without an assistant reference (one-shot "
-                                                         "sampling needs one).")] = True,
-    decontaminate: Annotated[bool, typer.Option(help="Drop queries that overlap a --task prompt.")] = True,
-    ngram: Annotated[int, typer.Option(help="Decontamination: n of the word n-grams.")] = 8,
-    overlap: Annotated[float, typer.Option(help="Decontamination: drop a query when this share of the shorter "
-                                                "text's n-grams (query or task prompt) is shared.")] = 0.2,
-    script: Annotated[list[str] | None, typer.Option(
-        help="Keep rows whose letters are mostly in these Unicode scripts (e.g. LATIN; repeatable). A script "
-             "heuristic, not language identification: it cannot tell English from French.")] = None,
-    script_min_share: Annotated[float, typer.Option(help="Share of letters that must be in --script.")] = 0.8,
-    min_query_tokens: Annotated[int | None, typer.Option(help="Shortest query, in tokens.")] = 2,
-    max_query_tokens: Annotated[int | None, typer.Option(help="Longest query, in tokens.")] = 1024,
-    min_reference_tokens: Annotated[int | None, typer.Option(
-        help="Shortest reference, in tokens (one-shot sampling mostly copies short ones).")] = 16,
-    max_reference_tokens: Annotated[int | None, typer.Option(help="Longest reference, in tokens.")] = 2048,
-    dedup: Annotated[bool, typer.Option(help="Drop exact duplicate queries (case and spacing ignored).")] = True,
-    near_dedup: Annotated[bool, typer.Option(help="Drop near-duplicate queries (MinHash LSH).")] = True,
-    near_threshold: Annotated[float, typer.Option(help="Jaccard similarity of word 3-grams that counts as a "
-                                                       "near-duplicate.")] = 0.7,
-    clusters: Annotated[int | None, typer.Option(help="k-means clusters for the selection (default: "
-                                                      "the square root of --size).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the clustering and the draw.")] = 0,
-    max_embed_tokens: Annotated[int, typer.Option(help="Tokens of each query that are embedded.")] = 128,
-    batch_size: Annotated[int, typer.Option(help="Queries per embedding batch.")] = 16,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, ... (default: cuda if present).")] = None,
+    sources: Annotated[list[str], "Sources: files or folders in any format `delia data` reads, or hf:NAME[:SPLIT] "
+                                  "(a hub dataset, or hf:PATH for a saved dataset folder)."],
+    out: Annotated[Path, Flags("--out", "-o"), "Output pool (messages JSONL); OUT.sources.json, OUT.removed.jsonl "
+                                               "and OUT.selection.png go beside it."],
+    config: PoolConfig | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """Build a diverse query pool: read sources, clean, decontaminate, select; returns OUT.sources.json's content.
 
-    Every removed row is counted per step and listed with its reason in OUT.removed.jsonl.
+    Every removed row is counted per step and listed with its reason in OUT.removed.jsonl. `options` set any
+    PoolConfig field over `config`.
 
     Examples:\n
       delia pool alpaca.json dolly.jsonl --out pool.jsonl --task task_train.jsonl --task task_eval.jsonl\n
@@ -411,62 +431,63 @@ def pool(
     """
     from delia.models import load_tokenizer, resolve_model
 
+    cfg = PoolConfig.build(config, **options)
     out = Path(out)
     if out.suffix != ".jsonl":
         raise DeliaError(f"{out}: the pool is written as messages JSONL; give a .jsonl path")
     if not sources:
         raise DeliaError("give at least one source")
-    if size is not None and size < 1:
-        raise DeliaError("--size must be at least 1")
-    licences = _parse_licences(licence, sources)
-    cols = parse_columns(columns)
+    licences = _parse_licences(cfg.licence, sources)
+    cols = parse_columns(cfg.columns)
     removed: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
     source_facts = []
     for spec in sources:
-        data, identity = _read_source(spec, format, cols)
-        got = _structured(spec, data, licences.get(spec), skip_invalid, drop_multi_turn, require_reference, removed)
+        data, identity = _read_source(spec, cfg.format, cols)
+        got = _structured(spec, data, licences.get(spec), cfg.skip_invalid, cfg.drop_multi_turn,
+                          cfg.require_reference, removed)
         source_facts.append({"source": spec, **identity, "format": data.format, "licence": licences.get(spec),
                              "rows_read": len(data.records) + len(data.rejects), "rows_usable": len(got)})
         rows += got
 
-    targets = [Path(t) for t in task or []]
-    contamination = Contamination(targets, ngram) if decontaminate and targets else None
+    targets = [Path(t) for t in cfg.task or []]
+    contamination = Contamination(targets, cfg.ngram) if cfg.decontaminate and targets else None
     if contamination is not None:
         def contaminated(row: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
             hit = contamination.match(_query(row))
-            return ("contaminated", {"match": hit}) if hit and hit["overlap"] >= overlap else None
+            return ("contaminated", {"match": hit}) if hit and hit["overlap"] >= cfg.overlap else None
 
         rows = _drop(rows, map(contaminated, rows), removed)
-    if script:
-        rows = _drop(rows, (None if all(script_share(text, script) >= script_min_share for text in _texts(r))
+    if cfg.script:
+        rows = _drop(rows, (None if all(script_share(text, cfg.script) >= cfg.script_min_share for text in _texts(r))
                             else ("script", {}) for r in rows), removed)
 
-    model_path = resolve_model(model)
+    model_path = resolve_model(cfg.model)
     tok = load_tokenizer(model_path, resolved=True)
     query_tokens = [len(ids) for ids in tok([_query(r) for r in rows], add_special_tokens=False)["input_ids"]]
     ref_tokens = [len(ids) for ids in tok([_reference(r) or "" for r in rows], add_special_tokens=False)["input_ids"]]
     reasons = []
     for r, q, a in zip(rows, query_tokens, ref_tokens, strict=True):
-        why = _bounds(q, min_query_tokens, max_query_tokens, "query") or (
-            _bounds(a, min_reference_tokens, max_reference_tokens, "reference") if _reference(r) is not None else None)
+        why = _bounds(q, cfg.min_query_tokens, cfg.max_query_tokens, "query") or (
+            _bounds(a, cfg.min_reference_tokens, cfg.max_reference_tokens, "reference")
+            if _reference(r) is not None else None)
         reasons.append((why, {"tokens": {"query": q, "reference": a}}) if why else None)
     rows = _drop(rows, reasons, removed)
 
-    if dedup:
+    if cfg.dedup:
         rows = _drop(rows, _exact_duplicates(rows), removed)
-    if near_dedup and rows:
-        dupes = _near_duplicates(rows, near_threshold)
+    if cfg.near_dedup and rows:
+        dupes = _near_duplicates(rows, cfg.near_threshold)
         rows = _drop(rows, [("near_duplicate", {"duplicate_of": rows[dupes[i]]["id"]}) if i in dupes else None
                             for i in range(len(rows))], removed)
 
     selection: dict[str, Any] = {"method": "all", "rows": len(rows)}
     plot = None
-    if size is not None and size < len(rows):
-        k = min(len(rows), clusters or max(1, round(size ** 0.5)))
-        vectors, cache_file, was_cached = embed([_query(r) for r in rows], model_path, max_tokens=max_embed_tokens,
-                                                batch_size=batch_size, device=device)
-        picked, labels = select(vectors, size, k, seed)
+    if cfg.size is not None and cfg.size < len(rows):
+        k = min(len(rows), cfg.clusters or max(1, round(cfg.size ** 0.5)))
+        vectors, cache_file, was_cached = embed([_query(r) for r in rows], model_path, max_tokens=cfg.max_embed_tokens,
+                                                batch_size=cfg.batch_size, device=cfg.device)
+        picked, labels = select(vectors, cfg.size, k, cfg.seed)
         plot = plot_path(out)
         _plot(vectors, labels, picked, plot)
         chosen = set(picked)
@@ -478,10 +499,10 @@ def pool(
                      "clusters_covered": len(per_cluster),
                      "cluster_sizes": {str(c): int(n) for c, n in sorted(Counter(labels.tolist()).items())},
                      "selected_per_cluster": {str(c): n for c, n in sorted(per_cluster.items())},
-                     "embedding": {"model": model, "max_tokens": max_embed_tokens, "cache": str(cache_file),
+                     "embedding": {"model": cfg.model, "max_tokens": cfg.max_embed_tokens, "cache": str(cache_file),
                                    "cached": was_cached}}
-    if size is not None and size > len(rows) and selection["method"] == "all":
-        console.print(f"[yellow]warning:[/] {len(rows)} rows left after cleaning, fewer than --size {size}")
+    if cfg.size is not None and cfg.size > len(rows) and selection["method"] == "all":
+        log.warning("%d rows left after cleaning, fewer than size %d", len(rows), cfg.size)
     per_source = Counter(r["source"] for r in rows)
     selection["per_source"] = {s: {"rows": per_source[s], "share": round(per_source[s] / max(1, len(rows)), 4)}
                                for s in sources}
@@ -489,20 +510,21 @@ def pool(
     counts = Counter(r["reason"] for r in removed)
     read = sum(f["rows_read"] for f in source_facts)
     summary = {
-        "out": str(out), "rows": len(rows), "rows_read": read, "seed": seed,
+        "out": str(out), "rows": len(rows), "rows_read": read, "seed": cfg.seed,
         "steps": {step: counts.get(step, 0) for step in STEPS},
         "sources": source_facts,
-        "decontamination": {"enabled": contamination is not None, "ngram": ngram, "overlap": overlap,
+        "decontamination": {"enabled": contamination is not None, "ngram": cfg.ngram, "overlap": cfg.overlap,
                             "removed": counts.get("contaminated", 0),
                             "targets": [{"path": str(t), "sha256": sha256_file(t)} for t in targets]},
         "selection": selection,
-        "settings": {"size": size, "model": model, "format": format, "columns": cols, "skip_invalid": skip_invalid,
-                     "drop_multi_turn": drop_multi_turn, "require_reference": require_reference,
-                     "script": script, "script_min_share": script_min_share,
-                     "query_tokens": [min_query_tokens, max_query_tokens],
-                     "reference_tokens": [min_reference_tokens, max_reference_tokens], "dedup": dedup,
-                     "near_dedup": near_dedup, "near_threshold": near_threshold, "clusters": clusters,
-                     "max_embed_tokens": max_embed_tokens},
+        "settings": {"size": cfg.size, "model": cfg.model, "format": cfg.format, "columns": cols,
+                     "skip_invalid": cfg.skip_invalid,
+                     "drop_multi_turn": cfg.drop_multi_turn, "require_reference": cfg.require_reference,
+                     "script": cfg.script, "script_min_share": cfg.script_min_share,
+                     "query_tokens": [cfg.min_query_tokens, cfg.max_query_tokens],
+                     "reference_tokens": [cfg.min_reference_tokens, cfg.max_reference_tokens], "dedup": cfg.dedup,
+                     "near_dedup": cfg.near_dedup, "near_threshold": cfg.near_threshold, "clusters": cfg.clusters,
+                     "max_embed_tokens": cfg.max_embed_tokens},
     }
     # beside files first, the pool last: an OUT that exists is complete
     write_jsonl(removed_path(out), removed)
@@ -510,6 +532,6 @@ def pool(
     write_json(sources_path(out), summary)
     write_jsonl(out, rows)
     steps = ", ".join(f"{k} {v}" for k, v in summary["steps"].items() if v)
-    console.print(f"[green]wrote[/] {len(rows)} of {read} rows to {out} (removed: {steps or 'none'}); "
-                  f"see {sources_path(out)}")
+    log.info("wrote %d of %d rows to %s (removed: %s); see %s", len(rows), read, out, steps or "none",
+             sources_path(out))
     return summary

@@ -9,21 +9,25 @@ repeat each other), and bad answers go to `OUT.rejects.jsonl` with their reason 
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
-import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-import typer
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from delia.backends import BackendName
+from delia.config import Flags, StageConfig
 from delia.errors import DeliaError
 from delia.files import beside, changed_settings
 from delia.filters import REASONS, Filters
+from delia.progress import Progress, ProgressCallback, report
+from delia.prompts import Mode
 from delia.text import normalise
 from delia.versions import library_versions
 
@@ -31,6 +35,7 @@ if TYPE_CHECKING:
     from delia.backends import Backend, Completion, SamplingParams
 
 Query = tuple[str, str, str | None]  # (query id, query, reference answer or None)
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- files and shards
@@ -46,14 +51,13 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
         return 0, 1
     m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", shard)
     if not m or not int(m[1]) < int(m[2]):
-        raise DeliaError(f"--shard expects i/N with 0 <= i < N (e.g. 0/4), got {shard!r}")
+        raise DeliaError(f"`shard` expects i/N with 0 <= i < N (e.g. 0/4), got {shard!r}")
     return int(m[1]), int(m[2])
 
 
 def in_shard(query_id: str, index: int, count: int) -> bool:
     """Deterministic split by a hash of the id: the same query lands in the same shard on every machine."""
     return int(hashlib.sha256(query_id.encode()).hexdigest()[:15], 16) % count == index
-
 
 
 def _now() -> str:
@@ -97,7 +101,7 @@ def _resume(out: Path, rejects: Path, n: int) -> tuple[list[dict], list[dict]]:
 
 
 def _check_resumable(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
-    """Refuse to resume a file that is not ours or was sampled with other settings (with --overwrite, start again)."""
+    """Refuse to resume a file that is not ours or was sampled with other settings (with `overwrite`, start again)."""
     import json
 
     from delia.data import rejects_path
@@ -111,17 +115,17 @@ def _check_resumable(out: Path, settings: dict[str, Any], overwrite: bool) -> No
     if not mpath.exists():
         if out.exists() and out.stat().st_size > 0:
             raise DeliaError(f"{out} exists but has no {mpath.name}, so it is not a delia sample output to resume; "
-                             "pass --overwrite to replace it or choose another path")
+                             "set `overwrite` to replace it or choose another path")
         return
     try:
         previous = json.loads(mpath.read_text(encoding="utf-8"))["settings"]
     except (OSError, ValueError, KeyError) as e:
-        raise DeliaError(f"{mpath}: unreadable manifest ({e}); pass --overwrite to start again") from None
+        raise DeliaError(f"{mpath}: unreadable manifest ({e}); set `overwrite` to start again") from None
     changed = changed_settings(previous, settings)
     if changed:
         diff = ", ".join(f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}" for k in changed)
         raise DeliaError(f"{out} was sampled with other settings ({diff}); resuming would mix them. "
-                         "Rerun with the same settings, pass --overwrite, or choose another output path")
+                         "Rerun with the same settings, set `overwrite`, or choose another output path")
 
 
 # ----------------------------------------------------------------------------- the stage's steps
@@ -139,22 +143,9 @@ class _Tally:
     completion_tokens: int = 0
 
 
-def _check_choices(mode: str, backend: str, base_url: str | None) -> None:
-    """Refuse an unknown --mode or --backend, and openai without a server, before any file is touched."""
-    from delia.backends import BACKENDS
-    from delia.prompts import MODES
-
-    if mode not in MODES:
-        raise DeliaError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if backend not in BACKENDS:
-        raise DeliaError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "openai" and not base_url:
-        raise DeliaError("--backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1)")
-
-
 def _select_queries(pool: Path, format: str, columns: list[str] | None, skip_invalid: bool,
                     shard: tuple[int, int], limit: int | None, mode: str) -> tuple[list[Query], Counter[str], int]:
-    """(queries of this shard within --limit, counts of those skipped and why, rows in the pool). One-shot
+    """(queries of this shard within `limit`, counts of those skipped and why, rows in the pool). One-shot
     mode skips queries without a reference, and refuses a pool where none has one.
     """
     queries, skipped = _load_queries(pool, format, columns, skip_invalid)
@@ -163,8 +154,8 @@ def _select_queries(pool: Path, format: str, columns: list[str] | None, skip_inv
     if mode == "one-shot":
         no_ref = sum(ref is None for _, _, ref in queries)
         if queries and no_ref == len(queries):
-            raise DeliaError(f"{pool}: no query has a reference answer, which --mode one-shot needs; "
-                             "use --mode zero-shot")
+            raise DeliaError(f"{pool}: no query has a reference answer, which `mode` one-shot needs; "
+                             "use `mode` zero-shot")
         if no_ref:
             skipped["no_reference"] = no_ref
             queries = [q for q in queries if q[2] is not None]
@@ -184,42 +175,41 @@ def _pick_up(out: Path, queries: list[Query], n: int, filters: Filters) -> tuple
     return [q for q in queries if q[0] not in done], tally
 
 
-def _open_backend(backend: str, model: str, *, served_model: str | None, batch_size: str, device: str | None,
-                  dtype: str, tensor_parallel: int, base_url: str | None, concurrency: int, timeout: float,
-                  max_retries: int, batch_tokens: str = "auto") -> Backend:
-    """The back end through `get_backend`, given the options of its kind: hf loads --model's tokenizer with
-    the model; vllm and openai get it here, so that every back end renders prompts with --model's template.
+def _open_backend(cfg: SampleConfig) -> Backend:
+    """The back end through `get_backend`, given the options of its kind: hf loads `model`'s tokenizer with
+    the model; vllm and openai get it here, so that every back end renders prompts with `model`'s template.
     """
     from delia.backends import get_backend
 
     options: dict[str, Any]
-    if backend == "hf":
-        options = {"batch_size": _auto_or_int(batch_size, "--batch-size"),
-                   "batch_tokens": _auto_or_int(batch_tokens, "--batch-tokens"), "device": device, "dtype": dtype}
+    if cfg.backend == "hf":
+        options = {"batch_size": cfg.batch_size, "batch_tokens": cfg.batch_tokens, "device": cfg.device,
+                   "dtype": cfg.dtype}
     else:
         from delia.models import load_tokenizer
 
-        options = {"tokenizer": load_tokenizer(model)}
-        if backend == "vllm":
-            options |= {"tensor_parallel_size": tensor_parallel, "dtype": dtype}
+        options = {"tokenizer": load_tokenizer(cfg.model)}
+        if cfg.backend == "vllm":
+            options |= {"tensor_parallel_size": cfg.tensor_parallel, "dtype": cfg.dtype}
         else:
-            options |= {"base_url": base_url, "concurrency": concurrency, "timeout": timeout,
-                        "max_retries": max_retries}
-    return get_backend(backend, served_model or model if backend == "openai" else model, **options)
+            options |= {"base_url": cfg.base_url, "concurrency": cfg.concurrency, "timeout": cfg.timeout,
+                        "max_retries": cfg.max_retries}
+    model = cfg.served_model or cfg.model if cfg.backend == "openai" else cfg.model
+    return get_backend(cfg.backend, model, **options)
 
 
-def sampled_prompts(pool: Path, tokenizer: Any, *, format: str = "auto", columns: list[str] | None = None,
-                    skip_invalid: bool = False, shard: str | None = None, limit: int | None = None,
-                    mode: str = "one-shot", system: str | None = None, max_prompt_tokens: int | None = None,
-                    ) -> tuple[list[Query], list[list[int]]]:
+def sampled_prompts(pool: Path, tokenizer: Any, config: SampleConfig | None = None,
+                    **options: Any) -> tuple[list[Query], list[list[int]]]:
     """(queries, their prompt ids): what `sample` with these options answers in a fresh run (for cost plans)."""
-    queries, skipped, _ = _select_queries(pool, format, columns, skip_invalid, parse_shard(shard), limit, mode)
-    return _render_prompts(queries, tokenizer, mode, system, max_prompt_tokens, skipped)
+    cfg = SampleConfig.build(config, **options)
+    queries, skipped, _ = _select_queries(pool, cfg.format, cfg.columns, cfg.skip_invalid, parse_shard(cfg.shard),
+                                          cfg.limit, cfg.mode)
+    return _render_prompts(queries, tokenizer, cfg.mode, cfg.system, cfg.max_prompt_tokens, skipped)
 
 
 def _render_prompts(todo: list[Query], tokenizer: Any, mode: str, system: str | None, max_prompt_tokens: int | None,
                     skipped: Counter[str]) -> tuple[list[Query], list[list[int]]]:
-    """(queries, their prompt ids): with --max-prompt-tokens, longer prompts are left out and counted in `skipped`."""
+    """(queries, their prompt ids): with `max_prompt_tokens`, longer prompts are left out and counted in `skipped`."""
     from delia.prompts import delia_prompt, prompt_ids
 
     prompts = [prompt_ids(tokenizer, delia_prompt(q, ref, mode, system)) for _, q, ref in todo]  # type: ignore[arg-type]
@@ -233,9 +223,11 @@ def _render_prompts(todo: list[Query], tokenizer: Any, mode: str, system: str | 
 
 
 def _generate_and_write(engine: Backend, todo: list[Query], prompts: list[list[int]], params: SamplingParams,
-                        out: Path, filters: Filters, tally: _Tally, meta: dict[str, Any], progress: bool) -> None:
+                        out: Path, filters: Filters, tally: _Tally, meta: dict[str, Any],
+                        progress: ProgressCallback | None) -> None:
     """Generate, filter and append: each query's rows go to OUT or its rejects (and are fsynced) as soon as
-    its last sample arrives, so a crash loses at most the queries in flight.
+    its last sample arrives, so a crash loses at most the queries in flight. `progress` hears of each query
+    finished.
     """
     from delia.backends import derive_seed
     from delia.data import rejects_path
@@ -243,9 +235,9 @@ def _generate_and_write(engine: Backend, todo: list[Query], prompts: list[list[i
 
     seeds = [derive_seed(params.seed, qid) for qid, _, _ in todo]
     pending: dict[int, list[Completion]] = {}
-    with JsonlAppender(out) as kept_file, JsonlAppender(rejects_path(out)) as reject_file, _progress(progress) as bar:
-        task = bar.add_task("sample", total=len(todo), rows_s=0.0, tok_s=0.0)
-        t0 = time.monotonic()
+    done = 0
+    report(progress, Progress("sampling", done, len(todo), unit="queries", counts={"tok": 0}))
+    with JsonlAppender(out) as kept_file, JsonlAppender(rejects_path(out)) as reject_file:
         for i, completion in engine.generate(prompts, params, seeds):
             pending.setdefault(i, []).append(completion)
             tally.prompt_tokens += completion.prompt_tokens
@@ -257,8 +249,9 @@ def _generate_and_write(engine: Backend, todo: list[Query], prompts: list[list[i
                 kept_file.write(good)
             if bad:
                 reject_file.write(bad)
-            elapsed = max(time.monotonic() - t0, 1e-9)
-            bar.update(task, advance=1, rows_s=tally.generated / elapsed, tok_s=tally.completion_tokens / elapsed)
+            done += 1
+            report(progress, Progress("sampling", done, len(todo), unit="queries",
+                                      counts={"tok": tally.completion_tokens}))
 
 
 def _judge(query: Query, completions: list[Completion], n: int, filters: Filters, tally: _Tally,
@@ -299,101 +292,121 @@ def _summary(out: Path, pool_rows: int, skipped: Counter[str], shard: str, queri
             "wall_s": round(wall, 2), "tokens_per_s": round(tally.completion_tokens / wall, 2) if wall else 0.0}
 
 
-# ----------------------------------------------------------------------------- progress and summary
-
-
-def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("[bold]sampling"), BarColumn(), MofNCompleteColumn(), TextColumn("queries"),
-        TextColumn("{task.fields[rows_s]:.2f} rows/s"), TextColumn("{task.fields[tok_s]:.0f} tok/s"),
-        TextColumn("ETA"), TimeRemainingColumn(),
-        console=Console(stderr=True), disable=not enabled, transient=False,
-    )
-
-
-def _print_summary(summary: Mapping[str, Any], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title, show_header=False)
-    rows = [("queries in pool", summary["pool_rows"])]
-    rows += [(f"  skipped: {k.replace('_', ' ')}", v) for k, v in summary["skipped"].items()]
-    rows += [("queries in this shard" if summary["shard"] != "0/1" else "queries to sample", summary["queries"]),
-             ("  done before (resumed)", summary["resumed"]), ("samples generated now", summary["generated"]),
-             ("kept (total in file)", summary["kept"]), ("rejected (total)", sum(summary["rejected"].values()))]
-    rows += [(f"  {reason.replace('_', ' ')}", summary["rejected"].get(reason, 0)) for reason in REASONS]
-    rows += [("prompt tokens (now)", summary["prompt_tokens"]),
-             ("completion tokens (now)", summary["completion_tokens"]),
-             ("wall time", f"{summary['wall_s']:.1f} s"), ("completion tokens/s", f"{summary['tokens_per_s']:.1f}")]
-    for k, v in rows:
-        table.add_row(k, str(v))
-    Console(stderr=True).print(table)
-
-
 # ----------------------------------------------------------------------------- the stage
 
 
+class SampleConfig(StageConfig):
+    """Options of `delia sample`. Sampling defaults are the paper's: temperature 0.7, top-p 0.95, one answer of
+    at most 512 tokens per query."""
+
+    model: Annotated[str, Flags("--model", "-m")] = "smollm2-135m"
+    """Model (bundled name, folder, .gguf or hub id); with `backend` openai, the tokenizer's model."""
+    backend: BackendName = "hf"
+    """hf (transformers, CPU/GPU), vllm (offline engine) or openai (any OpenAI-compatible server)."""
+    mode: Mode = "one-shot"
+    """one-shot (query, reference, query: the paper's) or zero-shot (query alone, for pools without references)."""
+    system: str | None = None
+    """System message (left out for templates that reject one)."""
+    temperature: float = Field(0.7, ge=0)
+    """Sampling temperature; 0 is greedy."""
+    top_p: float = Field(0.95, gt=0, le=1)
+    """Nucleus sampling mass."""
+    max_new_tokens: int = Field(512, ge=1)
+    """Token limit per answer."""
+    samples_per_query: Annotated[int, Flags("--samples-per-query", "-n")] = Field(1, ge=1)
+    """Answers per query."""
+    seed: int = 0
+    """Base seed; each sample's seed derives from it and the query id."""
+    shard: str | None = None
+    """i/N: sample only shard i of N (split by query-id hash)."""
+    limit: int | None = Field(None, ge=0)
+    """Sample only the first N queries of the pool (of this shard)."""
+    max_prompt_tokens: int | None = Field(None, ge=1)
+    """Skip (and count) queries whose rendered prompt is longer: keeps prompts inside the context and caps prefill
+    cost on CPU."""
+    format: Annotated[str, Flags("--format", "-f")] = "auto"
+    """Pool format: auto, messages, prompt-completion, alpaca or sharegpt."""
+    columns: Annotated[list[str] | None, Flags("--columns", "-c")] = None
+    """FIELD=COLUMN, repeatable."""
+    skip_invalid: bool = False
+    """Skip (and count) bad pool rows instead of stopping."""
+    drop_empty: bool = True
+    """Reject empty or whitespace answers."""
+    drop_truncated: bool = True
+    """Reject answers cut at `max_new_tokens`."""
+    drop_repetitive: bool = True
+    """Reject degenerate repetition loops."""
+    drop_reference_copies: bool = True
+    """Reject answers that copy the reference or talk about 'the reference answer'."""
+    drop_duplicates: bool = True
+    """Reject exact duplicate answers."""
+    batch_size: int | Literal["auto"] = "auto"
+    """hf: rows per batch at most, or auto (64 on CPU, 512 on GPU)."""
+    batch_tokens: int | Literal["auto"] = "auto"
+    """hf: token budget of a batch: each row in flight reserves its prompt plus `max_new_tokens` of KV cache
+    (padded to the widest row); auto fits it to memory (at most 65536 on CPU). Bounds memory and the work a kill
+    loses; never changes the answers."""
+    device: str | None = None
+    """hf: cpu, cuda, cuda:1 (default: cuda if present)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """hf/vllm: auto, float32, bfloat16 or float16."""
+    tensor_parallel: int = Field(1, ge=1)
+    """vllm: GPUs to split the model across."""
+    base_url: str | None = None
+    """openai: server URL, e.g. http://127.0.0.1:8000/v1 (API key from $OPENAI_API_KEY)."""
+    served_model: str | None = None
+    """openai: model name on the server (default: `model`)."""
+    concurrency: int = Field(8, ge=1)
+    """openai: requests in flight."""
+    timeout: float = Field(300.0, gt=0)
+    """openai: seconds per request before it is retried."""
+    max_retries: int = Field(5, ge=0)
+    """openai: retries per request, with exponential backoff."""
+    overwrite: bool = False
+    """Start again instead of resuming an existing OUT."""
+
+    @field_validator("batch_size", "batch_tokens", mode="before")
+    @classmethod
+    def _auto_or_positive(cls, value: Any, info: ValidationInfo) -> int | str:
+        """'auto' or a positive integer, also given as text (the command line's form)."""
+        if value == "auto":
+            return value
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`{info.field_name}` must be a positive integer or 'auto', got {value!r}")
+        return value
+
+    @field_validator("shard")
+    @classmethod
+    def _shard(cls, shard: str | None) -> str | None:
+        try:
+            parse_shard(shard)
+        except DeliaError as e:
+            raise ValueError(str(e)) from None
+        return shard
+
+    @model_validator(mode="after")
+    def _openai_needs_a_server(self) -> SampleConfig:
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("`backend` openai needs `base_url` (e.g. http://127.0.0.1:8000/v1)")
+        return self
+
+
 def sample(
-    pool: Annotated[Path, typer.Argument(help="Query pool in any format `delia data inspect` reads; the first user "
-                                              "turn is the query, the first assistant turn (if any) the reference.")],
-    out: Annotated[Path, typer.Argument(help="Output messages JSONL; OUT.rejects.jsonl and OUT.manifest.json "
-                                             "go beside it. An existing OUT is resumed.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Model (bundled name, folder, .gguf or hub id); "
-                                                             "with --backend openai, the tokenizer's model.")]
-    = "smollm2-135m",
-    backend: Annotated[str, typer.Option(help="hf (transformers, CPU/GPU), vllm (offline engine) or openai "
-                                              "(any OpenAI-compatible server).")] = "hf",
-    mode: Annotated[str, typer.Option(help="one-shot (query, reference, query: the paper's) or zero-shot "
-                                           "(query alone, for pools without references).")] = "one-shot",
-    system: Annotated[str | None, typer.Option(help="System message (left out for templates that reject one).")]
-    = None,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 0.7,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.95,
-    max_new_tokens: Annotated[int, typer.Option(help="Token limit per answer.")] = 512,
-    samples_per_query: Annotated[int, typer.Option("--samples-per-query", "-n", help="Answers per query.")] = 1,
-    seed: Annotated[int, typer.Option(help="Base seed; each sample's seed derives from it and the query id.")] = 0,
-    shard: Annotated[str | None, typer.Option(help="i/N: sample only shard i of N (split by query-id hash).")]
-    = None,
-    limit: Annotated[int | None, typer.Option(help="Sample only the first N queries of the pool (of this shard).")]
-    = None,
-    max_prompt_tokens: Annotated[int | None, typer.Option(
-        help="Skip (and count) queries whose rendered prompt is longer: keeps prompts inside the context and "
-             "caps prefill cost on CPU.")] = None,
-    format: Annotated[str, typer.Option("--format", "-f", help="Pool format: auto, messages, prompt-completion, "
-                                                               "alpaca or sharegpt.")] = "auto",
-    columns: Annotated[list[str] | None, typer.Option("--columns", "-c", help="FIELD=COLUMN, repeatable.")] = None,
-    skip_invalid: Annotated[bool, typer.Option(help="Skip (and count) bad pool rows instead of stopping.")] = False,
-    drop_empty: Annotated[bool, typer.Option(help="Reject empty or whitespace answers.")] = True,
-    drop_truncated: Annotated[bool, typer.Option(help="Reject answers cut at --max-new-tokens.")] = True,
-    drop_repetitive: Annotated[bool, typer.Option(help="Reject degenerate repetition loops.")] = True,
-    drop_reference_copies: Annotated[bool, typer.Option(help="Reject answers that copy the reference or talk "
-                                                             "about 'the reference answer'.")] = True,
-    drop_duplicates: Annotated[bool, typer.Option(help="Reject exact duplicate answers.")] = True,
-    batch_size: Annotated[str, typer.Option(help="hf: rows per batch at most, or auto (64 on CPU, 512 on GPU).")]
-    = "auto",
-    batch_tokens: Annotated[str, typer.Option(
-        help="hf: token budget of a batch: each row in flight reserves its prompt plus --max-new-tokens of KV "
-             "cache (padded to the widest row); auto fits it to memory (at most 65536 on CPU). Bounds memory "
-             "and the work a kill loses; never changes the answers.")] = "auto",
-    device: Annotated[str | None, typer.Option(help="hf: cpu, cuda, cuda:1 (default: cuda if present).")] = None,
-    dtype: Annotated[str, typer.Option(help="hf/vllm: auto, float32, bfloat16 or float16.")] = "auto",
-    tensor_parallel: Annotated[int, typer.Option(help="vllm: GPUs to split the model across.")] = 1,
-    base_url: Annotated[str | None, typer.Option(help="openai: server URL, e.g. http://127.0.0.1:8000/v1 "
-                                                      "(API key from $OPENAI_API_KEY).")] = None,
-    served_model: Annotated[str | None, typer.Option(help="openai: model name on the server (default: --model).")]
-    = None,
-    concurrency: Annotated[int, typer.Option(help="openai: requests in flight.")] = 8,
-    timeout: Annotated[float, typer.Option(help="openai: seconds per request before it is retried.")] = 300.0,
-    max_retries: Annotated[int, typer.Option(help="openai: retries per request, with exponential backoff.")] = 5,
-    overwrite: Annotated[bool, typer.Option(help="Start again instead of resuming an existing OUT.")] = False,
-    progress: Annotated[bool, typer.Option(help="Show the progress bar and the summary table.")] = True,
+    pool: Annotated[Path, "Query pool in any format `delia data inspect` reads; the first user turn is the query, "
+                          "the first assistant turn (if any) the reference."],
+    out: Annotated[Path, "Output messages JSONL; OUT.rejects.jsonl and OUT.manifest.json go beside it. An existing "
+                         "OUT is resumed."],
+    config: SampleConfig | None = None,
+    *,
+    progress: ProgressCallback | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """Sample the model's own answers to a query pool (DELIA's diverse data), resumably.
 
-    Returns the summary (counts, tokens, wall time) that the table shows.
+    `options` set any SampleConfig field over `config`; `progress` hears of every query finished. Returns the
+    summary (counts, tokens, wall time), which the command shows as a table.
 
     Examples:\n
       delia sample pool.jsonl diverse.jsonl\n
@@ -405,59 +418,42 @@ def sample(
     from delia.files import write_json
 
     start = time.monotonic()
+    cfg = SampleConfig.build(config, **options)
     pool, out = Path(pool), Path(out)
-    _check_choices(mode, backend, base_url)
-    _auto_or_int(batch_size, "--batch-size")
-    _auto_or_int(batch_tokens, "--batch-tokens")
-    params = SamplingParams(temperature, top_p, max_new_tokens, seed, samples_per_query)
-    shard_i, shard_n = parse_shard(shard)
-    filters = Filters(drop_empty, drop_truncated, drop_repetitive, drop_reference_copies, drop_duplicates)
-    settings = {"pool": str(pool), "model": model, "mode": mode, "system": system, "temperature": temperature,
-                "top_p": top_p, "max_new_tokens": max_new_tokens, "samples_per_query": samples_per_query,
-                "seed": seed, "shard": f"{shard_i}/{shard_n}", "max_prompt_tokens": max_prompt_tokens,
+    params = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.seed, cfg.samples_per_query)
+    shard_i, shard_n = parse_shard(cfg.shard)
+    filters = Filters(cfg.drop_empty, cfg.drop_truncated, cfg.drop_repetitive, cfg.drop_reference_copies,
+                      cfg.drop_duplicates)
+    settings = {"pool": str(pool), "model": cfg.model, "mode": cfg.mode, "system": cfg.system,
+                "temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
+                "samples_per_query": cfg.samples_per_query, "seed": cfg.seed, "shard": f"{shard_i}/{shard_n}",
+                "max_prompt_tokens": cfg.max_prompt_tokens,
                 "filters": {k: getattr(filters, k) for k in Filters.__dataclass_fields__}}
 
-    queries, skipped, pool_rows = _select_queries(pool, format, columns, skip_invalid, (shard_i, shard_n), limit,
-                                                  mode)
-    _check_resumable(out, settings, overwrite)
-    todo, tally = _pick_up(out, queries, samples_per_query, filters)
+    queries, skipped, pool_rows = _select_queries(pool, cfg.format, cfg.columns, cfg.skip_invalid,
+                                                  (shard_i, shard_n), cfg.limit, cfg.mode)
+    _check_resumable(out, settings, cfg.overwrite)
+    todo, tally = _pick_up(out, queries, cfg.samples_per_query, filters)
     resumed = len(queries) - len(todo)
 
-    versions = library_versions("vllm") if backend == "vllm" else library_versions()
-    manifest: dict[str, Any] = {"stage": "sample", "status": "running", "settings": settings, "limit": limit,
-                                "backend": backend, "versions": versions, "started": _now()}
+    versions = library_versions("vllm") if cfg.backend == "vllm" else library_versions()
+    manifest: dict[str, Any] = {"stage": "sample", "status": "running", "settings": settings, "limit": cfg.limit,
+                                "backend": cfg.backend, "versions": versions, "started": _now()}
     write_json(manifest_path(out), manifest)
     model_path = None
     if todo:
-        engine = _open_backend(backend, model, served_model=served_model, batch_size=batch_size, device=device,
-                               dtype=dtype, tensor_parallel=tensor_parallel, base_url=base_url,
-                               concurrency=concurrency, timeout=timeout, max_retries=max_retries,
-                               batch_tokens=batch_tokens)
+        engine = _open_backend(cfg)
         model_path = engine.tokenizer.name_or_path
-        todo, prompts = _render_prompts(todo, engine.tokenizer, mode, system, max_prompt_tokens, skipped)
+        todo, prompts = _render_prompts(todo, engine.tokenizer, cfg.mode, cfg.system, cfg.max_prompt_tokens,
+                                        skipped)
         _generate_and_write(engine, todo, prompts, params, out, filters, tally,
-                            {"backend": backend, "model": model, "seed": seed}, progress)
+                            {"backend": cfg.backend, "model": cfg.model, "seed": cfg.seed}, progress)
 
     summary = _summary(out, pool_rows, skipped, f"{shard_i}/{shard_n}", len(queries), resumed, tally,
                        time.monotonic() - start)
     write_json(manifest_path(out), {**manifest, "status": "complete", "finished": _now(), "model_path": model_path,
                                     "query_ids_sha256": _ids_digest(q[0] for q in queries), "summary": summary})
-    if progress:
-        _print_summary(summary, f"delia sample -> {out}")
     return summary
-
-
-def _auto_or_int(value: str | int, option: str) -> str | int:
-    """'auto', or a positive integer (options such as --batch-size are strings so that they can be 'auto')."""
-    if value == "auto":
-        return value
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        number = 0
-    if number < 1:
-        raise DeliaError(f"{option} must be a positive integer or 'auto', got {value!r}")
-    return number
 
 
 def _ids_digest(ids: Iterable[str]) -> str:
@@ -469,13 +465,12 @@ def _ids_digest(ids: Iterable[str]) -> str:
 
 
 def merge(
-    shards: Annotated[list[Path], typer.Argument(help="Shard outputs (each OUT of `delia sample --shard i/N`).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Merged messages JSONL (rejects and manifest beside it).")],
-    progress: Annotated[bool, typer.Option(help="Print the summary.")] = True,
+    shards: Annotated[list[Path], "Shard outputs (each OUT of `delia sample --shard i/N`)."],
+    out: Annotated[Path, Flags("--out", "-o"), "Merged messages JSONL (rejects and manifest beside it)."],
 ) -> dict[str, Any]:
     """Combine shard outputs into one, checking that every shard of the same run is present and complete,
     and that no query is missing or appears twice. Duplicate answers across shards are rejected too
-    when the run filtered duplicates.
+    when the run filtered duplicates. Returns the summary (counts) that the manifest keeps.
 
     Example:\n
       delia sample-merge part0.jsonl part1.jsonl part2.jsonl part3.jsonl --out diverse.jsonl
@@ -549,8 +544,7 @@ def merge(
     write_json(manifest_path(out), {"stage": "sample-merge", "status": "complete", "settings": base,
                                     "shards": [str(s) for s in shards], "finished": _now(), "summary": summary,
                                     "query_ids_sha256": _ids_digest(owner), "versions": manifests[0]["versions"]})
-    if progress:
-        print(f"merged {len(shards)} shards: {len(owner)} queries, {len(kept_rows)} kept, "
-              f"{len(rejected_rows)} rejected -> {out}", file=sys.stderr)
+    log.info("merged %d shards: %d queries, %d kept, %d rejected -> %s", len(shards), len(owner), len(kept_rows),
+             len(rejected_rows), out)
     return summary
 

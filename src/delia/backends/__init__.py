@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 from delia.errors import DeliaError
 
-BACKENDS: tuple[str, ...] = ("hf", "vllm", "openai")
+BackendName = Literal["hf", "vllm", "openai"]
+BACKENDS: tuple[str, ...] = get_args(BackendName)
 FinishReason = Literal["stop", "length"]
 
 

@@ -215,7 +215,7 @@ class HFBackend:
         if self.batch_tokens != "auto" and need > budget:
             raise DeliaError(f"a batch of {budget} tokens cannot hold the longest prompt ({len(prompts[order[0]])} "
                              f"tokens) and its {params.max_new_tokens} new tokens: raise the token budget "
-                             f"(--batch-tokens) to at least {need} or leave long prompts out (--max-prompt-tokens)")
+                             f"(`batch_tokens`) to at least {need} or leave long prompts out (`max_prompt_tokens`)")
         # prefills and prefill forwards, decode steps, rows decoded summed over steps, most KV tokens held
         self.stats: Counter[str] = Counter()
         decode = self._decode if self.batching == "continuous" else self._decode_static

@@ -36,7 +36,7 @@ class OpenAIBackend:
                  timeout: float = 300.0, max_retries: int = 5, backoff: float = 1.0,
                  prompt_format: Literal["tokens", "text"] = "tokens", tokenizer: Any = None):
         if not base_url.startswith(("http://", "https://")):
-            raise DeliaError(f"--base-url must start with http:// or https://, got {base_url!r}")
+            raise DeliaError(f"`base_url` must start with http:// or https://, got {base_url!r}")
         if prompt_format not in ("tokens", "text"):
             raise DeliaError(f"prompt_format must be 'tokens' or 'text', got {prompt_format!r}")
         if prompt_format == "text" and tokenizer is None:
