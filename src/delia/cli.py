@@ -247,6 +247,18 @@ def _progress_bar() -> Iterator[Callable[[Any], None]]:
         yield update
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time: above a live progress bar, which redirects it."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 class _LogFormat(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
@@ -257,7 +269,7 @@ def _show_logs() -> None:
     """Stages log what they do (`logging`, logger `delia`); the command shows it on stderr, never cut."""
     logger = logging.getLogger("delia")
     if not any(getattr(h, "_delia", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _Stderr()
         handler.setFormatter(_LogFormat())
         handler._delia = True  # type: ignore[attr-defined]
         logger.addHandler(handler)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from delia.config import Flags, StageConfig
+from delia.progress import ProgressCallback
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 
@@ -21,7 +22,8 @@ class DemoConfig(StageConfig):
     """Output folder."""
 
 
-def demo(config: DemoConfig | None = None, **options: Any) -> dict[str, Any]:
+def demo(config: DemoConfig | None = None, *, progress: ProgressCallback | None = None,
+         **options: Any) -> dict[str, Any]:
     """Run the preset DELIA experiment on the bundled SmolLM2-135M (plain SFT against DELIA, two seeds).
 
     Returns the run's result; the command prints its results table and the report's path. A rerun reuses
@@ -34,4 +36,4 @@ def demo(config: DemoConfig | None = None, **options: Any) -> dict[str, Any]:
     from delia.experiment import load_experiment
     from delia.run import run_experiment
 
-    return run_experiment(load_experiment(DEMO_CONFIG), DemoConfig.build(config, **options).out)
+    return run_experiment(load_experiment(DEMO_CONFIG), DemoConfig.build(config, **options).out, progress=progress)

@@ -149,7 +149,7 @@ class Experiment(BaseModel):
         if isinstance(pool, dict):
             if not isinstance(pool.get("sources"), list) or not pool["sources"]:
                 raise ValueError("a pool to build needs `sources`: a list of files, folders or hf: dataset ids")
-            check_stage_options("pool", pool)
+            check_stage_options("pool", {k: v for k, v in pool.items() if k != "sources"})
         return pool
 
     @field_validator("arms")

@@ -22,6 +22,7 @@ from delia.errors import DeliaError
 from delia.experiment import Experiment, load_experiment
 from delia.files import sha256_file, sha256_json, write_json
 from delia.models import model_fingerprint
+from delia.progress import ProgressCallback
 from delia.versions import library_versions
 
 log = logging.getLogger(__name__)
@@ -65,10 +66,12 @@ def resolve_paths(exp: Experiment) -> Experiment:
     return exp
 
 
-def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None) -> dict[str, Any]:
+def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
+                   progress: ProgressCallback | None = None) -> dict[str, Any]:
     """Sample, mix, train, evaluate and probe every arm and seed of `exp`; write the report into `out`.
 
-    The report puts the plan's wall-time estimate (at `flops_per_s`, or measured) beside the measured time."""
+    The report puts the plan's wall-time estimate (at `flops_per_s`, or measured) beside the measured time.
+    Stages report their progress to `progress`."""
     from delia.compute import arm_cost
     from delia.evaluate import evaluate
     from delia.mix import mix
@@ -122,20 +125,22 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None)
         from delia.probe import probe
 
         inputs = {**key, **probe_kwargs, "data": data_hashes["task_eval"]}
-        return cache.run("probe", label, inputs, lambda d: probe(d, **kwargs))[1]["result"]
+        return cache.run("probe", label, inputs, lambda d: probe(d, progress=progress, **kwargs))[1]["result"]
 
     train_eval = exp.task.eval if exp.train_eval else None
     samples = sampled = None
     if any(a.samples for a in exp.arms):
         folder, sampled = cache.run("sample", "pool", {"model": model_id, "pool": data_hashes["pool"],
                                                        "options": exp.sample},
-                                    lambda d: sample(exp.pool, d / "samples.jsonl", model=model_path, **exp.sample))
+                                    lambda d: sample(exp.pool, d / "samples.jsonl", model=model_path,
+                                                     progress=progress, **exp.sample))
         samples = folder / "samples.jsonl"
 
     runs: list[ModelResult] = []
     if exp.eval_base:
         folder, rec = cache.run("eval", "base", {"model": model_id, **eval_inputs},
-                                lambda d: evaluate(exp.task.eval, d, model=model_path, **eval_kwargs))
+                                lambda d: evaluate(exp.task.eval, d, model=model_path, progress=progress,
+                                                           **eval_kwargs))
         base = ModelResult("base", None, None, folder, wall_s={"eval": rec["wall_s"]})
         if described:
             base.probe = probed("base", {"model": model_id}, model=model_path, **probe_kwargs)
@@ -169,11 +174,12 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None)
                 train_key["eval_data"] = data_hashes["task_eval"]
             tfolder, rec = cache.run("train", label, train_key,
                 lambda d, td=train_data, o=options: train(td, d / "adapter", model=model_path, add_token=token_specs,
-                                                          eval_data=train_eval, resume=True, **o))
+                                                          eval_data=train_eval, resume=True, progress=progress, **o))
             adapter, trained = tfolder / "adapter", rec["inputs"]
             wall["train"] = rec["wall_s"]
             efolder, rec = cache.run("eval", label, {"adapter": trained, **eval_inputs},
-                                     lambda d, a=adapter: evaluate(exp.task.eval, d, adapter=a, **eval_kwargs))
+                                     lambda d, a=adapter: evaluate(exp.task.eval, d, adapter=a, progress=progress,
+                                                                                  **eval_kwargs))
             wall["eval"] = rec["wall_s"]
             cost = arm_cost(model_path, _train_record(adapter), sampled["result"] if sampled else None, share)
             result = ModelResult(arm.name, arm.ratio, seed, efolder, train_dir=adapter, wall_s=wall, kind=arm.kind,
@@ -232,8 +238,8 @@ class RunConfig(StageConfig):
     a rerun with another baseline reuses every finished stage."""
 
 
-def run(experiment: Annotated[Path, "Experiment YAML (see examples/)."], config: RunConfig | None = None,
-        **options: Any) -> dict[str, Any]:
+def run(experiment: Annotated[Path, "Experiment YAML (see examples/)."], config: RunConfig | None = None, *,
+        progress: ProgressCallback | None = None, **options: Any) -> dict[str, Any]:
     """Run an experiment: sample, mix, train and eval every arm and seed, then write report.md and report.html.
 
     Finished stages are cached by a hash of their inputs: a rerun skips them, an interrupted run continues.
@@ -256,4 +262,4 @@ def run(experiment: Annotated[Path, "Experiment YAML (see examples/)."], config:
         from delia.plan import plan_experiment
 
         return plan_experiment(resolve_paths(exp), cfg.flops_per_s)
-    return run_experiment(exp, cfg.out or Path("runs") / exp.name, cfg.flops_per_s)
+    return run_experiment(exp, cfg.out or Path("runs") / exp.name, cfg.flops_per_s, progress)
