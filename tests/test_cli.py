@@ -188,3 +188,24 @@ def test_stage_functions_are_the_python_api():
     for target in STAGES.values():
         module, fn = target.split(":")
         assert callable(getattr(importlib.import_module(module), fn))
+
+
+@pytest.mark.parametrize("verb", list(STAGES))
+def test_help_at_80_columns_cuts_no_option_and_keeps_examples_whole(verb, capsys, monkeypatch):
+    """Every option of the verb's config appears whole in its help at 80 columns, and example command lines
+    are not rewrapped (a command broken at a hyphen would not paste)."""
+    import importlib
+    import re
+
+    from delia.cli import _config_class, _flags
+
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit):
+        main([verb, "--help"])
+    out = capsys.readouterr().out
+    assert "…" not in out
+    module, fn = STAGES[verb].split(":")
+    for flag in _flags(_config_class(getattr(importlib.import_module(module), fn))).values():
+        assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", out), flag
+    examples = [line.strip() for line in out.splitlines() if line.strip().startswith("delia ")]
+    assert examples and all(not line.endswith("-") for line in examples)

@@ -34,8 +34,7 @@ console = Console(stderr=True, soft_wrap=True)  # never break a path or an error
 
 class PlainErrorsGroup(typer.core.TyperGroup):
     """A typer command group whose usage errors print as click prints them: plain text, never boxed, wrapped
-    or cut at any terminal width (typer's rich error panel folds a long path and cuts text at 80 columns).
-    Help pages keep typer's rich layout."""
+    or cut at any terminal width (typer's rich error panel folds a long path and cuts text at 80 columns)."""
 
     def main(self, **kwargs: Any) -> Any:
         # typer's own main loop, told there is no rich markup: errors then go through click's plain `show()`
@@ -49,7 +48,7 @@ app = typer.Typer(
     "Stages: pool -> sample -> mix -> train -> eval; `delia run` does all of them for an experiment.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,  # click's help layout: wraps at any width, where typer's rich panels cut option names
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 data_app = typer.Typer(help="Inspect and convert chat datasets.", no_args_is_help=True)
@@ -122,6 +121,20 @@ def _cli_type(tp: Any) -> Any:
         inner = _cli_type(args[0]) if len(args) == 1 else str
         return inner | None if type(None) in typing.get_args(tp) else inner
     return tp
+
+
+def plain_help(doc: str | None) -> str | None:
+    """A command's docstring with its example command lines kept as written: click rewraps every other
+    paragraph to the terminal's width, and would break a command line at a hyphen."""
+    if doc is None:
+        return None
+    return re.sub(r"^( +)((?:delia|accelerate) .*)$", lambda m: f"{m.group(1)}\b\n{m.group(1)}{m.group(2)}", doc,
+                  flags=re.M)
+
+
+def _plain_doc(func: Callable[..., Any]) -> Callable[..., Any]:
+    func.__doc__ = plain_help(func.__doc__)
+    return func
 
 
 def _doc(hint: Any) -> tuple[Any, Any]:
@@ -211,6 +224,7 @@ def stage_command(func: Callable[..., Any], show: Callable[[Any], None] | None =
         if show is not None:
             show(result)
 
+    command.__doc__ = plain_help(func.__doc__)
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in params}
     del command.__wrapped__  # typer reads the signature above, not the stage function's
@@ -310,6 +324,7 @@ _DATA_FLAGS = {"format": "--format", "columns": "--columns"}  # the options of F
 
 
 @data_app.command("inspect")
+@_plain_doc
 def data_inspect(
     file: Annotated[Path, typer.Argument(help="Dataset: JSONL, JSON, Parquet, CSV or a saved HF dataset folder.")],
     model: Annotated[str | None, typer.Option("--model", "-m", help="Tokenizer for token-length stats.")] = None,
@@ -341,6 +356,7 @@ def data_inspect(
 
 
 @data_app.command("convert")
+@_plain_doc
 def data_convert(
     src: Annotated[Path, typer.Argument(help="Input dataset (any format `delia data inspect` reads).")],
     out: Annotated[Path, typer.Argument(help="Output: .jsonl (messages JSONL) or a folder (saved HF dataset).")],
@@ -375,6 +391,7 @@ def data_convert(
 
 
 @model_app.command("prepare")
+@_plain_doc
 def model_prepare(
     model: Annotated[str, typer.Argument(help="Bundled name, local folder, .gguf file or hub id.")] = "smollm2-135m",
 ) -> None:
