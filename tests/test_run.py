@@ -222,3 +222,29 @@ def test_baseline_option_refuses_an_unknown_arm(experiment, capsys):
     with pytest.raises(SystemExit) as e:
         main(["run", str(experiment), "--baseline", "nope"])
     assert e.value.code != 0 and "--baseline 'nope' is not an arm" in capsys.readouterr().err
+
+
+def test_bad_values_and_combinations_are_refused_at_load_before_any_stage(tmp_path):
+    """Values are checked with the stage's config when the experiment loads: types, choices and bounds in each
+    section, and an arm's train overrides together with the experiment's train section."""
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump({
+        "task": {"train": "a.jsonl", "eval": "b.jsonl"}, "pool": {"sources": ["s.jsonl"], "size": 0},
+        "arms": [{"name": "sft", "ratio": 0}, {"name": "kl", "kind": "delia-kl", "ratio": 1}],
+        "train": {"lora_r": "eight", "batching": "packing"}, "sample": {"temperature": -1},
+        "mix": {"allow_short": True}, "eval": {"metric_config": None, "batch_size": 0}}))
+    with pytest.raises(DeliaError) as e:
+        load_experiment(path)
+    msg = str(e.value)
+    assert f"{path}: field 'train': field 'lora_r': Input should be a valid integer" in msg
+    assert "field 'sample': field 'temperature': temperature must be >= 0, got -1" in msg
+    assert "field 'pool': field 'size': size must be >= 1, got 0" in msg
+    assert "field 'mix'" not in msg  # its ratio is the arm's
+    path.write_text(yaml.safe_dump({
+        "task": {"train": "a.jsonl", "eval": "b.jsonl"}, "pool": "p.jsonl", "train": {"batching": "packing"},
+        "arms": [{"name": "sft", "ratio": 0}, {"name": "kl", "kind": "delia-kl", "ratio": 1}]}))
+    with pytest.raises(DeliaError, match="arm 'kl': .*diverse_loss kl needs each row apart"):
+        load_experiment(path)
+    path.write_text(yaml.safe_dump({"task": {"train": "a.jsonl", "eval": "b.jsonl"}, "sample": {"backend": "openai"}}))
+    with pytest.raises(DeliaError, match="field 'sample': `backend` openai needs `base_url`"):
+        load_experiment(path)
