@@ -279,6 +279,7 @@ def build_trainer(data: str | Path, out: str | Path, config: TrainConfig | None 
     from transformers import AutoModelForCausalLM, set_seed
     from trl import SFTConfig, SFTTrainer
 
+    from delia.cpu_training import score_label_positions_only, use_mask_dropout
     from delia.data import read_chat
     from delia.important import encode_rows, important_ids, make_callback
     from delia.models import load_tokenizer, resolve_model
@@ -366,6 +367,10 @@ def build_trainer(data: str | Path, out: str | Path, config: TrainConfig | None 
                              "which shard the embedding; set `train_rows` all with these")
         _train_token_rows(trainer)
 
+    mask_dropout = 0
+    if trainer.args.device.type == "cpu":
+        mask_dropout = use_mask_dropout(trainer.model)
+        score_label_positions_only(trainer)
     _report_to(trainer, progress)
     keeper = _checkpoint_keeper(out / CHECKPOINTS, trainer)
     trainer.add_callback(keeper)
@@ -393,7 +398,7 @@ def build_trainer(data: str | Path, out: str | Path, config: TrainConfig | None 
         "device": str(trainer.args.device), "processes": trainer.args.world_size,
         "precision": next((k for k, on in precision.items() if on), "fp32"),
         "peft": {"target_modules": sorted(peft_config.target_modules), "modules_to_save": modules_to_save,
-                 "trainable_token_indices": token_rows,
+                 "trainable_token_indices": token_rows, "mask_dropout_layers": mask_dropout,
                  "trainable_params": trainable, "total_params": total},
         "new_tokens": tokens,
         "important_tokens": chosen if has_eval else [],
