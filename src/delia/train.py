@@ -166,7 +166,7 @@ class Training:
             _drop_checkpoints(out / CHECKPOINTS, keep=resume_from)  # a save a kill cut short, deletions left over
         trainer.accelerator.wait_for_everyone()
         if self.settings["resume"] and resume_from is None:
-            log.warning("no checkpoint in %s; starting from the beginning", out / CHECKPOINTS)
+            log.info("no checkpoint in %s; starting from the beginning", out / CHECKPOINTS)
         result = trainer.train(resume_from_checkpoint=resume_from)
         main, tmp = trainer.is_world_process_zero(), out / ".adapter.tmp"
         if main:
