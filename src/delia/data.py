@@ -14,12 +14,24 @@ from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from delia.config import Flags, StageConfig
 from delia.errors import DataError, DeliaError
 from delia.files import atomic_dir, atomic_writer, beside, dumps, write_jsonl
 
 Format = Literal["auto", "messages", "prompt-completion", "alpaca", "sharegpt"]
+
+
+class ReadOptions(StageConfig):
+    """How a stage reads its input rows (`read_chat`): the options stages that read chat files share."""
+
+    format: Annotated[Format, Flags("--format", "-f")] = "auto"
+    """Input format: auto, messages, prompt-completion, alpaca or sharegpt."""
+    columns: Annotated[list[str] | None, Flags("--columns", "-c")] = None
+    """FIELD=COLUMN, repeatable: map a format's field to the file's column."""
+    skip_invalid: bool = False
+    """Count and skip rows that cannot be read instead of stopping at the first."""
 FORMATS: tuple[str, ...] = ("messages", "prompt-completion", "alpaca", "sharegpt")
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {

@@ -29,8 +29,8 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import Field
 
-from delia.config import Flags, StageConfig
-from delia.data import ChatData, parse_columns, read_chat
+from delia.config import Flags
+from delia.data import ChatData, ReadOptions, parse_columns, read_chat
 from delia.errors import DeliaError
 from delia.files import atomic_writer, beside, sha256_file, sha256_json, write_json, write_jsonl
 from delia.metrics import script_share
@@ -352,7 +352,7 @@ def _bounds(count: int, low: int | None, high: int | None, what: str) -> str | N
     return None
 
 
-class PoolConfig(StageConfig):
+class PoolConfig(ReadOptions):
     """Options of `delia pool`."""
 
     task: Annotated[list[Path] | None, Flags("--task", "-t")] = None
@@ -363,12 +363,6 @@ class PoolConfig(StageConfig):
     """Target model: its tokenizer counts the length bounds, its hidden states embed the queries."""
     licence: list[str] | None = None
     """SOURCE=LICENCE, repeatable: recorded per row."""
-    format: Annotated[str, Flags("--format", "-f")] = "auto"
-    """Sources' format: auto, messages, prompt-completion, alpaca or sharegpt."""
-    columns: Annotated[list[str] | None, Flags("--columns", "-c")] = None
-    """FIELD=COLUMN, repeatable, applied to every source (a source without the column keeps its own field)."""
-    skip_invalid: bool = False
-    """Count and drop rows that cannot be read instead of stopping at the first."""
     drop_multi_turn: bool = True
     """Drop rows with more than one user turn."""
     require_reference: bool = True

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from delia.backends import BackendName
-from delia.config import Flags, StageConfig
+from delia.config import Flags
+from delia.data import ReadOptions
 from delia.errors import DeliaError
 from delia.files import beside, changed_settings
 from delia.filters import REASONS, Filters
@@ -295,7 +296,7 @@ def _summary(out: Path, pool_rows: int, skipped: Counter[str], shard: str, queri
 # ----------------------------------------------------------------------------- the stage
 
 
-class SampleConfig(StageConfig):
+class SampleConfig(ReadOptions):
     """Options of `delia sample`. Sampling defaults are the paper's: temperature 0.7, top-p 0.95, one answer of
     at most 512 tokens per query."""
 
@@ -324,12 +325,6 @@ class SampleConfig(StageConfig):
     max_prompt_tokens: int | None = Field(None, ge=1)
     """Skip (and count) queries whose rendered prompt is longer: keeps prompts inside the context and caps prefill
     cost on CPU."""
-    format: Annotated[str, Flags("--format", "-f")] = "auto"
-    """Pool format: auto, messages, prompt-completion, alpaca or sharegpt."""
-    columns: Annotated[list[str] | None, Flags("--columns", "-c")] = None
-    """FIELD=COLUMN, repeatable."""
-    skip_invalid: bool = False
-    """Skip (and count) bad pool rows instead of stopping."""
     drop_empty: bool = True
     """Reject empty or whitespace answers."""
     drop_truncated: bool = True
