@@ -197,7 +197,7 @@ def test_help_at_80_columns_cuts_no_option_and_keeps_examples_whole(verb, capsys
     import importlib
     import re
 
-    from delia.cli import _config_class, _flags
+    from delia.cli import config_class_of, flags_of
 
     monkeypatch.setenv("COLUMNS", "80")
     with pytest.raises(SystemExit):
@@ -205,7 +205,7 @@ def test_help_at_80_columns_cuts_no_option_and_keeps_examples_whole(verb, capsys
     out = capsys.readouterr().out
     assert "…" not in out
     module, fn = STAGES[verb].split(":")
-    for flag in _flags(_config_class(getattr(importlib.import_module(module), fn))).values():
+    for flag in flags_of(config_class_of(getattr(importlib.import_module(module), fn))).values():
         assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", out), flag
     examples = [line.strip() for line in out.splitlines() if line.strip().startswith("delia ")]
     assert examples and all(not line.endswith("-") for line in examples)

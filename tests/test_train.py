@@ -19,7 +19,6 @@ from delia.train import (
     RESUME_KEY_FILE,
     TRAIN_RECORD,
     TRAINER_LOG,
-    _check_out,
     build_trainer,
     train,
 )
@@ -348,13 +347,22 @@ def _assert_same_six_steps(full: Path, out: Path) -> None:
 
 
 @pytest.mark.parametrize("name", [RESUME_KEY_FILE, LEGACY_RESUME_KEY_FILE])
-def test_resume_key_read_under_its_name_and_its_earlier_one(tmp_path, name):
-    settings = {"max_steps": 6, "resume": True, "overwrite": False, "out": str(tmp_path)}
-    (tmp_path / CHECKPOINTS).mkdir()
-    (tmp_path / CHECKPOINTS / name).write_text(json.dumps({"max_steps": 6}))
-    _check_out(tmp_path, settings, main=True)
+def test_resume_key_read_under_its_name_and_its_earlier_one(rows, tmp_path, tiny_model, name):
+    data, _ = rows
+    kw = _settings(data, tmp_path / "run", tiny_model, max_steps=6)
+    ckpt = tmp_path / "run" / CHECKPOINTS
+    build_trainer(**kw)  # writes the resume key of these settings
+    key = (ckpt / RESUME_KEY_FILE).read_text()
+
+    def only_under_name() -> None:
+        (ckpt / RESUME_KEY_FILE).unlink()
+        (ckpt / name).write_text(key)
+
+    only_under_name()
+    build_trainer(**kw, resume=True)  # the same settings, read from `name`: accepted
+    only_under_name()
     with pytest.raises(DeliaError, match="max_steps"):
-        _check_out(tmp_path, {**settings, "max_steps": 7}, main=True)
+        build_trainer(**{**kw, "max_steps": 7}, resume=True)
 
 
 def test_cli_yaml_config(rows, tmp_path, tiny_model):

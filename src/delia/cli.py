@@ -157,14 +157,15 @@ def _option_names(name: str, field: Any) -> tuple[str, ...]:
     return flags.names if flags else ()
 
 
-def _config_class(func: Callable[..., Any]) -> Any:
+def config_class_of(func: Callable[..., Any]) -> Any:
+    """The StageConfig subclass a stage function takes as `config` (None if it takes none)."""
     from delia.config import StageConfig
 
     hint = typing.get_type_hints(func).get("config")
     return next((a for a in typing.get_args(hint) if isinstance(a, type) and issubclass(a, StageConfig)), None)
 
 
-def _flags(config_class: Any) -> dict[str, str]:
+def flags_of(config_class: Any) -> dict[str, str]:
     """Each field of a config -> the flag that sets it on the command line."""
     fields = config_class.model_fields if config_class else {}
     return {name: next(iter(_option_names(name, field)), f"--{name.replace('_', '-')}")
@@ -192,8 +193,8 @@ def stage_command(func: Callable[..., Any], show: Callable[[Any], None] | None =
     from delia.config import ConfigError
 
     hints = typing.get_type_hints(func, include_extras=True)
-    config_class = _config_class(func)
-    flags = _flags(config_class)
+    config_class = config_class_of(func)
+    flags = flags_of(config_class)
     params, arguments = [], []
     for name, p in inspect.signature(func).parameters.items():
         if name in ("config", "progress") or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL, p.KEYWORD_ONLY):
