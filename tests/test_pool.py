@@ -167,7 +167,7 @@ def test_bad_options_are_refused_by_name(tmp_path, capsys):
     assert done.value.code == 2 and "--licence expects SOURCE=LICENCE" in " ".join(capsys.readouterr().err.split())
     with pytest.raises(SystemExit) as done:
         main(["pool", "src.jsonl", "-o", str(out), "--size", "0"])
-    assert done.value.code == 2 and "field 'size': size must be >= 1, got 0" in capsys.readouterr().err
+    assert done.value.code == 2 and "--size: size must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_too_few_rows_for_the_size_is_logged(write_jsonl, tmp_path, tiny_model, caplog):

@@ -173,8 +173,10 @@ def flags_of(config_class: Any) -> dict[str, str]:
 
 
 def _with_flags(message: str, flags: Mapping[str, str]) -> str:
-    """A library message names options as `field`; on the command line they are --field."""
-    return re.sub(r"`([a-z_]+)`", lambda m: flags.get(m.group(1), m.group(0)), message)
+    """A library message names options as `field` (a config error as field 'field'); on the command line they
+    are --field."""
+    return re.sub(r"`([a-z_]+)`|field '([a-z_]+)'", lambda m: flags.get(m.group(1) or m.group(2), m.group(0)),
+                  message)
 
 
 @contextlib.contextmanager
