@@ -55,7 +55,8 @@ def build_mixture(folder: Path, ratio: int, seed: int = 0) -> Path:
 
 def common_settings(args: argparse.Namespace) -> dict:
     return {"max_steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
-            "learning_rate": 2e-4, "warmup_steps": 0, "logging_steps": 1, "save_steps": 10_000, "seed": 0}
+            "learning_rate": 2e-4, "warmup_steps": 0, "logging_steps": 1, "save_steps": 10_000, "seed": 0,
+            "precision": "fp32"}  # as the plain TRL script (bf16=False), on any device
 
 
 def tokens_per_s(log_history: list[dict]) -> tuple[int, float, float]:
@@ -228,7 +229,8 @@ def main() -> None:
         from delia.compute import TRAIN_FORWARDS, forward_flops, measure_matmul_flops
         from delia.models import resolve_model
 
-        peak = measure_matmul_flops()
+        # the peak of the device that trained (fp32, as the runs above): a GPU's, or this CPU's
+        peak = measure_matmul_flops(8192, device="cuda") if torch.cuda.is_available() else measure_matmul_flops()
         path = resolve_model(args.model)
         per_token = TRAIN_FORWARDS * forward_flops(path, args.max_length)
         achieved = per_token * statistics.median(delia_tps)

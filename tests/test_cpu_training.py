@@ -37,6 +37,11 @@ def test_seeded_masks_repeat():
     assert torch.equal(a, drop(x))
 
 
+CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="delia.cpu_training serves CPU training; "
+                            "this machine trains on its GPU")
+
+
+@CPU_ONLY
 def test_training_uses_it_for_every_lora_layer_on_cpu(tmp_path, write_jsonl, tiny_model):
     from test_train import _conversation, _settings
 
@@ -52,6 +57,7 @@ def test_training_uses_it_for_every_lora_layer_on_cpu(tmp_path, write_jsonl, tin
     assert none.record["peft"]["mask_dropout_layers"] == 0
 
 
+@CPU_ONLY
 def test_the_lm_head_scores_only_label_positions_with_the_same_loss_and_gradients(tmp_path, write_jsonl,
                                                                                   tiny_model):
     import functools

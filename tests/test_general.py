@@ -96,7 +96,7 @@ def test_drift_is_zero_for_a_fresh_adapter_and_positive_after_a_step(tiny_model,
     assert [d["kl"] for d in fresh] == pytest.approx([0, 0, 0], abs=1e-5)
 
     opt = torch.optim.SGD([p for p in peft.parameters() if p.requires_grad], lr=0.5)
-    ids = torch.tensor([answers["rows"][0]["prompt_ids"] + [7, 8, 9]])
+    ids = torch.tensor([answers["rows"][0]["prompt_ids"] + [7, 8, 9]], device=model.device)
     peft.train()
     peft(input_ids=ids, labels=ids).loss.backward()
     opt.step()

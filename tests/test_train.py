@@ -73,7 +73,7 @@ def test_train_new_token_tied_and_untied(rows, tmp_path, tied, padding_rows):
     data, eval_data = rows
     model_dir = build_tiny_model(tmp_path / "base", tie=tied, padding_rows=padding_rows)
     run = build_trainer(**_settings(data, tmp_path / "run", model_dir, eval_data=eval_data, add_token=["<sep>"],
-                             max_steps=4, eval_steps=2, merge=True, weight_decay=0.5))
+                             max_steps=4, eval_steps=2, merge=True, weight_decay=0.5, precision="fp32"))
     out = run.fit()
     record = json.loads((out / TRAIN_RECORD).read_text())
     token = record["new_tokens"]["tokens"][0]
@@ -121,7 +121,7 @@ def test_train_new_token_tied_and_untied(rows, tmp_path, tied, padding_rows):
     assert important[0]["loss"] != important[-1]["loss"]
 
     # the trained model in memory, the reloaded adapter and the merged model score the new token alike
-    trained = run.trainer.model.eval()
+    trained = run.trainer.model.eval().to("cpu")  # compared on the CPU, also after training on a GPU
     model, tok = load_trained(out, device="cpu")
     assert tok.convert_tokens_to_ids("<sep>") == sid and not model.training
     merged_model = type(model.get_base_model()).from_pretrained(out / "merged")
@@ -417,7 +417,8 @@ def test_two_cpu_processes_with_accelerate(rows, tmp_path, tiny_model):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "delia", "train",
            str(data), str(out), "--model", str(tiny_model), "--eval-data", str(eval_data), "--add-token", "<sep>",
            "--max-steps", "2", "--eval-steps", "2", "--batch-size", "2", "--max-length", "128"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})  # CPU processes
     assert done.returncode == 0, done.stderr[-3000:]
     record = json.loads((out / TRAIN_RECORD).read_text())
     assert record["processes"] == 2 and record["steps"] == 2

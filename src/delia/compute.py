@@ -22,18 +22,22 @@ TRAIN_FORWARDS = 2  # forward + backward to the activations (LoRA: no weight gra
 STAGE_SHARE_OF_PEAK = {"sample": 0.36, "train": 0.38}
 
 
-def measure_matmul_flops(n: int = 1536, reps: int = 6) -> float:
-    """Best measured fp32 matmul FLOP/s of this process's threads on the CPU (the peak shares refer to)."""
+def measure_matmul_flops(n: int = 1536, reps: int = 6, device: str = "cpu") -> float:
+    """Best measured fp32 matmul FLOP/s on `device` (the peak shares refer to): on the CPU, this process's
+    threads; on a GPU, pass a larger `n` (e.g. 8192) to reach its peak."""
     import time
 
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     torch.matmul(a, b)
+    sync()
     best = 0.0
     for _ in range(reps):
         t = time.perf_counter()
         torch.matmul(a, b)
+        sync()
         best = max(best, 2 * n**3 / (time.perf_counter() - t))
     return best
 

@@ -43,14 +43,14 @@ def _init_rows(matrix: Any, n_ref: int, rows: list[int], method: str, descriptio
     ref = matrix[:n_ref].float()
     mean, std = ref.mean(0), ref.std()
     for row, desc_ids in zip(rows, descriptions, strict=True):
-        if method == "random":
-            value = torch.randn(ref.shape[1], generator=generator) * std
+        if method == "random":  # drawn on the CPU from the seeded generator: the same rows on any device
+            value = torch.randn(ref.shape[1], generator=generator).to(ref.device) * std
         elif method == "mean":
             value = mean.clone()
         elif method == "mean-noise":
-            value = mean + torch.randn(ref.shape[1], generator=generator) * std * MEAN_NOISE_SCALE
+            value = mean + torch.randn(ref.shape[1], generator=generator).to(ref.device) * std * MEAN_NOISE_SCALE
         else:  # description
-            value = ref[torch.tensor(desc_ids)].mean(0)
+            value = ref[torch.tensor(desc_ids, device=ref.device)].mean(0)
         matrix[row] = value.to(matrix.dtype)
 
 
