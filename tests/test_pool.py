@@ -234,3 +234,13 @@ def test_experiment_builds_its_pool_as_a_cached_stage(write_jsonl, tmp_path, tin
     path.write_text(yaml.safe_dump({**config, "pool": {"size": 3}}))
     with pytest.raises(DeliaError, match="needs `sources`"):
         load_experiment(path)
+
+
+def test_embedding_reports_progress_to_the_callback(write_jsonl, tmp_path, tiny_model, monkeypatch):
+    monkeypatch.setenv("DELIA_CACHE", str(tmp_path / "cache"))  # embed, not a cached file
+    src = write_jsonl("src.jsonl", [chat(f"Question {i}: describe topic {i} with an example, please.")
+                                    for i in range(10)])
+    events = []
+    pool([str(src)], out=tmp_path / "p.jsonl", model=str(tiny_model), size=4, clusters=2, batch_size=3,
+         near_dedup=False, progress=events.append)
+    assert [(e.task, e.done, e.total) for e in events] == [("embedding", d, 10) for d in (3, 6, 9, 10)]

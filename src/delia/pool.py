@@ -34,6 +34,7 @@ from delia.data import ChatData, ReadOptions, parse_columns, read_chat
 from delia.errors import DeliaError
 from delia.files import atomic_writer, beside, sha256_file, sha256_json, write_json, write_jsonl
 from delia.metrics import script_share
+from delia.progress import Progress, ProgressCallback, report
 from delia.text import normalise
 
 HF_PREFIX = "hf:"
@@ -250,10 +251,10 @@ def _near_duplicates(rows: list[dict[str, Any]], threshold: float, num_perm: int
 
 
 def embed(texts: Sequence[str], model_path: str, *, max_tokens: int, batch_size: int,
-          device: str | None) -> tuple[np.ndarray, Path, bool]:
+          device: str | None, progress: ProgressCallback | None = None) -> tuple[np.ndarray, Path, bool]:
     """Mean-pooled last hidden states of `model_path` for each text (truncated to `max_tokens`), batched by
-    length; cached under $DELIA_CACHE/embeddings by model fingerprint and the texts' hash.
-    Returns (embeddings, cache file, whether it was cached)."""
+    length; cached under $DELIA_CACHE/embeddings by model fingerprint and the texts' hash. `progress` hears of
+    each batch embedded. Returns (embeddings, cache file, whether it was cached)."""
     from delia.models import cache_root, model_fingerprint
 
     key = sha256_json({"model": model_fingerprint(model_path), "texts": sha256_json(list(texts)),
@@ -278,6 +279,7 @@ def embed(texts: Sequence[str], model_path: str, *, max_tokens: int, batch_size:
             hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
             weights = mask.unsqueeze(-1).float()
             out[idx] = ((hidden * weights).sum(1) / weights.sum(1).clamp(min=1)).cpu().numpy()
+            report(progress, Progress("embedding", start + len(idx), len(texts), unit="queries"))
     with atomic_writer(cached, "wb") as fh:
         np.save(fh, out)
     return out, cached, False
@@ -411,12 +413,14 @@ def pool(
     out: Annotated[Path, Flags("--out", "-o"), "Output pool (messages JSONL); OUT.sources.json, OUT.removed.jsonl "
                                                "and OUT.selection.png go beside it."],
     config: PoolConfig | None = None,
+    *,
+    progress: ProgressCallback | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Build a diverse query pool: read sources, clean, decontaminate, select; returns OUT.sources.json's content.
 
     Every removed row is counted per step and listed with its reason in OUT.removed.jsonl. `options` set any
-    PoolConfig field over `config`.
+    PoolConfig field over `config`; `progress` hears of the embedding of the queries, batch by batch.
 
     Examples:\n
       delia pool alpaca.json dolly.jsonl --out pool.jsonl --task task_train.jsonl --task task_eval.jsonl\n
@@ -480,7 +484,7 @@ def pool(
     if cfg.size is not None and cfg.size < len(rows):
         k = min(len(rows), cfg.clusters or max(1, round(cfg.size ** 0.5)))
         vectors, cache_file, was_cached = embed([_query(r) for r in rows], model_path, max_tokens=cfg.max_embed_tokens,
-                                                batch_size=cfg.batch_size, device=cfg.device)
+                                                batch_size=cfg.batch_size, device=cfg.device, progress=progress)
         picked, labels = select(vectors, cfg.size, k, cfg.seed)
         plot = plot_path(out)
         _plot(vectors, labels, picked, plot)

@@ -91,7 +91,8 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
     if pool_spec is not None:  # built only when an arm draws diverse rows from it
         exp.pool = None
     if pool_spec is not None and any(a.ratio > 0 for a in exp.arms):
-        exp.pool, pool_facts = build_pool(cache, pool_spec, model_path, model_id, [exp.task.train, exp.task.eval])
+        exp.pool, pool_facts = build_pool(cache, pool_spec, model_path, model_id, [exp.task.train, exp.task.eval],
+                                           progress)
     data_hashes = {"task_train": sha256_file(exp.task.train), "task_eval": sha256_file(exp.task.eval)}
     for name in ("pool", "general", "contrast"):
         if getattr(exp, name) is not None:
@@ -205,7 +206,7 @@ def _train_record(adapter: Path) -> dict[str, Any]:
 
 
 def build_pool(cache: StageCache, spec: dict[str, Any], model_path: str, model_id: dict[str, Any],
-               targets: list[Path]) -> tuple[Path, dict[str, Any]]:
+               targets: list[Path], progress: ProgressCallback | None = None) -> tuple[Path, dict[str, Any]]:
     """The experiment's pool built by `delia pool` as a cached stage, decontaminated against the task's files;
     returns its path and the facts the report shows (counts per step, decontamination, coverage)."""
     from delia.pool import pool
@@ -216,7 +217,7 @@ def build_pool(cache: StageCache, spec: dict[str, Any], model_path: str, model_i
     inputs = {"model": model_id, "options": options, "task": [sha256_file(t) for t in targets],
               "sources": [sha256_file(s) if Path(s).is_file() else s for s in sources]}
     folder, rec = cache.run("pool", "pool", inputs, lambda d: pool(sources, out=d / "pool.jsonl", task=targets,
-                                                                   model=model_path, **options))
+                                                                   model=model_path, progress=progress, **options))
     stats = rec["result"]
     selection = {k: v for k, v in stats["selection"].items() if k not in ("cluster_sizes", "selected_per_cluster")}
     return folder / "pool.jsonl", {"rows": stats["rows"], "rows_read": stats["rows_read"], "steps": stats["steps"],
