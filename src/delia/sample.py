@@ -364,13 +364,14 @@ class SampleConfig(ReadOptions):
     @classmethod
     def _auto_or_positive(cls, value: Any, info: ValidationInfo) -> int | str:
         """'auto' or a positive integer, also given as text (the command line's form)."""
-        if value == "auto":
-            return value
+        from delia.backends.hf import auto_or_positive
+
         if isinstance(value, str) and value.strip().isdigit():
             value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{info.field_name}` must be a positive integer or 'auto', got {value!r}")
-        return value
+        try:
+            return auto_or_positive(f"`{info.field_name}`", value)
+        except DeliaError as e:
+            raise ValueError(str(e)) from None
 
     @field_validator("shard")
     @classmethod

@@ -128,6 +128,13 @@ def continuous_batching_supported(model: Any) -> bool:
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
+def auto_or_positive(name: str, value: Any) -> int | str:
+    """`value` if it is 'auto' or a positive integer (a batch size, a token budget), else a DeliaError."""
+    if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise DeliaError(f"{name} must be a positive integer or 'auto', got {value!r}")
+    return value
+
+
 class HFBackend:
     """A loaded transformers model decoded by the continuous-batching loop above, on CPU or GPU, or by the
     static loop where its cache does not allow continuous batching (`batching` says which).
@@ -137,8 +144,7 @@ class HFBackend:
 
     def __init__(self, model: Any, tokenizer: Any, batch_size: int | str = "auto", batch_tokens: int | str = "auto"):
         for name, value in (("batch_size", batch_size), ("batch_tokens", batch_tokens)):
-            if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise DeliaError(f"{name} must be a positive integer or 'auto', got {value!r}")
+            auto_or_positive(name, value)
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
