@@ -18,11 +18,11 @@ from typing import Annotated, Any
 
 from pydantic import Field, model_validator
 
-from delia.config import Flags, StageConfig
+from delia.config import Flags
 from delia.data import Format
 from delia.errors import DeliaError
 from delia.metrics import MetricKind
-from delia.models import DEFAULT_MODEL, load_for_eval
+from delia.models import DEFAULT_MODEL, ModelChoice, load_for_eval
 from delia.progress import Progress, ProgressCallback, report
 from delia.versions import library_versions
 
@@ -33,13 +33,9 @@ CONTRAST_ROWS = "contrast.jsonl"
 log = logging.getLogger(__name__)
 
 
-class EvalConfig(StageConfig):
+class EvalConfig(ModelChoice):
     """Options of `delia eval`. Decoding is greedy unless `temperature` > 0."""
 
-    model: Annotated[str | None, Flags("--model", "-m")] = Field(
-        None, description=f"Base or merged model (default {DEFAULT_MODEL}); not with `adapter`.")
-    adapter: Path | None = None
-    """Adapter folder written by `delia train` (loads its recorded base model)."""
     metric: MetricKind | None = None
     """format (the authors' <sep> preset), translation, exact or contains. Default: format, or the kind in
     `metric_config`."""
@@ -75,8 +71,6 @@ class EvalConfig(StageConfig):
 
     @model_validator(mode="after")
     def _consistent(self) -> EvalConfig:
-        if self.model is not None and self.adapter is not None:
-            raise ValueError("set `model` or `adapter`, not both: the adapter records its base model")
         if self.contrast is not None and self.general is None:
             raise ValueError("`contrast` needs `general` (the base answers and leakage rule come with it)")
         if self.base_model is not None and self.adapter is not None:

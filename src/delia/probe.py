@@ -22,15 +22,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from delia.config import Flags, StageConfig
+from delia.config import Flags
 from delia.data import Format
 from delia.errors import DeliaError
-from delia.models import DEFAULT_MODEL
+from delia.models import ModelChoice
 from delia.progress import Progress, ProgressCallback, report
+from delia.tokens import TokenInit
 
 PROBE = "probe.json"
 # Prompts used when no data row puts the token in a prompt.
@@ -43,13 +44,9 @@ TEMPLATES = (
 _EMBED_CHUNK = 8192
 
 
-class ProbeConfig(StageConfig):
+class ProbeConfig(ModelChoice):
     """Options of `delia probe`: the model, the tokens and their descriptions, the prompts."""
 
-    model: Annotated[str | None, Flags("--model", "-m")] = Field(
-        None, description=f"Base or merged model (default {DEFAULT_MODEL}); not with `adapter`.")
-    adapter: Path | None = None
-    """Adapter folder written by `delia train`; its delia_train.json supplies token descriptions."""
     token: Annotated[list[str] | None, Flags("--token", "-t")] = None
     """TOKEN=DESCRIPTION, repeatable: the instruction the token stands for."""
     tokens_file: Path | None = None
@@ -63,19 +60,13 @@ class ProbeConfig(StageConfig):
     """Prompts per token."""
     neighbours: int = Field(10, ge=1)
     """Nearest vocabulary neighbours to list."""
-    init: Literal["random", "mean", "mean-noise", "description"] = "random"
+    init: TokenInit = "random"
     """Init for a token the model lacks (as `delia train --token-init`): random, mean, mean-noise or
     description."""
     seed: int = 0
     """Seed of that init."""
     device: str | None = None
     """cpu, cuda ... (default: cuda if present)."""
-
-    @model_validator(mode="after")
-    def _one_model(self) -> ProbeConfig:
-        if self.model is not None and self.adapter is not None:
-            raise ValueError("set `model` or `adapter`, not both: the adapter records its base model")
-        return self
 
 
 def _recorded_descriptions(folder: Path | None) -> dict[str, str]:

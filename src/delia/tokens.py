@@ -7,11 +7,12 @@ explicitly, on the input embeddings and, when untied, on the output embeddings t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 from delia.errors import DeliaError
 
-INIT_METHODS = ("random", "mean", "mean-noise", "description")
+TokenInit = Literal["random", "mean", "mean-noise", "description"]  # how a new token's row starts
+INIT_METHODS = get_args(TokenInit)
 # Noise of `mean-noise`, as a fraction of the embedding matrix's std: small enough that the row stays
 # near the mean (no large logit at start), large enough that several new tokens do not start identical.
 MEAN_NOISE_SCALE = 0.1

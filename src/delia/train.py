@@ -26,6 +26,7 @@ from delia.files import changed_settings, sha256_file, sha256_json, write_json, 
 from delia.important import IMPORTANT_LOSS_FILE
 from delia.models import load_trained
 from delia.progress import Progress, ProgressCallback, report
+from delia.tokens import TokenInit
 from delia.versions import library_versions
 
 TRAIN_RECORD = "delia_train.json"
@@ -84,7 +85,7 @@ class TrainConfig(StageConfig):
     """Trade compute for activation memory."""
     add_token: list[str] | None = None
     """New special token, repeatable: TOKEN or TOKEN=DESCRIPTION (what it stands for)."""
-    token_init: Literal["random", "mean", "mean-noise", "description"] = "random"
+    token_init: TokenInit = "random"
     """Init of new token rows: random (normal, std of the matrix, seeded), mean, mean-noise, description."""
     train_rows: Literal["new", "all"] = "new"
     """Embedding rows trained with `add_token`: new (only the added tokens' rows) or all."""
