@@ -154,6 +154,14 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def sha256_path(path: str | Path) -> str:
+    """SHA-256 of a file, or of the relative names and contents of a folder's files (a saved dataset)."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    return sha256_json({str(p.relative_to(path)): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()})
+
+
 def beside(out: str | Path, suffix: str, *, strip: Iterable[str] | None = None) -> Path:
     """The file `NAME{suffix}` in `out`'s folder, NAME being `out`'s name without its extension
     (`diverse.jsonl` -> `diverse.rejects.jsonl`). With `strip`, only those extensions are removed:

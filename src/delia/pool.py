@@ -32,7 +32,7 @@ from pydantic import Field
 from delia.config import Flags
 from delia.data import ChatData, ReadOptions, parse_columns, read_chat
 from delia.errors import DeliaError
-from delia.files import atomic_writer, beside, sha256_file, sha256_json, write_json, write_jsonl
+from delia.files import atomic_writer, beside, sha256_file, sha256_json, sha256_path, write_json, write_jsonl
 from delia.metrics import script_share
 from delia.progress import Progress, ProgressCallback, report
 from delia.text import normalise
@@ -59,11 +59,6 @@ def plot_path(out: str | Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- reading sources
-
-
-def _folder_digest(folder: Path) -> str:
-    """Content hash of a saved dataset folder (its files' names and SHA-256)."""
-    return sha256_json(sorted((str(f.relative_to(folder)), sha256_file(f)) for f in folder.rglob("*") if f.is_file()))
 
 
 def _read_hf(spec: str, format: str, columns: dict[str, str] | None) -> tuple[ChatData, dict[str, Any]]:
@@ -93,7 +88,7 @@ def _read_hf(spec: str, format: str, columns: dict[str, str] | None) -> tuple[Ch
         ds.save_to_disk(str(folder))
         data = read_chat(folder, format, columns=columns, require_assistant=False, skip_invalid=True)  # type: ignore[arg-type]
         identity = {"kind": "hf", "name": name, "split": split or None, "rows": len(ds),
-                    "content_sha256": _folder_digest(folder)}
+                    "content_sha256": sha256_path(folder)}
     for r in data.rejects:  # name the source the user gave, not the temporary export
         r["error"] = r["error"].replace(str(folder), spec, 1)
     data.path = spec
@@ -106,7 +101,7 @@ def _read_source(spec: str, format: str, columns: dict[str, str] | None) -> tupl
         return _read_hf(spec, format, columns)
     path = Path(spec)
     data = read_chat(path, format, columns=columns, require_assistant=False, skip_invalid=True)  # type: ignore[arg-type]
-    identity = ({"kind": "folder", "content_sha256": _folder_digest(path)} if path.is_dir()
+    identity = ({"kind": "folder", "content_sha256": sha256_path(path)} if path.is_dir()
                 else {"kind": "file", "sha256": sha256_file(path)})
     return data, identity
 

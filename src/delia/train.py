@@ -22,7 +22,7 @@ from pydantic import Field, model_validator
 
 from delia.config import Flags, StageConfig
 from delia.errors import DeliaError
-from delia.files import changed_settings, sha256_file, sha256_json, write_json, write_jsonl
+from delia.files import changed_settings, sha256_path, write_json, write_jsonl
 from delia.important import IMPORTANT_LOSS_FILE
 from delia.models import load_trained
 from delia.progress import Progress, ProgressCallback, report
@@ -254,13 +254,6 @@ def _resume_key(settings: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in settings.items() if k not in _RESUME_FREE}
 
 
-def _data_hash(path: Path) -> str:
-    """SHA-256 of a data file, or of the names and contents of a saved dataset folder's files."""
-    if path.is_file():
-        return sha256_file(path)
-    return sha256_json({str(p.relative_to(path)): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()})
-
-
 
 def _precision(precision: str) -> dict[str, bool]:
     import torch
@@ -293,8 +286,8 @@ def build_trainer(data: str | Path, out: str | Path, config: TrainConfig | None 
     kl = cfg.diverse_loss == "kl"
     precision = _precision(s["precision"])
     specs = parse_token_specs(s["add_token"])
-    s["data_sha256"] = _data_hash(data)
-    s["eval_data_sha256"] = _data_hash(Path(s["eval_data"])) if s["eval_data"] else None
+    s["data_sha256"] = sha256_path(data)
+    s["eval_data_sha256"] = sha256_path(Path(s["eval_data"])) if s["eval_data"] else None
     state = PartialState()  # under `accelerate launch`: one check per process, one cleanup, then all go on
     _check_out(out, s, state.is_main_process)
     state.wait_for_everyone()
