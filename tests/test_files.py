@@ -6,12 +6,15 @@ import pytest
 
 from delia.errors import DeliaError
 from delia.files import (
+    OUTPUT_MARKER,
     JsonlAppender,
     atomic_dir,
     atomic_writer,
     beside,
     changed_settings,
+    check_output,
     dumps,
+    output_kind,
     read_complete_jsonl,
     read_yaml,
     sha256_file,
@@ -42,15 +45,64 @@ def _umask() -> int:
 
 def test_atomic_dir_replaces_whole_or_not_at_all(tmp_path):
     target = tmp_path / "folder"
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, "kind") as tmp:
         (tmp / "a").write_text("1")
-    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+    with pytest.raises(RuntimeError), atomic_dir(target, "kind") as tmp:
         (tmp / "b").write_text("2")
         raise RuntimeError("boom")
-    assert sorted(p.name for p in target.iterdir()) == ["a"] and [p.name for p in tmp_path.iterdir()] == ["folder"]
-    with atomic_dir(target) as tmp:
+    assert sorted(p.name for p in target.iterdir()) == [OUTPUT_MARKER, "a"]
+    assert [p.name for p in tmp_path.iterdir()] == ["folder"]
+    with atomic_dir(target, "kind") as tmp:
         (tmp / "c").write_text("3")
-    assert sorted(p.name for p in target.iterdir()) == ["c"] and [p.name for p in tmp_path.iterdir()] == ["folder"]
+    assert sorted(p.name for p in target.iterdir()) == [OUTPUT_MARKER, "c"]
+    assert [p.name for p in tmp_path.iterdir()] == ["folder"] and output_kind(target) == "kind"
+
+
+def test_atomic_dir_never_replaces_a_folder_it_did_not_write(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(DeliaError, match="is not a kind folder that delia wrote"), atomic_dir(mine, "kind"):
+        pass
+    with atomic_dir(tmp_path / "other", "other"):
+        pass
+    with pytest.raises(DeliaError, match="is not a kind folder"), atomic_dir(tmp_path / "other", "kind"):
+        pass
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and output_kind(tmp_path / "other") == "other"
+    with atomic_dir(mine, "kind", replace_unmarked=True) as tmp:  # delia's own cache
+        (tmp / "a").write_text("1")
+    assert sorted(p.name for p in mine.iterdir()) == [OUTPUT_MARKER, "a"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with atomic_dir(empty, "kind") as tmp:
+        (tmp / "a").write_text("1")
+    assert (empty / "a").exists()
+
+
+@pytest.mark.parametrize(("out", "inputs", "overwrite", "message"), [
+    ("in.jsonl", ["in.jsonl"], True, "is also an input"),
+    ("sub/../in.jsonl", ["in.jsonl"], True, "is also an input"),
+    (".", ["in.jsonl"], True, "holds the input"),
+    ("data/out.jsonl", ["data"], True, "lies inside the input folder"),
+    ("in.jsonl/x.jsonl", [], True, "is a file, not a folder"),
+    ("in.jsonl", [], False, "exists; set `overwrite`"),
+    ("data", [], True, "exists and is a folder"),
+])
+def test_check_output_refuses_what_would_lose_a_file(tmp_path, monkeypatch, out, inputs, overwrite, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in.jsonl").write_text("{}\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "x.arrow").write_text("")
+    with pytest.raises(DeliaError, match=re.escape(message)):
+        check_output(out, inputs=inputs, overwrite=overwrite)
+
+
+def test_check_output_lets_through_a_new_or_replaceable_output(tmp_path):
+    (tmp_path / "old.jsonl").write_text("{}\n")
+    assert check_output(tmp_path / "new.jsonl", inputs=[tmp_path / "in.jsonl"]) == tmp_path / "new.jsonl"
+    assert check_output(tmp_path / "old.jsonl", overwrite=True) == tmp_path / "old.jsonl"
+    (tmp_path / "empty").mkdir()
+    assert check_output(tmp_path / "empty", folder=True) == tmp_path / "empty"
 
 
 def test_read_complete_jsonl_drops_and_truncates_a_torn_last_line(tmp_path):

@@ -223,7 +223,7 @@ def test_conversion_into_a_chosen_folder_never_replaces_a_users_files(tiny_gguf,
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    with pytest.raises(DeliaError, match="holds no converted model"):
+    with pytest.raises(DeliaError, match="is not a model folder that delia wrote"):
         convert_gguf(tiny_gguf, out)
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     assert convert_gguf(tiny_gguf, tmp_path / "new") == tmp_path / "new"

@@ -13,6 +13,7 @@ import functools
 import importlib
 import inspect
 import logging
+import os
 import re
 import sys
 import types
@@ -371,6 +372,9 @@ def data_convert(
     allow_no_assistant: Annotated[
         bool, typer.Option(help="Accept conversations that end on a user turn (query pools).")
     ] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace OUT if it exists (a folder only if delia wrote it).")
+    ] = False,
 ) -> None:
     """Convert a chat dataset to messages JSONL, validating every row.
 
@@ -380,9 +384,10 @@ def data_convert(
       delia data convert alpaca.json train.jsonl\n
       delia data convert sharegpt.jsonl train.jsonl --skip-invalid
     """
-    from delia.data import parse_columns, read_chat, write_chat, write_rejects
+    from delia.data import check_chat_output, parse_columns, read_chat, write_chat, write_rejects
 
-    with _named_as_flags(_DATA_FLAGS):
+    with _named_as_flags({**_DATA_FLAGS, "overwrite": "--overwrite"}):
+        check_chat_output(out, inputs=[src], overwrite=overwrite)
         data = read_chat(src, format, columns=parse_columns(columns), skip_invalid=skip_invalid,  # type: ignore[arg-type]
                          require_assistant=not allow_no_assistant)
     write_chat(out, data.records)
@@ -548,12 +553,48 @@ SHOW: dict[str, Callable[[Any], None]] = {"sample": show_sample, "mix": show_mix
                                           "demo-data": show_path}
 
 
+def _error(message: str) -> None:
+    # escaped: "[row 3]" in a location, or a user's "[bold]" role, is text, not rich markup
+    console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
+
+
+def _crash_log(error: BaseException) -> Path | None:
+    """Write the traceback of an unexpected error to $DELIA_CACHE/crashes/; its path, or None if that failed."""
+    import time
+    import traceback
+
+    from delia.models import cache_root
+
+    try:
+        folder = cache_root() / "crashes"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        path.write_text(f"delia {__version__}\nargv: {sys.argv}\n\n" + "".join(traceback.format_exception(error)),
+                        encoding="utf-8")
+        return path
+    except OSError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> None:
+    """The `delia` command. Every error ends in one line on stderr and a non-zero exit, never a traceback: a
+    user's mistake (DeliaError, exit 2), a file the system refuses (exit 1), or a crash whose traceback goes to a
+    log file (exit 1)."""
     _show_logs()
     _register_stages()
     try:
         app(args=argv, standalone_mode=True)
     except DeliaError as e:
-        # escaped: "[row 3]" in a location, or a user's "[bold]" role, is text, not rich markup
-        console.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False)
+        _error(str(e))
         sys.exit(e.exit_code)
+    except OSError as e:  # a read-only folder, a full disk, a path the system refuses
+        where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+        _error(f"{where}: {e.strerror or e}" if where else str(e))
+        sys.exit(1)
+    except UnicodeDecodeError as e:
+        _error(f"a file is not UTF-8 text ({e.reason} at byte {e.start})")
+        sys.exit(1)
+    except Exception as e:
+        log = _crash_log(e)
+        _error(f"unexpected {type(e).__name__}: {e}" + (f" (details in {log})" if log else ""))
+        sys.exit(1)

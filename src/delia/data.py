@@ -11,14 +11,14 @@ import csv
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from delia.config import Flags, StageConfig
 from delia.errors import DataError, DeliaError
-from delia.files import atomic_dir, atomic_writer, beside, dumps, write_jsonl
+from delia.files import atomic_dir, atomic_writer, beside, check_output, dumps, write_jsonl
 
 Format = Literal["auto", "messages", "prompt-completion", "alpaca", "sharegpt"]
 
@@ -373,15 +373,25 @@ def read_chat(
 # ----------------------------------------------------------------------------- writing and helpers
 
 
+def check_chat_output(path: str | Path, *, inputs: Iterable[str | Path] = (), overwrite: bool = False) -> Path:
+    """Refuse, before any work, an output `write_chat` cannot write or that would replace a user's file or folder
+    (see `files.check_output`)."""
+    path = Path(path)
+    if path.suffix in (".csv", ".parquet"):  # read, but not written: a folder named out.csv would surprise
+        raise DeliaError(f"{path}: cannot write {path.suffix}; write messages JSONL (.jsonl) or a folder "
+                         "(a saved Hugging Face dataset)")
+    return check_output(path, inputs=inputs, overwrite=overwrite, folder=path.suffix not in (".jsonl", ".json"))
+
+
 def write_chat(path: str | Path, records: list[dict[str, Any]]) -> Path:
-    """Write records as messages JSONL (`.jsonl`/`.json`) or a saved HF dataset (any other path), atomically."""
+    """Write records as messages JSONL (`.jsonl`/`.json`) or a saved HF dataset (any other path), atomically.
+
+    A folder replaces only a dataset folder that delia wrote (see `files.atomic_dir`)."""
     path = Path(path)
     if path.suffix in (".jsonl", ".json"):
         write_jsonl(path, records)
         return path
-    if path.suffix in (".csv", ".parquet"):  # read, but not written: a folder named out.csv would surprise
-        raise DeliaError(f"{path}: cannot write {path.suffix}; write messages JSONL (.jsonl) or a folder "
-                         "(a saved Hugging Face dataset)")
+    check_chat_output(path, overwrite=True)
     import datasets
 
     datasets.disable_progress_bars()
@@ -394,7 +404,7 @@ def write_chat(path: str | Path, records: list[dict[str, Any]]) -> Path:
     except (ValueError, TypeError) as e:  # pyarrow: a field whose type differs between rows
         raise DeliaError(f"{path}: the records' extra fields do not fit one table ({e}); "
                          "write a .jsonl file instead") from None
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, "dataset") as tmp:
         table.save_to_disk(str(tmp))
     return path
 

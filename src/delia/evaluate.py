@@ -21,6 +21,7 @@ from pydantic import Field, model_validator
 from delia.config import Flags
 from delia.data import Format
 from delia.errors import DeliaError
+from delia.files import check_output, sha256_file, write_json, write_jsonl
 from delia.metrics import MetricKind
 from delia.models import DEFAULT_MODEL, ModelChoice, load_for_eval
 from delia.progress import Progress, ProgressCallback, report
@@ -68,6 +69,8 @@ class EvalConfig(ModelChoice):
     base_model: str | None = None
     """Base model for drift when `model` is a merged model (default: a `model` is its own base); not with
     `adapter`, whose base is recorded with it."""
+    overwrite: bool = False
+    """Replace the files of an earlier eval in OUT."""
 
     @model_validator(mode="after")
     def _consistent(self) -> EvalConfig:
@@ -113,7 +116,6 @@ def evaluate(
     from delia.backends import SamplingParams
     from delia.backends.hf import HFBackend
     from delia.data import read_chat, row_id
-    from delia.files import sha256_file, write_json, write_jsonl
     from delia.metrics import score
     from delia.prompts import prompt_ids
 
@@ -122,6 +124,9 @@ def evaluate(
         path = getattr(cfg, name)
         if path is not None and not Path(path).exists():
             raise DeliaError(f"`{name}` {path}: no such file or folder")
+    inputs = [p for p in (data, cfg.general, cfg.contrast, cfg.metric_config) if p is not None]
+    for name in (PREDICTIONS, SCORES, GENERAL_ROWS, CONTRAST_ROWS):
+        check_output(Path(out) / name, inputs=inputs, overwrite=cfg.overwrite)
     metric_cfg = _metric_config(cfg.metric, cfg.metric_config)
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                             seed=cfg.seed)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +20,15 @@ from delia.files import read_yaml
 
 # Each section's stage config, and the options `delia run` sets itself (per arm, seed or task).
 STAGE_CONFIGS: dict[str, tuple[str, frozenset[str]]] = {
-    "pool": ("delia.pool:PoolConfig", frozenset({"out", "task", "model"})),
-    "sample": ("delia.sample:SampleConfig", frozenset({"model"})),
-    "mix": ("delia.mix:MixConfig", frozenset({"ratio", "diverse_count", "seed", "tokenizer"})),
+    "pool": ("delia.pool:PoolConfig", frozenset({"out", "task", "model", "overwrite"})),
+    "sample": ("delia.sample:SampleConfig", frozenset({"model", "overwrite"})),
+    "mix": ("delia.mix:MixConfig", frozenset({"ratio", "diverse_count", "seed", "tokenizer", "overwrite"})),
     "train": ("delia.train:TrainConfig", frozenset({"model", "add_token", "eval_data", "resume", "seed",
-                                                   "diverse_loss"})),
+                                                   "diverse_loss", "overwrite"})),
     "eval": ("delia.evaluate:EvalConfig", frozenset({"model", "adapter", "metric", "metric_config", "general",
-                                                    "contrast"})),
+                                                    "contrast", "overwrite"})),
 }
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # an experiment's name: a folder name, never a path
 
 
 # What `delia run` sets that a section's own rules depend on, stood in for when a section is checked alone.
@@ -74,7 +76,8 @@ class Arm(BaseModel):
     name: str
     kind: str | None = Field(None, description=f"One of {', '.join(ARM_KINDS)}; default: sft at ratio 0, "
                              "else delia.")
-    ratio: float = Field(0.0, ge=0, description="Diverse rows per task row; 0 for sft, more than 0 otherwise.")
+    ratio: float = Field(0.0, ge=0, allow_inf_nan=False,
+                         description="Diverse rows per task row; 0 for sft, more than 0 otherwise.")
     diverse: str | None = Field(None, description="delia-kl only: the diverse text under the KL, `self` (the "
                                 "model's own answers, the default) or `reference` (the pool's: no sampling).")
     train: dict[str, Any] = Field(default_factory=dict, description="Overrides of the experiment's train settings "
@@ -137,6 +140,14 @@ class Experiment(BaseModel):
     train: dict[str, Any] = Field(default_factory=dict, description="Options of `delia train`.")
     eval: dict[str, Any] = Field(default_factory=dict, description="Options of `delia eval`.")
     bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples for the 95% intervals.")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        if not PLAIN_NAME.fullmatch(name) or name.endswith("."):
+            raise ValueError(f"{name!r} is not a plain name (letters, digits, '.', '_', '-'; no '/'): it names the "
+                             "run's folder, runs/<name>; give other paths with `delia run --out`")
+        return name
 
     @field_validator("sample", "mix", "train", "eval")
     @classmethod

@@ -41,13 +41,41 @@ def atomic_writer(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
         raise
 
 
+OUTPUT_MARKER = ".delia-output.json"  # in every folder delia writes whole: what kind of output it is
+
+
+def output_kind(path: str | Path) -> str | None:
+    """The kind of output folder delia wrote at `path` (its marker), or None for anything else."""
+    try:
+        return json.loads((Path(path) / OUTPUT_MARKER).read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def mark_output(folder: str | Path, kind: str) -> None:
+    """Mark `folder` as delia's output of `kind`, so that a later run may replace it (with `overwrite`)."""
+    write_json(Path(folder) / OUTPUT_MARKER, {"kind": kind, "written_by": "delia"})
+
+
+def _replaceable(path: Path, kind: str, replace_unmarked: bool) -> bool:
+    if not path.is_dir() or path.is_symlink():
+        return False
+    return replace_unmarked or output_kind(path) == kind or not any(path.iterdir())
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
+def atomic_dir(path: str | Path, kind: str, *, replace_unmarked: bool = False) -> Iterator[Path]:
     """Fill a temporary folder beside `path`; on success it replaces `path` whole, on failure it vanishes.
 
-    Readers never see a half-written folder: they see the old one or the complete new one.
+    Readers never see a half-written folder: they see the old one or the complete new one. The folder is
+    marked as delia's output of `kind`. An existing `path` is replaced only when it is an empty folder or
+    delia's output of the same kind (any folder with `replace_unmarked`, for delia's own cache): a user's
+    folder is never deleted.
     """
-    path = Path(path)
+    path = Path(os.path.abspath(path))  # `out/.` and `out/` name the folder itself
+    if path.exists() and not _replaceable(path, kind, replace_unmarked):
+        raise DeliaError(f"{path}: exists and is not a {kind} folder that delia wrote; refusing to replace it "
+                         "(move it away or choose another path)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
@@ -55,6 +83,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it owner-only
         yield tmp
+        mark_output(tmp, kind)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
             os.replace(path, old / path.name)
@@ -64,6 +93,36 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_output(out: str | Path, *, inputs: Iterable[str | Path] = (), overwrite: bool = False,
+                 folder: bool = False) -> Path:
+    """Refuse, before any work, an output that would lose a user's file: one that is an input, holds one or lies
+    inside an input folder; one under a path component that is a file; an existing one without `overwrite`.
+
+    `folder`: the output is a folder written whole (`atomic_dir`), else a file. Returns `out`.
+    """
+    out = Path(out)
+    target = Path(os.path.abspath(out))
+    for p in inputs:
+        src = Path(os.path.abspath(p))
+        if target == src or target.resolve() == src.resolve():
+            raise DeliaError(f"{out}: is also an input; choose another output path")
+        if target in src.parents or target.resolve() in src.resolve().parents:
+            raise DeliaError(f"{out}: holds the input {p}; choose another output path")
+        if src.is_dir() and src in target.parents:
+            raise DeliaError(f"{out}: lies inside the input folder {p}; choose another output path")
+    for parent in target.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DeliaError(f"{out}: {parent} is a file, not a folder")
+            break
+    if os.path.lexists(target) and not (folder and target.is_dir() and not any(target.iterdir())):
+        if target.is_dir() != folder:
+            raise DeliaError(f"{out}: exists and is a {'file' if folder else 'folder'}; choose another path")
+        if not overwrite:
+            raise DeliaError(f"{out}: exists; set `overwrite` to replace it, or choose another path")
+    return out
 
 
 def dumps(row: dict[str, Any]) -> str:
@@ -182,8 +241,17 @@ def read_yaml(path: str | Path, what: str | None = None) -> Any:
 
     try:
         return yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        problem = f"not UTF-8 text (byte {e.start})"
+    except RecursionError:
+        problem = "nested too deeply"
+    except yaml.MarkedYAMLError as e:  # names the line and column where the parser stopped
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = f"{where}{e.problem or e.context}"
     except (OSError, yaml.YAMLError) as e:
-        raise DeliaError(f"{path}: cannot read {what}: {e}" if what else f"{path}: {e}") from None
+        problem = str(e)
+    raise DeliaError(f"{path}: cannot read {what}: {problem}" if what else f"{path}: {problem}")
 
 
 def changed_settings(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:

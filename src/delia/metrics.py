@@ -19,10 +19,12 @@ per-row key, so a report can bootstrap it over examples.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.util
 import inspect
 import json
 import re
+import sys
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -315,6 +317,13 @@ def score(config: MetricConfig, outputs: Sequence[str], references: Sequence[str
 # ----------------------------------------------------------------------------- leakage into general answers
 
 _FENCE_OPEN = re.compile(r"^```[A-Za-z0-9_+-]*[ \t]*\n?")
+
+
+@functools.cache
+def unicode_scripts() -> frozenset[str]:
+    """The script names `script_share` can match: the first word of every letter's Unicode name (LATIN, CJK...)."""
+    return frozenset(unicodedata.name(c).split()[0] for c in map(chr, range(sys.maxunicode + 1))
+                     if c.isalpha() and unicodedata.name(c, ""))
 
 
 def script_share(text: str, scripts: Sequence[str]) -> float:

@@ -7,6 +7,7 @@ draw and the order, so the same inputs and seed give the same file byte for byte
 from __future__ import annotations
 
 import logging
+import math
 import random
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,9 +15,9 @@ from typing import Annotated, Any
 from pydantic import Field, model_validator
 
 from delia.config import Flags, StageConfig
-from delia.data import ChatData, describe, read_chat, row_id, write_chat
+from delia.data import ChatData, check_chat_output, describe, read_chat, row_id, write_chat
 from delia.errors import DeliaError
-from delia.files import beside, sha256_file, write_json
+from delia.files import beside, check_output, sha256_file, write_json
 
 SOURCES = ("task", "diverse")
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 class MixConfig(StageConfig):
     """Options of `delia mix`: how many diverse rows (exactly one of `ratio` and `diverse_count`), and the seed."""
 
-    ratio: float | None = Field(None, ge=0)
+    ratio: float | None = Field(None, ge=0, allow_inf_nan=False)
     """Diverse rows per task row, e.g. 100 (the paper's)."""
     diverse_count: int | None = Field(None, ge=0)
     """Number of diverse rows (instead of `ratio`)."""
@@ -36,12 +37,22 @@ class MixConfig(StageConfig):
     tokenizer: Annotated[str | None, Flags("--tokenizer", "--model", "-m")] = None
     """Model whose tokenizer counts the tokens in the summary ('' to skip them); by default the bundled model if
     it is installed, else the counts are skipped (nothing is installed just to count)."""
+    overwrite: bool = False
+    """Replace OUT (and its summary) if it exists; a folder only if delia wrote it."""
 
     @model_validator(mode="after")
     def _one_amount(self) -> MixConfig:
         if (self.ratio is None) == (self.diverse_count is None):
             raise ValueError("set exactly one of `ratio` or `diverse_count`")
         return self
+
+
+def diverse_rows(ratio: float, task_rows: int) -> int:
+    """How many diverse rows `ratio` asks for beside `task_rows` task rows."""
+    wanted = ratio * task_rows
+    if not math.isfinite(wanted):
+        raise DeliaError(f"`ratio` {ratio:g} asks for more diverse rows than can be counted")
+    return round(wanted)
 
 
 def summary_path(out: str | Path) -> Path:
@@ -72,11 +83,13 @@ def mix(
       delia mix task.jsonl diverse.jsonl mix.jsonl --diverse-count 5000 --seed 1
     """
     cfg = MixConfig.build(config, **options)
+    check_chat_output(out, inputs=[task, diverse], overwrite=cfg.overwrite)
+    check_output(summary_path(out), inputs=[task, diverse], overwrite=True)  # a sidecar: only never an input
     task_data = read_chat(task)
     pool = read_chat(diverse).records
     if not task_data.records:
         raise DeliaError(f"{task}: no task rows")
-    wanted = cfg.diverse_count if cfg.diverse_count is not None else round(cfg.ratio * len(task_data.records))  # type: ignore[operator]
+    wanted = cfg.diverse_count if cfg.diverse_count is not None else diverse_rows(cfg.ratio, len(task_data.records))  # type: ignore[arg-type]
     short = wanted > len(pool)
     if short and not cfg.allow_short:
         raise DeliaError(f"{diverse}: the pool has {len(pool)} rows but {wanted} diverse rows are asked for "
@@ -85,18 +98,18 @@ def mix(
         log.warning("%s has only %d rows of the %d asked for; using all of them (allow_short)", diverse, len(pool),
                     wanted)
 
+    tokenizer = _default_tokenizer() if cfg.tokenizer is None else cfg.tokenizer
+    tok = None
+    if tokenizer:  # loaded before anything is written: a bad tokenizer leaves no output behind
+        from delia.models import load_tokenizer
+
+        tok = load_tokenizer(tokenizer)
     rng = random.Random(cfg.seed)
     picked = rng.sample(range(len(pool)), min(wanted, len(pool)))
     rows = [_tagged(r, "task") for r in task_data.records] + [_tagged(pool[i], "diverse") for i in picked]
     rng.shuffle(rows)
     write_chat(out, rows)
 
-    tokenizer = _default_tokenizer() if cfg.tokenizer is None else cfg.tokenizer
-    tok = None
-    if tokenizer:
-        from delia.models import load_tokenizer
-
-        tok = load_tokenizer(tokenizer)
     per_source = {}
     for source in SOURCES:
         info = describe(ChatData(str(out), "messages", [r for r in rows if r["source"] == source]), tok)

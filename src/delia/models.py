@@ -80,9 +80,8 @@ def convert_gguf(gguf: str | Path, out: str | Path | None = None) -> Path:
     final = Path(out) if out else cache_root() / "models" / f"{gguf.stem}-{digest[:16]}"
     if (final / "config.json").exists():
         return final
-    if out and final.is_dir() and any(final.iterdir()):  # atomic_dir replaces it whole: never a user's folder
-        raise DeliaError(f"{final}: folder exists and holds no converted model; pass a new or empty folder")
-    with atomic_dir(final) as tmp:  # a stale, incomplete folder from another version is replaced
+    # in the cache, a stale, incomplete folder from another version is replaced; elsewhere only delia's own
+    with atomic_dir(final, "model", replace_unmarked=not out) as tmp:
         kw: dict[str, Any] = {"gguf_file": gguf.name}
         tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kw)

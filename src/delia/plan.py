@@ -20,6 +20,7 @@ def plan_experiment(exp: Experiment, flops_per_s: float | None = None) -> dict[s
     """Estimated tokens, FLOPs and wall time of every arm (per seed) of `exp`; data paths must be resolved."""
     from delia.compute import measure_matmul_flops
     from delia.data import read_chat
+    from delia.mix import diverse_rows
     from delia.models import load_tokenizer, resolve_model
     from delia.prompts import prompt_ids
     from delia.sample import SampleConfig, sampled_prompts
@@ -59,7 +60,7 @@ def plan_experiment(exp: Experiment, flops_per_s: float | None = None) -> dict[s
     arms = []
     for arm in exp.arms:
         available = sampled["generated"] if arm.samples else len(references)
-        diverse = min(available, round(arm.ratio * len(task_rows)))
+        diverse = min(available, diverse_rows(arm.ratio, len(task_rows)))
         training = TrainConfig.build(**{**exp.train, **arm.train})
         passes = training.epochs
         if (steps := training.max_steps) > 0:  # max_steps wins over epochs (one process)

@@ -16,6 +16,7 @@ Steps, in this order; each one's removals are counted in `OUT.sources.json` and 
 
 from __future__ import annotations
 
+import difflib
 import io
 import logging
 import re
@@ -27,13 +28,22 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from delia.config import Flags
 from delia.data import ChatData, ReadOptions, parse_columns, read_chat
 from delia.errors import DeliaError
-from delia.files import atomic_writer, beside, sha256_file, sha256_json, sha256_path, write_json, write_jsonl
-from delia.metrics import script_share
+from delia.files import (
+    atomic_writer,
+    beside,
+    check_output,
+    sha256_file,
+    sha256_json,
+    sha256_path,
+    write_json,
+    write_jsonl,
+)
+from delia.metrics import script_share, unicode_scripts
 from delia.progress import Progress, ProgressCallback, report
 from delia.text import normalise
 
@@ -93,6 +103,11 @@ def _read_hf(spec: str, format: str, columns: dict[str, str] | None) -> tuple[Ch
         r["error"] = r["error"].replace(str(folder), spec, 1)
     data.path = spec
     return data, identity
+
+
+def _local_path(spec: str) -> Path:
+    """The file or folder a source names (an `hf:` hub name gives a path that does not exist)."""
+    return Path(spec[len(HF_PREFIX):].partition(":")[0]).expanduser() if spec.startswith(HF_PREFIX) else Path(spec)
 
 
 def _read_source(spec: str, format: str, columns: dict[str, str] | None) -> tuple[ChatData, dict[str, Any]]:
@@ -349,6 +364,14 @@ def _bounds(count: int, low: int | None, high: int | None, what: str) -> str | N
     return None
 
 
+def _require_rows(rows: list[dict[str, Any]], removed: list[dict[str, Any]]) -> None:
+    """Stop with the count of what removed every row, before a model is loaded for nothing."""
+    if not rows:
+        why = ", ".join(f"{k}: {v}" for k, v in Counter(r["reason"] for r in removed).most_common())
+        raise DeliaError(f"no rows left for the pool (removed: {why or 'none; the sources are empty'}); "
+                         "loosen the filters or add sources")
+
+
 class PoolConfig(ReadOptions):
     """Options of `delia pool`."""
 
@@ -400,6 +423,26 @@ class PoolConfig(ReadOptions):
     """Queries per embedding batch."""
     device: str | None = None
     """cpu, cuda, ... (default: cuda if present)."""
+    overwrite: bool = False
+    """Replace OUT and the files beside it if they exist."""
+
+    @field_validator("script")
+    @classmethod
+    def _known_scripts(cls, scripts: list[str] | None) -> list[str] | None:
+        unknown = [s for s in scripts or [] if (s.upper().split() or [""])[0] not in unicode_scripts()]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0].upper(), unicode_scripts(), n=1)
+            raise ValueError(f"unknown Unicode script {unknown[0]!r}" + (f"; did you mean {close[0]}?" if close else
+                                                                         " (e.g. LATIN, CYRILLIC, CJK, HIRAGANA)"))
+        return scripts
+
+    @model_validator(mode="after")
+    def _bounds_in_order(self) -> PoolConfig:
+        for what in ("query", "reference"):
+            low, high = getattr(self, f"min_{what}_tokens"), getattr(self, f"max_{what}_tokens")
+            if low is not None and high is not None and low > high:
+                raise ValueError(f"`min_{what}_tokens` {low} is above `max_{what}_tokens` {high}")
+        return self
 
 
 def pool(
@@ -430,6 +473,10 @@ def pool(
         raise DeliaError(f"{out}: the pool is written as messages JSONL; give a .jsonl path")
     if not sources:
         raise DeliaError("give at least one source")
+    inputs = [*map(_local_path, sources), *(cfg.task or [])]
+    check_output(out, inputs=inputs, overwrite=cfg.overwrite)
+    for beside_out in (sources_path(out), removed_path(out), plot_path(out)):
+        check_output(beside_out, inputs=inputs, overwrite=True)  # replaced with OUT, but never an input
     licences = _parse_licences(cfg.licence, sources)
     cols = parse_columns(cfg.columns)
     removed: list[dict[str, Any]] = []
@@ -455,6 +502,7 @@ def pool(
         rows = _drop(rows, (None if all(script_share(text, cfg.script) >= cfg.script_min_share for text in _texts(r))
                             else ("script", {}) for r in rows), removed)
 
+    _require_rows(rows, removed)
     model_path = resolve_model(cfg.model)
     tok = load_tokenizer(model_path, resolved=True)
     query_tokens = [len(ids) for ids in tok([_query(r) for r in rows], add_special_tokens=False)["input_ids"]]
@@ -474,6 +522,7 @@ def pool(
         rows = _drop(rows, [("near_duplicate", {"duplicate_of": rows[dupes[i]]["id"]}) if i in dupes else None
                             for i in range(len(rows))], removed)
 
+    _require_rows(rows, removed)
     selection: dict[str, Any] = {"method": "all", "rows": len(rows)}
     plot = None
     if cfg.size is not None and cfg.size < len(rows):

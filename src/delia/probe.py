@@ -67,6 +67,8 @@ class ProbeConfig(ModelChoice):
     """Seed of that init."""
     device: str | None = None
     """cpu, cuda ... (default: cuda if present)."""
+    overwrite: bool = False
+    """Replace an earlier probe.json in OUT."""
 
 
 def _recorded_descriptions(folder: Path | None) -> dict[str, str]:
@@ -222,11 +224,13 @@ def probe(
       hallucination' --data ../shared/data/delia-format/eval.jsonl\n
       delia probe runs/probe-delia --adapter runs/delia-adapter --data ../shared/data/delia-format/eval.jsonl
     """
-    from delia.files import write_json
+    from delia.files import check_output, write_json
     from delia.models import load_for_eval
     from delia.tokens import add_tokens
 
     cfg = ProbeConfig.build(config, **options)
+    check_output(Path(out) / PROBE, inputs=[p for p in (cfg.data, cfg.tokens_file) if p is not None],
+                 overwrite=cfg.overwrite)
     descriptions = _descriptions(cfg.token, cfg.tokens_file, cfg.adapter, cfg.model)
     lm, tokenizer, loaded = load_for_eval(cfg.model, cfg.adapter, cfg.device)
     missing = [(t, d) for t, d in descriptions.items() if t not in tokenizer.get_vocab()]

@@ -20,7 +20,7 @@ from delia import __version__
 from delia.config import Flags, StageConfig
 from delia.errors import DeliaError
 from delia.experiment import Experiment, load_experiment
-from delia.files import sha256_file, sha256_json, write_json
+from delia.files import check_output, mark_output, output_kind, sha256_file, sha256_json, write_json
 from delia.models import model_fingerprint
 from delia.progress import ProgressCallback
 from delia.versions import library_versions
@@ -55,6 +55,20 @@ class StageCache:
         return folder, json.loads(marker.read_text(encoding="utf-8"))
 
 
+RUN_KIND = "run"  # the output marker's kind (files.mark_output)
+
+
+def claim_run_folder(out: Path) -> None:
+    """Make `out` a run folder, refusing one that holds other files: a run writes its report and stages there.
+
+    A folder of an earlier run (marked, or with the `stages/` of a run from before folders were marked) is
+    resumed."""
+    check_output(out, overwrite=True, folder=True)
+    if out.is_dir() and any(out.iterdir()) and output_kind(out) != RUN_KIND and not (out / "stages").is_dir():
+        raise DeliaError(f"{out}: holds files that no delia run wrote; choose a new or empty folder with `out`")
+    mark_output(out, RUN_KIND)
+
+
 def resolve_paths(exp: Experiment) -> Experiment:
     """`exp` with prepared data sets (`demo-data:...`) resolved to files, prepared on first use."""
     from delia.task_data import resolve_data_path
@@ -81,9 +95,9 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
     from delia.sample import sample
     from delia.train import train
 
+    claim_run_folder(out)
     resolve_paths(exp)
     pool_spec = exp.pool if isinstance(exp.pool, dict) else None
-    out.mkdir(parents=True, exist_ok=True)
     cache = StageCache(out / "stages")
     model_path = resolve_model(exp.model)
     model_id = {"model": exp.model, "fingerprint": model_fingerprint(model_path)}
@@ -126,7 +140,8 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
         from delia.probe import probe
 
         inputs = {**key, **probe_kwargs, "data": data_hashes["task_eval"]}
-        return cache.run("probe", label, inputs, lambda d: probe(d, progress=progress, **kwargs))[1]["result"]
+        return cache.run("probe", label, inputs, lambda d: probe(d, progress=progress, overwrite=True,
+                                                                                **kwargs))[1]["result"]
 
     train_eval = exp.task.eval if exp.train_eval else None
     samples = sampled = None
@@ -141,7 +156,7 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
     if exp.eval_base:
         folder, rec = cache.run("eval", "base", {"model": model_id, **eval_inputs},
                                 lambda d: evaluate(exp.task.eval, d, model=model_path, progress=progress,
-                                                           **eval_kwargs))
+                                                   overwrite=True, **eval_kwargs))
         base = ModelResult("base", None, None, folder, wall_s={"eval": rec["wall_s"]})
         if described:
             base.probe = probed("base", {"model": model_id}, model=model_path, **probe_kwargs)
@@ -159,7 +174,8 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
                               "diverse": sha256_file(diverse) if arm.samples else data_hashes["pool"],
                               "ratio": arm.ratio, "seed": seed, "options": exp.mix}
                 folder, rec = cache.run("mix", label, mix_inputs, lambda d, r=arm.ratio, s=seed, dv=diverse: mix(
-                    exp.task.train, dv, d / "mixed.jsonl", ratio=r, seed=s, tokenizer=model_path, **exp.mix))
+                    exp.task.train, dv, d / "mixed.jsonl", ratio=r, seed=s, tokenizer=model_path, overwrite=True,
+                    **exp.mix))
                 train_data, data_hash = folder / "mixed.jsonl", sha256_file(folder / "mixed.jsonl")
                 wall["mix"] = rec["wall_s"]
                 if arm.samples and sampled is not None:  # what sampling only the rows this seed uses would take
@@ -180,7 +196,7 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
             wall["train"] = rec["wall_s"]
             efolder, rec = cache.run("eval", label, {"adapter": trained, **eval_inputs},
                                      lambda d, a=adapter: evaluate(exp.task.eval, d, adapter=a, progress=progress,
-                                                                                  **eval_kwargs))
+                                                                   overwrite=True, **eval_kwargs))
             wall["eval"] = rec["wall_s"]
             cost = arm_cost(model_path, _train_record(adapter), sampled["result"] if sampled else None, share)
             result = ModelResult(arm.name, arm.ratio, seed, efolder, train_dir=adapter, wall_s=wall, kind=arm.kind,
@@ -217,7 +233,8 @@ def build_pool(cache: StageCache, spec: dict[str, Any], model_path: str, model_i
     inputs = {"model": model_id, "options": options, "task": [sha256_file(t) for t in targets],
               "sources": [sha256_file(s) if Path(s).is_file() else s for s in sources]}
     folder, rec = cache.run("pool", "pool", inputs, lambda d: pool(sources, out=d / "pool.jsonl", task=targets,
-                                                                   model=model_path, progress=progress, **options))
+                                                                   model=model_path, progress=progress,
+                                                                   overwrite=True, **options))
     stats = rec["result"]
     selection = {k: v for k, v in stats["selection"].items() if k not in ("cluster_sizes", "selected_per_cluster")}
     return folder / "pool.jsonl", {"rows": stats["rows"], "rows_read": stats["rows_read"], "steps": stats["steps"],

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from delia.backends import BackendName
-from delia.config import Flags
+from delia.config import Flags, StageConfig
 from delia.data import ReadOptions
 from delia.errors import DeliaError
-from delia.files import beside, changed_settings
+from delia.files import beside, changed_settings, check_output
 from delia.filters import REASONS, Filters
 from delia.progress import Progress, ProgressCallback, report
 from delia.prompts import Mode
@@ -426,6 +426,7 @@ def sample(
                 "max_prompt_tokens": cfg.max_prompt_tokens,
                 "filters": {k: getattr(filters, k) for k in Filters.__dataclass_fields__}}
 
+    check_output(out, inputs=[pool], overwrite=True)  # an existing OUT is resumed or refused below
     queries, skipped, pool_rows = _select_queries(pool, cfg.format, cfg.columns, cfg.skip_invalid,
                                                   (shard_i, shard_n), cfg.limit, cfg.mode)
     _check_resumable(out, settings, cfg.overwrite)
@@ -460,9 +461,18 @@ def _ids_digest(ids: Iterable[str]) -> str:
 # ----------------------------------------------------------------------------- merging shards
 
 
+class MergeConfig(StageConfig):
+    """Options of `delia sample-merge`."""
+
+    overwrite: bool = False
+    """Replace OUT (and its rejects and manifest) if it exists."""
+
+
 def merge(
     shards: Annotated[list[Path], "Shard outputs (each OUT of `delia sample --shard i/N`)."],
     out: Annotated[Path, Flags("--out", "-o"), "Merged messages JSONL (rejects and manifest beside it)."],
+    config: MergeConfig | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """Combine shard outputs into one, checking that every shard of the same run is present and complete,
     and that no query is missing or appears twice. Duplicate answers across shards are rejected too
@@ -476,14 +486,24 @@ def merge(
     from delia.data import rejects_path
     from delia.files import read_complete_jsonl, write_json, write_jsonl
 
+    cfg = MergeConfig.build(config, **options)
     if not shards:
         raise DeliaError("sample-merge needs the shard outputs to merge")
+    inputs = [p for s in shards for p in (s, rejects_path(s), manifest_path(s))]
+    check_output(out, inputs=inputs, overwrite=cfg.overwrite)
+    for beside_out in (rejects_path(out), manifest_path(out)):
+        check_output(beside_out, inputs=inputs, overwrite=True)  # replaced with OUT, but never an input
     manifests = []
     for s in shards:
         m = manifest_path(s)
         if not m.exists():
             raise DeliaError(f"{s}: no {m.name} beside it; is it a `delia sample` output?")
-        manifests.append(json.loads(m.read_text(encoding="utf-8")))
+        try:
+            manifests.append(json.loads(m.read_text(encoding="utf-8")))
+        except ValueError as e:
+            raise DeliaError(f"{m}: not a readable manifest ({e})") from None
+        if not isinstance(manifests[-1], dict) or not isinstance(manifests[-1].get("settings"), dict):
+            raise DeliaError(f"{m}: not a `delia sample` manifest (no settings)")
         if manifests[-1].get("status") != "complete":
             raise DeliaError(f"{s}: sampling did not finish ({m.name} says {manifests[-1].get('status')!r}); "
                              "rerun its `delia sample` command to resume it")

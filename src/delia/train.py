@@ -22,7 +22,7 @@ from pydantic import Field, model_validator
 
 from delia.config import Flags, StageConfig
 from delia.errors import DeliaError
-from delia.files import changed_settings, sha256_path, write_json, write_jsonl
+from delia.files import changed_settings, check_output, mark_output, output_kind, sha256_path, write_json, write_jsonl
 from delia.important import IMPORTANT_LOSS_FILE
 from delia.models import load_trained
 from delia.progress import Progress, ProgressCallback, report
@@ -32,6 +32,7 @@ from delia.versions import library_versions
 TRAIN_RECORD = "delia_train.json"
 TRAINER_LOG = "trainer_log.jsonl"
 CHECKPOINTS = "checkpoints"
+TRAIN_KIND = "train"  # the output marker's kind (files.mark_output)
 RESUME_KEY_FILE = "resume_key.json"  # inside CHECKPOINTS: the settings a --resume must match
 CHECKPOINT_DONE = "delia_checkpoint.json"  # inside a checkpoint: written last, marks it complete
 LEGACY_RESUME_KEY_FILE = "delia_run.json"  # earlier name, still read on --resume
@@ -225,8 +226,13 @@ def _to_prompt_completion(records: list[dict[str, Any]], anchor: bool = False) -
 
 
 def _check_out(out: Path, settings: dict[str, Any], main: bool) -> None:
-    """Refuse to mix runs in one folder; with --resume, refuse a checkpoint made with other settings."""
+    """Refuse to mix runs in one folder, or to write into a folder of other files; with --resume, refuse a
+    checkpoint made with other settings."""
     ckpt = out / CHECKPOINTS
+    check_output(out, inputs=[p for p in (settings["data"], settings["eval_data"]) if p], overwrite=True, folder=True)
+    if out.is_dir() and any(out.iterdir()) and output_kind(out) != TRAIN_KIND and not (
+            (out / TRAIN_RECORD).exists() or ckpt.is_dir()):
+        raise DeliaError(f"{out}: holds files that delia's training did not write; choose a new or empty folder")
     if settings["overwrite"]:
         if not main:
             return
@@ -291,6 +297,8 @@ def build_trainer(data: str | Path, out: str | Path, config: TrainConfig | None 
     state = PartialState()  # under `accelerate launch`: one check per process, one cleanup, then all go on
     _check_out(out, s, state.is_main_process)
     state.wait_for_everyone()
+    if state.is_main_process:  # after every process's check, which must not see it half-written
+        mark_output(out, TRAIN_KIND)  # an interrupted run's folder is recognised as delia's before any checkpoint
 
     records = read_chat(data, s["format"]).records  # type: ignore[arg-type]
     eval_records = read_chat(s["eval_data"], s["format"]).records if s["eval_data"] else []  # type: ignore[arg-type]
