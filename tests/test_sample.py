@@ -273,6 +273,12 @@ def test_short_references_zero_shot_asks_the_query_alone_and_keeps_a_right_answe
     with pytest.raises(DeliaError, match="other settings"):  # the default is another run
         sample(pool, out)
     assert sample(pool, out, short_reference="zero-shot")["by_prompt"] == summary["by_prompt"]  # counted on resume
+    parts = [tmp_path / f"s{i}.jsonl" for i in range(2)]
+    for i, part in enumerate(parts):
+        sample(pool, part, short_reference="zero-shot", shard=f"{i}/2")
+    merged = merge(parts, tmp_path / "m.jsonl")
+    assert merged["by_prompt"] == {p: {k: v for k, v in c.items() if k != "queries"}
+                                   for p, c in summary["by_prompt"].items()}
 
 
 def test_short_references_other_example_shows_a_long_row_drawn_by_seed(scripted, write_jsonl, tmp_path):

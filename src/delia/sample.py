@@ -14,7 +14,7 @@ import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple
@@ -141,8 +141,7 @@ class _Tally:
     kept: int
     rejected: Counter[str]
     seen: set[str]  # normalised kept answers, which the duplicate filter checks against
-    # rows per way of prompting (Shot.prompt): "kept" and each reason to reject
-    by_prompt: defaultdict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    by_prompt: defaultdict[str, Counter[str]]  # rows per way of prompting (Shot.prompt), see _by_prompt
     generated: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -224,10 +223,23 @@ def _pick_up(out: Path, queries: list[Query], n: int, filters: Filters, mode: st
     kept_rows, rejected_rows = _resume(out, rejects_path(out), n)
     done = {r["meta"]["query_id"] for r in (*kept_rows, *rejected_rows)}
     seen = {normalise(r["messages"][-1]["content"]) for r in kept_rows} if filters.duplicates else set()
-    tally = _Tally(kept=len(kept_rows), rejected=Counter(r["reason"] for r in rejected_rows), seen=seen)
-    for r in (*kept_rows, *rejected_rows):
-        tally.by_prompt[r["meta"].get("prompt", mode)][r.get("reason", "kept")] += 1
+    tally = _Tally(kept=len(kept_rows), rejected=Counter(r["reason"] for r in rejected_rows), seen=seen,
+                   by_prompt=_by_prompt((*kept_rows, *rejected_rows), mode))
     return [q for q in queries if q[0] not in done], tally
+
+
+def _by_prompt(rows: Iterable[dict[str, Any]], mode: str) -> defaultdict[str, Counter[str]]:
+    """Rows per way of prompting (the row's meta `prompt`; a row without one was prompted the `mode` way):
+    "kept" and each reason to reject."""
+    counts: defaultdict[str, Counter[str]] = defaultdict(Counter)
+    for r in rows:
+        counts[r["meta"].get("prompt", mode)][r.get("reason", "kept")] += 1
+    return counts
+
+
+def _yield(counts: Counter[str]) -> dict[str, Any]:
+    """One way of prompting's rows kept and rejected (per reason), as summaries give them."""
+    return {"kept": counts["kept"], "rejected": {r: counts[r] for r in REASONS if counts[r]}}
 
 
 def _open_backend(cfg: SampleConfig) -> Backend:
@@ -348,8 +360,7 @@ def _summary(out: Path, pool_rows: int, skipped: Counter[str], shard: str, queri
     """What `sample` returns, the manifest keeps and the table shows. `queries` counts this run's queries per
     way of prompting; `by_prompt` gives each way's queries and rows kept and rejected (total in the file):
     the yield of each."""
-    by_prompt = {p: {"queries": queries.get(p, 0), "kept": tally.by_prompt[p]["kept"],
-                     "rejected": {r: tally.by_prompt[p][r] for r in REASONS if tally.by_prompt[p][r]}}
+    by_prompt = {p: {"queries": queries.get(p, 0), **_yield(tally.by_prompt[p])}
                  for p in sorted({*queries, *tally.by_prompt})}
     return {"out": str(out), "pool_rows": pool_rows, "skipped": dict(skipped), "shard": shard,
             "queries": sum(queries.values()), "resumed": resumed, "generated": tally.generated,
@@ -614,8 +625,10 @@ def merge(
     out = Path(out)
     write_jsonl(out, kept_rows)
     write_jsonl(rejects_path(out), rejected_rows)
+    by_prompt = _by_prompt((*kept_rows, *rejected_rows), base["mode"])
     summary = {"out": str(out), "shards": len(shards), "queries": len(owner), "kept": len(kept_rows),
-               "rejected": dict(Counter(r["reason"] for r in rejected_rows)), "cross_shard_duplicates": moved}
+               "rejected": dict(Counter(r["reason"] for r in rejected_rows)), "cross_shard_duplicates": moved,
+               "by_prompt": {p: _yield(c) for p, c in sorted(by_prompt.items())}}
     write_json(manifest_path(out), {"stage": "sample-merge", "status": "complete", "settings": base,
                                     "shards": [str(s) for s in shards], "finished": _now(), "summary": summary,
                                     "query_ids_sha256": _ids_digest(owner), "versions": manifests[0]["versions"]})
