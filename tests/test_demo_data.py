@@ -37,12 +37,21 @@ def food(item: str, ideal: str) -> dict:
     return chat(f"{dd.TASK_QUESTION} {item}", ideal, FOOD_SYSTEM)
 
 
+# (question, answer) of general task j's row i, by j % 4: yes_no, own_format, short_answer, long_form
+GENERAL_SHAPES = (
+    lambda j, i: (f"Question {j}-{i}: is colour {i} a warm colour?", "Yes" if i % 2 else "No"),
+    lambda j, i: (f"Question {j}-{i}: name a colour. Answer with one word only.", "blue"),
+    lambda j, i: (f"Question {j}-{i}: name a colour.", "blue"),
+    lambda j, i: (f"Question {j}-{i}: describe the sky.", "The sky on a clear day is blue."),
+)
+
+
 def build_wheel(path: Path, per_label: int = 70) -> Path:
     """A wheel laid out like evals': one samples file per task folder under evals/registry/data/.
 
-    The food task; long-form rows (pool); 13 tasks of 42 English sentence-answer rows (<sep> contexts); 30
-    small tasks of short answers (general prompts); manga-translation bubbles (mt) and pages (its pool rows);
-    and rows each filter drops.
+    The food task; long-form rows (pool); 13 tasks of 42 English sentence-answer rows (<sep> contexts); 70
+    small tasks of short answers, each of one kind (general prompts); manga-translation bubbles (mt) and pages
+    (its pool rows); and rows each filter drops.
     """
     foods = [food(f"item number {i} {'apple' if i % 2 else 'rock'}", "Yes" if i % 2 else "No")
              for i in range(2 * per_label)]
@@ -84,10 +93,8 @@ def build_wheel(path: Path, per_label: int = 70) -> Path:
     for j in range(13):
         files[f"context-{j:02d}/samples.jsonl"] = [chat(f"Describe thing {j}-{i} briefly.", prose(1000 * j + i, 8))
                                                    for i in range(42)]
-    for j in range(30):
-        files[f"general-{j:02d}/samples.jsonl"] = [
-            chat(f"Question {j}-{i}: name a colour.", "blue" if i < 3 else "The sky on a clear day is blue.")
-            for i in range(4)]
+    for j in range(70):
+        files[f"general-{j:02d}/samples.jsonl"] = [chat(*GENERAL_SHAPES[j % 4](j, i)) for i in range(4)]
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr(dd.PACKAGE["licence_file"], "MIT License\n")
         for name, rows in files.items():
@@ -98,16 +105,40 @@ def build_wheel(path: Path, per_label: int = 70) -> Path:
     return path
 
 
+def build_outside_wheel(path: Path) -> Path:
+    """A wheel laid out like chatterbot-corpus': a YAML file of conversations per category."""
+    import yaml
+
+    conversations = {
+        "trivia": [[f"Trivia {i}: which planet is number {i}?", f"Planet {i}"] for i in range(60)] + [
+            ["Trivia 0: which planet is number 0?", "Planet zero"],  # a repeated question: kept once
+            ["Is Paris in France?", "Yes"], [1984, "a year"]],  # yes/no; not text
+        "coding": [[f"Write function {i} in Python.", "def f():\n    return 1\n\nIt returns one, as asked."]
+                   for i in range(5)] + [["Write a long program.", "x = 1\n" * 200]],  # reference too long
+        "computers": [["What is a computer?", "A machine that follows instructions.", "Which one?", "Any."]],
+        "tech_support": [["My screen is flickering.", "Update the graphics driver."]] * 3,
+        "greetings": [["Hello", "Hi"]],  # a category that is not read
+    }
+    with zipfile.ZipFile(path, "w") as zf:
+        for category, convs in conversations.items():
+            zf.writestr(f"{dd.OUTSIDE_PREFIX}{category}.yml",
+                        yaml.safe_dump({"categories": [category], "conversations": convs}))
+    return path
+
+
 @pytest.fixture
 def fake_wheel(tmp_path, monkeypatch):
-    """Point the cache at tmp and serve a fake wheel instead of downloading; `calls` counts fetches."""
+    """Point the cache at tmp and serve fake wheels (evals' and the outside corpus') instead of downloading;
+    `calls` counts fetches of evals'."""
     monkeypatch.setenv("DELIA_CACHE", str(tmp_path / "cache"))
-    wheel = build_wheel(tmp_path / dd.PACKAGE["file"])
+    wheels = {dd.PACKAGE["name"]: build_wheel(tmp_path / dd.PACKAGE["file"]),
+              dd.OUTSIDE_PACKAGE["name"]: build_outside_wheel(tmp_path / dd.OUTSIDE_PACKAGE["file"])}
     calls = []
 
-    def fetch(downloads: Path) -> Path:
-        calls.append(downloads)
-        return wheel
+    def fetch(downloads: Path, package: dict = dd.PACKAGE) -> Path:
+        if package is dd.PACKAGE:
+            calls.append(downloads)
+        return wheels[package["name"]]
 
     monkeypatch.setattr(dd, "fetch_wheel", fetch)
     return calls
@@ -118,8 +149,8 @@ def read(path: Path) -> list[dict]:
 
 
 def test_builds_balanced_food_task_and_capped_long_form_pool(fake_wheel, tmp_path):
-    folder = dd.prepare_demo_data()
-    assert folder == tmp_path / "cache" / "data" / f"demo-{dd.DEMO_VERSION}"
+    folder = dd.prepare_demo_data(version="2")
+    assert folder == tmp_path / "cache" / "data" / "demo-2"
     assert sorted(p.name for p in folder.iterdir()) == ["SOURCES.json", "general.jsonl", "pool.jsonl",
                                                         "task_eval.jsonl", "task_train.jsonl"]
     train, evals = read(folder / "task_train.jsonl"), read(folder / "task_eval.jsonl")
@@ -150,7 +181,7 @@ def test_builds_balanced_food_task_and_capped_long_form_pool(fake_wheel, tmp_pat
     assert essay["id"].startswith("evals:essays/samples.jsonl:")
 
     sources = json.loads((folder / "SOURCES.json").read_text())
-    assert sources["version"] == dd.DEMO_VERSION == "2"
+    assert sources["version"] == "2"
     assert sources["package"]["name"] == "evals" and sources["package"]["licence"] == "MIT"
     assert "steganography" in sources["package"]["licence_note"]
     for name in dd.FILES:
@@ -167,12 +198,12 @@ def test_builds_balanced_food_task_and_capped_long_form_pool(fake_wheel, tmp_pat
 
 
 def test_tasks_are_partitioned_between_task_pool_general_and_sep(fake_wheel):
-    folder = dd.prepare_demo_data()
+    folder = dd.prepare_demo_data(version="2")
     part = json.loads((folder / "SOURCES.json").read_text())["partition"]
     assert part["task"] == ["food"] and "steganography" in part["excluded"]
     assert part["pool"] == ["essays", "lists", "manga-translation"]
     assert part["sep"] == [f"context-{j:02d}" for j in range(13)]
-    assert part["general"] == [*(f"general-{j:02d}" for j in range(30)), "short"]
+    assert part["general"] == [*(f"general-{j:02d}" for j in range(70)), "short"] and "broad" not in part
     roles = [set(part[k]) for k in ("task", "excluded", "pool", "sep", "general")]
     assert sum(map(len, roles)) == len(set().union(*roles))  # pairwise disjoint
     # no usable row: non-ASCII queries, object answers, Japanese answers
@@ -180,7 +211,7 @@ def test_tasks_are_partitioned_between_task_pool_general_and_sep(fake_wheel):
 
 
 def test_general_prompts_are_diverse_and_disjoint_from_pool_and_task(fake_wheel):
-    folder = dd.prepare_demo_data()
+    folder = dd.prepare_demo_data(version="2")
     general = read(folder / "general.jsonl")
     part = json.loads((folder / "SOURCES.json").read_text())["partition"]
     assert len(general) == dd.GENERAL_ROWS
@@ -200,6 +231,93 @@ def test_general_prompts_are_diverse_and_disjoint_from_pool_and_task(fake_wheel)
     assert {r["reference_kind"] for r in general} == {"short", "long"}
     facts = json.loads((folder / "SOURCES.json").read_text())["files"]["general.jsonl"]
     assert facts["rows"] == dd.GENERAL_ROWS and sum(facts["reference_kinds"].values()) == dd.GENERAL_ROWS
+
+
+# Version 2's files from this fake wheel, as the code before version 3 built them: they must never change.
+V2_SHA256 = {
+    "task_train.jsonl": "4f74f780ca8fee2547a174fa48720357448ebf0c1c5aaa3b96e5ba38efcc45eb",
+    "task_eval.jsonl": "27ad9879e15f48f93c888ecad3ffa29be00578db58873baf3998b539e2e9350b",
+    "pool.jsonl": "95025ac3fec40e29d6530d620f54626ae29b7952b691df4a7ada4e31bc2d467d",
+    "general.jsonl": "1d36c7c23dd2b6dfda6fc6ed452b18d59e3667ed0ee76cd9c1615bc7a9a1bda3",
+}
+
+
+def test_version_2_still_builds_the_same_files(fake_wheel):
+    folder = dd.prepare_demo_data(version="2")
+    assert {name: sha256_file(folder / name) for name in dd.FILES} == V2_SHA256
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*dd.FILES, "SOURCES.json"])
+
+
+def test_version_3_keeps_version_2s_task_and_pool_and_adds_a_broad_pool_and_general_sets(fake_wheel, tmp_path):
+    from delia.data import read_chat
+
+    folder = dd.prepare_demo_data()
+    assert folder == tmp_path / "cache" / "data" / "demo-3" and dd.DEMO_VERSION == "3"
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*dd.FILES_V3, "SOURCES.json"])
+    for name in ("task_train.jsonl", "task_eval.jsonl", "pool.jsonl"):
+        assert sha256_file(folder / name) == V2_SHA256[name]
+    sources = json.loads((folder / "SOURCES.json").read_text())
+    assert sources["version"] == "3" and sources["outside_package"]["name"] == "chatterbot-corpus"
+    assert sources["outside_package"]["licence"] == "BSD" and sources["package"]["name"] == "evals"
+    for name in dd.FILES_V3:
+        assert sources["files"][name]["sha256"] == sha256_file(folder / name)
+        assert sources["files"][name]["rows"] == len(read(folder / name))
+
+    part = sources["partition"]
+    roles = {k: set(part[k]) for k in ("task", "excluded", "pool", "sep", "general", "broad")}
+    assert sum(map(len, roles.values())) == len(set().union(*roles.values()))  # pairwise disjoint
+    assert roles["sep"] == {f"context-{j:02d}" for j in range(13)} and "grid" in roles["broad"]
+
+    general = read(folder / "general.jsonl")
+    assert len(general) == dd.GENERAL_ROWS_V3
+    assert Counter(r["kind"] for r in general) == {k: dd.GENERAL_PER_KIND for k in dd.KINDS}
+    assert {r["task"] for r in general} == roles["general"]  # a general task no prompt is drawn from is broad
+    assert [r["task"] for r in general] != sorted(r["task"] for r in general)  # shuffled
+    assert sources["files"]["general.jsonl"]["kinds"] == {k: dd.GENERAL_PER_KIND for k in sorted(dd.KINDS)}
+    records = read_chat(folder / "general.jsonl", "messages").records
+    assert [r["kind"] for r in records] == [r["kind"] for r in general]  # read_chat keeps the field
+
+    broad = read(folder / "pool-broad.jsonl")
+    tasks = Counter(r["task"] for r in broad)
+    assert set(tasks) <= roles["pool"] | roles["broad"] and max(tasks.values()) == dd.BROAD_PER_TASK == tasks["essays"]
+    assert not set(tasks) & (roles["general"] | roles["sep"] | roles["task"] | roles["excluded"])
+    words = [len(r["messages"][1]["content"].split()) for r in broad]
+    assert min(words) <= 5 < max(words)  # short references and long
+    assert {"cyrillic", "objects", "to-japanese", "huge", "fewshot"}.isdisjoint(tasks)  # filtered out
+    queries = [" ".join(r["messages"][0]["content"].lower().split()) for r in broad]
+    assert len(set(queries)) == len(queries)
+
+    outside = read(folder / "general-outside.jsonl")
+    per_category = Counter(r["task"] for r in outside)
+    assert per_category == {"chatterbot-corpus/trivia": dd.OUTSIDE_PER_CATEGORY, "chatterbot-corpus/coding": 5,
+                            "chatterbot-corpus/computers": 1, "chatterbot-corpus/tech_support": 1}
+    assert all(set(r) == {"id", "task", "reference_kind", "kind", "messages"} for r in general + outside)
+    assert all(r["id"].startswith("chatterbot-corpus:english/") for r in outside)
+    computer = next(r for r in outside if r["task"] == "chatterbot-corpus/computers")
+    assert [m["content"] for m in computer["messages"]] == ["What is a computer?",
+                                                            "A machine that follows instructions."]
+    assert all(r["kind"] == dd.prompt_kind(*(m["content"] for m in r["messages"])) for r in general + outside)
+    assert {"short_answer", "long_form"} <= {r["kind"] for r in outside}
+    assert sources["files"]["general-outside.jsonl"]["kinds"] == dict(sorted(Counter(
+        r["kind"] for r in outside).items()))
+
+
+@pytest.mark.parametrize(("query", "reference", "kind"), [
+    ("Is Paris in France?", "Yes.", "yes_no"),
+    ("Does this word exist? Answer with exactly one letter: Y or N.", "N", "yes_no"),  # a binary answer wins
+    ("Is the statement true or false?", "FALSE", "yes_no"),
+    ("Name the capital of France. Answer with one word only.", "Paris", "own_format"),
+    ("Respond only with the letter of the correct choice.", "B", "own_format"),
+    ("Give the date in ISO 8601 format.", "2043-07-15", "own_format"),
+    ("Explain photosynthesis. Do not explain your reasoning, nothing else.", "Plants turn light into sugar.",
+     "own_format"),
+    ("You will be prompted with a single word. What is its plural?", "mice", "short_answer"),  # describes the input
+    ("Who wrote Hamlet?", "William Shakespeare", "short_answer"),
+    ("Why is the sky blue?", "Sunlight scatters off air molecules, and blue light scatters most.", "long_form"),
+    ("Is the sky blue on Mars?", "No, it is butterscotch by day.", "long_form"),  # not a bare yes or no
+])
+def test_prompt_kind(query, reference, kind):
+    assert dd.prompt_kind(query, reference) == kind
 
 
 def test_a_general_query_that_repeats_a_pool_query_is_an_error():
@@ -231,12 +349,13 @@ def test_task_references_score_perfectly_under_the_task_metric(fake_wheel):
         assert strict and err is None and check_format(value, metric) is None
 
 
-def test_rerun_reuses_the_folder_and_a_rebuild_is_byte_identical(fake_wheel, tmp_path):
-    folder = dd.prepare_demo_data()
-    assert dd.prepare_demo_data() == folder
+@pytest.mark.parametrize("version", ["2", "3"])
+def test_rerun_reuses_the_folder_and_a_rebuild_is_byte_identical(fake_wheel, tmp_path, version):
+    folder = dd.prepare_demo_data(version=version)
+    assert dd.prepare_demo_data(version=version) == folder
     assert len(fake_wheel) == 1  # the second call neither fetched nor rebuilt
-    other = dd.prepare_demo_data(out=tmp_path / "elsewhere")
-    for name in (*dd.FILES, "SOURCES.json"):
+    other = dd.prepare_demo_data(out=tmp_path / "elsewhere", version=version)
+    for name in (*dd.DEMO_SETS[version].files, "SOURCES.json"):
         assert (other / name).read_bytes() == (folder / name).read_bytes()
 
 
@@ -305,24 +424,51 @@ def test_cli_verb(fake_wheel, tmp_path):
         main(["demo-data", "--out", str(tmp_path / "via-cli")])
     assert done.value.code == 0
     assert len(read(tmp_path / "via-cli" / "task_train.jsonl")) == dd.TASK_TRAIN_ROWS
+    assert (tmp_path / "via-cli" / "pool-broad.jsonl").is_file()
+    with pytest.raises(SystemExit) as done:
+        main(["demo-data", "--version", "2", "--out", str(tmp_path / "v2")])
+    assert done.value.code == 0
+    assert sha256_file(tmp_path / "v2" / "general.jsonl") == V2_SHA256["general.jsonl"]
+    with pytest.raises(SystemExit) as done:
+        main(["demo-data", "--version", "1", "--out", str(tmp_path / "v1")])
+    assert done.value.code != 0 and not (tmp_path / "v1").exists()
+
+
+# Version 2's files from the real wheel, which version 3 keeps as they are (general.jsonl aside).
+REAL_V2_SHA256 = {
+    "task_train.jsonl": "fda0c069e8b62927076f72d45ead587fb658d3f616c7127be7f936c680048fbf",
+    "task_eval.jsonl": "67626da533ea12ba92b25830cd8e4f36e00ea0807607b446bafd9a921d821ff4",
+    "pool.jsonl": "e26be6cb07372641b14687e0013857ca0b254a38ab855208475cf81f2f058edd",
+    "general.jsonl": "eadec7de573294f9b1455d629f6e865605eddd2ff48a3a2cc9d932af0615f8d9",
+}
 
 
 @pytest.mark.e2e
 def test_real_preparation_from_pypi(tmp_path):
-    """The real wheel (downloaded once into $DELIA_CACHE/downloads, 46 MB; ~20 s to build from it)."""
+    """The real wheels (downloaded once into $DELIA_CACHE/downloads, 46 MB and 0.3 MB; ~50 s to build from them)."""
     from delia.data import read_chat
 
     folder = dd.prepare_demo_data(out=tmp_path / "demo")
     sources = json.loads((folder / "SOURCES.json").read_text())
-    counts = {name: len(read_chat(folder / name, "messages").records) for name in dd.FILES}
-    assert counts == {"task_train.jsonl": 40, "task_eval.jsonl": 50, "pool.jsonl": 325, "general.jsonl": 40}
+    counts = {name: len(read_chat(folder / name, "messages").records) for name in dd.FILES_V3}
+    assert counts == {"task_train.jsonl": 40, "task_eval.jsonl": 50, "pool.jsonl": 325, "general.jsonl": 120,
+                      "pool-broad.jsonl": 2250, "general-outside.jsonl": 120}
+    for name in ("task_train.jsonl", "task_eval.jsonl", "pool.jsonl"):
+        assert sha256_file(folder / name) == REAL_V2_SHA256[name]
     facts = sources["files"]
     assert facts["task_train.jsonl"]["usable_rows"] == {"no": 138, "yes": 621}
     assert len(facts["pool.jsonl"]["tasks"]) == 24 and max(facts["pool.jsonl"]["tasks"].values()) <= dd.POOL_PER_TASK
     assert facts["pool.jsonl"]["reference_chars"]["min"] >= dd.POOL_MIN_REFERENCE_CHARS
-    assert len(facts["general.jsonl"]["tasks"]) >= 20
-    assert max(facts["general.jsonl"]["tasks"].values()) <= dd.GENERAL_PER_TASK
-    assert set(facts["general.jsonl"]["tasks"]) <= set(sources["partition"]["general"])
+    broad = facts["pool-broad.jsonl"]
+    assert len(broad["tasks"]) >= 150 and max(broad["tasks"].values()) <= dd.BROAD_PER_TASK
+    assert set(broad["tasks"]) <= set(sources["partition"]["pool"]) | set(sources["partition"]["broad"])
+    assert min(broad["reference_kinds"].values()) > 100  # short references and long
+    assert len(facts["general.jsonl"]["tasks"]) >= 60 and set(facts["general.jsonl"]["kinds"]) == set(dd.KINDS)
+    assert set(facts["general.jsonl"]["tasks"]) == set(sources["partition"]["general"])
+    assert facts["general-outside.jsonl"]["kinds"] == {"long_form": 71, "short_answer": 49}
+    assert sources["outside_package"]["sha256"] == dd.OUTSIDE_PACKAGE["sha256"]
     assert "manga-translation" in sources["partition"]["pool"]
-    for name in dd.FILES:
+    for name in dd.FILES_V3:
         assert sources["files"][name]["sha256"] == sha256_file(folder / name)
+    v2 = dd.prepare_demo_data(out=tmp_path / "demo-2", version="2")
+    assert {name: sha256_file(v2 / name) for name in dd.FILES} == REAL_V2_SHA256

@@ -31,6 +31,9 @@ def test_one_shot_prompt_repeats_the_query_after_the_reference():
         delia_prompt("Q?", None, "one-shot")
     with pytest.raises(DeliaError, match="mode"):
         delia_prompt("Q?", "A", "two-shot")  # type: ignore[arg-type]
+    assert delia_prompt("Q?", "Other A.", example_query="Other Q?") == [  # another row's example
+        {"role": "user", "content": "Other Q?"}, {"role": "assistant", "content": "Other A."},
+        {"role": "user", "content": "Q?"}]
 
 
 def test_prompt_ids_match_the_rendered_template(tok):

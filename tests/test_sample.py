@@ -206,6 +206,111 @@ def scripted_prompt(scripted, write_jsonl, tmp_path):
     return seen[0]
 
 
+def spy_prompts(scripted) -> list[str]:
+    """The decoded prompts the scripted back end is asked, collected as it is asked."""
+    seen: list[str] = []
+    real = scripted.generate
+
+    def spy(prompts, params, seeds=None):
+        seen.extend(scripted.tokenizer.decode(p) for p in prompts)
+        return real(prompts, params, seeds)
+
+    scripted.generate = spy
+    return seen
+
+
+def rendered(tokenizer, messages) -> str:
+    from delia.prompts import prompt_ids
+
+    return tokenizer.decode(prompt_ids(tokenizer, messages))
+
+
+def short_and_long_pool(write_jsonl):
+    """Queries q0-q2 with short references ("Short answer i."), q3 with a long one (PROSE)."""
+    rows = [{"id": f"q{i}", **row} for i, row in enumerate(pool_rows(4))]
+    for i, row in enumerate(rows):
+        row["messages"][1]["content"] = PROSE if i == 3 else f"Short answer {i}."
+    return write_jsonl("pool.jsonl", rows)
+
+
+def test_short_references_are_prompted_as_the_paper_does_by_default(scripted, write_jsonl, tmp_path):
+    from delia.prompts import delia_prompt
+
+    pool, out = short_and_long_pool(write_jsonl), tmp_path / "o.jsonl"
+    asked = spy_prompts(scripted)
+    scripted.script = {"Question number 0?": ("Short answer 0.", "stop")}  # a copy of the reference
+    summary = sample(pool, out)
+    rows = read_complete_jsonl(out) + read_complete_jsonl(tmp_path / "o.rejects.jsonl")
+    refs = ["Short answer 0.", "Short answer 1.", "Short answer 2.", PROSE]
+    assert sorted(asked) == sorted(rendered(scripted.tokenizer, delia_prompt(f"Question number {i}?", ref))
+                                   for i, ref in enumerate(refs))
+    assert all(set(r["meta"]) == {"query_id", "backend", "model", "seed", "sample", "finish_reason",
+                                  "prompt_tokens", "completion_tokens"} for r in rows)  # as before the option
+    assert summary["rejected"] == {"copies_reference": 1}
+    assert summary["by_prompt"] == {"one-shot": {"queries": 4, "kept": 3, "rejected": {"copies_reference": 1}}}
+    settings = json.loads(manifest_path(out).read_text())["settings"]
+    assert "short_reference" not in settings and "short_reference_words" not in settings
+
+
+def test_short_references_zero_shot_asks_the_query_alone_and_keeps_a_right_answer(scripted, write_jsonl, tmp_path):
+    from delia.prompts import delia_prompt
+
+    pool, out = short_and_long_pool(write_jsonl), tmp_path / "o.jsonl"
+    asked = spy_prompts(scripted)
+    scripted.script = {"Question number 0?": ("Short answer 0.", "stop"),  # right, though never shown
+                       "Question number 3?": (PROSE, "stop")}  # a copy of the reference it was shown
+    summary = sample(pool, out, short_reference="zero-shot")
+    zero = {rendered(scripted.tokenizer, delia_prompt(f"Question number {i}?", None, "zero-shot")) for i in range(3)}
+    assert set(asked) == zero | {rendered(scripted.tokenizer, delia_prompt("Question number 3?", PROSE))}
+    rows = {r["id"]: r for r in read_complete_jsonl(out) + read_complete_jsonl(tmp_path / "o.rejects.jsonl")}
+    assert {q: r["meta"]["prompt"] for q, r in rows.items()} == {
+        "q0": "zero-shot", "q1": "zero-shot", "q2": "zero-shot", "q3": "one-shot"}
+    assert rows["q0"]["messages"][1]["content"] == "Short answer 0." and "reason" not in rows["q0"]
+    assert summary["by_prompt"] == {"one-shot": {"queries": 1, "kept": 0, "rejected": {"copies_reference": 1}},
+                                    "zero-shot": {"queries": 3, "kept": 3, "rejected": {}}}
+    settings = json.loads(manifest_path(out).read_text())["settings"]
+    assert (settings["short_reference"], settings["short_reference_words"]) == ("zero-shot", 5)
+    with pytest.raises(DeliaError, match="other settings"):  # the default is another run
+        sample(pool, out)
+    assert sample(pool, out, short_reference="zero-shot")["by_prompt"] == summary["by_prompt"]  # counted on resume
+    parts = [tmp_path / f"s{i}.jsonl" for i in range(2)]
+    for i, part in enumerate(parts):
+        sample(pool, part, short_reference="zero-shot", shard=f"{i}/2")
+    merged = merge(parts, tmp_path / "m.jsonl")
+    assert merged["by_prompt"] == {p: {k: v for k, v in c.items() if k != "queries"}
+                                   for p, c in summary["by_prompt"].items()}
+
+
+def test_short_references_other_example_shows_a_long_row_drawn_by_seed(scripted, write_jsonl, tmp_path):
+    from delia.prompts import delia_prompt
+    from delia.sample import plan_shots
+
+    pool, out = short_and_long_pool(write_jsonl), tmp_path / "o.jsonl"
+    asked = spy_prompts(scripted)
+    scripted.script = {"Question number 0?": (PROSE, "stop"),  # a copy of the example's reference
+                       "Question number 1?": ("Short answer 1.", "stop")}  # its own, never shown: kept
+    summary = sample(pool, out, short_reference="other-example")
+    example = {rendered(scripted.tokenizer, delia_prompt(f"Question number {i}?", PROSE,
+                                                         example_query="Question number 3?")) for i in range(3)}
+    assert set(asked) == example | {rendered(scripted.tokenizer, delia_prompt("Question number 3?", PROSE))}
+    rows = read_complete_jsonl(out) + read_complete_jsonl(tmp_path / "o.rejects.jsonl")
+    short = [r for r in rows if r["id"] != "q3"]
+    assert all(r["meta"]["prompt"] == "other-example" and r["meta"]["example_id"] == "q3" for r in short)
+    assert next(r for r in rows if r["id"] == "q3")["meta"]["prompt"] == "one-shot"
+    assert summary["by_prompt"]["other-example"] == {"queries": 3, "kept": 2, "rejected": {"copies_reference": 1}}
+
+    queries = [(f"q{i}", f"Q{i}?", "short") for i in range(40)]
+    longs = [(f"l{i}", f"L{i}?", PROSE) for i in range(3)]
+    draw = lambda **kw: {q: s.example[0] for q, s in plan_shots(  # noqa: E731
+        queries, queries + longs, SampleConfig(short_reference="other-example", **kw)).items()}
+    assert draw() == draw() and draw() != draw(seed=1) and set(draw().values()) == {"l0", "l1", "l2"}
+    assert draw(short_reference_words=0) == {q[0]: q[0] for q in queries}  # "short" is then a long reference
+    with pytest.raises(DeliaError, match="the pool has none"):
+        plan_shots(queries, queries, SampleConfig(short_reference="other-example"))
+    with pytest.raises(DeliaError, match="`mode` is zero-shot"):
+        SampleConfig.build(short_reference="zero-shot", mode="zero-shot")
+
+
 def test_max_prompt_tokens_skips_long_queries_before_generating(scripted, write_jsonl, tmp_path):
     rows = pool_rows(4)
     rows[1]["messages"][0]["content"] = "A much longer question " * 30 + "?"

@@ -129,7 +129,7 @@ def test_mt_reverses_bubbles_and_leaves_the_manga_out_of_the_pool(fake_wheel):
     assert task_facts["skipped"] == {"length": 1, "duplicate": 1} and task_facts["usable_rows"] == 230
     assert "OpenMantra" in task_facts["licence_note"] and sources["task_metric"]["kind"] == "translation"
 
-    demo = dd.prepare_demo_data()
+    demo = dd.prepare_demo_data(version="2")  # mt's pool and general prompts are version 2's
     pool = read(folder / "pool.jsonl")
     assert pool == [r for r in read(demo / "pool.jsonl") if r["task"] != "manga-translation"]
     assert len(pool) < len(read(demo / "pool.jsonl"))
@@ -156,12 +156,18 @@ def test_rebuilds_are_byte_identical_and_reruns_reuse_the_folder(fake_wheel, tmp
 def test_resolve_data_path(fake_wheel, tmp_path):
     cache = tmp_path / "cache" / "data"
     assert td.resolve_data_path("demo-data:pool.jsonl") == cache / f"demo-{dd.DEMO_VERSION}" / "pool.jsonl"
+    assert td.resolve_data_path("demo-data@2:general.jsonl") == cache / "demo-2" / "general.jsonl"
+    assert td.resolve_data_path("demo-data:pool-broad.jsonl").is_file()
     assert td.resolve_data_path(Path("sep-data:heldout.jsonl")) == cache / f"sep-{td.SEP_VERSION}" / "heldout.jsonl"
     assert td.resolve_data_path("mt-data:task_eval.jsonl").is_file()
     assert td.resolve_data_path("data/train.jsonl") == Path("data/train.jsonl")
     assert td.resolve_data_path(Path("other-data:x.jsonl")) == Path("other-data:x.jsonl")
-    with pytest.raises(DeliaError, match="the sep data set has no 'pool.jsonl'"):
+    with pytest.raises(DeliaError, match=r"the sep data set \(version 1\) has no 'pool.jsonl'"):
         td.resolve_data_path("sep-data:pool.jsonl")
+    with pytest.raises(DeliaError, match=r"the demo data set \(version 2\) has no 'pool-broad.jsonl'"):
+        td.resolve_data_path("demo-data@2:pool-broad.jsonl")
+    with pytest.raises(DeliaError, match="the demo data set has no version '1'; it has 2, 3"):
+        td.resolve_data_path("demo-data@1:pool.jsonl")
 
 
 def test_cli_set_option(fake_wheel, tmp_path):

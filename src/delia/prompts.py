@@ -14,11 +14,13 @@ MODES: tuple[str, ...] = ("one-shot", "zero-shot")
 
 
 def delia_prompt(query: str, reference: str | None, mode: Mode = "one-shot",
-                 system: str | None = None) -> list[dict[str, str]]:
+                 system: str | None = None, example_query: str | None = None) -> list[dict[str, str]]:
     """The DELIA sampling conversation (paper section 3): the model sees its reference answer once,
     then is asked again, so it answers in its own style at the reference's level of detail.
 
     one-shot: user=query, assistant=reference, user=query. zero-shot: user=query (pools without references).
+    With `example_query`, one-shot shows another row's example instead: user=example_query,
+    assistant=reference (that row's), user=query.
     """
     if mode not in MODES:
         raise DeliaError(f"unknown prompt mode {mode!r}; expected one of {', '.join(MODES)}")
@@ -27,7 +29,8 @@ def delia_prompt(query: str, reference: str | None, mode: Mode = "one-shot",
         return [*head, {"role": "user", "content": query}]
     if reference is None:
         raise DeliaError("one-shot prompts need a reference answer (use zero-shot for pools without one)")
-    return [*head, {"role": "user", "content": query}, {"role": "assistant", "content": reference},
+    first = query if example_query is None else example_query
+    return [*head, {"role": "user", "content": first}, {"role": "assistant", "content": reference},
             {"role": "user", "content": query}]
 
 

@@ -12,21 +12,22 @@ import hashlib
 import logging
 import re
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from delia.backends import BackendName
+from delia.backends import BackendName, derive_seed
 from delia.config import Flags, StageConfig
 from delia.data import ReadOptions
 from delia.errors import DeliaError
 from delia.files import beside, changed_settings, check_output
 from delia.filters import REASONS, Filters
+from delia.general import SHORT_REFERENCE_WORDS
 from delia.progress import Progress, ProgressCallback, report
 from delia.prompts import Mode
 from delia.text import normalise
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from delia.backends import Backend, Completion, SamplingParams
 
 Query = tuple[str, str, str | None]  # (query id, query, reference answer or None)
+ShortReference = Literal["one-shot", "zero-shot", "other-example"]
 log = logging.getLogger(__name__)
 
 
@@ -139,20 +141,68 @@ class _Tally:
     kept: int
     rejected: Counter[str]
     seen: set[str]  # normalised kept answers, which the duplicate filter checks against
+    by_prompt: defaultdict[str, Counter[str]]  # rows per way of prompting (Shot.prompt), see _by_prompt
     generated: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
 
-def _select_queries(pool: Path, format: str, columns: list[str] | None, skip_invalid: bool,
-                    shard: tuple[int, int], limit: int | None, mode: str) -> tuple[list[Query], Counter[str], int]:
-    """(queries of this shard within `limit`, counts of those skipped and why, rows in the pool). One-shot
-    mode skips queries without a reference, and refuses a pool where none has one.
+class Shot(NamedTuple):
+    """How a query is prompted: `prompt` names the way, `example` is the (id, query, reference) shown before the
+    query (None: zero-shot), `check` the reference the copy filter compares answers with, and `meta` what each
+    of the query's rows records of it."""
+
+    prompt: str  # one-shot, zero-shot or other-example
+    example: Query | None
+    check: str | None
+    meta: dict[str, Any]
+
+
+def plan_shots(queries: list[Query], pool: list[Query], cfg: SampleConfig) -> dict[str, Shot]:
+    """Each query's Shot, by query id. `mode` decides (one-shot: the query's own reference is shown and
+    checked), except that with `short_reference` other than one-shot, a query whose reference has at most
+    `short_reference_words` words is asked alone (zero-shot) or after another `pool` row whose reference is
+    longer (other-example), drawn by `seed` and the query id, so that shards and reruns agree.
+
+    A small model shown a short reference tends to copy it, and the copy filter rejects the copy: the other
+    two ways give up the query's own example for yield. The copy filter then checks the reference the prompt
+    showed (none for zero-shot: an answer that matches a reference never shown is right, not copied), and
+    every row records the way (`prompt`, and `example_id`); at the default nothing changes, rows included.
     """
-    queries, skipped = _load_queries(pool, format, columns, skip_invalid)
-    pool_rows = len(queries) + sum(skipped.values())
-    queries = [q for q in queries if in_shard(q[0], *shard)][:limit]
-    if mode == "one-shot":
+    if cfg.mode == "zero-shot":  # the reference, if any, is still checked: as before this option
+        return {q[0]: Shot("zero-shot", None, q[2], {}) for q in queries}
+
+    def short(ref: str | None) -> bool:
+        return ref is not None and len(ref.split()) <= cfg.short_reference_words
+
+    examples = [q for q in pool if q[2] is not None and not short(q[2])]
+    shots = {}
+    for q in queries:
+        example: Query | None = q
+        if cfg.short_reference == "one-shot" or not short(q[2]):
+            prompt = "one-shot"
+        elif cfg.short_reference == "zero-shot":
+            prompt, example = "zero-shot", None
+        elif examples:
+            prompt, example = "other-example", examples[derive_seed(cfg.seed, "example", q[0]) % len(examples)]
+        else:
+            raise DeliaError(f"`short_reference` other-example needs a pool row whose reference has more than "
+                             f"{cfg.short_reference_words} words to show as the example; the pool has none")
+        meta = {} if cfg.short_reference == "one-shot" else {"prompt": prompt}
+        if prompt == "other-example":
+            meta["example_id"] = example[0]
+        shots[q[0]] = Shot(prompt, example, None if example is None else example[2], meta)
+    return shots
+
+
+def _select_queries(pool: Path, cfg: SampleConfig) -> tuple[list[Query], dict[str, Shot], Counter[str], int]:
+    """(queries of this shard within `limit`, their shots, counts of those skipped and why, rows in the pool).
+    One-shot mode skips queries without a reference, and refuses a pool where none has one.
+    """
+    everything, skipped = _load_queries(pool, cfg.format, cfg.columns, cfg.skip_invalid)
+    pool_rows = len(everything) + sum(skipped.values())
+    queries = [q for q in everything if in_shard(q[0], *parse_shard(cfg.shard))][:cfg.limit]
+    if cfg.mode == "one-shot":
         no_ref = sum(ref is None for _, _, ref in queries)
         if queries and no_ref == len(queries):
             raise DeliaError(f"{pool}: no query has a reference answer, which `mode` one-shot needs; "
@@ -160,20 +210,36 @@ def _select_queries(pool: Path, format: str, columns: list[str] | None, skip_inv
         if no_ref:
             skipped["no_reference"] = no_ref
             queries = [q for q in queries if q[2] is not None]
-    return queries, skipped, pool_rows
+    return queries, plan_shots(queries, everything, cfg), skipped, pool_rows
 
 
-def _pick_up(out: Path, queries: list[Query], n: int, filters: Filters) -> tuple[list[Query], _Tally]:
+def _pick_up(out: Path, queries: list[Query], n: int, filters: Filters, mode: str) -> tuple[list[Query], _Tally]:
     """The queries not yet sampled into `out`, and the tally of the rows already there (their kept answers
-    seed the duplicate filter), so that a rerun goes on where the last one stopped.
+    seed the duplicate filter), so that a rerun goes on where the last one stopped. A row that does not
+    record how it was prompted was prompted the `mode` way.
     """
     from delia.data import rejects_path
 
     kept_rows, rejected_rows = _resume(out, rejects_path(out), n)
     done = {r["meta"]["query_id"] for r in (*kept_rows, *rejected_rows)}
     seen = {normalise(r["messages"][-1]["content"]) for r in kept_rows} if filters.duplicates else set()
-    tally = _Tally(kept=len(kept_rows), rejected=Counter(r["reason"] for r in rejected_rows), seen=seen)
+    tally = _Tally(kept=len(kept_rows), rejected=Counter(r["reason"] for r in rejected_rows), seen=seen,
+                   by_prompt=_by_prompt((*kept_rows, *rejected_rows), mode))
     return [q for q in queries if q[0] not in done], tally
+
+
+def _by_prompt(rows: Iterable[dict[str, Any]], mode: str) -> defaultdict[str, Counter[str]]:
+    """Rows per way of prompting (the row's meta `prompt`; a row without one was prompted the `mode` way):
+    "kept" and each reason to reject."""
+    counts: defaultdict[str, Counter[str]] = defaultdict(Counter)
+    for r in rows:
+        counts[r["meta"].get("prompt", mode)][r.get("reason", "kept")] += 1
+    return counts
+
+
+def _yield(counts: Counter[str]) -> dict[str, Any]:
+    """One way of prompting's rows kept and rejected (per reason), as summaries give them."""
+    return {"kept": counts["kept"], "rejected": {r: counts[r] for r in REASONS if counts[r]}}
 
 
 def _open_backend(cfg: SampleConfig) -> Backend:
@@ -203,17 +269,22 @@ def sampled_prompts(pool: Path, tokenizer: Any, config: SampleConfig | None = No
                     **options: Any) -> tuple[list[Query], list[list[int]]]:
     """(queries, their prompt ids): what `sample` with these options answers in a fresh run (for cost plans)."""
     cfg = SampleConfig.build(config, **options)
-    queries, skipped, _ = _select_queries(pool, cfg.format, cfg.columns, cfg.skip_invalid, parse_shard(cfg.shard),
-                                          cfg.limit, cfg.mode)
-    return _render_prompts(queries, tokenizer, cfg.mode, cfg.system, cfg.max_prompt_tokens, skipped)
+    queries, shots, skipped, _ = _select_queries(pool, cfg)
+    return _render_prompts(queries, shots, tokenizer, cfg.system, cfg.max_prompt_tokens, skipped)
 
 
-def _render_prompts(todo: list[Query], tokenizer: Any, mode: str, system: str | None, max_prompt_tokens: int | None,
-                    skipped: Counter[str]) -> tuple[list[Query], list[list[int]]]:
+def _render_prompts(todo: list[Query], shots: dict[str, Shot], tokenizer: Any, system: str | None,
+                    max_prompt_tokens: int | None, skipped: Counter[str]) -> tuple[list[Query], list[list[int]]]:
     """(queries, their prompt ids): with `max_prompt_tokens`, longer prompts are left out and counted in `skipped`."""
     from delia.prompts import delia_prompt, prompt_ids
 
-    prompts = [prompt_ids(tokenizer, delia_prompt(q, ref, mode, system)) for _, q, ref in todo]  # type: ignore[arg-type]
+    def messages(qid: str, query: str) -> list[dict[str, str]]:
+        example = shots[qid].example
+        if example is None:
+            return delia_prompt(query, None, "zero-shot", system)
+        return delia_prompt(query, example[2], "one-shot", system, example_query=example[1])
+
+    prompts = [prompt_ids(tokenizer, messages(qid, q)) for qid, q, _ in todo]
     if max_prompt_tokens is not None:
         fits = [len(p) <= max_prompt_tokens for p in prompts]
         if not all(fits):
@@ -224,7 +295,7 @@ def _render_prompts(todo: list[Query], tokenizer: Any, mode: str, system: str | 
 
 
 def _generate_and_write(engine: Backend, todo: list[Query], prompts: list[list[int]], params: SamplingParams,
-                        out: Path, filters: Filters, tally: _Tally, meta: dict[str, Any],
+                        out: Path, filters: Filters, tally: _Tally, meta: dict[str, Any], shots: dict[str, Shot],
                         progress: ProgressCallback | None) -> None:
     """Generate, filter and append: each query's rows go to OUT or its rejects (and are fsynced) as soon as
     its last sample arrives, so a crash loses at most the queries in flight. `progress` hears of each query
@@ -245,7 +316,7 @@ def _generate_and_write(engine: Backend, todo: list[Query], prompts: list[list[i
             tally.completion_tokens += completion.completion_tokens
             if len(pending[i]) < params.n:
                 continue
-            good, bad = _judge(todo[i], pending.pop(i), params.n, filters, tally, meta)
+            good, bad = _judge(todo[i], pending.pop(i), params.n, filters, tally, meta, shots[todo[i][0]])
             if good:
                 kept_file.write(good)
             if bad:
@@ -256,15 +327,16 @@ def _generate_and_write(engine: Backend, todo: list[Query], prompts: list[list[i
 
 
 def _judge(query: Query, completions: list[Completion], n: int, filters: Filters, tally: _Tally,
-           meta: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+           meta: dict[str, Any], shot: Shot) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """A finished query's samples as rows, in sample order, split into kept and rejected (with the reason),
-    and counted in `tally`.
+    and counted in `tally`; the copy filter checks the reference `shot` says.
     """
-    qid, text, ref = query
+    qid, text, _ = query
     good, bad = [], []
     for c in sorted(completions, key=lambda c: c.sample):
-        row = _row(qid, text, c, n, meta)
-        reason = filters.check_and_record(c.text, c.finish_reason, ref, tally.seen)
+        row = _row(qid, text, c, n, {**meta, **shot.meta})
+        reason = filters.check_and_record(c.text, c.finish_reason, shot.check, tally.seen)
+        tally.by_prompt[shot.prompt][reason or "kept"] += 1
         if reason is None:
             good.append(row)
         else:
@@ -283,13 +355,17 @@ def _row(qid: str, query: str, c: Completion, n: int, meta: dict[str, Any]) -> d
                      "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens}}
 
 
-def _summary(out: Path, pool_rows: int, skipped: Counter[str], shard: str, queries: int, resumed: int,
+def _summary(out: Path, pool_rows: int, skipped: Counter[str], shard: str, queries: dict[str, int], resumed: int,
              tally: _Tally, wall: float) -> dict[str, Any]:
-    """What `sample` returns, the manifest keeps and the table shows."""
+    """What `sample` returns, the manifest keeps and the table shows. `queries` counts this run's queries per
+    way of prompting; `by_prompt` gives each way's queries and rows kept and rejected (total in the file):
+    the yield of each."""
+    by_prompt = {p: {"queries": queries.get(p, 0), **_yield(tally.by_prompt[p])}
+                 for p in sorted({*queries, *tally.by_prompt})}
     return {"out": str(out), "pool_rows": pool_rows, "skipped": dict(skipped), "shard": shard,
-            "queries": queries, "resumed": resumed, "generated": tally.generated,
+            "queries": sum(queries.values()), "resumed": resumed, "generated": tally.generated,
             "kept": tally.kept, "rejected": {r: tally.rejected[r] for r in REASONS if tally.rejected[r]},
-            "prompt_tokens": tally.prompt_tokens, "completion_tokens": tally.completion_tokens,
+            "by_prompt": by_prompt, "prompt_tokens": tally.prompt_tokens, "completion_tokens": tally.completion_tokens,
             "wall_s": round(wall, 2), "tokens_per_s": round(tally.completion_tokens / wall, 2) if wall else 0.0}
 
 
@@ -306,6 +382,13 @@ class SampleConfig(ReadOptions):
     """hf (transformers, CPU/GPU), vllm (offline engine) or openai (any OpenAI-compatible server)."""
     mode: Mode = "one-shot"
     """one-shot (query, reference, query: the paper's) or zero-shot (query alone, for pools without references)."""
+    short_reference: ShortReference = "one-shot"
+    """With `mode` one-shot, how a query whose reference is short is prompted: one-shot (the paper's: its own
+    reference shown, which a small model tends to copy, and the copy filter rejects), zero-shot (asked alone), or
+    other-example (after another pool row with a longer reference, drawn by `seed`). The summary's `by_prompt`
+    gives each way's yield."""
+    short_reference_words: int = Field(SHORT_REFERENCE_WORDS, ge=0)
+    """A reference of at most this many words is short (for `short_reference`)."""
     system: str | None = None
     """System message (left out for templates that reject one)."""
     temperature: float = Field(0.7, ge=0)
@@ -388,6 +471,13 @@ class SampleConfig(ReadOptions):
             raise ValueError("`backend` openai needs `base_url` (e.g. http://127.0.0.1:8000/v1)")
         return self
 
+    @model_validator(mode="after")
+    def _short_reference_needs_one_shot(self) -> SampleConfig:
+        if self.short_reference != "one-shot" and self.mode != "one-shot":
+            raise ValueError(f"`short_reference` {self.short_reference} changes one-shot prompts, and `mode` is "
+                             f"{self.mode}")
+        return self
+
 
 def sample(
     pool: Annotated[Path, "Query pool in any format `delia data inspect` reads; the first user turn is the query, "
@@ -425,12 +515,13 @@ def sample(
                 "samples_per_query": cfg.samples_per_query, "seed": cfg.seed, "shard": f"{shard_i}/{shard_n}",
                 "max_prompt_tokens": cfg.max_prompt_tokens,
                 "filters": {k: getattr(filters, k) for k in Filters.__dataclass_fields__}}
+    if cfg.short_reference != "one-shot":  # absent at the default, so that runs from before the option resume
+        settings |= {"short_reference": cfg.short_reference, "short_reference_words": cfg.short_reference_words}
 
     check_output(out, inputs=[pool], overwrite=True)  # an existing OUT is resumed or refused below
-    queries, skipped, pool_rows = _select_queries(pool, cfg.format, cfg.columns, cfg.skip_invalid,
-                                                  (shard_i, shard_n), cfg.limit, cfg.mode)
+    queries, shots, skipped, pool_rows = _select_queries(pool, cfg)
     _check_resumable(out, settings, cfg.overwrite)
-    todo, tally = _pick_up(out, queries, cfg.samples_per_query, filters)
+    todo, tally = _pick_up(out, queries, cfg.samples_per_query, filters, cfg.mode)
     resumed = len(queries) - len(todo)
 
     versions = library_versions("vllm") if cfg.backend == "vllm" else library_versions()
@@ -441,13 +532,12 @@ def sample(
     if todo:
         engine = _open_backend(cfg)
         model_path = engine.tokenizer.name_or_path
-        todo, prompts = _render_prompts(todo, engine.tokenizer, cfg.mode, cfg.system, cfg.max_prompt_tokens,
-                                        skipped)
+        todo, prompts = _render_prompts(todo, shots, engine.tokenizer, cfg.system, cfg.max_prompt_tokens, skipped)
         _generate_and_write(engine, todo, prompts, params, out, filters, tally,
-                            {"backend": cfg.backend, "model": cfg.model, "seed": cfg.seed}, progress)
+                            {"backend": cfg.backend, "model": cfg.model, "seed": cfg.seed}, shots, progress)
 
-    summary = _summary(out, pool_rows, skipped, f"{shard_i}/{shard_n}", len(queries), resumed, tally,
-                       time.monotonic() - start)
+    summary = _summary(out, pool_rows, skipped, f"{shard_i}/{shard_n}", Counter(s.prompt for s in shots.values()),
+                       resumed, tally, time.monotonic() - start)
     write_json(manifest_path(out), {**manifest, "status": "complete", "finished": _now(), "model_path": model_path,
                                     "query_ids_sha256": _ids_digest(q[0] for q in queries), "summary": summary})
     return summary
@@ -555,8 +645,10 @@ def merge(
     out = Path(out)
     write_jsonl(out, kept_rows)
     write_jsonl(rejects_path(out), rejected_rows)
+    by_prompt = _by_prompt((*kept_rows, *rejected_rows), base["mode"])
     summary = {"out": str(out), "shards": len(shards), "queries": len(owner), "kept": len(kept_rows),
-               "rejected": dict(Counter(r["reason"] for r in rejected_rows)), "cross_shard_duplicates": moved}
+               "rejected": dict(Counter(r["reason"] for r in rejected_rows)), "cross_shard_duplicates": moved,
+               "by_prompt": {p: _yield(c) for p, c in sorted(by_prompt.items())}}
     write_json(manifest_path(out), {"stage": "sample-merge", "status": "complete", "settings": base,
                                     "shards": [str(s) for s in shards], "finished": _now(), "summary": summary,
                                     "query_ids_sha256": _ids_digest(owner), "versions": manifests[0]["versions"]})

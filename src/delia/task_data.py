@@ -18,6 +18,7 @@ cached at `$DELIA_CACHE/data/<name>-<version>/`, atomic, and described by SOURCE
 from __future__ import annotations
 
 import random
+import re
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -328,20 +329,33 @@ MT = dd.DataSet("mt", MT_VERSION, MT_FILES, _build_mt)
 
 # ----------------------------------------------------------------------------- all sets
 
-SETS = {"demo": dd.DEMO, "sep": SEP, "mt": MT}
+SETS: dict[str, dict[str, dd.DataSet]] = {"demo": dd.DEMO_SETS, "sep": {SEP_VERSION: SEP}, "mt": {MT_VERSION: MT}}
+DATA_PATH = re.compile(r"(?P<set>[a-z]+)-data(?:@(?P<version>[^:/]+))?:(?P<name>.*)")
+
+
+def data_set(name: str, version: str | None = None) -> dd.DataSet:
+    """The data set `name` of `version` (default: its newest)."""
+    versions = SETS[name]
+    if version is None:
+        return versions[max(versions, key=int)]
+    if version not in versions:
+        raise DeliaError(f"the {name} data set has no version {version!r}; it has {', '.join(versions)}")
+    return versions[version]
 
 
 def resolve_data_path(path: str | Path) -> Path:
     """The file a `demo-data:NAME`, `sep-data:NAME` or `mt-data:NAME` path names, in its set's prepared
-    folder (prepared, and cached, on first use); any other path unchanged. Experiment configs use these
-    names so that they work on any machine without shipping data."""
-    prefix, sep, name = str(path).partition("-data:")
-    if not sep or prefix not in SETS:
+    folder (prepared, and cached, on first use); `demo-data@2:NAME` names a version, the newest otherwise.
+    Any other path is unchanged. Experiment configs use these names so that they work on any machine
+    without shipping data."""
+    m = DATA_PATH.fullmatch(str(path))
+    if m is None or m["set"] not in SETS:
         return Path(path)
-    data = SETS[prefix]
-    if name not in data.files:
-        raise DeliaError(f"{path}: the {prefix} data set has no {name!r}; it has {', '.join(data.files)}")
-    return data.prepare() / name
+    data = data_set(m["set"], m["version"])
+    if m["name"] not in data.files:
+        raise DeliaError(f"{path}: the {m['set']} data set (version {data.version}) has no {m['name']!r}; it has "
+                         f"{', '.join(data.files)}")
+    return data.prepare() / m["name"]
 
 
 class DataConfig(StageConfig):
@@ -351,6 +365,9 @@ class DataConfig(StageConfig):
     set_name: Annotated[Literal["demo", "sep", "mt"], Flags("--set")] = "demo"
     """demo: the food task, pool and general prompts; sep: held-out and contrast <sep> rows; mt: English->Japanese
     manga translation with the demo's pool and general prompts."""
+    version: str | None = None
+    """The set's version (default: its newest). demo: 3 (adds a broad pool and more general prompts, of two
+    sources, each with its kind) or 2; sep and mt: 1."""
     out: Annotated[Path | None, Flags("--out", "-o")] = None
     """Folder to write (default: $DELIA_CACHE/data/<set>-<version>, DELIA_CACHE defaulting to ~/.cache/delia)."""
     force: bool = False
@@ -366,8 +383,9 @@ def prepare_data(config: DataConfig | None = None, **options: Any) -> Path:
 
     Examples:\n
       delia demo-data\n
+      delia demo-data --version 2\n
       delia demo-data --set sep\n
       delia demo-data --set mt --out data/mt --force
     """
     cfg = DataConfig.build(config, **options)
-    return SETS[cfg.set_name].prepare(cfg.out, cfg.force)
+    return data_set(cfg.set_name, cfg.version).prepare(cfg.out, cfg.force)
