@@ -13,14 +13,16 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from delia.config import Flags
 from delia.data import Format
 from delia.errors import DeliaError
+from delia.general import GeneralFiles, general_sets, set_files
 from delia.metrics import MetricKind
 from delia.models import DEFAULT_MODEL, ModelChoice, load_for_eval
 from delia.progress import Progress, ProgressCallback, report
@@ -30,6 +32,7 @@ PREDICTIONS = "predictions.jsonl"
 SCORES = "scores.json"
 GENERAL_ROWS = "general.jsonl"
 CONTRAST_ROWS = "contrast.jsonl"
+GENERAL_SETS = "general_sets"  # scores.json's section of named general sets: {set name: its summary}
 log = logging.getLogger(__name__)
 
 
@@ -57,9 +60,10 @@ class EvalConfig(ModelChoice):
     """Evaluate only the first N rows."""
     device: str | None = None
     """cpu, cuda, cuda:1 ... (default: cuda if present)."""
-    general: Path | None = None
+    general: GeneralFiles | None = None
     """Held-out general prompts (none in the pool or the task; a last assistant turn is a reference): scores
-    format leakage, drift from the base model and answer quality."""
+    format leakage, drift from the base model and answer quality. In Python or an experiment's YAML also several
+    sets, each scored apart: a list of files (named by their stems) or a mapping of set names to files."""
     contrast: Path | None = None
     """Prompts that tell the model not to use the task's format: scores the share of answers that obey (needs
     `general`)."""
@@ -68,6 +72,11 @@ class EvalConfig(ModelChoice):
     base_model: str | None = None
     """Base model for drift when `model` is a merged model (default: a `model` is its own base); not with
     `adapter`, whose base is recorded with it."""
+
+    @field_validator("general")
+    @classmethod
+    def _general_sets(cls, general: GeneralFiles | None) -> GeneralFiles | None:
+        return None if general is None else general_sets(general)
 
     @model_validator(mode="after")
     def _consistent(self) -> EvalConfig:
@@ -118,8 +127,8 @@ def evaluate(
     from delia.prompts import prompt_ids
 
     cfg = EvalConfig.build(config, **options)
-    for name in ("general", "contrast"):  # read after the eval: a missing file must not cost a whole eval first
-        path = getattr(cfg, name)
+    # read after the eval: a missing file must not cost a whole eval first
+    for name, path in [*(("general", f) for f in set_files(cfg.general).values()), ("contrast", cfg.contrast)]:
         if path is not None and not Path(path).exists():
             raise DeliaError(f"`{name}` {path}: no such file or folder")
     metric_cfg = _metric_config(cfg.metric, cfg.metric_config)
@@ -169,10 +178,12 @@ def evaluate(
         "versions": library_versions(),
     }
     out = Path(out)
-    if cfg.general is not None:
-        result = _general(lm, tokenizer, metric_cfg, cfg)
-        write_jsonl(out / GENERAL_ROWS, result.rows)
-        summary["general"] = result.summary
+    for name, result in _general(lm, tokenizer, metric_cfg, cfg):
+        write_jsonl(out / general_rows_file(name), result.rows)
+        if name is None:
+            summary["general"] = result.summary
+        else:
+            summary.setdefault(GENERAL_SETS, {})[name] = result.summary
         if result.contrast_rows is not None:
             write_jsonl(out / CONTRAST_ROWS, result.contrast_rows)
             summary["contrast"] = result.contrast_summary
@@ -182,18 +193,24 @@ def evaluate(
     return summary
 
 
-def _general(lm: Any, tokenizer: Any, metric_cfg: Any, cfg: EvalConfig) -> Any:
-    """Run `delia.general.general_eval` with the base model the evaluated one is compared with."""
+def general_rows_file(name: str | None) -> str:
+    """Where an eval folder keeps a general set's per-row scores."""
+    return GENERAL_ROWS if name is None else f"general-{name}.jsonl"
+
+
+def _general(lm: Any, tokenizer: Any, metric_cfg: Any, cfg: EvalConfig) -> Iterator[tuple[str | None, Any]]:
+    """(set name, `delia.general.general_eval`'s result) per general set, against the base model the evaluated
+    one is compared with; the contrast prompts go with the first set."""
     from delia.general import adapter_base, general_eval
     from delia.models import resolve_model
 
-    assert cfg.general is not None
     if cfg.adapter is not None:
         base, same = adapter_base(cfg.adapter), False
     else:
         evaluated = cfg.model or DEFAULT_MODEL
         base = cfg.base_model or evaluated
         same = resolve_model(base) == resolve_model(evaluated)
-    return general_eval(lm, tokenizer, metric_cfg, cfg.general, base=base, same=same, adapter=cfg.adapter,
-                        contrast=cfg.contrast, max_new_tokens=cfg.general_max_new_tokens,
-                        batch_size=cfg.batch_size or "auto", device=cfg.device)
+    for i, (name, path) in enumerate(set_files(cfg.general).items()):
+        yield name, general_eval(lm, tokenizer, metric_cfg, path, base=base, same=same, adapter=cfg.adapter,
+                                 contrast=cfg.contrast if i == 0 else None, max_new_tokens=cfg.general_max_new_tokens,
+                                 batch_size=cfg.batch_size or "auto", device=cfg.device)
