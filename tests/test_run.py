@@ -62,7 +62,8 @@ def test_run_twice_second_skips_every_stage(experiment, tmp_path, monkeypatch):
     report = (out / "report.md").read_text()
     heads = ("## Verdict", "## Trade-off", "## Example general answers", "## All metrics")
     assert [report.index(h) for h in heads] == sorted(report.index(h) for h in heads)
-    assert report.count("| delia |") == 2 + 3 + 1  # verdict, all metrics, three example answers, compute
+    # verdict, all metrics, three example answers, truncated answers, compute
+    assert report.count("| delia |") == 2 + 3 + 1 + 1
     assert "## New-token alignment" in report and "- delia seed 1: <sep>" in report
     assert "- delia (ratio 1) against sft: format_accuracy " in report and "leakage " in report
     assert (out / "tradeoff.png").stat().st_size > 1000
