@@ -14,7 +14,7 @@ import pytest
 
 from delia import demo_data as dd
 from delia.errors import DataError, DeliaError
-from delia.files import sha256_file
+from delia.files import OUTPUT_MARKER, sha256_file
 
 _rng = random.Random(0)
 _VOCAB = ["".join(_rng.choice(string.ascii_lowercase) for _ in range(_rng.randint(3, 9))) for _ in range(400)]
@@ -151,7 +151,7 @@ def read(path: Path) -> list[dict]:
 def test_builds_balanced_food_task_and_capped_long_form_pool(fake_wheel, tmp_path):
     folder = dd.prepare_demo_data(version="2")
     assert folder == tmp_path / "cache" / "data" / "demo-2"
-    assert sorted(p.name for p in folder.iterdir()) == ["SOURCES.json", "general.jsonl", "pool.jsonl",
+    assert sorted(p.name for p in folder.iterdir()) == [OUTPUT_MARKER, "SOURCES.json", "general.jsonl", "pool.jsonl",
                                                         "task_eval.jsonl", "task_train.jsonl"]
     train, evals = read(folder / "task_train.jsonl"), read(folder / "task_eval.jsonl")
     assert (len(train), len(evals)) == (dd.TASK_TRAIN_ROWS, dd.TASK_EVAL_ROWS)
@@ -245,7 +245,7 @@ V2_SHA256 = {
 def test_version_2_still_builds_the_same_files(fake_wheel):
     folder = dd.prepare_demo_data(version="2")
     assert {name: sha256_file(folder / name) for name in dd.FILES} == V2_SHA256
-    assert sorted(p.name for p in folder.iterdir()) == sorted([*dd.FILES, "SOURCES.json"])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*dd.FILES, "SOURCES.json", OUTPUT_MARKER])
 
 
 def test_version_3_keeps_version_2s_task_and_pool_and_adds_a_broad_pool_and_general_sets(fake_wheel, tmp_path):
@@ -253,7 +253,7 @@ def test_version_3_keeps_version_2s_task_and_pool_and_adds_a_broad_pool_and_gene
 
     folder = dd.prepare_demo_data()
     assert folder == tmp_path / "cache" / "data" / "demo-3" and dd.DEMO_VERSION == "3"
-    assert sorted(p.name for p in folder.iterdir()) == sorted([*dd.FILES_V3, "SOURCES.json"])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*dd.FILES_V3, "SOURCES.json", OUTPUT_MARKER])
     for name in ("task_train.jsonl", "task_eval.jsonl", "pool.jsonl"):
         assert sha256_file(folder / name) == V2_SHA256[name]
     sources = json.loads((folder / "SOURCES.json").read_text())

@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
+from delia.errors import DeliaError
 from delia.evaluate import CONTRAST_ROWS, GENERAL_ROWS, SCORES, evaluate
-from delia.general import BASE_TOP_K, drift, leak_row, quality, read_prompts, summarise_rows
+from delia.general import (
+    BASE_TOP_K,
+    drift,
+    general_sets,
+    leak_row,
+    leakage_by_kind,
+    map_files,
+    quality,
+    read_prompts,
+    set_files,
+    summarise_rows,
+)
 from delia.metrics import MetricConfig, leaks
 
 SARCASM = MetricConfig(kind="format", required_keys=["sarcastic"], exact_keys=True,
@@ -184,11 +197,59 @@ def test_a_metric_without_a_shape_has_no_leakage_but_keeps_drift_and_quality(tin
 
 
 def test_contrast_needs_general(tiny_model, write_jsonl, tmp_path):
-    from delia.errors import DeliaError
-
     task = write_jsonl("task.jsonl", [{"messages": [{"role": "user", "content": "2+2?"},
                                                     {"role": "assistant", "content": "4"}]}])
     with pytest.raises(DeliaError, match="`contrast` needs `general`"):
         evaluate(task, tmp_path / "eval", model=str(tiny_model), metric="exact", max_new_tokens=2,
                  contrast=write_jsonl("contrast.jsonl", CONTRAST))
     assert not (tmp_path / "eval" / SCORES).exists()
+
+
+def test_leakage_by_kind_counts_rows_with_a_kind_and_a_leakage_score():
+    rows = [{"kind": "yes_no", "scores": {"leak": True}}, {"kind": "yes_no", "scores": {"leak": False}},
+            {"kind": "yes_no", "scores": {"leak": True}}, {"kind": "long_form", "scores": {"leak": False}},
+            {"scores": {"leak": True}},  # no kind: left out
+            {"kind": "own_format", "scores": {"leak": None}}]  # no leakage rule: left out
+    assert leakage_by_kind(rows) == {"yes_no": {"n": 3, "leaked": 2, "share": pytest.approx(2 / 3)},
+                                     "long_form": {"n": 1, "leaked": 0, "share": 0.0}}
+    assert leakage_by_kind([{"scores": {"leak": True}}]) == {}
+
+
+def test_general_sets_name_a_list_by_stems_and_keep_a_single_file_unnamed(tmp_path):
+    one = tmp_path / "g.jsonl"
+    assert general_sets(one) == one and set_files(one) == {None: one} and set_files(None) == {}
+    assert general_sets([one, "demo-data:qa.jsonl"]) == {"g": one, "qa": Path("demo-data:qa.jsonl")}
+    assert set_files({"x": one}) == {"x": one}
+    assert map_files(one, str) == str(one) and map_files({"x": one}, str) == {"x": str(one)}
+    with pytest.raises(ValueError, match="share a stem"):
+        general_sets([one, one])
+
+
+def test_evaluate_scores_each_general_set_apart_with_leakage_by_kind(tiny_model, write_jsonl, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.setenv("DELIA_CACHE", str(tmp_path / "cache"))
+    task = write_jsonl("task.jsonl", [{"messages": [{"role": "user", "content": "Is it?"},
+                                                    {"role": "assistant", "content": '{"sarcastic": "no"}'}]}])
+    metric = tmp_path / "metric.yaml"
+    metric.write_text(json.dumps(SARCASM.model_dump(mode="json")))
+    kinds = ["yes_no", "long_form", "yes_no"]
+    kinded = write_jsonl("kinded.jsonl", [{**row, "kind": k} for row, k in zip(GENERAL, kinds, strict=True)])
+    plain = write_jsonl("plain.jsonl", GENERAL[:2])
+    out = tmp_path / "eval"
+    summary = evaluate(task, out, model=str(tiny_model), metric_config=metric, max_new_tokens=4,
+                       general={"kinded": kinded, "plain": plain}, contrast=write_jsonl("contrast.jsonl", CONTRAST),
+                       general_max_new_tokens=4)
+    assert "general" not in summary and list(summary["general_sets"]) == ["kinded", "plain"]
+    sets = summary["general_sets"]
+    assert sets["kinded"]["n"] == 3 and sets["plain"]["n"] == 2 and summary["contrast"]["n"] == 3
+    assert {"leakage", "drift_kl"} <= set(sets["plain"]["metrics"]) and "leakage_by_kind" not in sets["plain"]
+    by_kind = sets["kinded"]["leakage_by_kind"]
+    assert {k: c["n"] for k, c in by_kind.items()} == {"yes_no": 2, "long_form": 1}
+    assert sum(c["leaked"] for c in by_kind.values()) == round(3 * sets["kinded"]["metrics"]["leakage"])
+    rows = [json.loads(line) for line in (out / "general-kinded.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in rows] == kinds
+    assert all("kind" not in json.loads(line) for line in (out / "general-plain.jsonl").read_text().splitlines())
+    assert sorted(p.name for p in out.iterdir()) == [CONTRAST_ROWS, "general-kinded.jsonl", "general-plain.jsonl",
+                                                     "predictions.jsonl", SCORES]
+    with pytest.raises(DeliaError, match=f"`general` {tmp_path / 'nope.jsonl'}: no such file"):
+        evaluate(task, tmp_path / "o", model=str(tiny_model), general=[plain, tmp_path / "nope.jsonl"])

@@ -62,7 +62,8 @@ def test_run_twice_second_skips_every_stage(experiment, tmp_path, monkeypatch):
     report = (out / "report.md").read_text()
     heads = ("## Verdict", "## Trade-off", "## Example general answers", "## All metrics")
     assert [report.index(h) for h in heads] == sorted(report.index(h) for h in heads)
-    assert report.count("| delia |") == 2 + 3 + 1  # verdict, all metrics, three example answers, compute
+    # verdict, all metrics, three example answers, truncated answers, compute
+    assert report.count("| delia |") == 2 + 3 + 1 + 1
     assert "## New-token alignment" in report and "- delia seed 1: <sep>" in report
     assert "- delia (ratio 1) against sft: format_accuracy " in report and "leakage " in report
     assert (out / "tradeoff.png").stat().st_size > 1000
@@ -105,6 +106,7 @@ def test_shipped_example_configs_validate():
     paper = load_experiment(root / "paper-format.yaml")
     assert paper.task.train.name == "train.jsonl" and paper.task.train.parent.name == "delia-format"
     assert [a.ratio for a in paper.arms] == [0, 100, 260] and paper.baseline_arm == "sft"
+    assert [(a.name, a.sweep) for a in paper.arms] == [("sft", None), ("delia-100", "delia"), ("delia-260", "delia")]
     assert str(paper.general) == "demo-data:general.jsonl" and paper.train_eval
     demo = load_experiment(root / "demo.yaml")
     assert str(demo.task.train).startswith("demo-data:") and str(demo.general) == "demo-data:general.jsonl"
@@ -248,3 +250,80 @@ def test_bad_values_and_combinations_are_refused_at_load_before_any_stage(tmp_pa
     path.write_text(yaml.safe_dump({"task": {"train": "a.jsonl", "eval": "b.jsonl"}, "sample": {"backend": "openai"}}))
     with pytest.raises(DeliaError, match="field 'sample': `backend` openai needs `base_url`"):
         load_experiment(path)
+
+
+def _stage_inputs(experiment_path, monkeypatch) -> dict[str, dict]:
+    """The inputs (what a stage's key hashes) of every stage up to the base model's eval, running none of them."""
+    from delia.run import StageCache
+
+    seen: dict[str, dict] = {}
+
+    def record(self, stage, label, inputs, fn):
+        seen[stage] = inputs
+        if stage == "eval":
+            raise _Stop
+        return self.root, {"result": {"arms": [{"arm": a, "est_wall_s": 0} for a in ("sft", "delia")]}, "wall_s": 0}
+
+    monkeypatch.setattr(StageCache, "run", record)
+    with pytest.raises(_Stop):
+        run_experiment(load_experiment(experiment_path), experiment_path.parent / "out")
+    return seen
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_single_general_file_keeps_its_stage_keys_and_named_sets_get_their_own(experiment, monkeypatch):
+    """A single `general:` path hashes as it did before sets had names: the file's hash in the eval's and the
+    plan's inputs, and arms dumped without the sweep fields."""
+    from delia.files import sha256_file
+
+    folder = experiment.parent
+    general, contrast = sha256_file(folder / "general.jsonl"), sha256_file(folder / "contrast.jsonl")
+    seen = _stage_inputs(experiment, monkeypatch)
+    assert seen["eval"] == {"model": seen["plan"]["model"], "data": sha256_file(folder / "eval.jsonl"),
+                            "metric": "format", "metric_config": yaml.safe_load(experiment.read_text())["task"][
+                                "metric_config"], "options": {"max_new_tokens": 8, "general_max_new_tokens": 6},
+                            "general": general, "contrast": contrast}
+    assert seen["plan"]["data"]["general"] == general
+    assert seen["plan"]["experiment"]["arms"] == [
+        {"name": "sft", "kind": "sft", "ratio": 0.0, "diverse": None, "train": {}},
+        {"name": "delia", "kind": "delia", "ratio": 1.0, "diverse": "self", "train": {}}]
+
+    (folder / "other.jsonl").write_text('{"messages": [{"role": "user", "content": "Name a colour."}]}\n')
+    config = yaml.safe_load(experiment.read_text())
+    config["general"] = {"capitals": "general.jsonl", "other": "other.jsonl"}
+    experiment.write_text(yaml.safe_dump(config))
+    named = _stage_inputs(experiment, monkeypatch)
+    assert named["eval"]["general"] == {"capitals": general, "other": sha256_file(folder / "other.jsonl")}
+    assert named["plan"]["data"]["general"] == named["eval"]["general"]
+
+
+def test_a_sweep_and_two_general_sets_with_kinds_run_end_to_end(experiment, tmp_path, monkeypatch, write_jsonl):
+    monkeypatch.setenv("DELIA_CACHE", str(tmp_path / "cache"))
+    kinds = ["yes_no", "short_answer", "long_form", "own_format"]
+    write_jsonl("kinded.jsonl", [{"messages": [{"role": "user", "content": f"Is {i} even? Say yes or no."}],
+                                  "kind": kind} for i, kind in enumerate(kinds)])
+    config = yaml.safe_load(experiment.read_text())
+    config.update(seeds=[0], general={"qa": "kinded.jsonl", "capitals": "general.jsonl"},
+                  arms=[{"name": "sft", "kind": "sft"},
+                        {"name": "replay", "kind": "replay-reference", "ratios": [0, 1, 2]}])
+    config["task"]["add_tokens"] = {"<sep>": None}  # no probe stage
+    config["eval"]["max_new_tokens"] = 2  # a random model ends nearly no answer in 2 tokens
+    experiment.write_text(yaml.safe_dump(config))
+    result = run_experiment(load_experiment(experiment), tmp_path / "out")
+    summary = result["summary"]
+    assert list(summary["arms"]) == ["base", "sft", "replay-1", "replay-2"]
+    assert summary["sweeps"] == {"replay": ["replay-1", "replay-2"]}
+    assert {"qa/leakage", "qa/drift_kl", "capitals/leakage", "capitals/drift_kl", "contrast_obey"} <= set(
+        summary["general"])
+    assert list(summary["arms"]["sft"]["leakage_by_kind"]) == ["qa/leakage"]  # the capitals have no kinds
+    by_kind = summary["arms"]["sft"]["leakage_by_kind"]["qa/leakage"]
+    assert list(by_kind) == kinds and all(c["n"] == 1 for c in by_kind.values())
+    assert summary["arms"]["base"]["truncated"][0] > 0.1 and "max_new_tokens 2" in summary["warnings"][0]
+    report = (tmp_path / "out" / "report.md").read_text()
+    for head in ("## Dose-response", "## Leakage by kind of prompt", "## Truncated answers", "Warning: The eval cut"):
+        assert head in report
+    assert "- Sweep replay (ratios 1, 2): " in report
+    assert (tmp_path / "out" / "dose_response.png").stat().st_size > 1000

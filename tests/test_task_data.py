@@ -15,7 +15,7 @@ from test_demo_data import read
 from delia import demo_data as dd
 from delia import task_data as td
 from delia.errors import DeliaError
-from delia.files import sha256_file
+from delia.files import OUTPUT_MARKER, sha256_file
 
 fake_wheel = test_demo_data.fake_wheel  # the fixture: a fake wheel instead of a download, the cache in tmp_path
 LAYOUT = re.compile(r"\n'relatives' : \n'user_query' : (.*)\n'chatgpt_response' : (.*)\n\n\n(.*)", re.DOTALL)
@@ -40,7 +40,7 @@ def normal(text: str) -> str:
 def test_sep_rows_have_the_authors_layout_balanced_labels_and_right_answers(fake_wheel, tmp_path):
     folder = td.SEP.prepare()
     assert folder == tmp_path / "cache" / "data" / f"sep-{td.SEP_VERSION}"
-    assert sorted(p.name for p in folder.iterdir()) == ["SOURCES.json", "contrast.jsonl", "heldout.jsonl"]
+    assert sorted(p.name for p in folder.iterdir()) == [OUTPUT_MARKER, "SOURCES.json", "contrast.jsonl", "heldout.jsonl"]
     heldout, contrast = read(folder / "heldout.jsonl"), read(folder / "contrast.jsonl")
     assert (len(heldout), len(contrast)) == (240, 60)
     sources = source_rows(tmp_path / dd.PACKAGE["file"])  # where fake_wheel put it
@@ -113,7 +113,7 @@ def test_heldout_phrasings_are_new(delia_format_data):
 
 def test_mt_reverses_bubbles_and_leaves_the_manga_out_of_the_pool(fake_wheel):
     folder = td.MT.prepare()
-    assert sorted(p.name for p in folder.iterdir()) == ["SOURCES.json", "general.jsonl", "pool.jsonl",
+    assert sorted(p.name for p in folder.iterdir()) == [OUTPUT_MARKER, "SOURCES.json", "general.jsonl", "pool.jsonl",
                                                         "task_eval.jsonl", "task_train.jsonl"]
     train, evals = read(folder / "task_train.jsonl"), read(folder / "task_eval.jsonl")
     assert (len(train), len(evals)) == (td.MT_TRAIN_ROWS, td.MT_EVAL_ROWS)

@@ -13,15 +13,17 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from delia.config import Flags
 from delia.data import Format
 from delia.errors import DeliaError
 from delia.files import check_output, sha256_file, write_json, write_jsonl
+from delia.general import GeneralFiles, general_sets, set_files
 from delia.metrics import MetricKind
 from delia.models import DEFAULT_MODEL, ModelChoice, load_for_eval
 from delia.progress import Progress, ProgressCallback, report
@@ -31,6 +33,7 @@ PREDICTIONS = "predictions.jsonl"
 SCORES = "scores.json"
 GENERAL_ROWS = "general.jsonl"
 CONTRAST_ROWS = "contrast.jsonl"
+GENERAL_SETS = "general_sets"  # scores.json's section of named general sets: {set name: its summary}
 log = logging.getLogger(__name__)
 
 
@@ -58,9 +61,10 @@ class EvalConfig(ModelChoice):
     """Evaluate only the first N rows."""
     device: str | None = None
     """cpu, cuda, cuda:1 ... (default: cuda if present)."""
-    general: Path | None = None
+    general: GeneralFiles | None = None
     """Held-out general prompts (none in the pool or the task; a last assistant turn is a reference): scores
-    format leakage, drift from the base model and answer quality."""
+    format leakage, drift from the base model and answer quality. In Python or an experiment's YAML also several
+    sets, each scored apart: a list of files (named by their stems) or a mapping of set names to files."""
     contrast: Path | None = None
     """Prompts that tell the model not to use the task's format: scores the share of answers that obey (needs
     `general`)."""
@@ -71,6 +75,11 @@ class EvalConfig(ModelChoice):
     `adapter`, whose base is recorded with it."""
     overwrite: bool = False
     """Replace the files of an earlier eval in OUT."""
+
+    @field_validator("general")
+    @classmethod
+    def _general_sets(cls, general: GeneralFiles | None) -> GeneralFiles | None:
+        return None if general is None else general_sets(general)
 
     @model_validator(mode="after")
     def _consistent(self) -> EvalConfig:
@@ -120,12 +129,12 @@ def evaluate(
     from delia.prompts import prompt_ids
 
     cfg = EvalConfig.build(config, **options)
-    for name in ("general", "contrast"):  # read after the eval: a missing file must not cost a whole eval first
-        path = getattr(cfg, name)
+    # read after the eval: a missing file must not cost a whole eval first
+    for name, path in [*(("general", f) for f in set_files(cfg.general).values()), ("contrast", cfg.contrast)]:
         if path is not None and not Path(path).exists():
             raise DeliaError(f"`{name}` {path}: no such file or folder")
-    inputs = [p for p in (data, cfg.general, cfg.contrast, cfg.metric_config) if p is not None]
-    for name in (PREDICTIONS, SCORES, GENERAL_ROWS, CONTRAST_ROWS):
+    inputs = [p for p in (data, *set_files(cfg.general).values(), cfg.contrast, cfg.metric_config) if p is not None]
+    for name in (PREDICTIONS, SCORES, CONTRAST_ROWS, *map(general_rows_file, set_files(cfg.general))):
         check_output(Path(out) / name, inputs=inputs, overwrite=cfg.overwrite)
     metric_cfg = _metric_config(cfg.metric, cfg.metric_config)
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
@@ -174,10 +183,12 @@ def evaluate(
         "versions": library_versions(),
     }
     out = Path(out)
-    if cfg.general is not None:
-        result = _general(lm, tokenizer, metric_cfg, cfg)
-        write_jsonl(out / GENERAL_ROWS, result.rows)
-        summary["general"] = result.summary
+    for name, result in _general(lm, tokenizer, metric_cfg, cfg):
+        write_jsonl(out / general_rows_file(name), result.rows)
+        if name is None:
+            summary["general"] = result.summary
+        else:
+            summary.setdefault(GENERAL_SETS, {})[name] = result.summary
         if result.contrast_rows is not None:
             write_jsonl(out / CONTRAST_ROWS, result.contrast_rows)
             summary["contrast"] = result.contrast_summary
@@ -187,18 +198,24 @@ def evaluate(
     return summary
 
 
-def _general(lm: Any, tokenizer: Any, metric_cfg: Any, cfg: EvalConfig) -> Any:
-    """Run `delia.general.general_eval` with the base model the evaluated one is compared with."""
+def general_rows_file(name: str | None) -> str:
+    """Where an eval folder keeps a general set's per-row scores."""
+    return GENERAL_ROWS if name is None else f"general-{name}.jsonl"
+
+
+def _general(lm: Any, tokenizer: Any, metric_cfg: Any, cfg: EvalConfig) -> Iterator[tuple[str | None, Any]]:
+    """(set name, `delia.general.general_eval`'s result) per general set, against the base model the evaluated
+    one is compared with; the contrast prompts go with the first set."""
     from delia.general import adapter_base, general_eval
     from delia.models import resolve_model
 
-    assert cfg.general is not None
     if cfg.adapter is not None:
         base, same = adapter_base(cfg.adapter), False
     else:
         evaluated = cfg.model or DEFAULT_MODEL
         base = cfg.base_model or evaluated
         same = resolve_model(base) == resolve_model(evaluated)
-    return general_eval(lm, tokenizer, metric_cfg, cfg.general, base=base, same=same, adapter=cfg.adapter,
-                        contrast=cfg.contrast, max_new_tokens=cfg.general_max_new_tokens,
-                        batch_size=cfg.batch_size or "auto", device=cfg.device)
+    for i, (name, path) in enumerate(set_files(cfg.general).items()):
+        yield name, general_eval(lm, tokenizer, metric_cfg, path, base=base, same=same, adapter=cfg.adapter,
+                                 contrast=cfg.contrast if i == 0 else None, max_new_tokens=cfg.general_max_new_tokens,
+                                 batch_size=cfg.batch_size or "auto", device=cfg.device)

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from delia.errors import DeliaError
 from delia.files import read_yaml
+from delia.general import GeneralFiles, general_sets, map_files
 
 # Each section's stage config, and the options `delia run` sets itself (per arm, seed or task).
 STAGE_CONFIGS: dict[str, tuple[str, frozenset[str]]] = {
@@ -68,8 +69,26 @@ ARM_KINDS: dict[str, tuple[str | None, str | None]] = {
 }
 
 
+def arm_kind(kind: str | None, ratio: float, diverse: str | None) -> tuple[str, str | None]:
+    """(kind, diverse text) of an arm as written: the kind's default filled in and its rules checked (ValueError)."""
+    if kind is None:
+        kind = "sft" if ratio == 0 else "delia"
+    if kind not in ARM_KINDS:
+        close = difflib.get_close_matches(kind, list(ARM_KINDS), n=1)
+        raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(ARM_KINDS)}"
+                         + (f" (did you mean {close[0]!r}?)" if close else ""))
+    if (kind == "sft") != (ratio == 0):
+        raise ValueError(f"kind {kind} needs " + ("ratio 0" if kind == "sft" else "a ratio above 0"))
+    text = ARM_KINDS[kind][0]
+    if diverse is not None and (kind != "delia-kl" or diverse not in ("self", "reference")):
+        raise ValueError("`diverse` is `self` or `reference`, and only for kind delia-kl"
+                         + (f" (kind {kind} trains on {text} text)" if text else ""))
+    return kind, diverse or text
+
+
 class Arm(BaseModel):
-    """One way of training: its kind, the diverse rows per task row, and train overrides."""
+    """One way of training: its kind, the diverse rows per task row, and train overrides; or, with `ratios`,
+    a sweep of one such arm over several ratios (expanded at load by `expand_sweeps`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -82,6 +101,13 @@ class Arm(BaseModel):
                                 "model's own answers, the default) or `reference` (the pool's: no sampling).")
     train: dict[str, Any] = Field(default_factory=dict, description="Overrides of the experiment's train settings "
                                   "(e.g. kl_coef, kl_temperature for delia-kl).")
+    # Both kept out of dumps, so that an arm written out by hand and the same arm from a sweep have one stage key.
+    ratios: list[float] | None = Field(None, exclude=True, description="Instead of `ratio`: a sweep, one arm per "
+                                       "ratio named `<name>-<ratio>` (e.g. delia-kl-4), same kind and options. "
+                                       "Ratio 0 is plain SFT, no kind's ratio: it stands for the experiment's sft "
+                                       "arm (which must exist), drawn at ratio 0 of the sweep's dose-response.")
+    sweep: str | None = Field(None, exclude=True, description="The sweep the arm belongs to (the `ratios` line's "
+                              "name, set at load): the report draws and judges a sweep's arms by ratio.")
 
     @field_validator("train")
     @classmethod
@@ -90,19 +116,18 @@ class Arm(BaseModel):
 
     @model_validator(mode="after")
     def _kind(self) -> Arm:
-        if self.kind is None:
-            self.kind = "sft" if self.ratio == 0 else "delia"
-        if self.kind not in ARM_KINDS:
-            close = difflib.get_close_matches(self.kind, list(ARM_KINDS), n=1)
-            raise ValueError(f"unknown kind {self.kind!r}; expected one of {', '.join(ARM_KINDS)}"
-                             + (f" (did you mean {close[0]!r}?)" if close else ""))
-        if (self.kind == "sft") != (self.ratio == 0):
-            raise ValueError(f"kind {self.kind} needs " + ("ratio 0" if self.kind == "sft" else "a ratio above 0"))
-        text = ARM_KINDS[self.kind][0]
-        if self.diverse is not None and (self.kind != "delia-kl" or self.diverse not in ("self", "reference")):
-            raise ValueError("`diverse` is `self` or `reference`, and only for kind delia-kl"
-                             + (f" (kind {self.kind} trains on {text} text)" if text else ""))
-        self.diverse = self.diverse or text
+        if self.ratios is None:
+            self.kind, self.diverse = arm_kind(self.kind, self.ratio, self.diverse)
+            return self
+        if "ratio" in self.model_fields_set:
+            raise ValueError("give `ratio` or `ratios` (a sweep), not both")
+        if any(r < 0 for r in self.ratios) or len(set(self.ratios)) != len(self.ratios):
+            raise ValueError(f"`ratios` must be distinct and at least 0, got {self.ratios}")
+        if not any(r > 0 for r in self.ratios):
+            raise ValueError("`ratios` needs a ratio above 0 (ratio 0 is the sft arm)")
+        if self.kind == "sft":
+            raise ValueError("kind sft has no diverse rows to sweep: `ratios` needs a kind with them")
+        arm_kind(self.kind, max(self.ratios), self.diverse)  # the rules of every swept arm: all ratios are > 0
         return self
 
     @property
@@ -115,6 +140,25 @@ class Arm(BaseModel):
         return self.diverse == "self"
 
 
+def expand_sweeps(arms: list[Arm]) -> list[Arm]:
+    """`arms` with each `ratios` line replaced, in place, by one arm per ratio above 0, named `<name>-<ratio>`
+    and carrying the line's name as `sweep`. A ratio 0 adds no arm: plain SFT is the experiment's sft arm, and
+    training a copy of it per sweep would only cost time; a sweep listing 0 without an sft arm is refused."""
+    out = []
+    for arm in arms:
+        if arm.ratios is None:
+            out.append(arm)
+            continue
+        if 0 in arm.ratios and not any(a.kind == "sft" for a in arms):
+            raise ValueError(f"arm {arm.name!r}: ratio 0 is plain SFT, the sft arm of the experiment, and there "
+                             "is none: add one (`{name: sft, kind: sft}`) or leave 0 out of `ratios`")
+        for r in sorted(r for r in arm.ratios if r > 0):
+            kind, diverse = arm_kind(arm.kind, r, arm.diverse)
+            out.append(arm.model_copy(update={"name": f"{arm.name}-{r:g}", "ratio": r, "ratios": None,
+                                              "sweep": arm.name, "kind": kind, "diverse": diverse}, deep=True))
+    return out
+
+
 class Experiment(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -125,8 +169,10 @@ class Experiment(BaseModel):
         None, description="Diverse query pool, needed by any arm with ratio > 0: a ready file, or `delia pool`'s "
         "sources and options (`{sources: [...], size: N, ...}`), built as a stage and decontaminated against the "
         "task's train and eval files.")
-    general: Path | None = Field(None, description="Held-out general prompts (none in the pool or the task): every "
-                                 "model is also scored on format leakage, drift from the base model and quality.")
+    general: GeneralFiles | None = Field(
+        None, description="Held-out general prompts (none in the pool or the task): every model is also scored on "
+        "format leakage, drift from the base model and quality. A file, or several sets scored apart: a list of "
+        "files (each set named by its file's stem) or a mapping of set names to files.")
     contrast: Path | None = Field(None, description="Prompts that tell the model not to use the task's format "
                                   "(scored as the share that obey); needs `general`.")
     seeds: list[int] = Field(default_factory=lambda: [0])
@@ -154,6 +200,11 @@ class Experiment(BaseModel):
     def _stage_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         return check_stage_options(str(info.field_name), options)
 
+    @field_validator("general")
+    @classmethod
+    def _general_sets(cls, general: GeneralFiles | None) -> GeneralFiles | None:
+        return None if general is None else general_sets(general)
+
     @field_validator("pool")
     @classmethod
     def _pool_spec(cls, pool: Path | dict[str, Any] | None) -> Path | dict[str, Any] | None:
@@ -165,7 +216,8 @@ class Experiment(BaseModel):
 
     @field_validator("arms")
     @classmethod
-    def _unique_arms(cls, arms: list[Arm]) -> list[Arm]:
+    def _expanded_unique_arms(cls, arms: list[Arm]) -> list[Arm]:
+        arms = expand_sweeps(arms)
         names = [a.name for a in arms]
         if len(set(names)) != len(names):
             raise ValueError(f"arm names must be unique, got {names}")
@@ -218,5 +270,6 @@ def load_experiment(path: str | Path) -> Experiment:
         exp.pool = {**exp.pool, "sources": [str(rel(Path(s))) for s in exp.pool["sources"]]}
     else:
         exp.pool = rel(exp.pool)
-    exp.general, exp.contrast = rel(exp.general), rel(exp.contrast)
+    exp.general = None if exp.general is None else map_files(exp.general, rel)
+    exp.contrast = rel(exp.contrast)
     return exp

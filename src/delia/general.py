@@ -22,10 +22,11 @@ task metrics.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from delia.errors import DeliaError
 from delia.metrics import MetricConfig, leaks, short_answer_match
@@ -43,17 +44,55 @@ GENERAL_METRICS: dict[str, tuple[str, bool]] = {
     "general_contains": ("contains", True),
 }
 CONTRAST_METRICS: dict[str, tuple[str, bool]] = {"contrast_obey": ("obey", True)}
+SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a general set's name: part of file and metric names
+
+# One general file (scored as `general`, the layout of a single set) or named sets, each scored apart.
+GeneralFiles = Path | list[Path] | dict[str, Path]
+T = TypeVar("T")
+
+
+def general_sets(general: GeneralFiles) -> Path | dict[str, Path]:
+    """A single file as it is, else the named sets: a list named by its files' stems (`demo-data:general.jsonl`
+    is `general`), a mapping as given. Names must be unique and file-name safe (ValueError)."""
+    if isinstance(general, Path | str):
+        return Path(general)
+    named = general if isinstance(general, dict) else {
+        Path(str(f).rpartition(":")[2]).stem: Path(f) for f in general}
+    if isinstance(general, list) and len(named) != len(general):
+        raise ValueError(f"two general files share a stem ({', '.join(map(str, general))}): name the sets, "
+                         "a mapping of names to files")
+    if not named:
+        raise ValueError("no general sets given")
+    for name in named:
+        if not SET_NAME.fullmatch(name):
+            raise ValueError(f"general set name {name!r}: use letters, digits, '_', '.' and '-'")
+    return {name: Path(f) for name, f in named.items()}
+
+
+def set_files(general: GeneralFiles | None) -> dict[str | None, Path]:
+    """Set name -> file: a single file is the set None (scored into scores.json's `general` and general.jsonl,
+    as before sets had names)."""
+    if general is None:
+        return {}
+    sets = general_sets(general)
+    return {None: sets} if isinstance(sets, Path) else {name: f for name, f in sets.items()}
+
+
+def map_files(general: Path | dict[str, Path], fn: Callable[[Path], T]) -> T | dict[str, T]:
+    """`fn` of the single general file, or of each set's file (to resolve or hash them alike)."""
+    return {name: fn(f) for name, f in general.items()} if isinstance(general, dict) else fn(general)
 
 
 @dataclass
 class Prompts:
     """Held-out prompts: the conversation before the last assistant turn, that turn as the reference
-    (None for query-only rows), and the row ids."""
+    (None for query-only rows), the row ids and each row's `kind` of prompt (None where it has none)."""
 
     path: Path
     ids: list[str]
     prompts: list[list[dict[str, str]]]
     references: list[str | None]
+    kinds: list[str | None]
 
 
 def read_prompts(path: str | Path) -> Prompts:
@@ -73,7 +112,8 @@ def read_prompts(path: str | Path) -> Prompts:
         else:
             prompts.append(msgs)
             refs.append(None)
-    return Prompts(path, [row_id(r) for r in records], prompts, refs)
+    kinds = [None if r.get("kind") is None else str(r["kind"]) for r in records]
+    return Prompts(path, [row_id(r) for r in records], prompts, refs, kinds)
 
 
 def new_token_ids(adapter: Path | None) -> list[int]:
@@ -263,6 +303,19 @@ def summarise_rows(rows: Sequence[dict[str, Any]], metrics: dict[str, tuple[str,
     return out
 
 
+def leakage_by_kind(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per kind of prompt (a row's `kind`: yes_no, long_form, ...): answers scored for leakage, how many
+    leaked and their share; a collapse into the task's format often starts with the prompts closest to it.
+    Rows without a kind or a leakage score are left out; {} when none is left."""
+    counts: dict[str, list[int]] = {}
+    for r in rows:
+        if r.get("kind") is not None and r["scores"].get("leak") is not None:
+            n_leaked = counts.setdefault(r["kind"], [0, 0])
+            n_leaked[0] += 1
+            n_leaked[1] += bool(r["scores"]["leak"])
+    return {kind: {"n": n, "leaked": leaked, "share": leaked / n} for kind, (n, leaked) in counts.items()}
+
+
 @dataclass
 class GeneralResult:
     """What `general_eval` found: per-row files' contents and the summaries for scores.json."""
@@ -311,10 +364,14 @@ def general_eval(model: Any, tokenizer: Any, config: MetricConfig, general: Path
     for i, rid in enumerate(prompts.ids):
         text, ids, finish = outputs[i]
         scores = {"leak": leak_row(config, text, ids, new_ids), **drifts[i], **quality(text, prompts.references[i])}
-        rows.append({"id": rid, "prompt": prompts.prompts[i], "reference": prompts.references[i], "output": text,
-                     "finish_reason": finish, "base_output": answers["rows"][i]["text"], "scores": scores})
+        kind = {} if prompts.kinds[i] is None else {"kind": prompts.kinds[i]}
+        rows.append({"id": rid, **kind, "prompt": prompts.prompts[i], "reference": prompts.references[i],
+                     "output": text, "finish_reason": finish, "base_output": answers["rows"][i]["text"],
+                     "scores": scores})
     summary = {**summarise_rows(rows, GENERAL_METRICS), "data": str(general), "base_model": base,
                "max_new_tokens": max_new_tokens, "new_token_ids": new_ids}
+    if by_kind := leakage_by_kind(rows):
+        summary["leakage_by_kind"] = by_kind
     result = GeneralResult(rows, summary)
     if contrast_rows is not None:
         result.contrast_rows = contrast_rows

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,10 @@ from typing import Any
 import numpy as np
 
 from delia.files import atomic_writer
+
+log = logging.getLogger(__name__)
+TRUNCATED = "truncated"  # per-row 1.0 where the eval cut the task answer at max_new_tokens (finish reason `length`)
+TRUNCATION_WARN = 0.10  # share of the base's or plain SFT's task answers cut, above which the report warns
 
 
 @dataclass
@@ -31,6 +36,7 @@ class ModelResult:
     wall_s: dict[str, float] = field(default_factory=dict)
     probe: dict[str, Any] | None = None
     kind: str | None = None  # the arm's kind (sft, delia, delia-kl, replay-reference); None for the base model
+    sweep: str | None = None  # the `ratios` line the arm was expanded from (experiment.expand_sweeps)
     compute: dict[str, float] | None = None  # tokens and estimated FLOPs (delia.compute.arm_cost)
 
 
@@ -45,7 +51,9 @@ def bootstrap_mean(values: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[fl
     values = np.asarray(values, dtype=float)
     if values.ndim == 1:
         values = values[None, :]
-    mean = float(np.nanmean(values))
+    with warnings.catch_warnings():  # no scored row at all (e.g. every answer cut): NaN, said by the caller
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = float(np.nanmean(values)) if values.size else float("nan")
     if values.size == 0 or np.isnan(mean):
         return float("nan"), float("nan"), float("nan")
     rng = np.random.default_rng(seed)
@@ -70,30 +78,74 @@ def bootstrap_delta(a: np.ndarray, b: np.ndarray, n: int = 2000, seed: int = 0) 
 # ----------------------------------------------------------------------------- collecting
 
 
+def set_metric(name: str | None, metric: str) -> str:
+    """A general set's metric as the report names it: `leakage` for the single set, `<set>/leakage` for a named one."""
+    return metric if name is None else f"{name}/{metric}"
+
+
+def base_metric(metric: str) -> str:
+    """The metric without its general set (`alpaca/leakage` -> `leakage`): what its unit and role depend on."""
+    return metric.rpartition("/")[2]
+
+
+def scored_sets(summary: dict[str, Any]) -> list[tuple[str | None, dict[str, Any]]]:
+    """(set name, summary) of each general set a scores.json holds: None for a single set (`general`)."""
+    from delia.evaluate import GENERAL_SETS
+
+    single = [(None, summary["general"])] if summary.get("general") else []
+    return single + list(summary.get(GENERAL_SETS, {}).items())
+
+
+def _sections(summary: dict[str, Any]) -> list[tuple[str | None, dict[str, Any], str]]:
+    """(set name, section, per-row file) of every averaged section of a scores.json: the task, each general set,
+    the contrast prompts."""
+    from delia.evaluate import CONTRAST_ROWS, PREDICTIONS, general_rows_file
+
+    contrast = [(None, summary["contrast"], CONTRAST_ROWS)] if summary.get("contrast") else []
+    return ([(None, summary, PREDICTIONS)] + [(n, s, general_rows_file(n)) for n, s in scored_sets(summary)]
+            + contrast)
+
+
 def load_scores(eval_dir: Path) -> tuple[dict[str, Any], dict[str, list[float]]]:
     """(scores.json, per-row values of each averaged metric) of one `delia eval` output folder: the task's
-    metrics from predictions.jsonl and, where evaluated, the general-behaviour and contrast metrics."""
-    from delia.evaluate import CONTRAST_ROWS, GENERAL_ROWS, PREDICTIONS, SCORES
+    metrics from predictions.jsonl and, where evaluated, each general set's and the contrast metrics; and
+    `TRUNCATED`, whether each task answer was cut, where the rows say how they ended."""
+    from delia.evaluate import PREDICTIONS, SCORES
 
     summary = json.loads((eval_dir / SCORES).read_text(encoding="utf-8"))
     per_row: dict[str, list[float]] = {}
-    for section, file in ((summary, PREDICTIONS), (summary.get("general"), GENERAL_ROWS),
-                          (summary.get("contrast"), CONTRAST_ROWS)):
-        if not section:
-            continue
+    for name, section, file in _sections(summary):
         rows = [json.loads(line) for line in (eval_dir / file).read_text(encoding="utf-8").splitlines()]
         per_row.update({
-            metric: [float("nan") if r["scores"].get(key) is None else float(r["scores"][key]) for r in rows]
+            set_metric(name, metric): [float("nan") if r["scores"].get(key) is None else float(r["scores"][key])
+                                       for r in rows]
             for metric, key in section.get("row_means", {}).items()
         })
+        if file == PREDICTIONS and rows and all("finish_reason" in r for r in rows):
+            per_row[TRUNCATED] = [float(r["finish_reason"] == "length") for r in rows]
     return summary, per_row
 
 
 def higher_is_better(summary: dict[str, Any]) -> dict[str, bool]:
     """Direction of every metric of a scores.json: task metrics are scores; general ones say their own."""
     out = dict.fromkeys(summary.get("row_means", {}), True)
-    for section in ("general", "contrast"):
-        out.update((summary.get(section) or {}).get("higher_is_better", {}))
+    for name, section, _ in _sections(summary)[1:]:
+        out.update((set_metric(name, m), up) for m, up in section.get("higher_is_better", {}).items())
+    return out
+
+
+def _leakage_by_kind(summaries: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+    """Leakage metric -> kind of prompt -> answers, leaked and share, summed over the runs (seeds) of an arm."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for summary in summaries:
+        for name, section in scored_sets(summary):
+            for kind, c in section.get("leakage_by_kind", {}).items():
+                total = out.setdefault(set_metric(name, "leakage"), {}).setdefault(kind, {"n": 0, "leaked": 0})
+                total["n"] += c["n"]
+                total["leaked"] += c["leaked"]
+    for kinds in out.values():
+        for c in kinds.values():
+            c["share"] = c["leaked"] / c["n"]
     return out
 
 
@@ -117,15 +169,18 @@ def summarise(runs: list[ModelResult], baseline: str | None, n_boot: int) -> dic
     common = set.intersection(*(set(rows) for _, rows in loaded.values()))
     metrics = [m for m in direction if m in common]
     task = [m for m in first.get("row_means", {}) if m == first.get("primary") or m.startswith("label")]
+    truncation = TRUNCATED in common
     out: dict[str, Any] = {"primary": first.get("primary"), "metrics": metrics, "task": task,
                            "general": [m for m in metrics if m not in first.get("row_means", {})],
                            "higher_is_better": direction, "baseline": baseline,
-                           "general_prompts": (first.get("general") or {}).get("n"), "arms": {}}
+                           "general_prompts": (first.get("general") or {}).get("n"),
+                           "general_sets": {name: s.get("n") for name, s in scored_sets(first) if name is not None},
+                           "max_new_tokens": first.get("sampling", {}).get("max_new_tokens"), "arms": {}}
     for name, group in arms.items():
         group.sort(key=lambda r: -1 if r.seed is None else r.seed)
         costs = [r.compute for r in group if r.compute]
-        entry: dict[str, Any] = {"ratio": group[0].ratio, "kind": group[0].kind, "seeds": [r.seed for r in group],
-                                 "metrics": {}, "delta": {},
+        entry: dict[str, Any] = {"ratio": group[0].ratio, "kind": group[0].kind, "sweep": group[0].sweep,
+                                 "seeds": [r.seed for r in group], "metrics": {}, "delta": {},
                                  "trained_tokens": _total(c["trained_tokens"] for c in costs),
                                  "compute": {k: float(np.mean([c[k] for c in costs])) for k in costs[0]}
                                  if costs else None,
@@ -137,8 +192,33 @@ def summarise(runs: list[ModelResult], baseline: str | None, n_boot: int) -> dic
             base = arms.get(baseline) if baseline else None
             if base is not None and name != baseline and [r.seed for r in base] == entry["seeds"]:
                 entry["delta"][m] = bootstrap_delta(matrix(group, m), matrix(base, m), n_boot)
+        if truncation:  # the share cut at the budget, and each task metric on the answers that ended
+            cut = matrix(group, TRUNCATED)
+            entry[TRUNCATED] = bootstrap_mean(cut, n_boot)
+            entry["finished"] = {m: bootstrap_mean(np.where(cut > 0, np.nan, matrix(group, m)), n_boot) for m in task}
+        if by_kind := _leakage_by_kind([loaded[id(r)][0] for r in group]):
+            entry["leakage_by_kind"] = by_kind
         out["arms"][name] = entry
+    sweeps: dict[str, list[str]] = {}
+    for name, entry in out["arms"].items():
+        if entry["sweep"] is not None:
+            sweeps.setdefault(entry["sweep"], []).append(name)
+    out["sweeps"] = {s: sorted(names, key=lambda n: out["arms"][n]["ratio"]) for s, names in sweeps.items()}
+    out["warnings"] = [w] if (w := truncation_warning(out)) else []
     return out
+
+
+def truncation_warning(summary: dict[str, Any]) -> str | None:
+    """A warning when the eval cut more than `TRUNCATION_WARN` of the base model's or a plain-SFT arm's task
+    answers at `max_new_tokens`: the arms are judged against them, and a cut answer scores as a wrong one."""
+    cut = {name: a[TRUNCATED][0] for name, a in summary["arms"].items()
+           if TRUNCATED in a and not a["ratio"] and a[TRUNCATED][0] > TRUNCATION_WARN}  # ratio None or 0
+    if not cut:
+        return None
+    shares = " and ".join(f"{share:.0%} of {name}'s" for name, share in cut.items())
+    return (f"The eval cut {shares} task answers at max_new_tokens {summary['max_new_tokens']} (more than "
+            f"{TRUNCATION_WARN:.0%}): their scores measure the budget as much as the model. Raise `max_new_tokens` "
+            "under `eval:` in the experiment YAML.")
 
 
 def _row_means(values: np.ndarray) -> np.ndarray:
@@ -163,6 +243,25 @@ def _sum_dicts(dicts) -> dict[str, float]:
 # ----------------------------------------------------------------------------- plots
 
 
+def _panels(plt: Any, n: int) -> tuple[Any, list[Any]]:
+    """A figure of `n` panels, at most three a row, and their axes in order."""
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n])
+
+
+def _side_metrics(summary: dict[str, Any]) -> list[str]:
+    """Each general set's leakage and drift: what the plots set against the task metric."""
+    return [m for m in summary["general"] if base_metric(m) in ("leakage", "drift_kl")]
+
+
+def _direction(summary: dict[str, Any], m: str) -> str:
+    return f"{label(m)}: {'higher' if summary['higher_is_better'].get(m, True) else 'lower'} is better"
+
+
 def _plots(runs: list[ModelResult], summary: dict[str, Any], folder: Path) -> list[tuple[str, Path]]:
     import matplotlib
 
@@ -179,10 +278,10 @@ def _plots(runs: list[ModelResult], summary: dict[str, Any], folder: Path) -> li
         made.append((title, path))
 
     primary = summary["primary"]
-    axes_metrics = [m for m in ("leakage", "drift_kl") if m in summary["general"]]
+    axes_metrics = _side_metrics(summary)
     if primary in summary["metrics"] and axes_metrics:
-        fig, axes = plt.subplots(1, len(axes_metrics), figsize=(5 * len(axes_metrics), 3.8), squeeze=False)
-        for ax, x_metric in zip(axes[0], axes_metrics, strict=True):
+        fig, axes = _panels(plt, len(axes_metrics))
+        for ax, x_metric in zip(axes, axes_metrics, strict=True):
             for i, (name, a) in enumerate(summary["arms"].items()):
                 scale = [100 if is_pct(m) else 1 for m in (x_metric, primary)]
                 (x, xlo, xhi), (y, ylo, yhi) = ([v * k for v in a["metrics"][m]]
@@ -196,15 +295,15 @@ def _plots(runs: list[ModelResult], summary: dict[str, Any], folder: Path) -> li
                            s=12, color=color, alpha=0.45, marker="x")
             ax.set_xlabel(f"{label(x_metric)}: lower is better")
             ax.set_ylabel(f"{label(primary)}: higher is better")
-        axes[0][0].legend(fontsize=7)
+        axes[0].legend(fontsize=7)
         fig.suptitle("mean with 95% interval per arm; x: one seed", fontsize=8)
         save(fig, "tradeoff.png", "Task metric against format leakage and drift")
 
     costed = {n: a for n, a in summary["arms"].items() if a["compute"]}
-    y_metrics = [m for m in (primary, "leakage") if m in summary["metrics"]]
+    y_metrics = [m for m in summary["metrics"] if m == primary or base_metric(m) == "leakage"]
     if costed and y_metrics:
-        fig, axes = plt.subplots(1, len(y_metrics), figsize=(5 * len(y_metrics), 3.8), squeeze=False)
-        for ax, m in zip(axes[0], y_metrics, strict=True):
+        fig, axes = _panels(plt, len(y_metrics))
+        for ax, m in zip(axes, y_metrics, strict=True):
             k = 100 if is_pct(m) else 1
             for i, (name, a) in enumerate(costed.items()):
                 y, lo, hi = (v * k for v in a["metrics"][m])
@@ -212,9 +311,31 @@ def _plots(runs: list[ModelResult], summary: dict[str, Any], folder: Path) -> li
                             capsize=3, label=f"{name} ({a['kind']}, {a['ratio']:g})")
             ax.set_xscale("log")
             ax.set_xlabel("estimated FLOPs per seed (sampling share + training)")
-            ax.set_ylabel(f"{label(m)}: {'higher' if summary['higher_is_better'].get(m, True) else 'lower'} is better")
-        axes[0][0].legend(fontsize=7)
+            ax.set_ylabel(_direction(summary, m))
+        axes[0].legend(fontsize=7)
         save(fig, "compute.png", "Task metric and leakage against compute")
+
+    dose = [m for m in (primary, *_side_metrics(summary)) if m in summary["metrics"]]
+    if summary["sweeps"] and dose:
+        fig, axes = _panels(plt, len(dose))
+        start = summary["arms"].get(summary["baseline"] or "")
+        start = [start] if start is not None and start["ratio"] == 0 else []  # plain SFT is every sweep's ratio 0
+        ratios = sorted({0.0} | {summary["arms"][n]["ratio"] for names in summary["sweeps"].values() for n in names})
+        for ax, m in zip(axes, dose, strict=True):
+            k = 100 if is_pct(m) else 1
+            for i, (sweep, names) in enumerate(summary["sweeps"].items()):
+                points = start + [summary["arms"][n] for n in names]
+                x = np.array([p["ratio"] for p in points])
+                y, lo, hi = (np.array([p["metrics"][m][j] * k for p in points]) for j in range(3))
+                ax.errorbar(x, y, yerr=np.clip([y - lo, hi - y], 0, None), marker="o", capsize=3, color=f"C{i}",
+                            label=sweep)
+            ax.set_xscale("symlog", linthresh=ratios[1])  # ratios grow by factors, from 0
+            ax.set_xticks(ratios, [f"{r:g}" for r in ratios])
+            ax.set_xlabel("diverse rows per task row" + (f" (0 = {summary['baseline']})" if start else ""))
+            ax.set_ylabel(_direction(summary, m))
+        axes[0].legend(fontsize=7)
+        fig.suptitle("mean with 95% interval per swept arm", fontsize=8)
+        save(fig, "dose_response.png", DOSE_RESPONSE)
 
     trained = {n: a for n, a in summary["arms"].items() if a["ratio"] is not None}
     if trained:
@@ -276,22 +397,23 @@ def _probe_layers(probe: dict[str, Any]) -> dict[str, list[float]]:
 # ----------------------------------------------------------------------------- rendering
 
 
-PCT_SUFFIXES = ("accuracy", "rate", "match", "contains", "leakage", "obey")
+PCT_SUFFIXES = ("accuracy", "rate", "match", "contains", "leakage", "obey", TRUNCATED)
 HEADLINE_GENERAL = ("leakage", "drift_kl", "contrast_obey")  # what the verdict shows of general behaviour
 EXAMPLES = 3  # general prompts shown with every arm's answer
 EXAMPLE_CHARS = 240
+DOSE_RESPONSE = "Dose-response: task metric, leakage and drift against ratio"
 
 
 def is_pct(metric: str) -> bool:
     """Shares (shown in percent), as opposed to chrF points, nats or other units."""
-    return metric.endswith(PCT_SUFFIXES)
+    return base_metric(metric).endswith(PCT_SUFFIXES)
 
 
 def fmt(v: float | None, metric: str, sign: bool = False) -> str:
     """A metric value in its display unit: percent for shares, 3 decimals for KL, 2 otherwise."""
     if v is None or (isinstance(v, float) and np.isnan(v)):
         return "–"
-    text = f"{100 * v:.1f}" if is_pct(metric) else f"{v:.3f}" if "kl" in metric else f"{v:.2f}"
+    text = f"{100 * v:.1f}" if is_pct(metric) else f"{v:.3f}" if "kl" in base_metric(metric) else f"{v:.2f}"
     return f"+{text}" if sign and v >= 0 else text
 
 
@@ -307,8 +429,9 @@ def label(metric: str) -> str:
 
 
 def headline(summary: dict[str, Any]) -> list[str]:
-    """The metrics the verdict shows: the task's, then leakage, drift and contrast where measured."""
-    return summary["task"] + [m for m in HEADLINE_GENERAL if m in summary["general"]]
+    """The metrics the verdict shows: the task's, then each general set's leakage and drift, and contrast, where
+    measured."""
+    return summary["task"] + [m for m in summary["general"] if base_metric(m) in HEADLINE_GENERAL]
 
 
 def _judge(delta: tuple[float, float, float], higher: bool) -> str:
@@ -336,6 +459,56 @@ def verdict(summary: dict[str, Any]) -> list[str]:
         ratio = "" if a["ratio"] is None else f" (ratio {a['ratio']:g})"
         lines.append(f"{name}{ratio} against {base}: " + "; ".join(parts) + ".")
     return lines
+
+
+def dose_response(summary: dict[str, Any]) -> list[str]:
+    """One sentence per sweep: for each general set, the smallest swept ratio whose leakage is clearly below the
+    baseline's (the paired 95% interval of the difference lies below 0), or that none is. The smallest, not a
+    threshold: a larger ratio may be unclear again, which the dose-response figure shows."""
+    base = summary.get("baseline")
+    leakage = [m for m in summary["general"] if base_metric(m) == "leakage"]
+    lines = []
+    for sweep, names in summary["sweeps"].items():
+        arms = [summary["arms"][n] for n in names]
+        parts = []
+        for m in leakage:
+            compared = [a for a in arms if m in a["delta"]]
+            if not compared:
+                continue
+            first = next((a for a in compared if a["delta"][m][2] < 0), None)
+            unit = " points" if is_pct(m) else ""
+            parts.append(f"{m} is first clearly below {base}'s at ratio {first['ratio']:g} "
+                         f"(Δ {interval(first['delta'][m], m, sign=True)}{unit})" if first else
+                         f"{m} is clearly below {base}'s at none of them")
+        if parts:
+            ratios = ", ".join(f"{a['ratio']:g}" for a in arms)
+            lines.append(f"Sweep {sweep} (ratios {ratios}): " + "; ".join(parts) + ".")
+    return lines
+
+
+def truncation_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(head, rows): each arm's share of task answers cut at max_new_tokens and its task metrics on the answers
+    that ended; no rows where the eval rows do not say how they ended."""
+    head = ["arm", f"cut at {summary['max_new_tokens']} tokens (%)",
+            *(f"{label(m)}, answers that ended" for m in summary["task"])]
+    rows = [[name, interval(a[TRUNCATED], TRUNCATED), *(interval(a["finished"][m], m) for m in summary["task"])]
+            for name, a in summary["arms"].items() if TRUNCATED in a]
+    return head, rows
+
+
+def kind_tables(summary: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(leakage metric, head, rows) per general set whose prompts have kinds: each arm's leakage by kind of
+    prompt, in percent with (leaked / answers) over all its seeds."""
+    tables = []
+    for m in (m for m in summary["general"] if base_metric(m) == "leakage"):
+        by_arm = {name: a["leakage_by_kind"][m] for name, a in summary["arms"].items()
+                  if m in a.get("leakage_by_kind", {})}
+        kinds = list(dict.fromkeys(k for kinds in by_arm.values() for k in kinds))
+        if kinds:
+            tables.append((m, ["arm", *kinds], [
+                [name, *(f"{100 * c[k]['share']:.1f} ({c[k]['leaked']}/{c[k]['n']})" if k in c else "–"
+                         for k in kinds)] for name, c in by_arm.items()]))
+    return tables
 
 
 def verdict_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -366,18 +539,21 @@ def _results_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]
     return head, rows
 
 
-def examples(runs: list[ModelResult], k: int = EXAMPLES) -> list[tuple[str, list[tuple[str, str, bool | None]]]]:
-    """The first `k` general prompts with the answer of the base model and of each arm's first seed:
-    [(prompt, [(arm, answer, leaked)])]. A collapse into the task's format shows here at a glance."""
-    from delia.evaluate import GENERAL_ROWS
+def examples(runs: list[ModelResult], general_set: str | None = None,
+             k: int = EXAMPLES) -> list[tuple[str, list[tuple[str, str, bool | None]]]]:
+    """The first `k` prompts of a general set (None: the single one) with the answer of the base model and of
+    each arm's first seed: [(prompt, [(arm, answer, leaked)])]. A collapse into the task's format shows here at
+    a glance."""
+    from delia.evaluate import general_rows_file
 
+    file = general_rows_file(general_set)
     shown: dict[str, ModelResult] = {}
     for r in sorted(runs, key=lambda r: -1 if r.seed is None else r.seed):
-        if (r.eval_dir / GENERAL_ROWS).exists():
+        if (r.eval_dir / file).exists():
             shown.setdefault(r.arm, r)
     if not shown:
         return []
-    answers = {arm: [json.loads(line) for line in (r.eval_dir / GENERAL_ROWS).read_text(encoding="utf-8")
+    answers = {arm: [json.loads(line) for line in (r.eval_dir / file).read_text(encoding="utf-8")
                      .splitlines()[:k]] for arm, r in shown.items()}
     first = next(iter(answers.values()))
     out = []
@@ -492,28 +668,58 @@ def write_report(folder: Path, title: str, runs: list[ModelResult], baseline: st
     interval_note = (f"Means over seeds and rows; [95% interval] from {n_boot} bootstrap resamples of seeds, then "
                      f"rows. Δ: paired difference to the baseline arm `{baseline}` (same seeds, same rows).")
     blocks: list[Block] = [("h2", "Verdict")]
+    sets = summary["general_sets"]
+    prompts = (f"{summary['general_prompts']} held-out general prompts" if not sets else
+               "the held-out general prompt sets " + ", ".join(f"{n} ({k} prompts)" for n, k in sets.items())
+               + " (a set's metrics are named `<set>/<metric>`)")
     if summary["general"]:
         blocks.append(("p", f"Task: {', '.join(summary['task'])} on the task's eval set (higher is better). General "
-                       f"behaviour on {summary['general_prompts']} held-out general prompts: leakage is the share "
-                       "of answers in the task's format, drift_kl the mean per-token KL(base || tuned) on the base "
-                       "model's own greedy answers (nats); lower is better for both. " + interval_note))
+                       f"behaviour on {prompts}: leakage is the share of answers in the task's format, drift_kl "
+                       "the mean per-token KL(base || tuned) on the base model's own greedy answers (nats); lower is "
+                       "better for both. " + interval_note))
     else:
         blocks.append(("p", "No general prompts were evaluated (set `general` in the experiment): this report "
                        "shows the task score only, not what tuning did to everything else. " + interval_note))
+    for warning in summary["warnings"]:
+        log.warning("%s", warning)
+        blocks.append(("p", f"Warning: {warning}"))
     blocks.append(("table", *verdict_table(summary)))
     if lines := verdict(summary):
         blocks.append(("ul", lines))
     if "Task metric against format leakage and drift" in plots:
         blocks += [("h2", "Trade-off"), ("img", "trade-off", plots.pop("Task metric against format leakage and drift"))]
-    if shown := examples(runs):
+    if DOSE_RESPONSE in plots:
+        blocks += [("h2", "Dose-response"),
+                   ("p", "Each sweep's arms by ratio, the baseline at ratio 0 where it is plain SFT. Per sweep and "
+                    "general set: the smallest ratio whose leakage is clearly below the baseline's (paired 95% "
+                    "interval of the difference below 0).")]
+        if lines := dose_response(summary):
+            blocks.append(("ul", lines))
+        blocks.append(("img", "dose-response", plots.pop(DOSE_RESPONSE)))
+    if tables := kind_tables(summary):
+        blocks += [("h2", "Leakage by kind of prompt"),
+                   ("p", "Share of answers in the task's format per kind of general prompt (the rows' `kind`), "
+                    "in percent, with (leaked / answers) over all seeds.")]
+        for m, head, rows in tables:
+            blocks += ([("p", f"{m}:")] if base_metric(m) != m else []) + [("table", head, rows)]
+    first_set = next(iter(sets), None)
+    if shown := examples(runs, first_set):
         blocks += [("h2", "Example general answers"),
-                   ("p", f"The first {len(shown)} general prompts, answered by the base model and the first seed "
-                    "of every arm (greedy; leak: the answer is in the task's format).")]
+                   ("p", f"The first {len(shown)} general prompts" + (f" of set {first_set}" if first_set else "")
+                    + ", answered by the base model and the first seed of every arm (greedy; leak: the answer is "
+                    "in the task's format).")]
         for i, (prompt, answers) in enumerate(shown, start=1):
             blocks += [("p", f"Prompt {i}: {_short(prompt)}"),
                        ("table", ["arm", "answer", "leak"],
                         [[arm, _short(text) or "(empty)", "–" if leak is None else "yes" if leak else "no"]
                          for arm, text, leak in answers])]
+    if (truncation := truncation_table(summary))[1]:
+        blocks += [("h2", "Truncated answers"),
+                   ("p", f"Share of each model's task answers cut at the eval's max_new_tokens "
+                    f"({summary['max_new_tokens']}) before they ended, and the task metrics on the answers that "
+                    "ended. A cut answer of a formatted task rarely parses, so where the shares differ, the scores "
+                    "compare budgets as well as models.")]
+        blocks.append(("table", *truncation))
     if (compute := compute_table(summary))[1]:
         blocks += [("h2", "Compute"),
                    ("p", "Per seed (mean over seeds). Sampling counts the share of the sampling run whose answers the "

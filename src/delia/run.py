@@ -21,6 +21,7 @@ from delia.config import Flags, StageConfig
 from delia.errors import DeliaError
 from delia.experiment import Experiment, load_experiment
 from delia.files import check_output, mark_output, output_kind, sha256_file, sha256_json, write_json
+from delia.general import map_files
 from delia.models import model_fingerprint
 from delia.progress import ProgressCallback
 from delia.versions import library_versions
@@ -76,7 +77,8 @@ def resolve_paths(exp: Experiment) -> Experiment:
     exp.task.train, exp.task.eval = resolve_data_path(exp.task.train), resolve_data_path(exp.task.eval)
     if exp.pool is not None and not isinstance(exp.pool, dict):  # a dict is a spec that the pool stage builds
         exp.pool = resolve_data_path(exp.pool)
-    exp.general, exp.contrast = (None if p is None else resolve_data_path(p) for p in (exp.general, exp.contrast))
+    exp.general = None if exp.general is None else map_files(exp.general, resolve_data_path)
+    exp.contrast = None if exp.contrast is None else resolve_data_path(exp.contrast)
     return exp
 
 
@@ -108,9 +110,9 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
         exp.pool, pool_facts = build_pool(cache, pool_spec, model_path, model_id, [exp.task.train, exp.task.eval],
                                            progress)
     data_hashes = {"task_train": sha256_file(exp.task.train), "task_eval": sha256_file(exp.task.eval)}
-    for name in ("pool", "general", "contrast"):
+    for name in ("pool", "general", "contrast"):  # a single general file keeps its hash's place (and stage keys)
         if getattr(exp, name) is not None:
-            data_hashes[name] = sha256_file(getattr(exp, name))
+            data_hashes[name] = map_files(getattr(exp, name), sha256_file)
     # the estimate made before the first run of these settings, kept for the report's comparison
     plan = cache.run("plan", "costs", {"model": model_id, "data": data_hashes, "flops_per_s": flops_per_s,
                                        "experiment": exp.model_dump(mode="json", include={"arms", "seeds", "sample",
@@ -200,7 +202,7 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
             wall["eval"] = rec["wall_s"]
             cost = arm_cost(model_path, _train_record(adapter), sampled["result"] if sampled else None, share)
             result = ModelResult(arm.name, arm.ratio, seed, efolder, train_dir=adapter, wall_s=wall, kind=arm.kind,
-                                 compute={**cost, "est_wall_s": estimate[arm.name]})
+                                 sweep=arm.sweep, compute={**cost, "est_wall_s": estimate[arm.name]})
             if described:
                 result.probe = probed(label, {"adapter": trained}, adapter=adapter, data=exp.task.eval)
             runs.append(result)

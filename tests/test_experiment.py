@@ -1,0 +1,73 @@
+"""The experiment config alone (no model): ratio sweeps as one arm line, and several general sets."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from delia.errors import DeliaError
+from delia.experiment import load_experiment
+
+
+def _load(tmp_path, **config):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"task": {"train": "a.jsonl", "eval": "b.jsonl"}, "pool": "p.jsonl", **config}))
+    return load_experiment(path)
+
+
+def test_a_ratios_line_expands_into_one_arm_per_ratio(tmp_path):
+    exp = _load(tmp_path, arms=[
+        {"name": "sft", "kind": "sft"},
+        {"name": "delia-kl", "kind": "delia-kl", "ratios": [4, 0, 1, 0.25], "train": {"kl_coef": 0.5}},
+        {"name": "delia", "ratios": [2]},
+        {"name": "replay-1", "kind": "replay-reference", "ratio": 1}])
+    arms = {a.name: a for a in exp.arms}
+    # in place of the line, by ratio; ratio 0 is the sft arm, not a copy of it
+    assert list(arms) == ["sft", "delia-kl-0.25", "delia-kl-1", "delia-kl-4", "delia-2", "replay-1"]
+    assert [arms[n].ratio for n in ("delia-kl-0.25", "delia-kl-1", "delia-kl-4")] == [0.25, 1, 4]
+    assert {arms[n].sweep for n in ("delia-kl-0.25", "delia-kl-1", "delia-kl-4")} == {"delia-kl"}
+    assert all(arms[n].kind == "delia-kl" and arms[n].diverse == "self" and arms[n].train == {"kl_coef": 0.5}
+               for n in ("delia-kl-0.25", "delia-kl-1", "delia-kl-4"))
+    assert arms["delia-2"].kind == "delia" and arms["delia-2"].sweep == "delia"  # a sweep's default kind
+    assert arms["sft"].sweep is None and arms["replay-1"].sweep is None
+    assert all(a.ratios is None for a in exp.arms)
+    # the sweep fields stay out of dumps: an arm written out by hand keeps its stage keys
+    dumped = exp.model_dump(mode="json")["arms"]
+    assert dumped[2] == {"name": "delia-kl-1", "kind": "delia-kl", "ratio": 1.0, "diverse": "self",
+                         "train": {"kl_coef": 0.5}}
+    assert exp.baseline_arm == "sft"
+
+
+@pytest.mark.parametrize("arms, message", [
+    ([{"name": "d", "ratio": 1, "ratios": [1, 2]}], "give `ratio` or `ratios`"),
+    ([{"name": "d", "ratios": [1, 1.0]}], "must be distinct and at least 0"),
+    ([{"name": "d", "ratios": [-1, 2]}], "must be distinct and at least 0"),
+    ([{"name": "d", "ratios": []}], "needs a ratio above 0"),
+    ([{"name": "sft", "kind": "sft"}, {"name": "d", "ratios": [0]}], "needs a ratio above 0"),
+    ([{"name": "d", "kind": "sft", "ratios": [1]}], "kind sft has no diverse rows to sweep"),
+    ([{"name": "d", "kind": "delia-kll", "ratios": [1]}], "did you mean 'delia-kl'"),
+    ([{"name": "d", "kind": "delia", "diverse": "reference", "ratios": [1]}], "only for kind delia-kl"),
+    ([{"name": "d", "ratios": [0, 1]}], "ratio 0 is plain SFT, the sft arm of the experiment, and there is none"),
+    ([{"name": "sft", "kind": "sft"}, {"name": "d-2", "ratio": 2}, {"name": "d", "ratios": [1, 2]}],
+     r"arm names must be unique, got \['sft', 'd-2', 'd-1', 'd-2'\]"),
+    ([{"name": "d", "ratios": [1], "train": {"lora_rr": 8}}], "'lora_rr' is not an option of delia train"),
+])
+def test_bad_sweeps_are_refused_at_load(tmp_path, arms, message):
+    with pytest.raises(DeliaError, match=message):
+        _load(tmp_path, arms=arms)
+
+
+def test_general_is_a_file_a_list_or_a_mapping_of_named_sets(tmp_path):
+    single = _load(tmp_path, general="g.jsonl")
+    assert single.general == (tmp_path / "g.jsonl").resolve()  # as before: one file, no set name
+    listed = _load(tmp_path, general=["sets/alpaca.jsonl", "demo-data:general.jsonl"])
+    assert listed.general == {"alpaca": (tmp_path / "sets" / "alpaca.jsonl").resolve(),
+                              "general": Path("demo-data:general.jsonl")}
+    named = _load(tmp_path, general={"qa": "q.jsonl", "chat": "/abs/c.jsonl"}, contrast="c.jsonl")
+    assert named.general == {"qa": (tmp_path / "q.jsonl").resolve(), "chat": Path("/abs/c.jsonl")}
+    with pytest.raises(DeliaError, match="two general files share a stem"):
+        _load(tmp_path, general=["a/g.jsonl", "b/g.jsonl"])
+    with pytest.raises(DeliaError, match="general set name 'a b'"):
+        _load(tmp_path, general={"a b": "g.jsonl"})
+    with pytest.raises(DeliaError, match="no general sets given"):
+        _load(tmp_path, general={})
