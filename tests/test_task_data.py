@@ -40,7 +40,8 @@ def normal(text: str) -> str:
 def test_sep_rows_have_the_authors_layout_balanced_labels_and_right_answers(fake_wheel, tmp_path):
     folder = td.SEP.prepare()
     assert folder == tmp_path / "cache" / "data" / f"sep-{td.SEP_VERSION}"
-    assert sorted(p.name for p in folder.iterdir()) == [OUTPUT_MARKER, "SOURCES.json", "contrast.jsonl", "heldout.jsonl"]
+    assert sorted(p.name for p in folder.iterdir()) == [OUTPUT_MARKER, "SOURCES.json", "contrast.jsonl",
+                                                        "heldout.jsonl"]
     heldout, contrast = read(folder / "heldout.jsonl"), read(folder / "contrast.jsonl")
     assert (len(heldout), len(contrast)) == (240, 60)
     sources = source_rows(tmp_path / dd.PACKAGE["file"])  # where fake_wheel put it
