@@ -48,10 +48,13 @@ def _manifest(d: Path, text: str) -> str:
     return str(shard)
 
 
+def _task(**fields) -> dict:
+    return {"train": "task.jsonl", "eval": "task.jsonl", **fields}
+
+
 def _experiment(d: Path, **fields) -> str:
     _inputs(d)
-    exp = {"name": "exp", "task": {"train": "task.jsonl", "eval": "task.jsonl"}, "arms": [{"name": "sft"}],
-           **fields}
+    exp = {"name": "exp", "task": _task(), "arms": [{"name": "sft"}], **fields}
     (d / "exp.yaml").write_text(json.dumps(exp))
     return str(d / "exp.yaml")
 
@@ -124,6 +127,30 @@ CASES = [
          2, "holds files that no delia run wrote"),
     Case("run-name-is-a-path", lambda d: ["run", _experiment(d, name="../../elsewhere")], 2, "is not a plain name"),
     Case("run-name-is-absolute", lambda d: ["run", _experiment(d, name="/tmp/x")], 2, "is not a plain name"),
+    # --- an experiment is checked whole when it is loaded, before anything runs
+    Case("run-unknown-metric", lambda d: ["run", _experiment(d, task=_task(metric="bleu"))], 2, "task.metric"),
+    Case("run-bad-metric-config", lambda d: ["run", _experiment(d, task=_task(metric_config={"requird_keys": ["a"]}))],
+         2, "requird_keys"),
+    Case("run-bad-scheduler", lambda d: ["run", _experiment(d, train={"lr_scheduler": "cosin"})],
+         2, "unknown scheduler 'cosin' (did you mean 'cosine'?)"),
+    Case("run-bad-token-name", lambda d: ["run", _experiment(d, task=_task(add_tokens={" <x>": None}))],
+         2, "no surrounding spaces"),
+    Case("run-missing-general-file", lambda d: ["run", _experiment(d, general="nope.jsonl")],
+         2, "exp.yaml:1: field 'general': "),
+    Case("run-missing-task-file", lambda d: ["run", _experiment(d, task=_task(train="gone.jsonl"))],
+         2, "field 'task.train'"),
+    Case("run-unknown-prepared-file", lambda d: ["run", _experiment(d, general="demo-data:nope.jsonl")],
+         2, "has no 'nope.jsonl'"),
+    Case("run-no-seeds", lambda d: ["run", _experiment(d, seeds=[])], 2, "field 'seeds'"),
+    Case("run-no-arms", lambda d: ["run", _experiment(d, arms=[])], 2, "field 'arms'"),
+    Case("run-duplicate-key", lambda d: ["run", str(_text(d / "dup.yaml", "name: a\nseeds: [0]\nname: b\n"))],
+         2, "dup.yaml: cannot read the experiment config: line 3, column 1: key 'name' is given twice"),
+    Case("plan-duplicate-key", lambda d: ["run", str(_text(d / "dup.yaml", "name: a\nname: b\n")), "--plan"],
+         2, "key 'name' is given twice"),
+    Case("run-error-names-the-yaml-line", lambda d: ["run", str(_text(d / "l.yaml", "name: x\ntask:\n  train: t\n"
+                                                                     "  eval: t\nseeds: [0]\narms:\n  - {name: a, "
+                                                                     "kind: delia}\n"))],
+         2, "l.yaml:7: field 'arms.0'"),
     # --- no traceback, whatever the input
     Case("pool-empty", lambda d: ["pool", str(_jsonl(d / "src.jsonl", [NO_REFERENCE])), "--out", str(d / "p.jsonl")],
          2, "no rows left for the pool (removed: no_reference: 1)"),

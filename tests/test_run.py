@@ -199,8 +199,44 @@ def test_plan_prints_costs_in_80_columns_and_runs_nothing(experiment, tmp_path, 
         main(["run", str(experiment), "--plan", "--flops-per-s", "1e9", "--out", str(tmp_path / "out")])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert max(map(len, out.splitlines())) <= 80 and "delia" in out and "at the given 1 GFLOP/s" in out
+    assert max(map(len, out.splitlines())) <= 80 and "delia" in out and "at the given achieved rate, 1 GFLOP/s" in out
     assert not (tmp_path / "out").exists()
+
+
+def test_plan_estimates_a_pool_still_to_be_built_without_building_it(experiment, tmp_path, monkeypatch, capsys):
+    from delia.cli import main
+
+    monkeypatch.setenv("DELIA_CACHE", str(tmp_path / "cache"))
+    config = yaml.safe_load(experiment.read_text())
+    config["pool"] = {"sources": ["pool.jsonl"], "size": 8, "min_reference_tokens": 1}
+    experiment.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as e:
+        main(["run", str(experiment), "--plan", "--flops-per-s", "1e9", "--out", str(tmp_path / "out")])
+    out = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0, out
+    assert "the pool is still to be built: estimated as 8 rows (its requested size)" in out
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache" / "embeddings").exists()
+
+
+def test_a_short_pool_is_flagged_by_the_plan_and_refused_by_the_run(experiment, tmp_path, monkeypatch, capsys):
+    from delia.cli import main
+    from delia.plan import plan_experiment
+    from delia.run import resolve_paths
+
+    monkeypatch.setenv("DELIA_CACHE", str(tmp_path / "cache"))
+    config = yaml.safe_load(experiment.read_text())
+    config["arms"] = [{"name": "sft", "ratio": 0}, {"name": "delia", "ratio": 5}]  # 30 rows asked, 12 in the pool
+    config["mix"] = {}
+    experiment.write_text(yaml.safe_dump(config))
+    plan = plan_experiment(resolve_paths(load_experiment(experiment)), 1e9)
+    delia = plan["arms"][1]
+    assert (delia["diverse_rows"], delia["diverse_asked"], delia["short"]) == (12, 30, True)
+    with pytest.raises(SystemExit):
+        main(["run", str(experiment), "--plan", "--flops-per-s", "1e9"])
+    assert "SHORT pool: delia: 12 of the 30 diverse rows asked for" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(DeliaError, match="the pool is too small for the arms' ratios"):
+        run_experiment(load_experiment(experiment), tmp_path / "out")
+    assert not list((tmp_path / "out" / "stages").glob("sample-*"))  # refused before sampling
 
 
 @pytest.mark.parametrize("arm, message", [

@@ -511,13 +511,16 @@ def plan_table(plan: dict[str, Any]) -> Any:
     """The cost plan as a rich table that fits 80 columns: per arm and seed, tokens, FLOPs and wall time."""
     from rich.table import Table
 
-    table = Table(title=f"plan per seed ({plan['seeds']} seeds): estimates", title_justify="left")
+    seeds = f"{plan['seeds']} seed{'s' if plan['seeds'] != 1 else ''}"
+    table = Table(title=f"plan per seed ({seeds}): estimates", title_justify="left")
     for name in ("arm", "diverse rows", "generated tokens", "trained tokens", "fwd-only tokens", "TFLOPs", "wall"):
         table.add_column(name, overflow="fold", justify="left" if name == "arm" else "right")
     for a in plan["arms"]:
-        table.add_row(f"{escape(a['arm'])}\n{a['kind']} {a['ratio']:g}", f"{a['diverse_rows']:,}",
-                      f"≤{a['generated_tokens']:,.0f}", f"{a['trained_tokens']:,.0f}",
-                      f"{a['forward_only_tokens']:,.0f}", f"{a['flops'] / 1e12:,.2f}", _duration(a["est_wall_s"]))
+        rows = f"{a['diverse_rows']:,}" + (f"\nSHORT: {a['diverse_asked']:,} asked" if a.get("short") else "")
+        generated = f"up to {a['generated_tokens']:,.0f}" if a["generated_tokens"] else "0"
+        table.add_row(f"{escape(a['arm'])}\nkind {a['kind']}, ratio {a['ratio']:g}", rows, generated,
+                      f"{a['trained_tokens']:,.0f}", f"{a['forward_only_tokens']:,.0f}", f"{a['flops'] / 1e12:,.2f}",
+                      _duration(a["est_wall_s"]))
     return table
 
 
@@ -527,14 +530,21 @@ def _duration(seconds: float) -> str:
 
 
 def show_plan(plan: dict[str, Any]) -> None:
-    """The plan table, then what sampling runs once and the rate the wall times assume."""
+    """The plan table, then what sampling runs once, how a pool still to be built was estimated, which arms the
+    pool is too small for, and the rate the wall times assume."""
+    from delia.plan import short_arms
     out = Console(soft_wrap=False)  # stdout: the result itself
     out.print(plan_table(plan))
     if s := plan["sampling_run"]:
         out.print(f"sampling (once, shared by every seed and self-sampling arm): {s['queries']:,} queries, "
-                  f"{s['prompt_tokens']:,} prompt tokens, ≤{s['completion_tokens']:,} generated tokens; each arm "
+                  f"{s['prompt_tokens']:,} prompt tokens, up to {s['completion_tokens']:,} generated tokens; each arm "
                   "above counts the share it mixes in.", highlight=False)
-    rate = (f"the given {plan['flops_per_s'] / 1e9:,.0f} GFLOP/s" if plan["flops_per_s"] else
+    if note := plan.get("pool_note"):
+        out.print(f"pool: {note}.", highlight=False)
+    if short := short_arms(plan):
+        out.print("SHORT pool: " + "; ".join(short) + ". The run refuses this unless `mix: {allow_short: true}`.",
+                  highlight=False)
+    rate = (f"the given achieved rate, {plan['flops_per_s'] / 1e9:,.0f} GFLOP/s" if plan["flops_per_s"] else
             f"this machine's measured matmul peak ({plan['matmul_peak_flops'] / 1e9:,.0f} GFLOP/s) times the share "
             "delia's CPU benchmarks reach: " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s"
                                                         for k, v in plan["rates"].items()))

@@ -13,11 +13,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from delia.errors import DeliaError
 from delia.files import read_yaml
 from delia.general import GeneralFiles, general_sets, map_files
+from delia.metrics import MetricConfig, MetricKind
+from delia.task_data import data_path_problem
+from delia.tokens import parse_token_specs
 
 # Each section's stage config, and the options `delia run` sets itself (per arm, seed or task).
 STAGE_CONFIGS: dict[str, tuple[str, frozenset[str]]] = {
@@ -53,11 +56,32 @@ class Task(BaseModel):
 
     train: Path = Field(description="Task training rows (any format `delia data` reads).")
     eval: Path = Field(description="Task evaluation rows; the last assistant turn is the reference.")
-    metric: str = Field("format", description="format, translation, exact or contains.")
+    metric: MetricKind = Field("format", description="format, translation, exact or contains.")
     metric_config: dict[str, Any] = Field(default_factory=dict, description="MetricConfig fields for `metric`.")
     add_tokens: dict[str, str | None] = Field(
         default_factory=dict, description="New special tokens, each with the instruction it stands for (or null)."
     )
+
+    @field_validator("add_tokens")
+    @classmethod
+    def _token_names(cls, tokens: dict[str, str | None]) -> dict[str, str | None]:
+        try:
+            parse_token_specs(list(tokens), option="add_tokens")
+        except DeliaError as e:
+            raise ValueError(str(e)) from None
+        return tokens
+
+    @model_validator(mode="after")
+    def _metric(self) -> Task:
+        if "kind" in self.metric_config:
+            raise ValueError("`metric_config` takes the metric's options; its kind is `metric`")
+        try:
+            MetricConfig(kind=self.metric, **self.metric_config)
+        except ValidationError as e:
+            raise ValueError("`metric_config`: " + "; ".join(
+                f"{'.'.join(map(str, err['loc'])) or 'metric_config'}: {err['msg'].removeprefix('Value error, ')}"
+                for err in e.errors())) from None
+        return self
 
 
 # What each arm kind trains on: its diverse text (None: no diverse rows) and the loss of its diverse rows.
@@ -175,8 +199,9 @@ class Experiment(BaseModel):
         "files (each set named by its file's stem) or a mapping of set names to files.")
     contrast: Path | None = Field(None, description="Prompts that tell the model not to use the task's format "
                                   "(scored as the share that obey); needs `general`.")
-    seeds: list[int] = Field(default_factory=lambda: [0])
-    arms: list[Arm] = Field(default_factory=lambda: [Arm(name="sft", ratio=0), Arm(name="delia", ratio=100)])
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    arms: list[Arm] = Field(min_length=1,
+                            default_factory=lambda: [Arm(name="sft", ratio=0), Arm(name="delia", ratio=100)])
     baseline: str | None = Field(None, description="Arm the others are compared with; default: the first sft arm.")
     eval_base: bool = Field(True, description="Also evaluate the untuned model.")
     train_eval: bool = Field(False, description="Also score the task's eval set during training (the loss and "
@@ -194,6 +219,13 @@ class Experiment(BaseModel):
             raise ValueError(f"{name!r} is not a plain name (letters, digits, '.', '_', '-'; no '/'): it names the "
                              "run's folder, runs/<name>; give other paths with `delia run --out`")
         return name
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be unique, got {seeds}")
+        return seeds
 
     @field_validator("sample", "mix", "train", "eval")
     @classmethod
@@ -248,15 +280,13 @@ class Experiment(BaseModel):
 
 def load_experiment(path: str | Path) -> Experiment:
     """Read and validate an experiment YAML; relative data paths are taken from the YAML's folder."""
-    from pydantic import ValidationError
-
     path = Path(path)
     raw = read_yaml(path, "the experiment config")
     try:
         exp = Experiment.model_validate(raw)
     except ValidationError as e:
-        lines = [f"{path}: field '{'.'.join(map(str, err['loc']))}': {err['msg'].removeprefix('Value error, ')}"
-                 for err in e.errors()]
+        lines = [f"{path}:{yaml_line(path, err['loc'])}: field '{'.'.join(map(str, err['loc']))}': "
+                 f"{err['msg'].removeprefix('Value error, ')}" for err in e.errors()]
         raise DeliaError("invalid experiment config\n" + "\n".join(lines)) from None
     base = path.resolve().parent
 
@@ -272,4 +302,47 @@ def load_experiment(path: str | Path) -> Experiment:
         exp.pool = rel(exp.pool)
     exp.general = None if exp.general is None else map_files(exp.general, rel)
     exp.contrast = rel(exp.contrast)
+    missing = [f"{path}:{yaml_line(path, loc)}: field '{'.'.join(map(str, loc))}': {problem}"
+               for loc, file in _data_files(exp) if (problem := data_path_problem(file))]
+    if missing:
+        raise DeliaError("invalid experiment config\n" + "\n".join(missing))
     return exp
+
+
+def _data_files(exp: Experiment) -> list[tuple[tuple[str | int, ...], Path]]:
+    """(YAML location, path) of every data file the experiment names."""
+    files: list[tuple[tuple[str | int, ...], Path]] = [(("task", "train"), exp.task.train),
+                                                      (("task", "eval"), exp.task.eval)]
+    if isinstance(exp.pool, dict):
+        files += [(("pool", "sources", i), Path(s)) for i, s in enumerate(exp.pool["sources"])
+                  if not s.startswith("hf:")]
+    elif exp.pool is not None:
+        files.append((("pool",), exp.pool))
+    if exp.general is not None:
+        sets = general_sets(exp.general)
+        files += [(("general",), sets)] if isinstance(sets, Path) else [(("general", n), f) for n, f in sets.items()]
+    if exp.contrast is not None:
+        files.append((("contrast",), exp.contrast))
+    return files
+
+
+def yaml_line(path: Path, loc: tuple[str | int, ...]) -> str:
+    """The 1-based line of the YAML node at `loc` (the deepest one that exists), or '' if none is found."""
+    import yaml
+
+    try:
+        node = yaml.compose(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return ""
+    line = None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if k.value == str(key)), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            node = None
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+    return "" if line is None else str(line)

@@ -4,6 +4,7 @@ the files written beside an output, YAML reading and the resume check against sa
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -231,6 +232,27 @@ def beside(out: str | Path, suffix: str, *, strip: Iterable[str] | None = None) 
     return out.with_name(f"{name}{suffix}")
 
 
+@functools.cache
+def _unique_keys_loader() -> Any:
+    """yaml's safe loader, except that a key given twice in one mapping is an error (safe_load keeps the last)."""
+    import yaml
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, list | dict):
+                    continue  # unhashable: the base constructor reports it
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                            key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeys
+
+
 def read_yaml(path: str | Path, what: str | None = None) -> Any:
     """The parsed YAML of `path` (`{}` for an empty file), any shape: callers check it.
 
@@ -240,7 +262,7 @@ def read_yaml(path: str | Path, what: str | None = None) -> Any:
     import yaml
 
     try:
-        return yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        return yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_unique_keys_loader()) or {}
     except UnicodeDecodeError as e:
         problem = f"not UTF-8 text (byte {e.start})"
     except RecursionError:

@@ -3,16 +3,18 @@
 Tokens are counted with the model's tokenizer on the real data (the pool's prompts as `delia sample` renders
 them, the task's rows, the pool's rows as `delia mix` draws them for reference arms); generated tokens are the
 upper bound `max_new_tokens` per answer. FLOPs follow `delia.compute`; wall time divides them by a rate: the
-given FLOP/s, or this machine's measured matmul peak times the share of it that delia reached per stage
-(`delia.compute.STAGE_SHARE_OF_PEAK`).
+given achieved FLOP/s (what a run really reaches, not the device's peak), or this machine's measured matmul peak
+times the share of it that delia reached per stage (`delia.compute.STAGE_SHARE_OF_PEAK`). A pool still to be built
+is estimated from its sources or its requested size, without building it.
 """
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from delia.compute import STAGE_SHARE_OF_PEAK, arm_cost
-from delia.errors import DeliaError
 from delia.experiment import Experiment
 
 
@@ -26,9 +28,6 @@ def plan_experiment(exp: Experiment, flops_per_s: float | None = None) -> dict[s
     from delia.sample import SampleConfig, sampled_prompts
     from delia.train import TrainConfig
 
-    if isinstance(exp.pool, dict):
-        raise DeliaError("the plan counts the rows of a pool file, and this experiment's pool is still to be built "
-                         "from its sources: build it first (`delia pool`, or the run's pool stage) and name the file")
     model_path = resolve_model(exp.model)
     tok = load_tokenizer(model_path, resolved=True)
     max_length = TrainConfig.build(**exp.train).max_length
@@ -41,26 +40,31 @@ def plan_experiment(exp: Experiment, flops_per_s: float | None = None) -> dict[s
 
     sampling = SampleConfig.build(**exp.sample)
     max_new, per_query = sampling.max_new_tokens, sampling.samples_per_query
-    queries, prompts = [], []
-    if any(a.samples for a in exp.arms):  # the queries `delia sample` would answer, rendered as it renders them
-        queries, prompts = sampled_prompts(exp.pool, tok, sampling)
-    sampled = {"queries": len(prompts), "generated": len(prompts) * per_query,
-               "prompt_tokens": sum(map(len, prompts)) * per_query,
-               "completion_tokens": len(prompts) * per_query * max_new}
+    with tempfile.TemporaryDirectory(prefix="delia-plan-") as tmp:
+        pool_file, pool_rows, pool_note = _pool_for_plan(exp, task_rows, Path(tmp))
+        queries, prompts = [], []
+        if any(a.samples for a in exp.arms):  # the queries `delia sample` would answer, rendered as it renders them
+            queries, prompts = sampled_prompts(pool_file, tok, sampling)
+        references = []  # what `delia mix` draws for reference arms: the pool's rows as they are
+        if any(a.ratio > 0 and not a.samples for a in exp.arms):
+            references = [r["messages"] for r in read_chat(pool_file).records]
+        # a pool still to be built: its rows are `pool_rows`, their lengths those of the stand-in rows read
+        scale = pool_rows / max(1, len(read_chat(pool_file).records)) if pool_note else 1.0
+    sampled = {"queries": round(len(prompts) * scale), "generated": round(len(prompts) * per_query * scale),
+               "prompt_tokens": round(sum(map(len, prompts)) * per_query * scale),
+               "completion_tokens": round(len(prompts) * per_query * max_new * scale)}
     # a self-sampled training row: the query as a user turn, then an answer of at most max_new tokens
     self_row = (sum(row_tokens([{"role": "user", "content": q}, {"role": "assistant", "content": ""}])
                     for _, q, _ in queries) / max(1, len(queries)) + max_new)
-    references = []  # what `delia mix` draws for reference arms: the pool's rows as they are
-    if any(a.ratio > 0 and not a.samples for a in exp.arms):
-        references = [r["messages"] for r in read_chat(exp.pool).records]
     ref_row = sum(map(row_tokens, references)) / max(1, len(references))
 
     peak = None if flops_per_s else measure_matmul_flops()
     rates = {stage: flops_per_s or peak * share for stage, share in STAGE_SHARE_OF_PEAK.items()}
     arms = []
     for arm in exp.arms:
-        available = sampled["generated"] if arm.samples else len(references)
-        diverse = min(available, diverse_rows(arm.ratio, len(task_rows)))
+        available = sampled["generated"] if arm.samples else round(len(references) * scale)
+        asked = diverse_rows(arm.ratio, len(task_rows))
+        diverse = min(available, asked)
         training = TrainConfig.build(**{**exp.train, **arm.train})
         passes = training.epochs
         if (steps := training.max_steps) > 0:  # max_steps wins over epochs (one process)
@@ -74,7 +78,37 @@ def plan_experiment(exp: Experiment, flops_per_s: float | None = None) -> dict[s
         share = diverse / sampled["generated"] if arm.samples and sampled["generated"] else 0.0
         cost = arm_cost(model_path, record, sampled, share)
         cost["est_wall_s"] = cost["sample_flops"] / rates["sample"] + cost["train_flops"] / rates["train"]
-        arms.append({"arm": arm.name, "kind": arm.kind, "ratio": arm.ratio, "diverse_rows": diverse, **cost})
+        arms.append({"arm": arm.name, "kind": arm.kind, "ratio": arm.ratio, "diverse_rows": diverse,
+                     "diverse_asked": asked if arm.ratio > 0 else 0, "short": asked > available, **cost})
     return {"model": exp.model, "seeds": len(exp.seeds), "task_rows": len(task_rows),
             "sampling_run": sampled if prompts else None, "matmul_peak_flops": peak, "flops_per_s": flops_per_s,
-            "rates": rates, "arms": arms}
+            "rates": rates, "arms": arms, "pool_note": pool_note}
+
+
+def short_arms(plan: dict[str, Any]) -> list[str]:
+    """`arm: N of M diverse rows` for each arm whose pool holds fewer diverse rows than its ratio asks for."""
+    return [f"{a['arm']}: {a['diverse_rows']:,} of the {a['diverse_asked']:,} diverse rows asked for"
+            for a in plan["arms"] if a.get("short")]
+
+
+def _pool_for_plan(exp: Experiment, task_rows: list[dict[str, Any]], tmp: Path) -> tuple[Path, int, str | None]:
+    """The pool file the plan reads, the rows the pool has, and, for a pool still to be built, how its rows were
+    estimated (nothing is built: its local sources' rows, or the task's rows where all sources are on the hub,
+    stand in for its queries, and its requested `size` for their number)."""
+    from delia.data import read_chat
+    from delia.files import write_jsonl
+
+    if not isinstance(exp.pool, dict):
+        if exp.pool is None:
+            return tmp / "none.jsonl", 0, None
+        return exp.pool, len(read_chat(exp.pool).records), None
+    local = [s for s in exp.pool["sources"] if not s.startswith("hf:")]
+    rows = [r for s in local for r in read_chat(s, require_assistant=False, skip_invalid=True).records]
+    stand_in = "its local sources' rows" if rows else "the task's rows (its sources are on the hub)"
+    rows = rows or task_rows
+    size = exp.pool.get("size")
+    count = min(size, len(rows)) if size and local else size or len(rows)
+    write_jsonl(tmp / "pool.jsonl", rows[:count])
+    note = (f"the pool is still to be built: estimated as {count:,} rows (" + ("its requested size" if size else
+            "before cleaning") + f"), their lengths from {stand_in}")
+    return tmp / "pool.jsonl", count, note

@@ -92,7 +92,7 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
     from delia.evaluate import evaluate
     from delia.mix import mix
     from delia.models import resolve_model
-    from delia.plan import plan_experiment
+    from delia.plan import plan_experiment, short_arms
     from delia.report import ModelResult, write_report
     from delia.sample import sample
     from delia.train import train
@@ -119,6 +119,9 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
                                                                                            "train"})},
                      lambda d: plan_experiment(exp, flops_per_s))[1]["result"]
     estimate = {a["arm"]: a["est_wall_s"] for a in plan["arms"]}
+    if (short := short_arms(plan)) and not exp.mix.get("allow_short"):
+        raise DeliaError("the pool is too small for the arms' ratios (" + "; ".join(short) + "): use a larger pool "
+                         "or lower ratios, or set `allow_short: true` under `mix:` to train on every row it has")
 
     metric_cfg = None
     if exp.task.metric_config:
@@ -250,9 +253,11 @@ class RunConfig(StageConfig):
     out: Annotated[Path | None, Flags("--out", "-o")] = None
     """Output folder (default runs/<name>)."""
     plan: Annotated[bool, Flags("--plan")] = False
-    """Return the estimated tokens, FLOPs and wall time of every arm and seed, and stop (nothing runs)."""
+    """Return the estimated tokens, FLOPs and wall time of every arm and seed, and stop: no stage runs (a prepared
+    data set the experiment names is built if missing; a pool to build is estimated from its sources)."""
     flops_per_s: float | None = Field(None, gt=0)
-    """Rate for the wall-time estimates, e.g. 2e14 for a GPU (default: measured on this machine)."""
+    """Achieved FLOP/s for the wall-time estimates: what a run really reaches, about a third of the device's peak
+    (e.g. 3e14 on an H100 in bf16); default: measured on this machine."""
     baseline: str | None = None
     """Arm the report compares the others with (default: the experiment's `baseline`, else its first sft arm);
     a rerun with another baseline reuses every finished stage."""

@@ -343,6 +343,19 @@ def data_set(name: str, version: str | None = None) -> dd.DataSet:
     return versions[version]
 
 
+def data_path_problem(path: str | Path) -> str | None:
+    """Why `path` cannot be read (a missing file, a prepared set without that file), or None; nothing is built."""
+    m = DATA_PATH.fullmatch(str(path))
+    if m is not None and m["set"] in SETS:
+        try:
+            data = data_set(m["set"], m["version"])
+        except DeliaError as e:
+            return str(e)
+        return None if m["name"] in data.files else (
+            f"the {m['set']} data set (version {data.version}) has no {m['name']!r}; it has {', '.join(data.files)}")
+    return None if Path(path).exists() else f"{path}: no such file or folder"
+
+
 def resolve_data_path(path: str | Path) -> Path:
     """The file a `demo-data:NAME`, `sep-data:NAME` or `mt-data:NAME` path names, in its set's prepared
     folder (prepared, and cached, on first use); `demo-data@2:NAME` names a version, the newest otherwise.
@@ -351,11 +364,9 @@ def resolve_data_path(path: str | Path) -> Path:
     m = DATA_PATH.fullmatch(str(path))
     if m is None or m["set"] not in SETS:
         return Path(path)
-    data = data_set(m["set"], m["version"])
-    if m["name"] not in data.files:
-        raise DeliaError(f"{path}: the {m['set']} data set (version {data.version}) has no {m['name']!r}; it has "
-                         f"{', '.join(data.files)}")
-    return data.prepare() / m["name"]
+    if problem := data_path_problem(path):
+        raise DeliaError(f"{path}: {problem}")
+    return data_set(m["set"], m["version"]).prepare() / m["name"]
 
 
 class DataConfig(StageConfig):

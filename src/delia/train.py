@@ -10,6 +10,7 @@ without delia. Checkpoints are marked complete and pruned to what `--resume` nee
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from delia.config import Flags, StageConfig
 from delia.errors import DeliaError
@@ -72,7 +73,7 @@ class TrainConfig(StageConfig):
     learning_rate: float = Field(2e-4, gt=0)
     """Peak learning rate."""
     lr_scheduler: str = "constant_with_warmup"
-    """transformers scheduler name."""
+    """transformers scheduler name (linear, cosine, constant_with_warmup, ...)."""
     warmup_steps: int = Field(25, ge=0)
     """Linear warmup steps."""
     epochs: float = Field(1.0, gt=0)
@@ -126,6 +127,18 @@ class TrainConfig(StageConfig):
     """Also write the merged full model to OUT/merged."""
     keep_checkpoints: bool = False
     """Keep OUT/checkpoints after a successful run."""
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _known_scheduler(cls, name: str) -> str:
+        from transformers import SchedulerType
+
+        names = [t.value for t in SchedulerType]
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            raise ValueError(f"unknown scheduler {name!r}" + (f" (did you mean {close[0]!r}?)" if close else
+                                                               f"; expected one of {', '.join(names)}"))
+        return name
 
     @model_validator(mode="after")
     def _kl_rows_apart(self) -> TrainConfig:
