@@ -9,6 +9,7 @@ log, and prints what the stage returns. Stages themselves never print.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import importlib
 import inspect
@@ -90,7 +91,9 @@ def _load_config(ctx: typer.Context, _param: Any, value: Path | None) -> Path | 
                 known.setdefault(opt[2:].replace("-", "_"), p.name)
     unknown = sorted(k for k in data if k.replace("-", "_") not in known)
     if unknown:
-        raise typer.BadParameter(f"{value}: unknown option(s) {', '.join(unknown)}")
+        close = {k: difflib.get_close_matches(k.replace("-", "_"), list(known), n=1) for k in unknown}
+        raise typer.BadParameter(f"{value}: unknown option(s) " + ", ".join(
+            k + (f" (did you mean {c[0]!r}?)" if c else "") for k, c in close.items()))
     ctx.default_map = {**(ctx.default_map or {}), **{known[k.replace("-", "_")]: v for k, v in data.items()}}
     return value
 
@@ -138,7 +141,7 @@ def _plain_doc(func: Callable[..., Any]) -> Callable[..., Any]:
     return func
 
 
-def _doc(hint: Any) -> tuple[Any, Any]:
+def _doc(name: str, hint: Any) -> tuple[Any, Any]:
     """(type, typer parameter) of a stage function's positional parameter, written `Annotated[type, "help"]`: an
     argument, or with `Flags(...)` among its metadata a required option of those names."""
     from delia.config import Flags
@@ -147,7 +150,40 @@ def _doc(hint: Any) -> tuple[Any, Any]:
         else (hint, ())
     help_text = next((m for m in meta if isinstance(m, str)), None)
     flags = next((m for m in meta if isinstance(m, Flags)), None)
-    return base, typer.Option(*flags.names, help=help_text) if flags else typer.Argument(help=help_text)
+    if flags:
+        return base, typer.Option(*flags.names, help=help_text, metavar=metavar(base))
+    return base, typer.Argument(help=help_text, metavar=name.upper())
+
+
+def metavar(tp: Any) -> str | None:
+    """How help shows an option's value: its choices, or its kind of value, never a Python type."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "|".join(map(str, typing.get_args(tp)))
+    if origin in (typing.Union, types.UnionType):
+        return "|".join(filter(None, (metavar(a) for a in typing.get_args(tp) if a is not type(None)))) or None
+    if origin is list:
+        return metavar(typing.get_args(tp)[0])
+    if tp is bool:
+        return None
+    return {int: "INTEGER", float: "NUMBER", Path: "PATH"}.get(tp, "TEXT")
+
+
+# what a stage's docstring says to Python callers only: not for --help
+_API_TEXT = re.compile(r"\s*`options` set any \w+ field over `config`(?:;\s+`progress` hears of[^.]*)?\.")
+
+
+def _out_option(values: dict[str, Any]) -> Any:
+    """OUT, given as --out (or, until the next release, as the positional argument it used to be)."""
+    given, positional = values.pop("out_option"), values.pop("out")
+    if given is not None and positional is not None:
+        raise typer.BadParameter("give OUT once, as --out")
+    if given is None and positional is None:
+        raise typer.BadParameter("missing --out")
+    if positional is not None:
+        logging.getLogger("delia").warning("OUT as a positional argument is deprecated and goes in the next "
+                                           "release; write --out %s", positional)
+    return given if given is not None else positional
 
 
 def _option_names(name: str, field: Any) -> tuple[str, ...]:
@@ -199,15 +235,24 @@ def stage_command(func: Callable[..., Any], show: Callable[[Any], None] | None =
     config_class = config_class_of(func)
     flags = flags_of(config_class)
     params, arguments = [], []
+    out_positional = False  # OUT was an argument: it is --out now, the argument kept for a release
     for name, p in inspect.signature(func).parameters.items():
         if name in ("config", "progress") or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL, p.KEYWORD_ONLY):
             continue
-        base, parameter = _doc(hints[name])
+        base, parameter = _doc(name, hints[name])
         arguments.append(name)
+        if name == "out" and isinstance(parameter, typer.models.ArgumentInfo):
+            out_positional = True
+            params.append(inspect.Parameter("out", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=
+                                            Annotated[base | None, typer.Argument(metavar="OUT", hidden=True)]))
+            params.append(inspect.Parameter("out_option", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=
+                                            Annotated[base | None, typer.Option("--out", "-o", metavar="PATH",
+                                                                                help=parameter.help)]))
+            continue
         params.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=p.default,
                                         annotation=Annotated[base, parameter]))
     for name, field in (config_class.model_fields if config_class else {}).items():
-        option = typer.Option(*_option_names(name, field),
+        option = typer.Option(*_option_names(name, field), metavar=metavar(field.annotation),
                               help=_with_flags(field.description, flags) if field.description else None)
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY,
                                         default=field.get_default(call_default_factory=True),
@@ -216,6 +261,8 @@ def stage_command(func: Callable[..., Any], show: Callable[[Any], None] | None =
 
     @functools.wraps(func)
     def command(**values: Any) -> None:
+        if out_positional:
+            values["out"] = _out_option(values)
         args = {name: values.pop(name) for name in arguments}
         with _named_as_flags(flags):
             try:
@@ -228,7 +275,7 @@ def stage_command(func: Callable[..., Any], show: Callable[[Any], None] | None =
         if show is not None:
             show(result)
 
-    command.__doc__ = plain_help(func.__doc__)
+    command.__doc__ = plain_help(_API_TEXT.sub("", func.__doc__ or ""))
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__annotations__ = {p.name: p.annotation for p in params}
     del command.__wrapped__  # typer reads the signature above, not the stage function's
@@ -363,7 +410,9 @@ def data_inspect(
 @_plain_doc
 def data_convert(
     src: Annotated[Path, typer.Argument(help="Input dataset (any format `delia data inspect` reads).")],
-    out: Annotated[Path, typer.Argument(help="Output: .jsonl (messages JSONL) or a folder (saved HF dataset).")],
+    out: Annotated[Path | None, typer.Argument(metavar="OUT", hidden=True)] = None,
+    out_option: Annotated[Path | None, typer.Option(
+        "--out", "-o", metavar="PATH", help="Output: .jsonl (messages JSONL) or a folder (saved HF dataset).")] = None,
     format: FormatOpt = "auto",
     columns: ColumnsOpt = None,
     skip_invalid: Annotated[
@@ -381,11 +430,12 @@ def data_convert(
     A bad row stops the conversion (exit 2, nothing written) unless --skip-invalid.
 
     Examples:\n
-      delia data convert alpaca.json train.jsonl\n
-      delia data convert sharegpt.jsonl train.jsonl --skip-invalid
+      delia data convert alpaca.json --out train.jsonl\n
+      delia data convert sharegpt.jsonl --out train.jsonl --skip-invalid
     """
     from delia.data import check_chat_output, parse_columns, read_chat, write_chat, write_rejects
 
+    out = _out_option({"out": out, "out_option": out_option})
     with _named_as_flags({**_DATA_FLAGS, "overwrite": "--overwrite"}):
         check_chat_output(out, inputs=[src], overwrite=overwrite)
         data = read_chat(src, format, columns=parse_columns(columns), skip_invalid=skip_invalid,  # type: ignore[arg-type]
@@ -590,6 +640,9 @@ def main(argv: list[str] | None = None) -> None:
     """The `delia` command. Every error ends in one line on stderr and a non-zero exit, never a traceback: a
     user's mistake (DeliaError, exit 2), a file the system refuses (exit 1), or a crash whose traceback goes to a
     log file (exit 1)."""
+    from delia.upstream import apply_cli
+
+    apply_cli()
     _show_logs()
     _register_stages()
     try:

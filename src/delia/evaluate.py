@@ -118,9 +118,9 @@ def evaluate(
     answered row.
 
     Examples:\n
-      delia eval ../shared/data/delia-format/eval.jsonl runs/base-eval\n
-      delia eval eval.jsonl runs/delia-eval --adapter runs/delia-adapter --general general.jsonl\n
-      delia eval en-ja.jsonl runs/mt --metric translation --max-new-tokens 128
+      delia eval ../shared/data/delia-format/eval.jsonl --out runs/base-eval\n
+      delia eval eval.jsonl --out runs/delia-eval --adapter runs/delia-adapter --general general.jsonl\n
+      delia eval en-ja.jsonl --out runs/mt --metric translation --max-new-tokens 128
     """
     from delia.backends import SamplingParams
     from delia.backends.hf import HFBackend

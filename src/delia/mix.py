@@ -79,8 +79,8 @@ def mix(
     tokens per source. `options` set any MixConfig field over `config`.
 
     Examples:\n
-      delia mix task.jsonl diverse.jsonl mix.jsonl --ratio 100\n
-      delia mix task.jsonl diverse.jsonl mix.jsonl --diverse-count 5000 --seed 1
+      delia mix task.jsonl diverse.jsonl --out mix.jsonl --ratio 100\n
+      delia mix task.jsonl diverse.jsonl --out mix.jsonl --diverse-count 5000 --seed 1
     """
     cfg = MixConfig.build(config, **options)
     check_chat_output(out, inputs=[task, diverse], overwrite=cfg.overwrite)

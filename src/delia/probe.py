@@ -47,7 +47,7 @@ _EMBED_CHUNK = 8192
 class ProbeConfig(ModelChoice):
     """Options of `delia probe`: the model, the tokens and their descriptions, the prompts."""
 
-    token: Annotated[list[str] | None, Flags("--token", "-t")] = None
+    token: Annotated[list[str] | None, Flags("--token")] = None  # -t is pool's --task
     """TOKEN=DESCRIPTION, repeatable: the instruction the token stands for."""
     tokens_file: Path | None = None
     """YAML mapping of token to description."""
@@ -220,9 +220,9 @@ def probe(
     `options` set any ProbeConfig field over `config`; `progress` hears of every probed token.
 
     Examples:\n
-      delia probe runs/probe-base --token '<sep>=the format of a Python dict with the keys thought and
+      delia probe --out runs/probe-base --token '<sep>=the format of a Python dict with the keys thought and
       hallucination' --data ../shared/data/delia-format/eval.jsonl\n
-      delia probe runs/probe-delia --adapter runs/delia-adapter --data ../shared/data/delia-format/eval.jsonl
+      delia probe --out runs/probe-delia --adapter runs/delia-adapter --data ../shared/data/delia-format/eval.jsonl
     """
     from delia.files import check_output, write_json
     from delia.models import load_for_eval

@@ -259,7 +259,7 @@ class RunConfig(StageConfig):
     """Achieved FLOP/s for the wall-time estimates: what a run really reaches, about a third of the device's peak
     (e.g. 3e14 on an H100 in bf16); default: measured on this machine."""
     baseline: str | None = None
-    """Arm the report compares the others with (default: the experiment's `baseline`, else its first sft arm);
+    """Arm the report compares the others with (default: the experiment YAML's baseline key, else its first sft arm);
     a rerun with another baseline reuses every finished stage."""
 
 

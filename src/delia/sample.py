@@ -495,10 +495,10 @@ def sample(
     summary (counts, tokens, wall time), which the command shows as a table.
 
     Examples:\n
-      delia sample pool.jsonl diverse.jsonl\n
-      delia sample pool.jsonl diverse.jsonl --mode zero-shot -n 2 --seed 1\n
-      delia sample pool.jsonl part0.jsonl --shard 0/4 --backend vllm --tensor-parallel 2\n
-      delia sample pool.jsonl diverse.jsonl --backend openai --base-url http://127.0.0.1:8000/v1
+      delia sample pool.jsonl --out diverse.jsonl\n
+      delia sample pool.jsonl --out diverse.jsonl --mode zero-shot -n 2 --seed 1\n
+      delia sample pool.jsonl --out part0.jsonl --shard 0/4 --backend vllm --tensor-parallel 2\n
+      delia sample pool.jsonl --out diverse.jsonl --backend openai --base-url http://127.0.0.1:8000/v1
     """
     from delia.backends import SamplingParams
     from delia.files import write_json

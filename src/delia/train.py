@@ -162,9 +162,9 @@ def train(
     distributed.
 
     Examples:\n
-      delia train mix.jsonl runs/delia --eval-data task_eval.jsonl --add-token "<sep>"\n
-      delia train mix.jsonl runs/delia --resume\n
-      accelerate launch --config_file configs/accelerate/zero2.yaml -m delia train mix.jsonl runs/delia
+      delia train mix.jsonl --out runs/delia --eval-data task_eval.jsonl --add-token "<sep>"\n
+      delia train mix.jsonl --out runs/delia --resume\n
+      accelerate launch --config_file configs/accelerate/zero2.yaml -m delia train mix.jsonl --out runs/delia
     """
     return build_trainer(data, out, config, progress=progress, **options).fit()
 
@@ -190,7 +190,7 @@ class Training:
             _drop_checkpoints(out / CHECKPOINTS, keep=resume_from)  # a save a kill cut short, deletions left over
         trainer.accelerator.wait_for_everyone()
         if self.settings["resume"] and resume_from is None:
-            log.info("no checkpoint in %s; starting from the beginning", out / CHECKPOINTS)
+            log.debug("no checkpoint in %s; starting from the beginning", out / CHECKPOINTS)
         result = trainer.train(resume_from_checkpoint=resume_from)
         main, tmp = trainer.is_world_process_zero(), out / ".adapter.tmp"
         if main:
