@@ -234,3 +234,18 @@ def test_unexpected_errors_print_one_line_and_a_crash_log(tmp_path, capsys, monk
     (log,) = (tmp_path / "cache" / "crashes").iterdir()
     assert "Traceback" in log.read_text() and "ZeroDivisionError" in log.read_text()
     assert os.path.basename(str(log)) in err.replace("\n", "")
+
+
+def test_out_is_an_option_on_every_writing_verb_and_the_old_argument_warns(tmp_path, capsys):
+    task, diverse = _inputs(tmp_path)
+    for out, args in ((tmp_path / "a.jsonl", ["--out"]), (tmp_path / "b.jsonl", [])):
+        with pytest.raises(SystemExit) as exited:
+            main(["mix", task, diverse, *args, str(out), "--ratio", "1", "--tokenizer", ""])
+        assert exited.value.code == 0 and out.exists()
+    assert "OUT as a positional argument is deprecated" in " ".join(capsys.readouterr().err.split())
+    with pytest.raises(SystemExit) as exited:
+        main(["mix", task, diverse, str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "d.jsonl"), "--ratio", "1"])
+    assert exited.value.code == 2 and "give OUT once, as --out" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main(["mix", task, diverse, "--ratio", "1"])
+    assert exited.value.code == 2 and "missing --out" in capsys.readouterr().err
