@@ -253,3 +253,9 @@ def test_evaluate_scores_each_general_set_apart_with_leakage_by_kind(tiny_model,
                                                      "predictions.jsonl", SCORES]
     with pytest.raises(DeliaError, match=f"`general` {tmp_path / 'nope.jsonl'}: no such file"):
         evaluate(task, tmp_path / "o", model=str(tiny_model), general=[plain, tmp_path / "nope.jsonl"])
+
+
+def test_read_prompts_takes_the_first_rows_of_a_set_with_a_limit(write_jsonl):
+    path = write_jsonl("general.jsonl", GENERAL)
+    whole, first = read_prompts(path), read_prompts(path, limit=2)
+    assert len(whole.ids) == len(GENERAL) > 2 and first.ids == whole.ids[:2] and first.prompts == whole.prompts[:2]

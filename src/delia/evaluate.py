@@ -68,6 +68,8 @@ class EvalConfig(ModelChoice):
     contrast: Path | None = None
     """Prompts that tell the model not to use the task's format: scores the share of answers that obey (needs
     `general`)."""
+    general_limit: int | None = Field(None, ge=1)
+    """Score only the first N prompts of each general set (the demo data's sets are shuffled)."""
     general_max_new_tokens: int = Field(64, ge=1)
     """Answer length on general and contrast prompts (greedy)."""
     base_model: str | None = None
@@ -218,4 +220,4 @@ def _general(lm: Any, tokenizer: Any, metric_cfg: Any, cfg: EvalConfig) -> Itera
     for i, (name, path) in enumerate(set_files(cfg.general).items()):
         yield name, general_eval(lm, tokenizer, metric_cfg, path, base=base, same=same, adapter=cfg.adapter,
                                  contrast=cfg.contrast if i == 0 else None, max_new_tokens=cfg.general_max_new_tokens,
-                                 batch_size=cfg.batch_size or "auto", device=cfg.device)
+                                 batch_size=cfg.batch_size or "auto", device=cfg.device, limit=cfg.general_limit)

@@ -95,12 +95,13 @@ class Prompts:
     kinds: list[str | None]
 
 
-def read_prompts(path: str | Path) -> Prompts:
-    """Read a prompt set in any format `delia data` reads; rows may end on a user turn (no reference)."""
+def read_prompts(path: str | Path, limit: int | None = None) -> Prompts:
+    """Read a prompt set in any format `delia data` reads (its first `limit` rows); rows may end on a user turn
+    (no reference)."""
     from delia.data import read_chat, row_id
 
     path = Path(path)
-    records = read_chat(path, require_assistant=False).records
+    records = read_chat(path, require_assistant=False).records[:limit]
     if not records:
         raise DeliaError(f"{path}: no prompts")
     prompts, refs = [], []
@@ -328,18 +329,18 @@ class GeneralResult:
 
 def general_eval(model: Any, tokenizer: Any, config: MetricConfig, general: Path, *, base: str,
                  same: bool = False, adapter: Path | None = None, contrast: Path | None = None,
-                 max_new_tokens: int = 64, batch_size: int | str = "auto", device: str | None = None
-                 ) -> GeneralResult:
+                 max_new_tokens: int = 64, batch_size: int | str = "auto", device: str | None = None,
+                 limit: int | None = None) -> GeneralResult:
     """Score `model` on general prompts and, optionally, a contrast set, against the base model `base`
     (a name `resolve_model` takes; its answers come from the cache, generated on the first call). `same`:
     `model` is that base itself, so its answers are the cached ones and its drift 0. `adapter` is where the
-    model's new tokens are recorded."""
+    model's new tokens are recorded. `limit`: only the first rows of `general`."""
     from delia.backends import SamplingParams
     from delia.backends.hf import HFBackend
     from delia.prompts import prompt_ids
 
     new_ids = new_token_ids(adapter)
-    prompts = read_prompts(general)
+    prompts = read_prompts(general, limit)
     answers = base_answers(base, prompts, max_new_tokens, device=device,
                            loaded=(model, tokenizer) if same else None)
     params = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
