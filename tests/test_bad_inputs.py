@@ -168,6 +168,18 @@ CASES = [
     Case("config-yaml-error-names-the-line", lambda d: ["mix", *_inputs(d), str(d / "m.jsonl"), "--config",
                                                         str(_text(d / "c.yaml", "ratio: 1\nseed: [1\n"))],
          2, "line 3, column 1"),
+    Case("columns-empty-column", lambda d: ["data", "convert", _inputs(d)[0], "--out", str(d / "o.jsonl"),
+                                            "-c", "prompt="], 2, "expects FIELD=COLUMN with both named"),
+    Case("columns-unknown-field", lambda d: ["data", "convert", _inputs(d)[0], "--out", str(d / "o.jsonl"),
+                                             "-c", "promt=question"], 2, "'promt' is no format's field (did you "
+                                                                        "mean 'prompt'?)"),
+    Case("json-error-names-the-column", lambda d: ["data", "convert", str(_text(d / "bad.jsonl", '{"messages": [}\n')),
+                                                   "--out", str(d / "o.jsonl")], 2, "bad.jsonl:1: invalid JSON: "
+                                                                                   "Expecting value (column 15)"),
+    Case("sample-an-empty-pool", lambda d: ["sample", str(_text(d / "empty.jsonl", "")), "--out", str(d / "s.jsonl")],
+         2, "empty.jsonl: no queries to sample"),
+    Case("pool-missing-task-file", lambda d: ["pool", _inputs(d)[1], "--out", str(d / "p.jsonl"), "--task",
+                                              str(d / "gone.jsonl")], 2, "--task "),
     Case("output-in-a-read-only-place", lambda d: ["data", "convert", _inputs(d)[0], "/proc/delia-out.jsonl"],
          1, "/proc"),
 ]

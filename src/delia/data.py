@@ -8,6 +8,7 @@ cannot be read becomes a `DataError` naming the file, the line (JSONL) or row in
 from __future__ import annotations
 
 import csv
+import difflib
 import hashlib
 import json
 from collections import Counter
@@ -89,7 +90,9 @@ def _loads(text: str) -> Any:
 def _json_error(e: ValueError | RecursionError) -> str:
     if isinstance(e, RecursionError):
         return "nested too deeply"
-    return e.msg if isinstance(e, json.JSONDecodeError) else str(e)  # e.g. an integer of over 4300 digits
+    if isinstance(e, json.JSONDecodeError):
+        return f"{e.msg} (column {e.colno})"
+    return str(e)  # e.g. an integer of over 4300 digits
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[dict[str, int], Any]]:
@@ -132,7 +135,11 @@ def _iter_json_array(path: Path) -> Iterator[tuple[dict[str, int], Any]]:
 def _iter_table(path: Path) -> Iterator[tuple[dict[str, int], Any]]:
     import datasets
 
+    from delia.models import cache_root
+
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()  # its "Generating train split" lines are not a user's business
+    cache = str(cache_root() / "datasets")  # the Arrow copies of CSV and Parquet files, beside delia's other caches
     try:
         if path.is_dir():
             ds = datasets.load_from_disk(str(path))
@@ -140,13 +147,13 @@ def _iter_table(path: Path) -> Iterator[tuple[dict[str, int], Any]]:
                 split = "train" if "train" in ds else next(iter(ds))
                 ds = ds[split]
         elif path.suffix == ".parquet":
-            ds = datasets.Dataset.from_parquet(str(path))
+            ds = datasets.Dataset.from_parquet(str(path), cache_dir=cache)
         else:
             # CSV has no types: keep every cell as the text it is ("0012" stays "0012", "4" is not an int)
             with open(path, newline="", encoding="utf-8-sig") as fh:
                 header = next(csv.reader(fh), [])
             features = datasets.Features({c: datasets.Value("string") for c in header})
-            ds = datasets.Dataset.from_csv(str(path), keep_default_na=False, features=features)
+            ds = datasets.Dataset.from_csv(str(path), keep_default_na=False, features=features, cache_dir=cache)
     except Exception as e:  # the library's own message names what is wrong with the file
         raise DataError(path, f"cannot read as a table: {e}", reason="unreadable") from None
     for i, row in enumerate(ds):
@@ -300,11 +307,16 @@ def parse_columns(pairs: list[str] | None) -> dict[str, str] | None:
     if not pairs:
         return None
     out = {}
+    known = sorted({"id", *(field for fields in _CONSUMED.values() for field in fields)})
     for p in pairs:
-        if "=" not in p:
-            raise DeliaError(f"`columns` expects FIELD=COLUMN, got {p!r}")
-        k, v = p.split("=", 1)
-        out[k.strip()] = v.strip()
+        k, _, v = (part.strip() for part in p.partition("="))
+        if not k or not v:
+            raise DeliaError(f"`columns` expects FIELD=COLUMN with both named, got {p!r}")
+        if k not in known:
+            close = difflib.get_close_matches(k, known, n=1)
+            raise DeliaError(f"`columns` {p!r}: {k!r} is no format's field" + (
+                f" (did you mean {close[0]!r}?)" if close else f"; the fields are {', '.join(known)}"))
+        out[k] = v
     return out
 
 
@@ -425,7 +437,7 @@ def write_rejects(out: str | Path, rejects: list[dict[str, Any]]) -> Path:
 def row_id(record: Mapping[str, Any]) -> str:
     """The record's own `id` when it has one, else a hash of its conversation (stable across runs)."""
     if record.get("id") not in (None, ""):
-        return str(record["id"])
+        return record["id"] if isinstance(record["id"], str) else dumps(record["id"])  # an object id as JSON
     return hashlib.sha256(dumps({"m": record["messages"]}).encode()).hexdigest()[:16]
 
 

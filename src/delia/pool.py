@@ -473,6 +473,9 @@ def pool(
         raise DeliaError(f"{out}: the pool is written as messages JSONL; give a .jsonl path")
     if not sources:
         raise DeliaError("give at least one source")
+    for t in cfg.task or []:
+        if not Path(t).is_file():
+            raise DeliaError(f"`task` {t}: no such file (the task rows to decontaminate against)")
     inputs = [*map(_local_path, sources), *(cfg.task or [])]
     check_output(out, inputs=inputs, overwrite=cfg.overwrite)
     for beside_out in (sources_path(out), removed_path(out), plot_path(out)):

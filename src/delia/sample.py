@@ -200,6 +200,9 @@ def _select_queries(pool: Path, cfg: SampleConfig) -> tuple[list[Query], dict[st
     One-shot mode skips queries without a reference, and refuses a pool where none has one.
     """
     everything, skipped = _load_queries(pool, cfg.format, cfg.columns, cfg.skip_invalid)
+    if not everything:
+        raise DeliaError(f"{pool}: no queries to sample" + (f" ({sum(skipped.values())} rows skipped: "
+                         + ", ".join(f"{k} {v}" for k, v in skipped.items()) + ")" if skipped else ""))
     pool_rows = len(everything) + sum(skipped.values())
     queries = [q for q in everything if in_shard(q[0], *parse_shard(cfg.shard))][:cfg.limit]
     if cfg.mode == "one-shot":
