@@ -261,3 +261,21 @@ def test_out_is_an_option_on_every_writing_verb_and_the_old_argument_warns(tmp_p
     with pytest.raises(SystemExit) as exited:
         main(["mix", task, diverse, "--ratio", "1"])
     assert exited.value.code == 2 and "missing --out" in capsys.readouterr().err
+
+
+def test_run_overwrite_removes_only_a_run_folder(tmp_path):
+    from delia.errors import DeliaError
+    from delia.run import claim_run_folder
+
+    run = tmp_path / "run"
+    claim_run_folder(run)
+    (run / "stages").mkdir()
+    (run / "stages" / "old").write_text("an earlier stage")
+    claim_run_folder(run)  # a rerun resumes: nothing is removed
+    assert (run / "stages" / "old").exists()
+    claim_run_folder(run, overwrite=True)
+    assert [p.name for p in run.iterdir()] == [".delia-output.json"]
+    mine = _user_folder(tmp_path / "mine")
+    with pytest.raises(DeliaError, match="holds files that no delia run wrote"):
+        claim_run_folder(mine, overwrite=True)
+    assert (mine / "notes" / "thesis.txt").read_text() == "months of work\n"

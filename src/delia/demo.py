@@ -20,6 +20,8 @@ class DemoConfig(StageConfig):
 
     out: Annotated[Path, Flags("--out", "-o")] = Path("runs/demo")
     """Output folder."""
+    overwrite: bool = False
+    """Start over: remove an earlier demo run in the output folder."""
 
 
 def demo(config: DemoConfig | None = None, *, progress: ProgressCallback | None = None,
@@ -36,4 +38,5 @@ def demo(config: DemoConfig | None = None, *, progress: ProgressCallback | None 
     from delia.experiment import load_experiment
     from delia.run import run_experiment
 
-    return run_experiment(load_experiment(DEMO_CONFIG), DemoConfig.build(config, **options).out, progress=progress)
+    cfg = DemoConfig.build(config, **options)
+    return run_experiment(load_experiment(DEMO_CONFIG), cfg.out, progress=progress, overwrite=cfg.overwrite)

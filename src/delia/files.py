@@ -58,6 +58,22 @@ def mark_output(folder: str | Path, kind: str) -> None:
     write_json(Path(folder) / OUTPUT_MARKER, {"kind": kind, "written_by": "delia"})
 
 
+def _move_aside(path: Path) -> Path:
+    """Rename `path` into a new hidden folder beside it (returned, for removal): a kill while it is removed then
+    never leaves a half-deleted folder under its name."""
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+    os.replace(path, old / path.name)
+    return old
+
+
+def discard_output(path: str | Path, kind: str) -> None:
+    """Remove a folder that delia wrote as an output of `kind` (its marker says so); refuse anything else."""
+    path = Path(os.path.abspath(path))
+    if output_kind(path) != kind:
+        raise DeliaError(f"{path}: is not a {kind} folder that delia wrote; refusing to remove it")
+    shutil.rmtree(_move_aside(path), ignore_errors=True)
+
+
 def _replaceable(path: Path, kind: str, replace_unmarked: bool) -> bool:
     if not path.is_dir() or path.is_symlink():
         return False
@@ -85,13 +101,10 @@ def atomic_dir(path: str | Path, kind: str, *, replace_unmarked: bool = False) -
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it owner-only
         yield tmp
         mark_output(tmp, kind)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
+        old = _move_aside(path) if path.exists() else None
+        os.replace(tmp, path)
+        if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

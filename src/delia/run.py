@@ -20,7 +20,7 @@ from delia import __version__
 from delia.config import Flags, StageConfig
 from delia.errors import DeliaError
 from delia.experiment import Experiment, load_experiment
-from delia.files import check_output, mark_output, output_kind, sha256_file, sha256_json, write_json
+from delia.files import check_output, discard_output, mark_output, output_kind, sha256_file, sha256_json, write_json
 from delia.general import map_files
 from delia.models import model_fingerprint
 from delia.progress import ProgressCallback
@@ -59,14 +59,17 @@ class StageCache:
 RUN_KIND = "run"  # the output marker's kind (files.mark_output)
 
 
-def claim_run_folder(out: Path) -> None:
+def claim_run_folder(out: Path, overwrite: bool = False) -> None:
     """Make `out` a run folder, refusing one that holds other files: a run writes its report and stages there.
 
     A folder of an earlier run (marked, or with the `stages/` of a run from before folders were marked) is
-    resumed."""
+    resumed, or with `overwrite` removed first."""
     check_output(out, overwrite=True, folder=True)
     if out.is_dir() and any(out.iterdir()) and output_kind(out) != RUN_KIND and not (out / "stages").is_dir():
         raise DeliaError(f"{out}: holds files that no delia run wrote; choose a new or empty folder with `out`")
+    if overwrite and out.is_dir():
+        mark_output(out, RUN_KIND)  # a run's folder from before folders were marked
+        discard_output(out, RUN_KIND)
     mark_output(out, RUN_KIND)
 
 
@@ -83,11 +86,12 @@ def resolve_paths(exp: Experiment) -> Experiment:
 
 
 def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
-                   progress: ProgressCallback | None = None) -> dict[str, Any]:
+                   progress: ProgressCallback | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Sample, mix, train, evaluate and probe every arm and seed of `exp`; write the report into `out`.
 
     The report puts the plan's wall-time estimate (at `flops_per_s`, or measured) beside the measured time.
-    Stages report their progress to `progress`."""
+    Stages report their progress to `progress`. A finished or interrupted run in `out` is resumed, or with
+    `overwrite` removed first."""
     from delia.compute import arm_cost
     from delia.evaluate import evaluate
     from delia.mix import mix
@@ -97,7 +101,7 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
     from delia.sample import sample
     from delia.train import train
 
-    claim_run_folder(out)
+    claim_run_folder(out, overwrite)
     resolve_paths(exp)
     pool_spec = exp.pool if isinstance(exp.pool, dict) else None
     cache = StageCache(out / "stages")
@@ -258,6 +262,8 @@ class RunConfig(StageConfig):
     flops_per_s: float | None = Field(None, gt=0)
     """Achieved FLOP/s for the wall-time estimates: what a run really reaches, about a third of the device's peak
     (e.g. 3e14 on an H100 in bf16); default: measured on this machine."""
+    overwrite: bool = False
+    """Start over: remove an earlier run in the output folder (only a folder that a delia run wrote)."""
     baseline: str | None = None
     """Arm the report compares the others with (default: the experiment YAML's baseline key, else its first sft arm);
     a rerun with another baseline reuses every finished stage."""
@@ -287,4 +293,4 @@ def run(experiment: Annotated[Path, "Experiment YAML (see examples/)."], config:
         from delia.plan import plan_experiment
 
         return plan_experiment(resolve_paths(exp), cfg.flops_per_s)
-    return run_experiment(exp, cfg.out or Path("runs") / exp.name, cfg.flops_per_s, progress)
+    return run_experiment(exp, cfg.out or Path("runs") / exp.name, cfg.flops_per_s, progress, cfg.overwrite)

@@ -381,7 +381,7 @@ class DataConfig(StageConfig):
     sources, each with its kind) or 2; sep and mt: 1."""
     out: Annotated[Path | None, Flags("--out", "-o")] = None
     """Folder to write (default: $DELIA_CACHE/data/<set>-<version>, DELIA_CACHE defaulting to ~/.cache/delia)."""
-    force: bool = False
+    overwrite: Annotated[bool, Flags("--overwrite", "--force")] = False
     """Rebuild even if the folder is already prepared."""
 
 
@@ -396,7 +396,7 @@ def prepare_data(config: DataConfig | None = None, **options: Any) -> Path:
       delia demo-data\n
       delia demo-data --version 2\n
       delia demo-data --set sep\n
-      delia demo-data --set mt --out data/mt --force
+      delia demo-data --set mt --out data/mt --overwrite
     """
     cfg = DataConfig.build(config, **options)
-    return data_set(cfg.set_name, cfg.version).prepare(cfg.out, cfg.force)
+    return data_set(cfg.set_name, cfg.version).prepare(cfg.out, cfg.overwrite)
