@@ -454,3 +454,28 @@ def test_train_config_errors_name_the_field():
         TrainConfig.build(lerning_rate=1e-3)
     cfg = TrainConfig.build(TrainConfig.build(lora_r=4), seed=3)  # options set on top of a config
     assert (cfg.lora_r, cfg.seed, cfg.lora_alpha) == (4, 3, 16)
+
+
+@pytest.mark.parametrize(("spec", "layers"), [("upper-half", [1]), ("lower-half", [0]), ("1", [1]), ("0-1", [0, 1])])
+def test_layers_leaves_the_other_layers_without_lora(rows, tmp_path, tiny_model, spec, layers):
+    from safetensors.torch import load_file
+
+    from delia.train import TRAIN_RECORD
+
+    data, _ = rows
+    out = train(**_settings(data, tmp_path / "run", tiny_model, max_steps=1, layers=spec))
+    keys = load_file(out / "adapter_model.safetensors").keys()
+    adapted = sorted({int(k.split(".layers.")[1].split(".")[0]) for k in keys if "lora_" in k})
+    assert adapted == layers
+    assert json.loads((out / TRAIN_RECORD).read_text())["peft"]["layers"] == (layers if spec != "0-1" else [0, 1])
+
+
+def test_layers_names_the_model_s_layers_when_out_of_range(rows, tmp_path, tiny_model):
+    from delia.errors import DeliaError
+    from delia.train import layer_indices
+
+    assert layer_indices(None, 4) is None and layer_indices("upper-half", 5) == [2, 3, 4]
+    with pytest.raises(DeliaError, match="the model has layers 0 to 1"):
+        layer_indices("1-3", 2)
+    with pytest.raises(DeliaError, match="layers"):
+        train(**_settings(rows[0], tmp_path / "bad", tiny_model, max_steps=1, layers="upper"))

@@ -43,6 +43,23 @@ TRAIN_RECORD = "delia_train.json"
 TRAINER_LOG = "trainer_log.jsonl"
 CHECKPOINTS = "checkpoints"
 TRAIN_KIND = "train"  # the output marker's kind (files.mark_output)
+LAYERS = re.compile(r"upper-half|lower-half|\d+(-\d+)?(,\d+(-\d+)?)*")
+
+
+def layer_indices(spec: str | None, layers: int) -> list[int] | None:
+    """The decoder layers a `layers` option names, for PEFT's `layers_to_transform` (None: every layer)."""
+    if spec is None:
+        return None
+    if spec in ("upper-half", "lower-half"):
+        half = layers // 2
+        return list(range(half, layers)) if spec == "upper-half" else list(range(half))
+    picked = set()
+    for part in spec.split(","):
+        first, _, last = part.partition("-")
+        picked.update(range(int(first), int(last or first) + 1))
+    if not picked or max(picked) >= layers:
+        raise DeliaError(f"`layers` {spec}: the model has layers 0 to {layers - 1}")
+    return sorted(picked)
 RESUME_KEY_FILE = "resume_key.json"  # inside CHECKPOINTS: the settings a --resume must match
 CHECKPOINT_DONE = "delia_checkpoint.json"  # inside a checkpoint: written last, marks it complete
 LEGACY_RESUME_KEY_FILE = "delia_run.json"  # earlier name, still read on --resume
@@ -70,6 +87,9 @@ class TrainConfig(StageConfig):
     """LoRA dropout."""
     target_modules: Annotated[list[str] | None, Flags("--target-module")] = None
     """Module adapted by LoRA, repeatable (default: q/k/v/o projections)."""
+    layers: str | None = Field(None, pattern=LAYERS.pattern)
+    """Decoder layers that get LoRA: upper-half, lower-half, or indices and ranges such as 6-11 or 0,2,4
+    (default: all). Adapting only the upper layers spares the lower ones that task alignment would move."""
     learning_rate: float = Field(2e-4, gt=0)
     """Peak learning rate."""
     lr_scheduler: str = "constant_with_warmup"
@@ -341,6 +361,7 @@ def build_trainer(data: str | Path, out: str | Path, config: TrainConfig | None 
     peft_config = LoraConfig(
         r=s["lora_r"], lora_alpha=s["lora_alpha"], lora_dropout=s["lora_dropout"], bias="none",
         target_modules=s["target_modules"] or ["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM",
+        layers_to_transform=layer_indices(s["layers"], base.config.num_hidden_layers),
         modules_to_save=list(modules_to_save) if modules_to_save else None,  # PEFT extends the list it gets
         # tied rows: PEFT ties the head's trainable tokens to the input's by itself; a tied matrix copy needs asking
         trainable_token_indices=token_rows, ensure_weight_tying=bool(modules_to_save and tokens["tied_embeddings"]),
@@ -422,7 +443,8 @@ def build_trainer(data: str | Path, out: str | Path, config: TrainConfig | None 
         "versions": library_versions(),
         "device": str(trainer.args.device), "processes": trainer.args.world_size,
         "precision": next((k for k, on in precision.items() if on), "fp32"),
-        "peft": {"target_modules": sorted(peft_config.target_modules), "modules_to_save": modules_to_save,
+        "peft": {"target_modules": sorted(peft_config.target_modules), "layers": peft_config.layers_to_transform,
+                 "modules_to_save": modules_to_save,
                  "trainable_token_indices": token_rows, "mask_dropout_layers": mask_dropout,
                  "trainable_params": trainable, "total_params": total},
         "new_tokens": tokens,
