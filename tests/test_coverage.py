@@ -63,6 +63,21 @@ def test_standardising_by_the_pool_makes_a_huge_constant_dimension_irrelevant():
     assert got.per_prompt[0].similarity == pytest.approx(np.cos(np.radians(45)), abs=1e-3)
 
 
+def test_pools_compared_on_one_scale():
+    """By its own scale a narrow pool looks close to a far prompt; standardised by both pools it does not."""
+    narrow = np.array([[10.0, 0.0], [10.0, 0.1], [10.0, -0.1], [10.1, 0.0]])
+    broad = np.vstack([POOL * 10, narrow])
+    prompt = np.array([[0.0, 8.0]])
+    both = np.vstack([narrow, broad])
+    own = coverage(narrow, prompt, ["north"]).nearest.p50
+    common = [coverage(p, prompt, ["north"], standardise_by=both).nearest.p50 for p in (narrow, broad)]
+    assert common[1] > common[0] and common[0] < own
+    assert coverage(broad, prompt, ["north"], standardise_by=broad).nearest.p50 == coverage(broad, prompt, [
+        "north"]).nearest.p50
+    with pytest.raises(DeliaError, match="at least 2"):
+        coverage(broad, prompt, ["north"], standardise_by=broad[:1])
+
+
 def test_least_covered_prompts_lowest_first_with_text_and_nearest_query():
     prompts = unit([0, 38, 5, 55, 20])  # 0, 38, 5, 35 and 20 degrees from their nearest query
     texts = ["close", "farthest " + "word " * 100, "close too", "far", "middle"]

@@ -3,14 +3,18 @@ query, read before any compute is spent on sampling and training: "the pool does
 
 Vectors are `delia.pool.embed`'s (the target model's mean-pooled last hidden states), standardised per dimension
 by the pool's own mean and spread and compared by cosine, as the pool's k-means selection sees them: raw hidden
-states have a few huge dimensions that put every cosine near 1.
+states have a few huge dimensions that put every cosine near 1. Each pool thus has its own scale; to compare
+pools, standardise all of them by the same vectors (`standardise_by`, e.g. the union of the pools), or the
+narrower pool's scale flatters it.
 
 The threshold, unless one is given, is the pool's own typical nearest-neighbour similarity: the median, over
 the pool's queries, of the cosine to the nearest *other* pool query (leave-one-out). A prompt below it lies
 farther from the pool than half the pool's queries lie from each other, in a region the pool covers more
 thinly than it covers itself. Measured on the pool, it means the same under any model, where the level of raw
 cosines differs from model to model; it also means that two pools' shares are each against their own density,
-so compare pools by their median nearest similarity (the same model embeds both).
+so compare pools by their median nearest similarity on one scale. A pool made of families of templated queries
+(many rows per task) has near-identical neighbours, an own typical similarity near 1, and every prompt below it:
+then read the medians, or give a `threshold`.
 """
 
 from __future__ import annotations
@@ -113,17 +117,22 @@ def _nearest(prompts: np.ndarray, pool: np.ndarray, leave_one_out: bool = False)
 
 
 def coverage(pool_vectors: np.ndarray, prompt_vectors: np.ndarray, prompt_texts: Sequence[str], *,
-             pool_texts: Sequence[str] | None = None, threshold: float | None = None, least: int = 5) -> Coverage:
+             pool_texts: Sequence[str] | None = None, threshold: float | None = None, least: int = 5,
+             standardise_by: np.ndarray | None = None) -> Coverage:
     """How well the pool covers the prompts: each prompt's nearest pool query, the spread of those similarities,
     the share below `threshold` (default: the pool's median leave-one-out nearest similarity) and the `least`
-    least-covered prompts with their text (and their nearest pool query's, given `pool_texts`)."""
+    least-covered prompts with their text (and their nearest pool query's, given `pool_texts`).
+    `standardise_by`: vectors whose mean and spread standardise both sides (default: the pool's)."""
     if len(prompt_texts) != len(prompt_vectors):
         raise ValueError(f"{len(prompt_texts)} prompt texts for {len(prompt_vectors)} vectors")
     if len(prompt_vectors) == 0:
         raise DeliaError("no prompts to measure the pool's coverage of")
     if len(pool_vectors) < 2:
         raise DeliaError(f"the pool has {len(pool_vectors)} queries; coverage needs at least 2 (its own spread)")
-    mean, scale = pool_vectors.mean(0), pool_vectors.std(0) + 1e-6  # the selection's standardisation
+    frame = pool_vectors if standardise_by is None else standardise_by
+    if len(frame) < 2:
+        raise DeliaError(f"{len(frame)} vectors to standardise by; at least 2 are needed (their spread)")
+    mean, scale = frame.mean(0), frame.std(0) + 1e-6  # the selection's standardisation
     pool = _unit(pool_vectors, mean, scale)
     sims, index = _nearest(_unit(prompt_vectors, mean, scale), pool)
     own, _ = _nearest(pool, pool, leave_one_out=True)
@@ -151,23 +160,24 @@ def read_prompts(paths: Sequence[Path]) -> dict[str, list[str]]:
     for path in paths:
         texts = [first_turns(r)[0] for r in read_chat(path, require_assistant=False).records]
         if not texts:
-            raise DeliaError(f"{path}: no prompts to measure the pool's coverage of")
+            raise DeliaError(f"{path}: no user prompts in it")
         sets[str(path)] = texts
     return sets
 
 
 def measure(pool_vectors: np.ndarray, pool_texts: Sequence[str], prompt_sets: Mapping[str, list[str]],
-            vectors_of: Callable[[list[str]], np.ndarray], *, threshold: float | None = None,
-            least: int = 5) -> dict[str, Coverage]:
+            vectors_of: Callable[[list[str]], np.ndarray], *, threshold: float | None = None, least: int = 5,
+            standardise_by: np.ndarray | None = None) -> dict[str, Coverage]:
     """Coverage of each prompt set, its prompts embedded by `vectors_of` as the pool's queries were."""
     return {name: coverage(pool_vectors, vectors_of(texts), texts, pool_texts=pool_texts, threshold=threshold,
-                           least=least) for name, texts in prompt_sets.items()}
+                           least=least, standardise_by=standardise_by) for name, texts in prompt_sets.items()}
 
 
-def coverage_record(pool: str | Path, model: str, max_embed_tokens: int,
-                    covered: Mapping[str, Coverage]) -> dict[str, Any]:
+def coverage_record(pool: str | Path, model: str, max_embed_tokens: int, covered: Mapping[str, Coverage],
+                    standardised_by: Sequence[Path] = ()) -> dict[str, Any]:
     """What OUT.coverage.json (`delia pool --coverage`) and `delia coverage --out` write."""
     return {"pool": str(pool), "model": model, "max_embed_tokens": max_embed_tokens,
+            "standardised_by": [str(p) for p in standardised_by] or "the pool",
             "files": {name: c.model_dump() for name, c in covered.items()}}
 
 
@@ -186,6 +196,9 @@ class CoverageConfig(StageConfig):
     similarity, leave-one-out)."""
     least: int = Field(5, ge=0)
     """Least-covered prompts listed per file."""
+    standardise_by: list[Path] | None = None
+    """Files whose queries (first user turns), together, standardise the vectors instead of the pool's: give
+    the same ones (e.g. every pool compared) to compare pools on one scale; repeatable."""
     max_embed_tokens: int = Field(128, ge=1)
     """Tokens of each text that are embedded (as `delia pool` embedded the pool)."""
     batch_size: int = Field(16, ge=1)
@@ -213,7 +226,8 @@ def pool_coverage(
 
     Examples:\n
       delia coverage pool.jsonl general.jsonl task_eval.jsonl\n
-      delia coverage pool.jsonl general.jsonl --model smollm2-135m --out pool.coverage.json
+      delia coverage pool.jsonl general.jsonl --model smollm2-135m --out pool.coverage.json\n
+      delia coverage pool-a.jsonl general.jsonl --standardise-by pool-a.jsonl --standardise-by pool-b.jsonl
     """
     from delia.models import resolve_model
     from delia.pool import embed
@@ -222,9 +236,10 @@ def pool_coverage(
     if not prompts:
         raise DeliaError("give at least one prompt file")
     if cfg.out is not None:
-        check_output(cfg.out, inputs=[pool, *prompts], overwrite=cfg.overwrite)
+        check_output(cfg.out, inputs=[pool, *prompts, *(cfg.standardise_by or [])], overwrite=cfg.overwrite)
     queries = [first_turns(r)[0] for r in read_chat(pool, require_assistant=False).records]
     prompt_sets = read_prompts(prompts)
+    frame_sets = read_prompts(cfg.standardise_by or [])
     if len(queries) < 2:
         raise DeliaError(f"{pool}: {len(queries)} queries; coverage needs at least 2 (the pool's own spread)")
     model_path = resolve_model(cfg.model)
@@ -233,9 +248,10 @@ def pool_coverage(
         return embed(texts, model_path, max_tokens=cfg.max_embed_tokens, batch_size=cfg.batch_size,
                      device=cfg.device, progress=progress)[0]
 
+    frame = np.vstack([vectors_of(texts) for texts in frame_sets.values()]) if frame_sets else None
     covered = measure(vectors_of(queries), queries, prompt_sets, vectors_of, threshold=cfg.threshold,
-                      least=cfg.least)
-    result = coverage_record(pool, cfg.model, cfg.max_embed_tokens, covered)
+                      least=cfg.least, standardise_by=frame)
+    result = coverage_record(pool, cfg.model, cfg.max_embed_tokens, covered, cfg.standardise_by or ())
     if cfg.out is not None:
         write_json(cfg.out, result)
     return {**result, "out": None if cfg.out is None else str(cfg.out)}
