@@ -61,6 +61,7 @@ app.add_typer(model_app, name="model")
 # verb -> "module:function". Each function is also the Python API of its stage.
 STAGES: dict[str, str] = {
     "pool": "delia.pool:pool",
+    "coverage": "delia.coverage:pool_coverage",
     "sample": "delia.sample:sample",
     "sample-merge": "delia.sample:merge",
     "mix": "delia.mix:mix",
@@ -499,6 +500,17 @@ def show_mix(summary: dict[str, Any]) -> None:
                   f"summary in {escape(str(summary_path(summary['out'])))}")
 
 
+def show_coverage(result: dict[str, Any]) -> None:
+    """`delia coverage`: one line per prompt file (its nearest similarities, the share below the threshold, the
+    least-covered prompt), then where the record is."""
+    from delia.coverage import Coverage
+
+    for name, c in result["files"].items():
+        typer.echo(Coverage.model_validate(c).line(name))
+    if result["out"]:
+        console.print(f"[green]wrote[/] {escape(result['out'])}", highlight=False)
+
+
 def show_sample(summary: dict[str, Any]) -> None:
     """`delia sample`'s summary as a table: pool, shard, resume, filters, tokens and speed."""
     from delia.filters import REASONS
@@ -610,7 +622,7 @@ def show_path(path: Path) -> None:
 # verb -> how the command prints what its stage returns (the stage itself only logs)
 SHOW: dict[str, Callable[[Any], None]] = {"sample": show_sample, "mix": show_mix, "eval": show_eval,
                                           "probe": show_probe, "run": show_run, "demo": show_run,
-                                          "demo-data": show_path}
+                                          "demo-data": show_path, "coverage": show_coverage}
 
 
 def _error(message: str) -> None:

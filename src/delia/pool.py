@@ -12,6 +12,9 @@ Steps, in this order; each one's removals are counted in `OUT.sources.json` and 
 5. exact duplicates (normalised query text), then near-duplicates (MinHash LSH on word 3-grams);
 6. selection to `size` rows: k-means on the target model's mean-pooled hidden states, drawn round-robin
    across clusters (seeded).
+
+With `coverage` prompt files, OUT.coverage.json tells how close each of their prompts comes to the pool
+(`delia.coverage`), before anything is sampled or trained.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from delia.config import Flags
+from delia.coverage import coverage_record, measure, read_prompts
 from delia.data import ChatData, ReadOptions, parse_columns, read_chat
 from delia.errors import DeliaError
 from delia.files import (
@@ -66,6 +70,10 @@ def removed_path(out: str | Path) -> Path:
 
 def plot_path(out: str | Path) -> Path:
     return beside(out, ".selection.png", strip=(".jsonl",))
+
+
+def coverage_path(out: str | Path) -> Path:
+    return beside(out, ".coverage.json", strip=(".jsonl",))
 
 
 # ----------------------------------------------------------------------------- reading sources
@@ -377,6 +385,9 @@ class PoolConfig(ReadOptions):
 
     task: Annotated[list[Path] | None, Flags("--task", "-t")] = None
     """Task file (train or eval) to decontaminate against; repeatable."""
+    coverage: list[Path] | None = None
+    """Prompt file (general prompts, task prompts) whose coverage by the pool goes to OUT.coverage.json;
+    repeatable."""
     size: int | None = Field(None, ge=1)
     """Select this many rows for diversity (default: keep all)."""
     model: Annotated[str, Flags("--model", "-m")] = "smollm2-135m"
@@ -448,8 +459,8 @@ class PoolConfig(ReadOptions):
 def pool(
     sources: Annotated[list[str], "Sources: files or folders in any format `delia data` reads, or hf:NAME[:SPLIT] "
                                   "(a hub dataset, or hf:PATH for a saved dataset folder)."],
-    out: Annotated[Path, Flags("--out", "-o"), "Output pool (messages JSONL); OUT.sources.json, OUT.removed.jsonl "
-                                               "and OUT.selection.png go beside it."],
+    out: Annotated[Path, Flags("--out", "-o"), "Output pool (messages JSONL); OUT.sources.json, OUT.removed.jsonl, "
+                                               "OUT.selection.png and OUT.coverage.json go beside it."],
     config: PoolConfig | None = None,
     *,
     progress: ProgressCallback | None = None,
@@ -476,10 +487,11 @@ def pool(
     for t in cfg.task or []:
         if not Path(t).is_file():
             raise DeliaError(f"`task` {t}: no such file (the task rows to decontaminate against)")
-    inputs = [*map(_local_path, sources), *(cfg.task or [])]
+    inputs = [*map(_local_path, sources), *(cfg.task or []), *(cfg.coverage or [])]
     check_output(out, inputs=inputs, overwrite=cfg.overwrite)
-    for beside_out in (sources_path(out), removed_path(out), plot_path(out)):
+    for beside_out in (sources_path(out), removed_path(out), plot_path(out), coverage_path(out)):
         check_output(beside_out, inputs=inputs, overwrite=True)  # replaced with OUT, but never an input
+    prompt_sets = read_prompts(cfg.coverage) if cfg.coverage else {}
     licences = _parse_licences(cfg.licence, sources)
     cols = parse_columns(cfg.columns)
     removed: list[dict[str, Any]] = []
@@ -527,7 +539,12 @@ def pool(
 
     _require_rows(rows, removed)
     selection: dict[str, Any] = {"method": "all", "rows": len(rows)}
-    plot = None
+    plot = vectors = None
+
+    def vectors_of(texts: list[str]) -> np.ndarray:
+        return embed(texts, model_path, max_tokens=cfg.max_embed_tokens, batch_size=cfg.batch_size,
+                     device=cfg.device, progress=progress)[0]
+
     if cfg.size is not None and cfg.size < len(rows):
         k = min(len(rows), cfg.clusters or max(1, round(cfg.size ** 0.5)))
         vectors, cache_file, was_cached = embed([_query(r) for r in rows], model_path, max_tokens=cfg.max_embed_tokens,
@@ -538,6 +555,7 @@ def pool(
         chosen = set(picked)
         rows = _drop(rows, [None if i in chosen else ("not_selected", {"cluster": int(labels[i])})
                             for i in range(len(rows))], removed)
+        vectors = vectors[picked]  # the pool's rows, in order
         per_cluster = Counter(int(labels[i]) for i in picked)
         selection = {"method": "k-means on mean-pooled last hidden states, round-robin across clusters",
                      "rows": len(rows), "clusters": k, "nonempty_clusters": int(len(set(labels.tolist()))),
@@ -548,6 +566,10 @@ def pool(
                                    "cached": was_cached}}
     if cfg.size is not None and cfg.size > len(rows) and selection["method"] == "all":
         log.warning("%d rows left after cleaning, fewer than size %d", len(rows), cfg.size)
+    covered = {}
+    if prompt_sets:
+        queries = [_query(r) for r in rows]
+        covered = measure(vectors_of(queries) if vectors is None else vectors, queries, prompt_sets, vectors_of)
     per_source = Counter(r["source"] for r in rows)
     selection["per_source"] = {s: {"rows": per_source[s], "share": round(per_source[s] / max(1, len(rows)), 4)}
                                for s in sources}
@@ -573,10 +595,16 @@ def pool(
     }
     # beside files first, the pool last: an OUT that exists is complete
     write_jsonl(removed_path(out), removed)
-    summary["files"] = {"removed": str(removed_path(out)), "plot": str(plot) if plot else None}
+    summary["files"] = {"removed": str(removed_path(out)), "plot": str(plot) if plot else None,
+                        "coverage": str(coverage_path(out)) if covered else None}
+    summary["coverage"] = {name: c.model_dump(exclude={"per_prompt"}) for name, c in covered.items()}
+    if covered:
+        write_json(coverage_path(out), coverage_record(out, cfg.model, cfg.max_embed_tokens, covered))
     write_json(sources_path(out), summary)
     write_jsonl(out, rows)
     steps = ", ".join(f"{k} {v}" for k, v in summary["steps"].items() if v)
     log.info("wrote %d of %d rows to %s (removed: %s); see %s", len(rows), read, out, steps or "none",
              sources_path(out))
+    for name, c in covered.items():
+        log.info("%s", c.line(name))
     return summary

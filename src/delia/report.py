@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from delia.files import atomic_writer
+from delia.text import shorten
 
 log = logging.getLogger(__name__)
 TRUNCATED = "truncated"  # per-row 1.0 where the eval cut the task answer at max_new_tokens (finish reason `length`)
@@ -564,11 +565,6 @@ def examples(runs: list[ModelResult], general_set: str | None = None,
     return out
 
 
-def _short(text: str, n: int = EXAMPLE_CHARS) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= n else text[:n - 1] + "…"
-
-
 def _md_cell(text: str) -> str:
     return text.replace("|", "\\|")
 
@@ -709,9 +705,10 @@ def write_report(folder: Path, title: str, runs: list[ModelResult], baseline: st
                     + ", answered by the base model and the first seed of every arm (greedy; leak: the answer is "
                     "in the task's format).")]
         for i, (prompt, answers) in enumerate(shown, start=1):
-            blocks += [("p", f"Prompt {i}: {_short(prompt)}"),
+            blocks += [("p", f"Prompt {i}: {shorten(prompt, EXAMPLE_CHARS)}"),
                        ("table", ["arm", "answer", "leak"],
-                        [[arm, _short(text) or "(empty)", "–" if leak is None else "yes" if leak else "no"]
+                        [[arm, shorten(text, EXAMPLE_CHARS) or "(empty)",
+                          "–" if leak is None else "yes" if leak else "no"]
                          for arm, text, leak in answers])]
     if (truncation := truncation_table(summary))[1]:
         blocks += [("h2", "Truncated answers"),
