@@ -99,6 +99,8 @@ def test_evaluate_errors(tiny_model, write_jsonl, tmp_path):
     ({"contrast": "c.jsonl"}, "`contrast` needs `general`"),
     ({"adapter": "a", "base_model": "b"}, "`base_model` is for a merged `model`"),
     ({"model": "m", "adapter": "a"}, "set `model` or `adapter`, not both"),
+    ({"adapter_scale": 0.5}, "`adapter_scale` scales an `adapter`'s LoRA update: give `adapter`"),
+    ({"adapter": "a", "adapter_scale": -1}, "adapter_scale must be >= 0"),
     ({"max_new_token": 8}, "'max_new_token' is not an option of delia eval (did you mean 'max_new_tokens'?)"),
 ])
 def test_eval_options_are_checked_before_anything_runs(options, named, tmp_path):

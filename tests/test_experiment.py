@@ -10,6 +10,8 @@ from delia.experiment import load_experiment
 
 
 def _load(tmp_path, **config):
+    for name in ("a.jsonl", "b.jsonl", "p.jsonl"):  # the data files must exist; their rows are not read
+        (tmp_path / name).touch()
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump({"task": {"train": "a.jsonl", "eval": "b.jsonl"}, "pool": "p.jsonl", **config}))
     return load_experiment(path)
@@ -53,6 +55,52 @@ def test_a_ratios_line_expands_into_one_arm_per_ratio(tmp_path):
     ([{"name": "d", "ratios": [1], "train": {"lora_rr": 8}}], "'lora_rr' is not an option of delia train"),
 ])
 def test_bad_sweeps_are_refused_at_load(tmp_path, arms, message):
+    with pytest.raises(DeliaError, match=message):
+        _load(tmp_path, arms=arms)
+
+
+def test_a_scaled_line_expands_into_one_arm_per_scale_of_a_trained_arm(tmp_path):
+    exp = _load(tmp_path, arms=[
+        {"name": "sft-scaled", "kind": "scaled", "of": "sft", "scales": [0.75, 0.25, 1.5]},  # before its `of`
+        {"name": "sft", "kind": "sft"},
+        {"name": "delia", "ratios": [2, 4]},
+        {"name": "half", "kind": "scaled", "of": "delia-2", "scales": [0.5]}])  # a swept arm, by its name
+    arms = {a.name: a for a in exp.arms}
+    assert list(arms) == ["sft-scaled-0.25", "sft-scaled-0.75", "sft-scaled-1.5", "sft", "delia-2", "delia-4",
+                          "half-0.5"]
+    assert [(arms[n].of, arms[n].scale) for n in ("sft-scaled-0.25", "sft-scaled-1.5", "half-0.5")] == [
+        ("sft", 0.25), ("sft", 1.5), ("delia-2", 0.5)]
+    assert all(arms[n].kind == "scaled" and arms[n].ratio == 0 and arms[n].scales is None for n in arms if "-0." in n)
+    dumped = exp.model_dump(mode="json")["arms"]
+    assert dumped[0] == {"name": "sft-scaled-0.25", "kind": "scaled", "ratio": 0.0, "diverse": None, "train": {},
+                         "of": "sft", "scale": 0.25}
+    assert "of" not in dumped[3] and "scale" not in dumped[3]  # other arms dump as before the kind existed
+    assert exp.baseline_arm == "sft"
+
+
+@pytest.mark.parametrize("arms, message", [
+    ([{"name": "sft", "kind": "sft"}, {"name": "s", "kind": "scaled", "of": "sfft", "scales": [0.5]}],
+     r"`of` 'sfft' is not an arm; it names an arm that trains: sft \(did you mean 'sft'\?\)"),
+    ([{"name": "d", "ratios": [2]}, {"name": "s", "kind": "scaled", "of": "d", "scales": [0.5]}],
+     "`of` 'd' is not an arm; it names an arm that trains: d-2"),
+    ([{"name": "sft", "kind": "sft"}, {"name": "s", "kind": "scaled", "of": "sft", "scales": [0.5]},
+      {"name": "t", "kind": "scaled", "of": "s-0.5", "scales": [0.5]}], "`of` 's-0.5' is a scaled arm"),
+    ([{"name": "sft", "kind": "sft"}, {"name": "s", "kind": "scaled", "of": "sft"}], "kind scaled needs `of`"),
+    ([{"name": "sft", "kind": "sft"}, {"name": "s", "kind": "scaled", "scales": [1]}], "kind scaled needs `of`"),
+    ([{"name": "sft", "kind": "sft"}, {"name": "s", "kind": "scaled", "of": "sft", "scales": []}],
+     "must be distinct and above 0"),
+    ([{"name": "sft", "kind": "sft"}, {"name": "s", "kind": "scaled", "of": "sft", "scales": [0, 1]}],
+     "must be distinct and above 0"),
+    ([{"name": "sft", "kind": "sft"}, {"name": "s", "kind": "scaled", "of": "sft", "scales": [0.5], "ratio": 1}],
+     "kind scaled trains nothing"),
+    ([{"name": "sft", "kind": "sft"}, {"name": "s", "kind": "scaled", "of": "sft", "scales": [0.5],
+                                       "train": {"lora_r": 4}}], "kind scaled trains nothing"),
+    ([{"name": "sft", "kind": "sft"}, {"name": "s", "kind": "scaled", "of": "sft", "scale": 0.5}],
+     "kind scaled needs `of`"),
+    ([{"name": "sft", "kind": "sft"}, {"name": "s", "of": "sft", "scales": [0.5]}], "are for kind scaled"),
+    ([{"name": "sft", "kind": "sft"}, {"name": "s", "kind": "scaeld"}], "did you mean 'scaled'"),
+])
+def test_bad_scaled_arms_are_refused_at_load(tmp_path, arms, message):
     with pytest.raises(DeliaError, match=message):
         _load(tmp_path, arms=arms)
 

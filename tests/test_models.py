@@ -300,3 +300,69 @@ def test_smollm2_is_converted_to_a_plain_trainable_folder_and_answers():
                                   add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
     assert "Paris" in tok.decode(out[0][ids["input_ids"].shape[1]:])
+
+
+@pytest.fixture(scope="module")
+def moved_adapter(tiny_model, tmp_path_factory) -> tuple[Path, int]:
+    """(a LoRA adapter with random B matrices and a trained row for a new token, that token's id)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = load_model(str(tiny_model), device="cpu")
+    new_id = len(tok)  # a padding row past the tokenizer, as `delia train` gives a new token
+    tok.add_special_tokens({"additional_special_tokens": ["<new>"]})
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            trainable_token_indices=[new_id]))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name or "trainable_tokens_delta" in name:
+                p.normal_(std=0.5)
+    folder = tmp_path_factory.mktemp("moved-adapter")
+    peft.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder, new_id
+
+
+def _logits(model, tok):
+    """The model's logits on one prompt."""
+    import torch
+
+    ids = torch.tensor([tok("Is the sky green? Answer briefly.")["input_ids"]])
+    with torch.no_grad():
+        return model(input_ids=ids).logits[0]
+
+
+def test_adapter_scale_interpolates_between_base_and_adapter_and_keeps_new_token_rows(tiny_model, moved_adapter):
+    import torch
+
+    from delia.models import load_trained
+
+    folder, new_id = moved_adapter
+    base, tok = load_model(str(tiny_model), device="cpu")
+    base_logits = _logits(base, tok)
+    trained, _ = load_trained(folder, device="cpu")
+    zero, _ = load_trained(folder, device="cpu", scale=0.0)
+    one, _ = load_trained(folder, device="cpu", scale=1.0)
+    half, _ = load_trained(folder, device="cpu", scale=0.5)
+    old = [i for i in range(base_logits.shape[-1]) if i != new_id]  # the new token's (tied) head row is trained
+    assert torch.equal(_logits(zero, tok)[:, old], base_logits[:, old])
+    assert torch.equal(_logits(one, tok), _logits(trained, tok))
+    assert not torch.allclose(_logits(half, tok), _logits(trained, tok))
+    assert not torch.allclose(_logits(half, tok)[:, old], base_logits[:, old])
+    # the new token's embedding row is not a LoRA update: kept at any scale
+    rows = [m.get_input_embeddings().weight[new_id] for m in (zero, trained)]
+    assert torch.equal(*rows) and not torch.equal(rows[0], base.get_input_embeddings().weight[new_id])
+
+
+def test_merging_a_scaled_adapter_gives_the_unmerged_logits(moved_adapter):
+    import torch
+
+    from delia.models import load_trained
+
+    model, tok = load_trained(moved_adapter[0], device="cpu", scale=0.5)
+    unmerged = _logits(model, tok)
+    model.merge_adapter()  # what `delia eval` does
+    torch.testing.assert_close(_logits(model, tok), unmerged, atol=1e-5, rtol=1e-4)
+    plain = load_trained(moved_adapter[0], device="cpu", scale=0.5)[0].merge_and_unload()  # a merged model folder's
+    torch.testing.assert_close(_logits(plain, tok), unmerged, atol=1e-5, rtol=1e-4)

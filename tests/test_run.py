@@ -363,3 +363,40 @@ def test_a_sweep_and_two_general_sets_with_kinds_run_end_to_end(experiment, tmp_
         assert head in report
     assert "- Sweep replay (ratios 1, 2): " in report
     assert (tmp_path / "out" / "dose_response.png").stat().st_size > 1000
+
+
+def test_a_scaled_arm_evaluates_the_of_arms_adapter_at_each_scale_and_trains_nothing(experiment, tmp_path,
+                                                                                      monkeypatch):
+    monkeypatch.setenv("DELIA_CACHE", str(tmp_path / "cache"))
+    config = yaml.safe_load(experiment.read_text())
+    config.update(seeds=[0], eval_base=False, contrast=None, arms=[
+        {"name": "sft", "kind": "sft"}, {"name": "sft-scaled", "kind": "scaled", "of": "sft", "scales": [0.5, 1]}])
+    config["task"]["add_tokens"] = {"<sep>": None}  # no probe stage
+    experiment.write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    first = run_experiment(load_experiment(experiment), out)
+    # no train stage of its own; at scale 1 it is the sft arm's own eval, already done
+    assert first["stages_run"] == ["plan:costs", "train:sft seed 0", "eval:sft seed 0", "eval:sft-scaled-0.5 seed 0"]
+    assert first["stages_cached"] == ["eval:sft-scaled-1 seed 0"]
+    records = [json.loads((p / "stage.json").read_text()) for p in (out / "stages").iterdir()]
+    stages = {f"{r['stage']}:{r['label']}": r for r in records}
+    scaled, sft = stages["eval:sft-scaled-0.5 seed 0"], stages["eval:sft seed 0"]
+    assert scaled["inputs"]["adapter_scale"] == 0.5 and "adapter_scale" not in sft["inputs"]  # sft's key as before
+    assert scaled["inputs"]["adapter"] == sft["inputs"]["adapter"] == stages["train:sft seed 0"]["inputs"]
+    assert scaled["result"]["adapter_scale"] == 0.5 and sft["result"]["adapter_scale"] == 1.0  # scores.json
+    arms = first["summary"]["arms"]
+    half = arms["sft-scaled-0.5"]
+    assert (half["kind"], half["ratio"], half["of"], half["scale"]) == ("scaled", 0, "sft", 0.5)
+    assert arms["sft"]["of"] is None and "format_accuracy" in half["delta"] and "leakage" in half["delta"]
+    assert half["compute"]["flops"] == arms["sft"]["compute"]["flops"] > 0 and half["compute"]["est_wall_s"] == 0
+    assert list(half["wall_s"]) == ["eval"]  # no sampling, mixing or training of its own
+    report = (out / "report.md").read_text()
+    assert "| sft-scaled-0.5 | scaled | 0 |" in report and "A scaled arm trains nothing" in report
+    assert "- sft-scaled-0.5 (ratio 0) against sft: format_accuracy " in report
+    plan = {a["arm"]: a for a in json.loads((out / "manifest.json").read_text())["plan"]["arms"]}
+    assert plan["sft-scaled-0.5"]["of"] == "sft" and plan["sft-scaled-0.5"]["flops"] == plan["sft"]["flops"]
+    assert plan["sft-scaled-0.5"]["est_wall_s"] == 0 and "of" not in plan["sft"]
+
+    second = run_experiment(load_experiment(experiment), out)
+    assert second["stages_run"] == [] and sorted(second["stages_cached"]) == sorted(
+        first["stages_run"] + first["stages_cached"])

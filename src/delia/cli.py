@@ -580,7 +580,8 @@ def plan_table(plan: dict[str, Any]) -> Any:
     for a in plan["arms"]:
         rows = f"{a['diverse_rows']:,}" + (f"\nSHORT: {a['diverse_asked']:,} asked" if a.get("short") else "")
         generated = f"up to {a['generated_tokens']:,.0f}" if a["generated_tokens"] else "0"
-        table.add_row(f"{escape(a['arm'])}\nkind {a['kind']}, ratio {a['ratio']:g}", rows, generated,
+        made = f"of {escape(a['of'])}" if a.get("of") else f"ratio {a['ratio']:g}"
+        table.add_row(f"{escape(a['arm'])}\nkind {a['kind']}, {made}", rows, generated,
                       f"{a['trained_tokens']:,.0f}", f"{a['forward_only_tokens']:,.0f}", f"{a['flops'] / 1e12:,.2f}",
                       _duration(a["est_wall_s"]))
     return table

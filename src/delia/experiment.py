@@ -13,7 +13,18 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FiniteFloat,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from delia.errors import DeliaError
 from delia.files import read_yaml
@@ -29,8 +40,8 @@ STAGE_CONFIGS: dict[str, tuple[str, frozenset[str]]] = {
     "mix": ("delia.mix:MixConfig", frozenset({"ratio", "diverse_count", "seed", "tokenizer", "overwrite"})),
     "train": ("delia.train:TrainConfig", frozenset({"model", "add_token", "eval_data", "resume", "seed",
                                                    "diverse_loss", "overwrite"})),
-    "eval": ("delia.evaluate:EvalConfig", frozenset({"model", "adapter", "metric", "metric_config", "general",
-                                                    "contrast", "overwrite"})),
+    "eval": ("delia.evaluate:EvalConfig", frozenset({"model", "adapter", "adapter_scale", "metric",
+                                                    "metric_config", "general", "contrast", "overwrite"})),
 }
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # an experiment's name: a folder name, never a path
 
@@ -91,6 +102,8 @@ ARM_KINDS: dict[str, tuple[str | None, str | None]] = {
     "delia-kl": ("self", "kl"),               # KL to the base model on the diverse rows (self or reference text)
     "replay-reference": ("reference", "ce"),  # the pool's reference answers as text: does self-sampling matter?
 }
+# The kind that trains nothing: another arm's adapters with their LoRA update scaled (WiSE-FT), one arm per scale.
+SCALED = "scaled"
 
 
 def arm_kind(kind: str | None, ratio: float, diverse: str | None) -> tuple[str, str | None]:
@@ -98,8 +111,8 @@ def arm_kind(kind: str | None, ratio: float, diverse: str | None) -> tuple[str, 
     if kind is None:
         kind = "sft" if ratio == 0 else "delia"
     if kind not in ARM_KINDS:
-        close = difflib.get_close_matches(kind, list(ARM_KINDS), n=1)
-        raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(ARM_KINDS)}"
+        close = difflib.get_close_matches(kind, [*ARM_KINDS, SCALED], n=1)
+        raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join([*ARM_KINDS, SCALED])}"
                          + (f" (did you mean {close[0]!r}?)" if close else ""))
     if (kind == "sft") != (ratio == 0):
         raise ValueError(f"kind {kind} needs " + ("ratio 0" if kind == "sft" else "a ratio above 0"))
@@ -112,13 +125,14 @@ def arm_kind(kind: str | None, ratio: float, diverse: str | None) -> tuple[str, 
 
 class Arm(BaseModel):
     """One way of training: its kind, the diverse rows per task row, and train overrides; or, with `ratios`,
-    a sweep of one such arm over several ratios (expanded at load by `expand_sweeps`)."""
+    a sweep of one such arm over several ratios (expanded at load by `expand_sweeps`); or, kind `scaled`,
+    another arm's adapters at several scales (expanded at load by `expand_scaled`)."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    kind: str | None = Field(None, description=f"One of {', '.join(ARM_KINDS)}; default: sft at ratio 0, "
-                             "else delia.")
+    kind: str | None = Field(None, description=f"One of {', '.join([*ARM_KINDS, SCALED])}; default: sft at "
+                             "ratio 0, else delia.")
     ratio: float = Field(0.0, ge=0, allow_inf_nan=False,
                          description="Diverse rows per task row; 0 for sft, more than 0 otherwise.")
     diverse: str | None = Field(None, description="delia-kl only: the diverse text under the KL, `self` (the "
@@ -132,6 +146,22 @@ class Arm(BaseModel):
                                        "arm (which must exist), drawn at ratio 0 of the sweep's dose-response.")
     sweep: str | None = Field(None, exclude=True, description="The sweep the arm belongs to (the `ratios` line's "
                               "name, set at load): the report draws and judges a sweep's arms by ratio.")
+    of: str | None = Field(None, description="Kind scaled: the arm (after sweeps expand, e.g. delia-4) whose "
+                           "adapter of each seed is evaluated at each scale; nothing is trained.")
+    scales: list[FiniteFloat] | None = Field(None, exclude=True, description="Kind scaled: the factors of the LoRA "
+                                             "update, one arm per scale named `<name>-<scale>`; above 0 (0 is the "
+                                             "base model), 1 the `of` arm itself, above 1 an extrapolation.")
+    scale: float | None = Field(None, description="Kind scaled: this arm's factor (set at load from `scales`).")
+
+    @model_serializer(mode="wrap")
+    def _without_unset_scaling(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """`of` and `scale` left out where unset: a dump that names them only for scaled arms keeps the other
+        arms' dumps, and the stage keys made of them, as they were before the kind existed."""
+        dumped = handler(self)
+        for key in ("of", "scale"):
+            if isinstance(dumped, dict) and dumped.get(key) is None:
+                dumped.pop(key, None)
+        return dumped
 
     @field_validator("train")
     @classmethod
@@ -140,6 +170,8 @@ class Arm(BaseModel):
 
     @model_validator(mode="after")
     def _kind(self) -> Arm:
+        if self.kind == SCALED or {"of", "scales", "scale"} & self.model_fields_set:
+            return self._scaled()
         if self.ratios is None:
             self.kind, self.diverse = arm_kind(self.kind, self.ratio, self.diverse)
             return self
@@ -152,6 +184,21 @@ class Arm(BaseModel):
         if self.kind == "sft":
             raise ValueError("kind sft has no diverse rows to sweep: `ratios` needs a kind with them")
         arm_kind(self.kind, max(self.ratios), self.diverse)  # the rules of every swept arm: all ratios are > 0
+        return self
+
+    def _scaled(self) -> Arm:
+        """A scaled arm as written: `of` and `scales`, and nothing that trains."""
+        if self.kind != SCALED:
+            raise ValueError("`of` and `scales` are for kind scaled")
+        if self.of is None or self.scales is None:
+            raise ValueError("kind scaled needs `of` (an arm) and `scales` (e.g. [0.25, 0.5, 0.75])")
+        if "scale" in self.model_fields_set:
+            raise ValueError("give `scales`, a list: each scale is an arm named `<name>-<scale>`")
+        if not self.scales or min(self.scales) <= 0 or len(set(self.scales)) != len(self.scales):
+            raise ValueError(f"`scales` must be distinct and above 0 (0 is the base model), got {self.scales}")
+        if set(self.model_fields_set) & {"ratio", "ratios", "diverse", "train"}:
+            raise ValueError("kind scaled trains nothing: no `ratio`, `ratios`, `diverse` or `train` (the `of` "
+                             "arm's training is scaled)")
         return self
 
     @property
@@ -181,6 +228,31 @@ def expand_sweeps(arms: list[Arm]) -> list[Arm]:
             out.append(arm.model_copy(update={"name": f"{arm.name}-{r:g}", "ratio": r, "ratios": None,
                                               "sweep": arm.name, "kind": kind, "diverse": diverse}, deep=True))
     return out
+
+
+def expand_scaled(arms: list[Arm]) -> list[Arm]:
+    """`arms` with each scaled line replaced, in place, by one arm per scale, named `<name>-<scale>`; its `of`
+    must be an arm that trains (sweeps already expanded), since scaling a scaled arm is a scale of the same."""
+    trained = [a.name for a in arms if a.kind != SCALED]
+    lines = [a for a in arms if a.kind == SCALED]
+    scaled = {a.name for a in lines} | {_scaled_name(a, s) for a in lines for s in a.scales or []}
+    out = []
+    for arm in arms:
+        if arm.kind != SCALED:
+            out.append(arm)
+            continue
+        if arm.of not in trained:
+            close = difflib.get_close_matches(str(arm.of), trained, n=1)
+            raise ValueError(f"arm {arm.name!r}: `of` {arm.of!r} is " + ("a scaled arm" if arm.of in scaled else
+                             "not an arm") + f"; it names an arm that trains: {', '.join(trained)}"
+                             + (f" (did you mean {close[0]!r}?)" if close else ""))
+        out += [arm.model_copy(update={"name": _scaled_name(arm, s), "scale": s, "scales": None})
+                for s in sorted(arm.scales or [])]
+    return out
+
+
+def _scaled_name(arm: Arm, scale: float) -> str:
+    return f"{arm.name}-{scale:g}"
 
 
 class Experiment(BaseModel):
@@ -249,7 +321,7 @@ class Experiment(BaseModel):
     @field_validator("arms")
     @classmethod
     def _expanded_unique_arms(cls, arms: list[Arm]) -> list[Arm]:
-        arms = expand_sweeps(arms)
+        arms = expand_scaled(expand_sweeps(arms))
         names = [a.name for a in arms]
         if len(set(names)) != len(names):
             raise ValueError(f"arm names must be unique, got {names}")
@@ -264,7 +336,7 @@ class Experiment(BaseModel):
         if self.baseline is not None and self.baseline not in {a.name for a in self.arms}:
             raise ValueError(f"baseline {self.baseline!r} is not an arm")
         train_config = stage_config("train")
-        for arm in self.arms:  # the experiment's train section and the arm's overrides, together
+        for arm in (a for a in self.arms if a.kind != SCALED):  # the train section and the arm's overrides, together
             try:
                 train_config.build(**{**self.train, **arm.train}, diverse_loss=arm.diverse_loss)
             except DeliaError as e:

@@ -162,11 +162,12 @@ def load_model(name: str | Path = DEFAULT_MODEL, *, dtype: str = "auto", device:
     return model.to(device).eval(), load_tokenizer(path, resolved=True)
 
 
-def load_trained(adapter: str | Path, device: str | None = None) -> tuple[Any, Any]:
+def load_trained(adapter: str | Path, device: str | None = None, scale: float = 1.0) -> tuple[Any, Any]:
     """(base model + adapter in eval mode, the adapter's tokenizer): what evaluation calls "the trained model".
 
     The base is the model named in delia_train.json (resolved again, so a bundled name works on
     another machine), else the adapter config's path; embeddings grow to the tokenizer when it is longer.
+    `scale` multiplies the LoRA update (`scale_adapter`).
     """
     from peft import PeftConfig, PeftModel
     from transformers import AutoTokenizer
@@ -183,7 +184,26 @@ def load_trained(adapter: str | Path, device: str | None = None) -> tuple[Any, A
     tokenizer = AutoTokenizer.from_pretrained(str(adapter))
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    return PeftModel.from_pretrained(model, str(adapter)).eval(), tokenizer
+    peft = PeftModel.from_pretrained(model, str(adapter)).eval()
+    if scale != 1.0:
+        scale_adapter(peft, scale)
+    return peft, tokenizer
+
+
+def scale_adapter(model: Any, scale: float) -> None:
+    """Set every LoRA layer's scaling to `scale` times its trained alpha/r (PEFT's `LoraLayer.set_scale`), for good:
+    unlike `peft.helpers.rescale_adapter_scale`, a context manager, the scale then holds through a merge (which
+    folds the scaled update into the weights) and all that follows. WiSE-FT for LoRA: 0 is the base model, 1 the
+    trained one. Weights outside LoRA layers (trainable-token rows of new tokens, `modules_to_save` copies) are
+    not LoRA updates and stay as trained."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    if not layers:
+        raise DeliaError("the adapter has no LoRA layers to scale")
+    for layer in layers:
+        for name in layer.active_adapters:
+            layer.set_scale(name, scale)
 
 
 class ModelChoice(StageConfig):
@@ -202,12 +222,14 @@ class ModelChoice(StageConfig):
         return self
 
 
-def load_for_eval(model: str | None, adapter: Path | None, device: str | None = None) -> tuple[Any, Any, str]:
-    """(model, tokenizer, description of what was loaded): the adapter's own base when an adapter is given."""
+def load_for_eval(model: str | None, adapter: Path | None, device: str | None = None,
+                  adapter_scale: float = 1.0) -> tuple[Any, Any, str]:
+    """(model, tokenizer, description of what was loaded): the adapter's own base when an adapter is given,
+    its LoRA update times `adapter_scale`."""
     if adapter is not None:
         if model is not None:
             raise DeliaError(MODEL_OR_ADAPTER)
-        m, tok = load_trained(adapter, device=device)
+        m, tok = load_trained(adapter, device=device, scale=adapter_scale)
         return m, tok, f"{adapter} (adapter)"
     m, tok = load_model(model or DEFAULT_MODEL, device=device)
     return m, tok, model or DEFAULT_MODEL

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from delia.compute import STAGE_SHARE_OF_PEAK, arm_cost
-from delia.experiment import Experiment
+from delia.experiment import SCALED, Experiment
 
 
 def plan_experiment(exp: Experiment, flops_per_s: float | None = None) -> dict[str, Any]:
@@ -60,8 +60,8 @@ def plan_experiment(exp: Experiment, flops_per_s: float | None = None) -> dict[s
 
     peak = None if flops_per_s else measure_matmul_flops()
     rates = {stage: flops_per_s or peak * share for stage, share in STAGE_SHARE_OF_PEAK.items()}
-    arms = []
-    for arm in exp.arms:
+    rows = {}
+    for arm in (a for a in exp.arms if a.kind != SCALED):
         available = sampled["generated"] if arm.samples else round(len(references) * scale)
         asked = diverse_rows(arm.ratio, len(task_rows))
         diverse = min(available, asked)
@@ -78,8 +78,12 @@ def plan_experiment(exp: Experiment, flops_per_s: float | None = None) -> dict[s
         share = diverse / sampled["generated"] if arm.samples and sampled["generated"] else 0.0
         cost = arm_cost(model_path, record, sampled, share)
         cost["est_wall_s"] = cost["sample_flops"] / rates["sample"] + cost["train_flops"] / rates["train"]
-        arms.append({"arm": arm.name, "kind": arm.kind, "ratio": arm.ratio, "diverse_rows": diverse,
-                     "diverse_asked": asked if arm.ratio > 0 else 0, "short": asked > available, **cost})
+        rows[arm.name] = {"arm": arm.name, "kind": arm.kind, "ratio": arm.ratio, "diverse_rows": diverse,
+                          "diverse_asked": asked if arm.ratio > 0 else 0, "short": asked > available, **cost}
+    # a scaled arm costs its `of` arm's sampling and training, which run once for both: nothing more to wait for
+    arms = [rows[a.name] if a.kind != SCALED else
+            {**rows[str(a.of)], "arm": a.name, "kind": SCALED, "of": a.of, "short": False, "est_wall_s": 0.0}
+            for a in exp.arms]
     return {"model": exp.model, "seeds": len(exp.seeds), "task_rows": len(task_rows),
             "sampling_run": sampled if prompts else None, "matmul_peak_flops": peak, "flops_per_s": flops_per_s,
             "rates": rates, "arms": arms, "pool_note": pool_note}

@@ -36,8 +36,10 @@ class ModelResult:
     train_dir: Path | None = None
     wall_s: dict[str, float] = field(default_factory=dict)
     probe: dict[str, Any] | None = None
-    kind: str | None = None  # the arm's kind (sft, delia, delia-kl, replay-reference); None for the base model
+    kind: str | None = None  # the arm's kind (sft, delia, delia-kl, replay-reference, scaled); None for the base
     sweep: str | None = None  # the `ratios` line the arm was expanded from (experiment.expand_sweeps)
+    of: str | None = None  # kind scaled: the arm whose adapter it scales (its ratio is that arm's)
+    scale: float | None = None  # kind scaled: the factor of the LoRA update
     compute: dict[str, float] | None = None  # tokens and estimated FLOPs (delia.compute.arm_cost)
 
 
@@ -181,6 +183,7 @@ def summarise(runs: list[ModelResult], baseline: str | None, n_boot: int) -> dic
         group.sort(key=lambda r: -1 if r.seed is None else r.seed)
         costs = [r.compute for r in group if r.compute]
         entry: dict[str, Any] = {"ratio": group[0].ratio, "kind": group[0].kind, "sweep": group[0].sweep,
+                                 "of": group[0].of, "scale": group[0].scale,
                                  "seeds": [r.seed for r in group], "metrics": {}, "delta": {},
                                  "trained_tokens": _total(c["trained_tokens"] for c in costs),
                                  "compute": {k: float(np.mean([c[k] for c in costs])) for k in costs[0]}
@@ -213,7 +216,7 @@ def truncation_warning(summary: dict[str, Any]) -> str | None:
     """A warning when the eval cut more than `TRUNCATION_WARN` of the base model's or a plain-SFT arm's task
     answers at `max_new_tokens`: the arms are judged against them, and a cut answer scores as a wrong one."""
     cut = {name: a[TRUNCATED][0] for name, a in summary["arms"].items()
-           if TRUNCATED in a and not a["ratio"] and a[TRUNCATED][0] > TRUNCATION_WARN}  # ratio None or 0
+           if TRUNCATED in a and not a["ratio"] and not a["of"] and a[TRUNCATED][0] > TRUNCATION_WARN}  # base, sft
     if not cut:
         return None
     shares = " and ".join(f"{share:.0%} of {name}'s" for name, share in cut.items())
@@ -338,7 +341,7 @@ def _plots(runs: list[ModelResult], summary: dict[str, Any], folder: Path) -> li
         fig.suptitle("mean with 95% interval per swept arm", fontsize=8)
         save(fig, "dose_response.png", DOSE_RESPONSE)
 
-    trained = {n: a for n, a in summary["arms"].items() if a["ratio"] is not None}
+    trained = {n: a for n, a in summary["arms"].items() if a["ratio"] is not None and not a["of"]}  # not scaled
     if trained:
         fig, ax = plt.subplots(figsize=(6, 3.6))
         for m in summary["task"]:
@@ -722,7 +725,8 @@ def write_report(folder: Path, title: str, runs: list[ModelResult], baseline: st
                    ("p", "Per seed (mean over seeds). Sampling counts the share of the sampling run whose answers the "
                     "arm mixed in; FLOPs are estimated from tokens (delia.compute: 2 forwards per trained token, 1 "
                     "per forward-only, prompt or generated token); wall: that sampling share, mixing and training, "
-                    "measured, and as `delia run --plan` estimated it before the run.")]
+                    "measured, and as `delia run --plan` estimated it before the run. A scaled arm trains nothing: "
+                    "its compute is the training of the arm it scales (`of`), with no further FLOPs.")]
         blocks.append(("table", *compute))
         if "Task metric and leakage against compute" in plots:
             blocks.append(("img", "compute", plots.pop("Task metric and leakage against compute")))

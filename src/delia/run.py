@@ -19,7 +19,7 @@ from pydantic import Field
 from delia import __version__
 from delia.config import Flags, StageConfig
 from delia.errors import DeliaError
-from delia.experiment import Experiment, load_experiment
+from delia.experiment import SCALED, Arm, Experiment, load_experiment
 from delia.files import check_output, discard_output, mark_output, output_kind, sha256_file, sha256_json, write_json
 from delia.general import map_files
 from delia.models import model_fingerprint
@@ -171,8 +171,23 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
             base.probe = probed("base", {"model": model_id}, model=model_path, **probe_kwargs)
         runs.append(base)
 
-    for arm in exp.arms:
+    def scaled(arm: Arm, of: ModelResult, of_train: dict[str, Any]) -> ModelResult:
+        """A scaled arm at the seed of `of`: that arm's adapter (trained as `of_train`) evaluated at the arm's
+        scale. It trains nothing, so its compute is the `of` arm's training and no more."""
+        assert arm.scale is not None and of.compute is not None
+        scale = {"adapter_scale": arm.scale} if arm.scale != 1.0 else {}  # at 1: the `of` arm's own eval
+        folder, rec = cache.run("eval", f"{arm.name} seed {of.seed}", {"adapter": of_train, **eval_inputs, **scale},
+                                lambda d: evaluate(exp.task.eval, d, adapter=of.train_dir, progress=progress,
+                                                   overwrite=True, **eval_kwargs, **scale))
+        return ModelResult(arm.name, of.ratio, of.seed, folder, wall_s={"eval": rec["wall_s"]}, kind=SCALED,
+                           of=arm.of, scale=arm.scale, compute={**of.compute, "est_wall_s": estimate[arm.name]})
+
+    trained: dict[tuple[str, int], tuple[ModelResult, dict[str, Any]]] = {}  # (arm, seed): result, train inputs
+    for arm in sorted(exp.arms, key=lambda a: a.kind == SCALED):  # a scaled arm after the arm it scales
         for seed in exp.seeds:
+            if arm.kind == SCALED:
+                runs.append(scaled(arm, *trained[(str(arm.of), seed)]))
+                continue
             label = f"{arm.name} seed {seed}"
             wall: dict[str, float] = {}
             share = 0.0  # of the sampling run this arm's diverse rows took
@@ -201,9 +216,9 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
             tfolder, rec = cache.run("train", label, train_key,
                 lambda d, td=train_data, o=options: train(td, d / "adapter", model=model_path, add_token=token_specs,
                                                           eval_data=train_eval, resume=True, progress=progress, **o))
-            adapter, trained = tfolder / "adapter", rec["inputs"]
+            adapter, train_inputs = tfolder / "adapter", rec["inputs"]
             wall["train"] = rec["wall_s"]
-            efolder, rec = cache.run("eval", label, {"adapter": trained, **eval_inputs},
+            efolder, rec = cache.run("eval", label, {"adapter": train_inputs, **eval_inputs},
                                      lambda d, a=adapter: evaluate(exp.task.eval, d, adapter=a, progress=progress,
                                                                    overwrite=True, **eval_kwargs))
             wall["eval"] = rec["wall_s"]
@@ -211,8 +226,9 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
             result = ModelResult(arm.name, arm.ratio, seed, efolder, train_dir=adapter, wall_s=wall, kind=arm.kind,
                                  sweep=arm.sweep, compute={**cost, "est_wall_s": estimate[arm.name]})
             if described:
-                result.probe = probed(label, {"adapter": trained}, adapter=adapter, data=exp.task.eval)
+                result.probe = probed(label, {"adapter": train_inputs}, adapter=adapter, data=exp.task.eval)
             runs.append(result)
+            trained[(arm.name, seed)] = result, train_inputs
 
     manifest = {"experiment": exp.model_dump(mode="json"), "model": model_id, "data_sha256": data_hashes, "plan": plan,
                 "versions": library_versions(), "stages_run": cache.done, "stages_cached": cache.skipped}
