@@ -106,13 +106,17 @@ def test_bad_scaled_arms_are_refused_at_load(tmp_path, arms, message):
 
 
 def test_general_is_a_file_a_list_or_a_mapping_of_named_sets(tmp_path):
+    for name in ("g.jsonl", "sets/alpaca.jsonl", "q.jsonl", "c.jsonl", "abs/c.jsonl"):  # files must exist
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).touch()
+    absolute = str(tmp_path / "abs" / "c.jsonl")
     single = _load(tmp_path, general="g.jsonl")
     assert single.general == (tmp_path / "g.jsonl").resolve()  # as before: one file, no set name
     listed = _load(tmp_path, general=["sets/alpaca.jsonl", "demo-data:general.jsonl"])
     assert listed.general == {"alpaca": (tmp_path / "sets" / "alpaca.jsonl").resolve(),
                               "general": Path("demo-data:general.jsonl")}
-    named = _load(tmp_path, general={"qa": "q.jsonl", "chat": "/abs/c.jsonl"}, contrast="c.jsonl")
-    assert named.general == {"qa": (tmp_path / "q.jsonl").resolve(), "chat": Path("/abs/c.jsonl")}
+    named = _load(tmp_path, general={"qa": "q.jsonl", "chat": absolute}, contrast="c.jsonl")
+    assert named.general == {"qa": (tmp_path / "q.jsonl").resolve(), "chat": Path(absolute)}
     with pytest.raises(DeliaError, match="two general files share a stem"):
         _load(tmp_path, general=["a/g.jsonl", "b/g.jsonl"])
     with pytest.raises(DeliaError, match="general set name 'a b'"):
