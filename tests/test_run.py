@@ -127,7 +127,7 @@ def test_a_typo_in_a_stage_section_is_refused_at_load_with_the_closest_option(tm
         "train": {"lerning_rate": 0.1, "seed": 3}, "sample": {"max_new_tokens": 8}, "eval": {"bogus": 1}}))
     with pytest.raises(DeliaError) as e:
         load_experiment(path)
-    msg = str(e.value)
+    msg = re.sub(r"\.yaml:\d+: ", ".yaml: ", str(e.value))  # the YAML line aside
     assert f"{path}: field 'train': " in msg and "'lerning_rate' is not an option of delia train (did you mean " \
         "'learning_rate'?)" in msg and "'seed' is set by the experiment itself" in msg
     assert "field 'arms.1.train'" in msg and "'lora_rr'" in msg and "'bogus' is not an option of delia eval" in msg
@@ -274,7 +274,7 @@ def test_bad_values_and_combinations_are_refused_at_load_before_any_stage(tmp_pa
         "mix": {"allow_short": True}, "eval": {"metric_config": None, "batch_size": 0}}))
     with pytest.raises(DeliaError) as e:
         load_experiment(path)
-    msg = str(e.value)
+    msg = re.sub(r"\.yaml:\d+: ", ".yaml: ", str(e.value))  # the YAML line aside
     assert f"{path}: field 'train': field 'lora_r': Input should be a valid integer" in msg
     assert "field 'sample': field 'temperature': temperature must be >= 0, got -1" in msg
     assert "field 'pool': field 'size': size must be >= 1, got 0" in msg
