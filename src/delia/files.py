@@ -53,6 +53,14 @@ def output_kind(path: str | Path) -> str | None:
         return None
 
 
+def holds_other_files(folder: Path, kind: str) -> bool:
+    """Whether `folder` holds files and is not marked as delia's output of `kind`. The marker alone, or its
+    temporary file while another process writes it, is no user's file."""
+    if not folder.is_dir() or output_kind(folder) == kind:
+        return False
+    return any(OUTPUT_MARKER not in p.name for p in folder.iterdir())
+
+
 def mark_output(folder: str | Path, kind: str) -> None:
     """Mark `folder` as delia's output of `kind`, so that a later run may replace it (with `overwrite`)."""
     write_json(Path(folder) / OUTPUT_MARKER, {"kind": kind, "written_by": "delia"})

@@ -41,15 +41,15 @@ def plan_experiment(exp: Experiment, flops_per_s: float | None = None) -> dict[s
     sampling = SampleConfig.build(**exp.sample)
     max_new, per_query = sampling.max_new_tokens, sampling.samples_per_query
     with tempfile.TemporaryDirectory(prefix="delia-plan-") as tmp:
-        pool_file, pool_rows, pool_note = _pool_for_plan(exp, task_rows, Path(tmp))
+        pool_file, pool_records, pool_rows, pool_note = _pool_for_plan(exp, task_rows, Path(tmp))
         queries, prompts = [], []
         if any(a.samples for a in exp.arms):  # the queries `delia sample` would answer, rendered as it renders them
             queries, prompts = sampled_prompts(pool_file, tok, sampling)
         references = []  # what `delia mix` draws for reference arms: the pool's rows as they are
         if any(a.ratio > 0 and not a.samples for a in exp.arms):
-            references = [r["messages"] for r in read_chat(pool_file).records]
-        # a pool still to be built: its rows are `pool_rows`, their lengths those of the stand-in rows read
-        scale = pool_rows / max(1, len(read_chat(pool_file).records)) if pool_note else 1.0
+            references = [r["messages"] for r in pool_records]
+    # a pool still to be built: its rows are `pool_rows`, their lengths those of the stand-in rows read
+    scale = pool_rows / max(1, len(pool_records)) if pool_note else 1.0
     sampled = {"queries": round(len(prompts) * scale), "generated": round(len(prompts) * per_query * scale),
                "prompt_tokens": round(sum(map(len, prompts)) * per_query * scale),
                "completion_tokens": round(len(prompts) * per_query * max_new * scale)}
@@ -95,8 +95,10 @@ def short_arms(plan: dict[str, Any]) -> list[str]:
             for a in plan["arms"] if a.get("short")]
 
 
-def _pool_for_plan(exp: Experiment, task_rows: list[dict[str, Any]], tmp: Path) -> tuple[Path, int, str | None]:
-    """The pool file the plan reads, the rows the pool has, and, for a pool still to be built, how its rows were
+def _pool_for_plan(exp: Experiment, task_rows: list[dict[str, Any]], tmp: Path
+                   ) -> tuple[Path, list[dict[str, Any]], int, str | None]:
+    """The pool file the plan reads, its records, the rows the pool has, and, for a pool still to be built, how its
+    rows were
     estimated (nothing is built: its local sources' rows, or the task's rows where all sources are on the hub,
     stand in for its queries, and its requested `size` for their number)."""
     from delia.data import read_chat
@@ -104,8 +106,9 @@ def _pool_for_plan(exp: Experiment, task_rows: list[dict[str, Any]], tmp: Path) 
 
     if not isinstance(exp.pool, dict):
         if exp.pool is None:
-            return tmp / "none.jsonl", 0, None
-        return exp.pool, len(read_chat(exp.pool).records), None
+            return tmp / "none.jsonl", [], 0, None
+        records = read_chat(exp.pool).records
+        return exp.pool, records, len(records), None
     local = [s for s in exp.pool["sources"] if not s.startswith("hf:")]
     rows = [r for s in local for r in read_chat(s, require_assistant=False, skip_invalid=True).records]
     stand_in = "its local sources' rows" if rows else "the task's rows (its sources are on the hub)"
@@ -115,4 +118,4 @@ def _pool_for_plan(exp: Experiment, task_rows: list[dict[str, Any]], tmp: Path) 
     write_jsonl(tmp / "pool.jsonl", rows[:count])
     note = (f"the pool is still to be built: estimated as {count:,} rows (" + ("its requested size" if size else
             "before cleaning") + f"), their lengths from {stand_in}")
-    return tmp / "pool.jsonl", count, note
+    return tmp / "pool.jsonl", rows[:count], count, note

@@ -20,7 +20,15 @@ from delia import __version__
 from delia.config import Flags, StageConfig
 from delia.errors import DeliaError
 from delia.experiment import SCALED, Arm, Experiment, load_experiment
-from delia.files import check_output, discard_output, mark_output, output_kind, sha256_file, sha256_json, write_json
+from delia.files import (
+    check_output,
+    discard_output,
+    holds_other_files,
+    mark_output,
+    sha256_file,
+    sha256_json,
+    write_json,
+)
 from delia.general import map_files
 from delia.models import model_fingerprint
 from delia.progress import ProgressCallback
@@ -65,7 +73,7 @@ def claim_run_folder(out: Path, overwrite: bool = False) -> None:
     A folder of an earlier run (marked, or with the `stages/` of a run from before folders were marked) is
     resumed, or with `overwrite` removed first."""
     check_output(out, overwrite=True, folder=True)
-    if out.is_dir() and any(out.iterdir()) and output_kind(out) != RUN_KIND and not (out / "stages").is_dir():
+    if holds_other_files(out, RUN_KIND) and not (out / "stages").is_dir():
         raise DeliaError(f"{out}: holds files that no delia run wrote; choose a new or empty folder with `out`")
     if overwrite and out.is_dir():
         mark_output(out, RUN_KIND)  # a run's folder from before folders were marked

@@ -24,11 +24,10 @@ from pydantic import Field, field_validator, model_validator
 from delia.config import Flags, StageConfig
 from delia.errors import DeliaError
 from delia.files import (
-    OUTPUT_MARKER,
     changed_settings,
     check_output,
+    holds_other_files,
     mark_output,
-    output_kind,
     sha256_path,
     write_json,
     write_jsonl,
@@ -272,9 +271,7 @@ def _check_out(out: Path, settings: dict[str, Any], main: bool) -> None:
     checkpoint made with other settings."""
     ckpt = out / CHECKPOINTS
     check_output(out, inputs=[p for p in (settings["data"], settings["eval_data"]) if p], overwrite=True, folder=True)
-    # the marker (or its temporary file, while another process writes it) alone is not a user's file
-    others = [p for p in out.iterdir() if OUTPUT_MARKER not in p.name] if out.is_dir() else []
-    if others and output_kind(out) != TRAIN_KIND and not ((out / TRAIN_RECORD).exists() or ckpt.is_dir()):
+    if holds_other_files(out, TRAIN_KIND) and not ((out / TRAIN_RECORD).exists() or ckpt.is_dir()):
         raise DeliaError(f"{out}: holds files that delia's training did not write; choose a new or empty folder")
     if settings["overwrite"]:
         if not main:
