@@ -7,11 +7,9 @@ from delia.frontier import (
     front_sentences,
     pareto,
     plot_front,
-    points_from_summary,
     recommend,
-    summary_formatter,
-    task_gaps,
 )
+from delia.report import front_points, summary_formatter, task_gaps
 
 
 def by_name(entries):
@@ -157,19 +155,19 @@ def test_points_from_the_report_summary():
     summary = summary_of({"base": arm(0.2, 0.0, 0.0, kind=None, seeds=[None], flops=None),
                           "sft": arm(0.8, 0.4, 0.3),
                           "nan": arm(float("nan"), 0.1, 0.1)})
-    points = {p.name: p for p in points_from_summary(summary, {"sft": (0.0, 0.0)})}
+    points = {p.name: p for p in front_points({**summary, "task_gap": {"sft": [0.0, 0.0]}})}
     assert points["base"].compute == 0.0 and points["base"].task == 0.2  # not tuning costs no tuning
     assert points["sft"].compute == 1e12 and points["sft"].task_gap_ci == (0.0, 0.0)
     assert points["nan"].task is None and points["nan"].contrast is None
     uncosted = summary_of({"base": arm(0.2, 0.0, 0.0, kind=None, seeds=[None], flops=None),
                            "sft": arm(0.8, 0.4, 0.3, flops=None)})
-    assert [p.compute for p in points_from_summary(uncosted)] == [None, None]  # nothing counted: no 0 for the base
+    assert [p.compute for p in front_points(uncosted)] == [None, None]  # nothing counted: no 0 for the base
     two_sets = summary_of({"a": arm(0.5, 0.0, 0.0, **{"x/leakage": (0.2,) * 3, "y/leakage": (0.4,) * 3,
                                                       "x/drift_kl": (0.1,) * 3, "y/drift_kl": (0.3,) * 3})},
                           general=("x/leakage", "y/leakage", "x/drift_kl", "y/drift_kl"))
-    (p,) = points_from_summary(two_sets)
+    (p,) = front_points(two_sets)
     assert p.leakage == pytest.approx(0.3) and p.drift == pytest.approx(0.2)
-    assert points_from_summary(summary_of({"a": arm(0.5, 0.1, 0.1)}, general=())) == []
+    assert front_points(summary_of({"a": arm(0.5, 0.1, 0.1)}, general=())) == []
 
 
 def test_the_report_formatter_writes_percent_and_tflops():

@@ -142,6 +142,11 @@ def test_verdict_examples_and_tradeoff_come_first(tmp_path):
     assert "| sft | {\"x\": 1} | yes |" in examples and "| delia | a prose answer 0 | no |" in examples
     assert (tmp_path / "report" / "tradeoff.png").stat().st_size > 1000
     assert "Example general answers" in html.read_text()
+    front = text[text.index("## Pareto front"):order[1]]  # in the verdict, before the trade-off
+    assert "On the front over task (higher is better) and leakage, drift (lower is better): base, delia." in front
+    assert "Dominated: sft (by delia)." in front  # same task, more leakage and drift
+    assert "Recommended: delia" in front and (tmp_path / "report" / "front.png").read_bytes()[:4] == b"\x89PNG"
+    assert (0.0, 0.0) in (summary["task_gap"]["sft"], summary["task_gap"]["delia"])  # the best arm's own gap
 
 
 def test_report_without_general_prompts_says_what_it_cannot_show(tmp_path):

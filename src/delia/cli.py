@@ -557,12 +557,12 @@ def show_run(result: dict[str, Any]) -> None:
     if "report_md" not in result:
         show_plan(result)
         return
-    from delia.report import verdict
+    from delia.report import front_lines, verdict
 
     summary = result["summary"]
     out = Console(soft_wrap=False)  # stdout: the result itself
     out.print(summary_table(summary))
-    for line in verdict(summary):
+    for line in verdict(summary) + front_lines(summary):
         out.print(escape(line), highlight=False)
     if not summary["general"]:
         out.print("no general prompts evaluated: leakage and drift unknown (set `general` in the experiment)")

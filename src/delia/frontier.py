@@ -7,18 +7,16 @@ and can be argued with, not a matter of taste. The base model's row takes part i
 option, on the front whenever nothing beats its leakage and drift (usually 0), and recommended only if no arm's
 task metric is clearly above it.
 
-`points_from_summary` and `task_gaps` read what `delia.report.summarise` computes; the rest needs no report.
+The report turns its summary into `ArmPoint`s (`delia.report.front_points`); nothing here reads a report.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 TASK, LEAKAGE, DRIFT, CONTRAST, COMPUTE = "task", "leakage", "drift", "contrast", "compute"
 HIGHER_IS_BETTER = {TASK: True, LEAKAGE: False, DRIFT: False, CONTRAST: True, COMPUTE: False}
@@ -272,79 +270,3 @@ def plot_front(points: Sequence[ArmPoint], entries: Sequence[FrontEntry], path: 
     plt.close(fig)
     return path
 
-
-# ----------------------------------------------------------------------------- from the report's summary
-
-
-def task_gaps(rows: Mapping[str, np.ndarray], seeds: Mapping[str, Sequence[int | None]],
-              n_boot: int = 2000) -> dict[str, tuple[float, float] | None]:
-    """Per arm: the paired 95% interval of its task metric minus the best arm's, from (seeds x rows) score matrices
-    (`delia.report.bootstrap_delta`); the best arm's is (0, 0); None where the seeds differ from the best's (no
-    pairing) or no row was scored. The best is the highest mean, as `recommend` takes it."""
-    from delia.report import bootstrap_delta
-
-    means = {}
-    for name, m in rows.items():
-        m = np.asarray(m, dtype=float)
-        if m.size and not np.isnan(m).all():
-            means[name] = float(np.nanmean(m))
-    if not means:
-        return dict.fromkeys(rows)
-    best = max(means, key=means.__getitem__)
-    out: dict[str, tuple[float, float] | None] = {}
-    for name, m in rows.items():
-        m, b = np.asarray(m, dtype=float), np.asarray(rows[best], dtype=float)
-        if name == best:
-            out[name] = (0.0, 0.0)
-        elif name in means and list(seeds[name]) == list(seeds[best]) and m.shape == b.shape:
-            _, lo, hi = bootstrap_delta(m, b, n_boot)
-            out[name] = None if np.isnan(lo) or np.isnan(hi) else (lo, hi)
-        else:
-            out[name] = None
-    return out
-
-
-def _mean_of(arm: dict[str, Any], metrics: list[str]) -> float | None:
-    values = [arm["metrics"][m][0] for m in metrics if m in arm["metrics"]]
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    return float(np.mean(values)) if values else None
-
-
-def points_from_summary(summary: dict[str, Any],
-                        gaps: Mapping[str, tuple[float, float] | None] | None = None) -> list[ArmPoint]:
-    """ArmPoints from `delia.report.summarise`'s summary: task the primary metric's mean; leakage and drift the mean
-    over general sets of `leakage` / `drift_kl` (each set weighs the same); contrast `contrast_obey`; compute the
-    FLOPs of one seed, 0 for the untuned base (it costs no tuning). Arms without leakage or drift (no general set
-    evaluated) are left out: the front needs both."""
-    from delia.report import base_metric
-
-    general = summary.get("general", [])
-    leak = [m for m in general if base_metric(m) == "leakage"]
-    drift = [m for m in general if base_metric(m) == "drift_kl"]
-    contrast = [m for m in general if base_metric(m) == "contrast_obey"]
-    costed = any(a.get("compute") for a in summary["arms"].values())
-    points = []
-    for name, a in summary["arms"].items():
-        leakage, drift_v = _mean_of(a, leak), _mean_of(a, drift)
-        if leakage is None or drift_v is None:
-            continue
-        untuned = a.get("kind") is None and a.get("seeds") == [None]
-        compute = (a["compute"]["flops"] if a.get("compute") else 0.0 if untuned and costed else None)
-        points.append(ArmPoint(name, _mean_of(a, [summary["primary"]]), leakage, drift_v,
-                               contrast=_mean_of(a, contrast), compute=compute,
-                               task_gap_ci=(gaps or {}).get(name)))
-    return points
-
-
-def summary_formatter(summary: dict[str, Any]) -> Formatter:
-    """Numbers in the report's units: a share in percent, KL to 3 decimals, compute in TFLOPs."""
-    from delia.report import fmt, is_pct
-
-    metric = {TASK: summary["primary"], LEAKAGE: "leakage", DRIFT: "drift_kl", CONTRAST: "contrast_obey"}
-
-    def write(axis: str, value: float) -> str:
-        if axis == COMPUTE:
-            return f"{value / 1e12:,.1f} TFLOPs"
-        return fmt(value, metric[axis]) + ("%" if is_pct(metric[axis]) else "")
-
-    return write

@@ -10,7 +10,9 @@ import base64
 import html
 import json
 import logging
+import math
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,20 @@ from typing import Any
 import numpy as np
 
 from delia.files import atomic_writer
+from delia.frontier import (
+    COMPUTE,
+    CONTRAST,
+    DRIFT,
+    LEAKAGE,
+    RULE,
+    TASK,
+    ArmPoint,
+    Formatter,
+    front_sentences,
+    pareto,
+    plot_front,
+    recommend,
+)
 from delia.text import shorten
 
 log = logging.getLogger(__name__)
@@ -208,6 +224,9 @@ def summarise(runs: list[ModelResult], baseline: str | None, n_boot: int) -> dic
         if entry["sweep"] is not None:
             sweeps.setdefault(entry["sweep"], []).append(name)
     out["sweeps"] = {s: sorted(names, key=lambda n: out["arms"][n]["ratio"]) for s, names in sweeps.items()}
+    if out["primary"] in common:  # the recommendation's task rule: each arm's paired gap to the best arm
+        out["task_gap"] = task_gaps({n: matrix(g, out["primary"]) for n, g in arms.items()},
+                                    {n: out["arms"][n]["seeds"] for n in arms}, n_boot)
     out["warnings"] = [w] if (w := truncation_warning(out)) else []
     return out
 
@@ -685,6 +704,15 @@ def write_report(folder: Path, title: str, runs: list[ModelResult], baseline: st
     blocks.append(("table", *verdict_table(summary)))
     if lines := verdict(summary):
         blocks.append(("ul", lines))
+    if points := front_points(summary):
+        entries = pareto(points)
+        blocks += [("h2", "Pareto front"), ("p", RULE + " The front is taken over means over seeds; an arm is "
+                    "dominated when another is at least as good on every axis and better on one."),
+                   ("ul", front_lines(summary)),
+                   ("img", "front", plot_front(points, entries, folder / "front.png",
+                                               task_label=label(summary["primary"]), leakage_label=label("leakage"),
+                                               drift_label="drift_kl", task_pct=is_pct(summary["primary"]),
+                                               leakage_pct=True))]
     if "Task metric against format leakage and drift" in plots:
         blocks += [("h2", "Trade-off"), ("img", "trade-off", plots.pop("Task metric against format leakage and drift"))]
     if DOSE_RESPONSE in plots:
@@ -754,3 +782,84 @@ def write_report(folder: Path, title: str, runs: list[ModelResult], baseline: st
     with atomic_writer(folder / "summary.json") as fh:
         json.dump(summary, fh, indent=2)
     return md_path, html_path, summary
+
+
+# ----------------------------------------------------------------------------- the Pareto front's inputs
+
+
+def task_gaps(rows: Mapping[str, np.ndarray], seeds: Mapping[str, Sequence[int | None]],
+              n_boot: int = 2000) -> dict[str, tuple[float, float] | None]:
+    """Per arm: the paired 95% interval of its task metric minus the best arm's, from (seeds x rows) score matrices
+    (`bootstrap_delta`); the best arm's is (0, 0); None where the seeds differ from the best's (no
+    pairing) or no row was scored. The best is the highest mean, as `recommend` takes it."""
+    means = {}
+    for name, m in rows.items():
+        m = np.asarray(m, dtype=float)
+        if m.size and not np.isnan(m).all():
+            means[name] = float(np.nanmean(m))
+    if not means:
+        return dict.fromkeys(rows)
+    best = max(means, key=means.__getitem__)
+    out: dict[str, tuple[float, float] | None] = {}
+    for name, m in rows.items():
+        m, b = np.asarray(m, dtype=float), np.asarray(rows[best], dtype=float)
+        if name == best:
+            out[name] = (0.0, 0.0)
+        elif name in means and list(seeds[name]) == list(seeds[best]) and m.shape == b.shape:
+            _, lo, hi = bootstrap_delta(m, b, n_boot)
+            out[name] = None if np.isnan(lo) or np.isnan(hi) else (lo, hi)
+        else:
+            out[name] = None
+    return out
+
+
+def _mean_of(arm: dict[str, Any], metrics: list[str]) -> float | None:
+    values = [arm["metrics"][m][0] for m in metrics if m in arm["metrics"]]
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(values)) if values else None
+
+
+def front_points(summary: dict[str, Any]) -> list[ArmPoint]:
+    """ArmPoints from `summarise`'s summary: task the primary metric's mean; leakage and drift the mean
+    over general sets of `leakage` / `drift_kl` (each set weighs the same); contrast `contrast_obey`; compute the
+    FLOPs of one seed, 0 for the untuned base (it costs no tuning). Arms without leakage or drift (no general set
+    evaluated) are left out: the front needs both. Each arm's task gap to the best is the summary's `task_gap`."""
+    general, gaps = summary.get("general", []), summary.get("task_gap") or {}
+    leak = [m for m in general if base_metric(m) == "leakage"]
+    drift = [m for m in general if base_metric(m) == "drift_kl"]
+    contrast = [m for m in general if base_metric(m) == "contrast_obey"]
+    costed = any(a.get("compute") for a in summary["arms"].values())
+    points = []
+    for name, a in summary["arms"].items():
+        leakage, drift_v = _mean_of(a, leak), _mean_of(a, drift)
+        if leakage is None or drift_v is None:
+            continue
+        untuned = a.get("kind") is None and a.get("seeds") == [None]
+        compute = (a["compute"]["flops"] if a.get("compute") else 0.0 if untuned and costed else None)
+        points.append(ArmPoint(name, _mean_of(a, [summary["primary"]]), leakage, drift_v,
+                               contrast=_mean_of(a, contrast), compute=compute,
+                               task_gap_ci=_gap(gaps.get(name))))
+    return points
+
+
+def front_lines(summary: dict[str, Any]) -> list[str]:
+    """Which arms are on the Pareto front, which are dominated and by whom, and the arm `RULE` recommends."""
+    points = front_points(summary)
+    return front_sentences(pareto(points), recommend(points, summary_formatter(summary))) if points else []
+
+
+def _gap(gap: Sequence[float] | None) -> tuple[float, float] | None:
+    """A task gap as `front_points` takes it: summary.json holds it as a list."""
+    return None if gap is None else (float(gap[0]), float(gap[1]))
+
+
+def summary_formatter(summary: dict[str, Any]) -> Formatter:
+    """Numbers in the report's units: a share in percent, KL to 3 decimals, compute in TFLOPs."""
+    metric = {TASK: summary["primary"], LEAKAGE: "leakage", DRIFT: "drift_kl", CONTRAST: "contrast_obey"}
+
+    def write(axis: str, value: float) -> str:
+        if axis == COMPUTE:
+            return f"{value / 1e12:,.1f} TFLOPs"
+        return fmt(value, metric[axis]) + ("%" if is_pct(metric[axis]) else "")
+
+    return write
