@@ -1,11 +1,12 @@
 """Time to the first written row, rows over time, and peak resident memory of a `delia sample` command, run as
-a child process the way a user runs it (model load included). The default is the command of issue 10:
+a child process the way a user runs it (model load included). The default is the long-prompt command of
+docs/benchmarks.md ("Time to the first row on long prompts"):
 
     delia sample POOL OUT --limit 48 --max-prompt-tokens 2048 --max-new-tokens 48
 
 on the demo pool (`demo-data:pool.jsonl`). `--src` runs another checkout's `src/` (e.g. the code before a change),
-`--stop-after N` kills the command (SIGKILL, as in the issue) once N rows are written, and then checks what a
-rerun resumes. Extra `delia sample` options go after `--`.
+`--stop-after N` kills the command (SIGKILL, as a crash or an out-of-memory kill would) once N rows are written,
+and then checks what a rerun resumes. Extra `delia sample` options go after `--`.
 
     flock /tmp/delia-heavy.lock .venv/bin/python benchmarks/sample_first_row.py
     flock /tmp/delia-heavy.lock .venv/bin/python benchmarks/sample_first_row.py --src /tmp/before/src --stop-after 1

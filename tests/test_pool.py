@@ -191,7 +191,7 @@ def test_demo_pool_through_the_pool_stage(tmp_path):
     summary = pool([str(src)], out=tmp_path / "pool.jsonl", task=[train, evalset], size=100, min_reference_tokens=16)
     assert summary["rows_read"] == 325 and summary["steps"]["contaminated"] == 0
     assert {k: v for k, v in summary["steps"].items() if v} == {
-        "query_too_long": 7, "near_duplicate": 104, "not_selected": 114}  # the README's numbers
+        "query_too_long": 7, "near_duplicate": 104, "not_selected": 114}  # the numbers in docs/results/demo-pool.md
     assert summary["rows"] + sum(summary["steps"].values()) == 325 and summary["rows"] == 100
     assert summary["selection"]["clusters_covered"] == summary["selection"]["clusters"] == 10
     assert len(summary["selection"]["per_source"]) == 1

@@ -2,7 +2,8 @@
 
 The CLI verb, the Python API and an experiment's YAML section all build the same model, so a value is
 checked once, the same way, wherever it comes from, and an experiment is checked whole when it is loaded.
-A field's docstring is its documentation (`--help`, the README); `Flags` gives it other command-line names.
+A field's docstring is its documentation (`--help`, the option tables in docs/); `Flags` gives it other
+command-line names.
 """
 
 from __future__ import annotations
