@@ -33,7 +33,8 @@ MAX_ROWS_GPU = 512
 # Tokens of KV cache a CPU batch holds at most when the budget is fitted to memory: more rows hold more work
 # in flight (lost on a kill) for little gain. Not much less, though: a batch's cache is padded to its widest
 # row, so with long prompts a smaller budget means few rows per decode step (docs/benchmarks.md's long-prompt
-# command on SmolLM2: 109 s at 32768 tokens, 83 s at 65536, peak memory 2.8 and 3.0 GiB; `benchmarks/sample_first_row.py`).
+# command on SmolLM2: 109 s at 32768 tokens, 83 s at 65536, peak memory 2.8 and 3.0 GiB;
+# `benchmarks/sample_first_row.py`).
 MAX_TOKENS_CPU = 65536
 
 # Prompt tokens per prefill forward (rows x columns): short prompts are prefilled several together, a
