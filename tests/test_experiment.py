@@ -123,3 +123,34 @@ def test_general_is_a_file_a_list_or_a_mapping_of_named_sets(tmp_path):
         _load(tmp_path, general={"a b": "g.jsonl"})
     with pytest.raises(DeliaError, match="no general sets given"):
         _load(tmp_path, general={})
+
+
+def test_sections_are_typed_configs_that_key_stages_as_written(tmp_path):
+    from delia.mix import MixConfig
+    from delia.train import TrainConfig
+
+    exp = _load(tmp_path, train={"epochs": 1, "learning_rate": 1.0e-3}, mix={"allow_short": True},
+                arms=[{"name": "sft", "kind": "sft"}, {"name": "kl", "kind": "delia-kl", "ratio": 2,
+                                                        "train": {"kl_coef": 4}}])
+    assert isinstance(exp.train, TrainConfig) and exp.train.epochs == 1.0  # typed: a float
+    assert isinstance(exp.mix, MixConfig) and exp.mix.ratio is None  # the run sets each arm's ratio
+    # what keys the stages is the section as written: a whole number stays an int, defaults stay out
+    assert exp.model_dump(mode="json")["train"] == {"epochs": 1, "learning_rate": 0.001}
+    arms = {a.name: a for a in exp.arms}
+    kl = exp.arm_train(arms["kl"], seed=3)
+    assert (kl.kl_coef, kl.seed, kl.diverse_loss, kl.epochs) == (4, 3, "kl", 1.0)
+    assert kl.written() == {"epochs": 1, "learning_rate": 0.001, "kl_coef": 4, "seed": 3, "diverse_loss": "kl"}
+    assert "diverse_loss" not in exp.arm_train(arms["sft"], seed=0).written()  # the default: keys as before
+    assert exp.arm_mix(arms["kl"], seed=1).diverse_asked(40) == 80
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"train": {"seed": 3}}, "'seed' is set by the experiment itself"),
+    ({"mix": {"ratio": 2}}, "'ratio' is set by the experiment itself"),
+    ({"sample": {"temperature": -1}}, "field 'temperature'"),
+    ({"arms": [{"name": "sft", "kind": "sft"}, {"name": "kl", "kind": "delia-kl", "ratio": 1,
+                                                  "train": {"kl_coef": -1}}]}, "kl_coef must be >= 0"),
+])
+def test_a_bad_section_is_refused_at_load(tmp_path, config, message):
+    with pytest.raises(DeliaError, match=message):
+        _load(tmp_path, **config)

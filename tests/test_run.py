@@ -154,11 +154,11 @@ def test_every_arm_kind_runs_cached_and_resumes(experiment, tmp_path, monkeypatc
     real = delia.evaluate.evaluate
     calls = []
 
-    def dies_at_the_replay_eval(data, out, **kw):
+    def dies_at_the_replay_eval(data, out, config=None, **kw):
         calls.append(out)
         if len(calls) == 4:  # a kill in the middle of the run
             raise KeyboardInterrupt
-        return real(data, out, **kw)
+        return real(data, out, config, **kw)
 
     monkeypatch.setattr(delia.evaluate, "evaluate", dies_at_the_replay_eval)
     out = tmp_path / "out"

@@ -91,17 +91,22 @@ class StageConfig(BaseModel):
         return cls.verb or cls.__name__.removesuffix("Config").lower()
 
     @classmethod
-    def check_section(cls, options: dict[str, Any], owned: frozenset[str] = frozenset(),
-                      stand_ins: dict[str, Any] | None = None) -> dict[str, Any]:
-        """An experiment's section for this stage: its keys and values checked (ValueError listing every
-        problem), keys that `delia run` sets itself refused (`stand_ins` give values for those the config's
-        rules need). Returns the section as given, validated."""
+    def section(cls, options: dict[str, Any], owned: frozenset[str] = frozenset()) -> Self:
+        """An experiment's section for this stage, typed: every key and value checked (one ValueError listing
+        every problem), and the keys that `delia run` sets itself (`owned`) refused."""
         problems = [f"{key!r} is set by the experiment itself (task, seeds, arms), not in `{cls.verb_name()}:`"
                     for key in options if key in owned]
         try:
-            cls.model_validate({**(stand_ins or {}), **{k: v for k, v in options.items() if k not in owned}})
+            config = cls.model_validate({k: v for k, v in options.items() if k not in owned})
         except ValidationError as e:
             problems += cls.problems(e)
         if problems:
             raise ValueError("; ".join(problems))
-        return options
+        return config
+
+    def written(self) -> dict[str, Any]:
+        """The options set (given, or updated by `model_copy`), as JSON: what a stage's identity holds of them.
+        A whole number is written as an int, also where the field is a float, so that `epochs: 1` keys a stage
+        the same way whether it was read from YAML or validated."""
+        return {k: int(v) if isinstance(v, float) and v.is_integer() else v
+                for k, v in self.model_dump(mode="json", exclude_unset=True).items()}

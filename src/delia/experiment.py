@@ -8,7 +8,6 @@ here under the same name, and every key and value is checked when the file is lo
 from __future__ import annotations
 
 import difflib
-import importlib
 import re
 from pathlib import Path
 from typing import Any
@@ -21,45 +20,43 @@ from pydantic import (
     SerializerFunctionWrapHandler,
     ValidationError,
     ValidationInfo,
+    field_serializer,
     field_validator,
     model_serializer,
     model_validator,
 )
 
+from delia.config import StageConfig
 from delia.errors import DeliaError
+from delia.evaluate import EvalConfig
 from delia.files import read_yaml
 from delia.general import GeneralFiles, general_sets, map_files
 from delia.metrics import MetricConfig, MetricKind
+from delia.mix import MixConfig
+from delia.pool import PoolConfig
+from delia.sample import SampleConfig
 from delia.task_data import data_path_problem
 from delia.tokens import parse_token_specs
+from delia.train import TrainConfig
 
 # Each section's stage config, and the options `delia run` sets itself (per arm, seed or task).
-STAGE_CONFIGS: dict[str, tuple[str, frozenset[str]]] = {
-    "pool": ("delia.pool:PoolConfig", frozenset({"out", "task", "model", "overwrite"})),
-    "sample": ("delia.sample:SampleConfig", frozenset({"model", "overwrite"})),
-    "mix": ("delia.mix:MixConfig", frozenset({"ratio", "diverse_count", "seed", "tokenizer", "overwrite"})),
-    "train": ("delia.train:TrainConfig", frozenset({"model", "add_token", "eval_data", "resume", "seed",
-                                                   "diverse_loss", "overwrite"})),
-    "eval": ("delia.evaluate:EvalConfig", frozenset({"model", "adapter", "adapter_scale", "metric",
-                                                    "metric_config", "general", "contrast", "overwrite"})),
+SECTIONS: dict[str, tuple[type[StageConfig], frozenset[str]]] = {
+    "pool": (PoolConfig, frozenset({"out", "task", "model", "overwrite"})),
+    "sample": (SampleConfig, frozenset({"model", "overwrite"})),
+    "mix": (MixConfig, frozenset({"ratio", "diverse_count", "seed", "tokenizer", "overwrite"})),
+    "train": (TrainConfig, frozenset({"model", "add_token", "eval_data", "resume", "seed", "diverse_loss",
+                                      "overwrite"})),
+    "eval": (EvalConfig, frozenset({"model", "adapter", "adapter_scale", "metric", "metric_config", "general",
+                                    "contrast", "overwrite"})),
 }
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # an experiment's name: a folder name, never a path
 
 
-# What `delia run` sets that a section's own rules depend on, stood in for when a section is checked alone.
-STAND_INS: dict[str, dict[str, Any]] = {"mix": {"ratio": 1.0}}
-
-
-def stage_config(stage: str) -> Any:
-    """The config class of an experiment section's stage."""
-    module, name = STAGE_CONFIGS[stage][0].split(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def check_stage_options(stage: str, options: dict[str, Any]) -> dict[str, Any]:
-    """`options` unchanged if they validate as the stage's config and leave alone what `delia run` sets;
-    otherwise a ValueError naming each bad key or value (with the closest option, for a typo)."""
-    return stage_config(stage).check_section(options, STAGE_CONFIGS[stage][1], STAND_INS.get(stage, {}))
+def section(stage: str, options: dict[str, Any]) -> Any:
+    """An experiment section as its stage's typed config; a ValueError naming each bad key or value (with the
+    closest option, for a typo), or a key that `delia run` sets itself."""
+    config, owned = SECTIONS[stage]
+    return config.section(options, owned)
 
 
 class Task(BaseModel):
@@ -166,7 +163,8 @@ class Arm(BaseModel):
     @field_validator("train")
     @classmethod
     def _train_options(cls, options: dict[str, Any]) -> dict[str, Any]:
-        return check_stage_options("train", options)
+        section("train", options)  # checked here; used over the experiment's train section (`arm_train`)
+        return options
 
     @model_validator(mode="after")
     def _kind(self) -> Arm:
@@ -278,10 +276,10 @@ class Experiment(BaseModel):
     eval_base: bool = Field(True, description="Also evaluate the untuned model.")
     train_eval: bool = Field(False, description="Also score the task's eval set during training (the loss and "
                              "important-token loss curves); costs training time, the report's results do not need it.")
-    sample: dict[str, Any] = Field(default_factory=dict, description="Options of `delia sample`.")
-    mix: dict[str, Any] = Field(default_factory=dict, description="Options of `delia mix` (e.g. allow_short).")
-    train: dict[str, Any] = Field(default_factory=dict, description="Options of `delia train`.")
-    eval: dict[str, Any] = Field(default_factory=dict, description="Options of `delia eval`.")
+    sample: SampleConfig = Field(default_factory=SampleConfig, description="Options of `delia sample`.")
+    mix: MixConfig = Field(default_factory=MixConfig, description="Options of `delia mix` (e.g. allow_short).")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Options of `delia train`.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Options of `delia eval`.")
     bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples for the 95% intervals.")
 
     @field_validator("name")
@@ -299,10 +297,15 @@ class Experiment(BaseModel):
             raise ValueError(f"seeds must be unique, got {seeds}")
         return seeds
 
-    @field_validator("sample", "mix", "train", "eval")
+    @field_validator("sample", "mix", "train", "eval", mode="before")
     @classmethod
-    def _stage_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        return check_stage_options(str(info.field_name), options)
+    def _stage_options(cls, options: Any, info: ValidationInfo) -> Any:
+        return section(str(info.field_name), options) if isinstance(options, dict) else options
+
+    @field_serializer("sample", "mix", "train", "eval")
+    def _as_written(self, config: StageConfig) -> dict[str, Any]:
+        """A section as the YAML set it: the run's stage keys and manifest hold what the user chose."""
+        return config.written()
 
     @field_validator("general")
     @classmethod
@@ -315,7 +318,7 @@ class Experiment(BaseModel):
         if isinstance(pool, dict):
             if not isinstance(pool.get("sources"), list) or not pool["sources"]:
                 raise ValueError("a pool to build needs `sources`: a list of files, folders or hf: dataset ids")
-            check_stage_options("pool", {k: v for k, v in pool.items() if k != "sources"})
+            section("pool", {k: v for k, v in pool.items() if k != "sources"})
         return pool
 
     @field_validator("arms")
@@ -335,13 +338,23 @@ class Experiment(BaseModel):
             raise ValueError("`contrast` needs `general` (its leakage rule and base model come with it)")
         if self.baseline is not None and self.baseline not in {a.name for a in self.arms}:
             raise ValueError(f"baseline {self.baseline!r} is not an arm")
-        train_config = stage_config("train")
         for arm in (a for a in self.arms if a.kind != SCALED):  # the train section and the arm's overrides, together
             try:
-                train_config.build(**{**self.train, **arm.train}, diverse_loss=arm.diverse_loss)
+                TrainConfig.build(self.arm_train(arm, self.seeds[0]))
             except DeliaError as e:
                 raise ValueError(f"arm {arm.name!r}: {e}") from None
         return self
+
+    def arm_train(self, arm: Arm, seed: int) -> TrainConfig:
+        """The training options of `arm` at `seed`: the train section with the arm's overrides and its kind's loss
+        of diverse rows (set only where it is not the default, so the default's stage keys stay as they were).
+        Checked whole when the experiment is loaded."""
+        update = {**arm.train, "seed": seed} | ({"diverse_loss": arm.diverse_loss} if arm.diverse_loss != "ce" else {})
+        return self.train.model_copy(update=update)
+
+    def arm_mix(self, arm: Arm, seed: int) -> MixConfig:
+        """The mixing options of `arm` at `seed`: the mix section with the arm's ratio and the seed."""
+        return self.mix.model_copy(update={"ratio": arm.ratio, "seed": seed})
 
     @property
     def baseline_arm(self) -> str | None:

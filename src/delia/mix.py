@@ -12,9 +12,9 @@ import random
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from delia.config import Flags, StageConfig
+from delia.config import ConfigError, Flags, StageConfig
 from delia.data import ChatData, check_chat_output, describe, read_chat, row_id, write_chat
 from delia.errors import DeliaError
 from delia.files import beside, check_output, sha256_file, write_json
@@ -40,19 +40,17 @@ class MixConfig(StageConfig):
     overwrite: bool = False
     """Replace OUT (and its summary) if it exists; a folder only if delia wrote it."""
 
-    @model_validator(mode="after")
-    def _one_amount(self) -> MixConfig:
+    def diverse_asked(self, task_rows: int) -> int:
+        """The diverse rows these options ask for beside `task_rows` task rows (exactly one amount is set: an
+        experiment's `mix:` section leaves both to the run, which sets the ratio of each arm)."""
         if (self.ratio is None) == (self.diverse_count is None):
-            raise ValueError("set exactly one of `ratio` or `diverse_count`")
-        return self
-
-
-def diverse_rows(ratio: float, task_rows: int) -> int:
-    """How many diverse rows `ratio` asks for beside `task_rows` task rows."""
-    wanted = ratio * task_rows
-    if not math.isfinite(wanted):
-        raise DeliaError(f"`ratio` {ratio:g} asks for more diverse rows than can be counted")
-    return round(wanted)
+            raise ConfigError("set exactly one of `ratio` or `diverse_count`")
+        if self.diverse_count is not None:
+            return self.diverse_count
+        wanted = self.ratio * task_rows  # type: ignore[operator]
+        if not math.isfinite(wanted):
+            raise DeliaError(f"`ratio` {self.ratio:g} asks for more diverse rows than can be counted")
+        return round(wanted)
 
 
 def summary_path(out: str | Path) -> Path:
@@ -83,13 +81,14 @@ def mix(
       delia mix task.jsonl diverse.jsonl --out mix.jsonl --diverse-count 5000 --seed 1
     """
     cfg = MixConfig.build(config, **options)
+    cfg.diverse_asked(0)  # an amount is set: checked before any file is read or written
     check_chat_output(out, inputs=[task, diverse], overwrite=cfg.overwrite)
     check_output(summary_path(out), inputs=[task, diverse], overwrite=True)  # a sidecar: only never an input
     task_data = read_chat(task)
     pool = read_chat(diverse).records
     if not task_data.records:
         raise DeliaError(f"{task}: no task rows")
-    wanted = cfg.diverse_count if cfg.diverse_count is not None else diverse_rows(cfg.ratio, len(task_data.records))  # type: ignore[arg-type]
+    wanted = cfg.diverse_asked(len(task_data.records))
     short = wanted > len(pool)
     if short and not cfg.allow_short:
         raise DeliaError(f"{diverse}: the pool has {len(pool)} rows but {wanted} diverse rows are asked for "

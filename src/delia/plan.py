@@ -22,15 +22,13 @@ def plan_experiment(exp: Experiment, flops_per_s: float | None = None) -> dict[s
     """Estimated tokens, FLOPs and wall time of every arm (per seed) of `exp`; data paths must be resolved."""
     from delia.compute import measure_matmul_flops
     from delia.data import read_chat
-    from delia.mix import diverse_rows
     from delia.models import load_tokenizer, resolve_model
     from delia.prompts import prompt_ids
-    from delia.sample import SampleConfig, sampled_prompts
-    from delia.train import TrainConfig
+    from delia.sample import sampled_prompts
 
     model_path = resolve_model(exp.model)
     tok = load_tokenizer(model_path, resolved=True)
-    max_length = TrainConfig.build(**exp.train).max_length
+    max_length = exp.train.max_length
 
     def row_tokens(messages: list[dict[str, str]]) -> int:
         return min(max_length, len(prompt_ids(tok, messages, add_generation_prompt=False)))
@@ -38,7 +36,7 @@ def plan_experiment(exp: Experiment, flops_per_s: float | None = None) -> dict[s
     task_rows = read_chat(exp.task.train).records
     task_tokens = sum(row_tokens(r["messages"]) for r in task_rows)
 
-    sampling = SampleConfig.build(**exp.sample)
+    sampling = exp.sample
     max_new, per_query = sampling.max_new_tokens, sampling.samples_per_query
     with tempfile.TemporaryDirectory(prefix="delia-plan-") as tmp:
         pool_file, pool_records, pool_rows, pool_note = _pool_for_plan(exp, task_rows, Path(tmp))
@@ -63,9 +61,9 @@ def plan_experiment(exp: Experiment, flops_per_s: float | None = None) -> dict[s
     rows = {}
     for arm in (a for a in exp.arms if a.kind != SCALED):
         available = sampled["generated"] if arm.samples else round(len(references) * scale)
-        asked = diverse_rows(arm.ratio, len(task_rows))
+        asked = exp.arm_mix(arm, exp.seeds[0]).diverse_asked(len(task_rows))
         diverse = min(available, asked)
-        training = TrainConfig.build(**{**exp.train, **arm.train})
+        training = exp.arm_train(arm, exp.seeds[0])
         passes = training.epochs
         if (steps := training.max_steps) > 0:  # max_steps wins over epochs (one process)
             rows_per_step = training.batch_size * training.grad_accum

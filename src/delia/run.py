@@ -131,7 +131,7 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
                                                                                            "train"})},
                      lambda d: plan_experiment(exp, flops_per_s))[1]["result"]
     estimate = {a["arm"]: a["est_wall_s"] for a in plan["arms"]}
-    if (short := short_arms(plan)) and not exp.mix.get("allow_short"):
+    if (short := short_arms(plan)) and not exp.mix.allow_short:
         raise DeliaError("the pool is too small for the arms' ratios (" + "; ".join(short) + "): use a larger pool "
                          "or lower ratios, or set `allow_short: true` under `mix:` to train on every row it has")
 
@@ -141,16 +141,16 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
 
         metric_cfg = out / "metric_config.yaml"
         metric_cfg.write_text(yaml.safe_dump({"kind": exp.task.metric, **exp.task.metric_config}), encoding="utf-8")
-    eval_kwargs = {"metric": exp.task.metric, "metric_config": metric_cfg, "general": exp.general,
-                   "contrast": exp.contrast, **exp.eval}
+    eval_cfg = exp.eval.model_copy(update={"metric": exp.task.metric, "metric_config": metric_cfg,
+                                           "general": exp.general, "contrast": exp.contrast, "overwrite": True})
     eval_inputs = {"data": data_hashes["task_eval"], "metric": exp.task.metric,
-                   "metric_config": exp.task.metric_config, "options": exp.eval,
+                   "metric_config": exp.task.metric_config, "options": exp.eval.written(),
                    "general": data_hashes.get("general"), "contrast": data_hashes.get("contrast")}
     token_specs = [f"{t}={d}" if d else t for t, d in exp.task.add_tokens.items()]
     described = {t: d for t, d in exp.task.add_tokens.items() if d}
     # The base model gets the new tokens the way the first seed's training initialises them.
     probe_kwargs = {"token": [f"{t}={d}" for t, d in described.items()], "data": exp.task.eval,
-                    "init": exp.train.get("token_init", "random"), "seed": exp.seeds[0]}
+                    "init": exp.train.token_init, "seed": exp.seeds[0]}
 
     def probed(label: str, key: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         """The probe stage's result (what probe.json holds), cached like every stage."""
@@ -164,16 +164,15 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
     samples = sampled = None
     if any(a.samples for a in exp.arms):
         folder, sampled = cache.run("sample", "pool", {"model": model_id, "pool": data_hashes["pool"],
-                                                       "options": exp.sample},
-                                    lambda d: sample(exp.pool, d / "samples.jsonl", model=model_path,
-                                                     progress=progress, **exp.sample))
+                                                       "options": exp.sample.written()},
+                                    lambda d: sample(exp.pool, d / "samples.jsonl", exp.sample, model=model_path,
+                                                     progress=progress))
         samples = folder / "samples.jsonl"
 
     runs: list[ModelResult] = []
     if exp.eval_base:
         folder, rec = cache.run("eval", "base", {"model": model_id, **eval_inputs},
-                                lambda d: evaluate(exp.task.eval, d, model=model_path, progress=progress,
-                                                   overwrite=True, **eval_kwargs))
+                                lambda d: evaluate(exp.task.eval, d, eval_cfg, model=model_path, progress=progress))
         base = ModelResult("base", None, None, folder, wall_s={"eval": rec["wall_s"]})
         if described:
             base.probe = probed("base", {"model": model_id}, model=model_path, **probe_kwargs)
@@ -185,8 +184,8 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
         assert arm.scale is not None and of.compute is not None
         scale = {"adapter_scale": arm.scale} if arm.scale != 1.0 else {}  # at 1: the `of` arm's own eval
         folder, rec = cache.run("eval", f"{arm.name} seed {of.seed}", {"adapter": of_train, **eval_inputs, **scale},
-                                lambda d: evaluate(exp.task.eval, d, adapter=of.train_dir, progress=progress,
-                                                   overwrite=True, **eval_kwargs, **scale))
+                                lambda d: evaluate(exp.task.eval, d, eval_cfg, adapter=of.train_dir,
+                                                   progress=progress, **scale))
         return ModelResult(arm.name, of.ratio, of.seed, folder, wall_s={"eval": rec["wall_s"]}, kind=SCALED,
                            of=arm.of, scale=arm.scale, compute={**of.compute, "est_wall_s": estimate[arm.name]})
 
@@ -204,10 +203,10 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
                 assert diverse is not None
                 mix_inputs = {"task": data_hashes["task_train"],
                               "diverse": sha256_file(diverse) if arm.samples else data_hashes["pool"],
-                              "ratio": arm.ratio, "seed": seed, "options": exp.mix}
-                folder, rec = cache.run("mix", label, mix_inputs, lambda d, r=arm.ratio, s=seed, dv=diverse: mix(
-                    exp.task.train, dv, d / "mixed.jsonl", ratio=r, seed=s, tokenizer=model_path, overwrite=True,
-                    **exp.mix))
+                              "ratio": arm.ratio, "seed": seed, "options": exp.mix.written()}
+                mixing = exp.arm_mix(arm, seed)
+                folder, rec = cache.run("mix", label, mix_inputs, lambda d, c=mixing, dv=diverse: mix(
+                    exp.task.train, dv, d / "mixed.jsonl", c, tokenizer=model_path, overwrite=True))
                 train_data, data_hash = folder / "mixed.jsonl", sha256_file(folder / "mixed.jsonl")
                 wall["mix"] = rec["wall_s"]
                 if arm.samples and sampled is not None:  # what sampling only the rows this seed uses would take
@@ -215,20 +214,19 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
                     wall["sample"] = round(sampled["wall_s"] * share, 2)
             else:
                 train_data, data_hash = exp.task.train, data_hashes["task_train"]
-            options = {**exp.train, **arm.train, "seed": seed}
-            if arm.diverse_loss != "ce":  # set only when it differs, so the default's stage keys stay as they were
-                options["diverse_loss"] = arm.diverse_loss
-            train_key = {"model": model_id, "data": data_hash, "tokens": token_specs, "options": options}
+            training = exp.arm_train(arm, seed)
+            train_key = {"model": model_id, "data": data_hash, "tokens": token_specs, "options": training.written()}
             if train_eval is not None:
                 train_key["eval_data"] = data_hashes["task_eval"]
             tfolder, rec = cache.run("train", label, train_key,
-                lambda d, td=train_data, o=options: train(td, d / "adapter", model=model_path, add_token=token_specs,
-                                                          eval_data=train_eval, resume=True, progress=progress, **o))
+                lambda d, td=train_data, c=training: train(td, d / "adapter", c, model=model_path,
+                                                           add_token=token_specs, eval_data=train_eval, resume=True,
+                                                           progress=progress))
             adapter, train_inputs = tfolder / "adapter", rec["inputs"]
             wall["train"] = rec["wall_s"]
             efolder, rec = cache.run("eval", label, {"adapter": train_inputs, **eval_inputs},
-                                     lambda d, a=adapter: evaluate(exp.task.eval, d, adapter=a, progress=progress,
-                                                                   overwrite=True, **eval_kwargs))
+                                     lambda d, a=adapter: evaluate(exp.task.eval, d, eval_cfg, adapter=a,
+                                                                   progress=progress))
             wall["eval"] = rec["wall_s"]
             cost = arm_cost(model_path, _train_record(adapter), sampled["result"] if sampled else None, share)
             result = ModelResult(arm.name, arm.ratio, seed, efolder, train_dir=adapter, wall_s=wall, kind=arm.kind,
