@@ -110,7 +110,9 @@ def test_shipped_example_configs_validate():
     assert [(a.name, a.sweep) for a in paper.arms] == [("sft", None), ("delia-100", "delia"), ("delia-260", "delia")]
     assert str(paper.general) == "demo-data:general.jsonl" and paper.train_eval
     demo = load_experiment(root / "demo.yaml")
-    assert str(demo.task.train).startswith("demo-data@2:") and str(demo.general) == "demo-data@2:general.jsonl"
+    assert str(demo.task.train).startswith("demo-data@3:") and str(demo.pool) == "demo-data@3:pool-broad.jsonl"
+    assert {k: str(v) for k, v in demo.general.items()} == {"evals": "demo-data@3:general.jsonl",
+                                                            "outside": "demo-data@3:general-outside.jsonl"}
     sep = load_experiment(root / "sep-cpu.yaml")
     assert str(sep.task.eval) == "sep-data:heldout.jsonl" and str(sep.contrast) == "sep-data:contrast.jsonl"
     assert sep.task.train.parent.name == "delia-format" and "<sep>" in sep.task.add_tokens
