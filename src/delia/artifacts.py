@@ -34,8 +34,17 @@ from delia.files import beside, write_json
 Number = int | float  # a count or a measure kept as written: an int stays an int, a float a float
 R = TypeVar("R")
 
+# The per-row files beside a record
 PREDICTIONS = "predictions.jsonl"  # beside scores.json: one row per eval row, with its scores
+GENERAL_ROWS = "general.jsonl"  # beside scores.json: a single general set's rows (named sets: general_rows_file)
+CONTRAST_ROWS = "contrast.jsonl"  # beside scores.json: the contrast prompts' rows
 TRAINER_LOG = "trainer_log.jsonl"  # beside delia_train.json: the trainer's log history
+IMPORTANT_LOSS_FILE = "important_token_loss.jsonl"  # beside delia_train.json: loss on the important tokens
+
+
+def general_rows_file(name: str | None) -> str:
+    """Where an eval folder keeps a general set's per-row scores."""
+    return GENERAL_ROWS if name is None else f"general-{name}.jsonl"
 
 
 class Part(BaseModel):
@@ -55,15 +64,21 @@ class Record(Part):
 
     @classmethod
     def path(cls, where: str | Path) -> Path:
-        """The record's file: `where` itself, or `FILE` inside it when it is a folder."""
+        """The record's file: `where` itself when it is the file (named `FILE`, or an existing file), else `FILE`
+        inside the folder `where`."""
         where = Path(where)
-        return where / cls.FILE if where.is_dir() else where
+        return where if where.name == cls.FILE or where.is_file() else where / cls.FILE
+
+    @classmethod
+    def source(cls, where: str | Path) -> Path:
+        """The file `read` reads for `where`: `path(where)`."""
+        return cls.path(where)
 
     @classmethod
     def read(cls, where: str | Path) -> Self:
         """The record in `where` (its folder or its file); DeliaError naming the file when it is missing, not
         JSON, or lacks a required field."""
-        path = cls.path(where)
+        path = cls.source(where)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -87,11 +102,12 @@ class Record(Part):
         """The record in `where` if its file exists, else None."""
         if where is None:
             return None
-        path = cls.path(where)
+        path = cls.source(where)
         return cls.read(path) if path.is_file() else None
 
     def write(self, where: str | Path) -> Path:
-        """Write the record atomically to `where` (its folder or its file); returns the file."""
+        """Write the record atomically to `path(where)`: into the folder (or to the file) `where`, or for a record
+        beside an output, beside the output `where`. Returns the file."""
         path = self.path(where)
         write_json(path, self.dump())
         return path
@@ -105,9 +121,15 @@ class BesideRecord(Record):
 
     @classmethod
     def path(cls, where: str | Path) -> Path:
-        """The record beside the output `where`, or `where` itself when it is the record's file."""
+        """The record's file beside the output `where`."""
+        return beside(where, cls.SUFFIX, strip=cls.STRIP)
+
+    @classmethod
+    def source(cls, where: str | Path) -> Path:
+        """The file `read` reads: `where` itself when it is a record's file, else the record beside the output
+        `where`."""
         where = Path(where)
-        return where if where.name.endswith(cls.SUFFIX) else beside(where, cls.SUFFIX, strip=cls.STRIP)
+        return where if where.name.endswith(cls.SUFFIX) and where.is_file() else cls.path(where)
 
 
 def _data_error(e: ValidationError, source: str | Path, what: str) -> DataError:

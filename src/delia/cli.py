@@ -21,7 +21,7 @@ import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from rich.console import Console
@@ -30,6 +30,9 @@ from rich.table import Table
 
 from delia import __version__
 from delia.errors import DeliaError
+
+if TYPE_CHECKING:  # the library loads when a verb runs, not for `--help`
+    from delia.artifacts import CostPlan, EvalScores, MixSummary, SampleSummary
 
 console = Console(stderr=True, soft_wrap=True)  # never break a path or an error across lines
 
@@ -472,12 +475,13 @@ def _metrics(metrics: Mapping[str, Any]) -> str:
     return "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
 
 
-def show_eval(summary: dict[str, Any]) -> None:
+def show_eval(summary: EvalScores) -> None:
     """`delia eval`: the task's metrics, the general and contrast ones, and the metric's notes."""
-    for name, metrics in (("eval", summary["metrics"]),
-                          *((k, summary[k]["metrics"]) for k in ("general", "contrast") if k in summary)):
+    for name, metrics in (("eval", summary.metrics),
+                          *((k, s.metrics) for k, s in (("general", summary.general), ("contrast", summary.contrast))
+                            if s is not None)):
         console.print(f"[green]{name}[/] {escape(_metrics(metrics))}", highlight=False)
-    for note in summary["notes"]:
+    for note in summary.notes:
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
 
 
@@ -490,14 +494,14 @@ def show_probe(result: dict[str, Any]) -> None:
         console.print(f"[green]probe[/] {escape(line)}", highlight=False)
 
 
-def show_mix(summary: dict[str, Any]) -> None:
+def show_mix(summary: MixSummary) -> None:
     """`delia mix`: rows (and tokens) per source, where the mixture and its summary are."""
-    from delia.mix import summary_path
+    from delia.artifacts import MixSummary
 
-    counts = ", ".join(f"{s}: {v['rows']} rows" + (f" / {v['total_tokens']} tokens" if "total_tokens" in v else "")
-                       for s, v in summary["sources"].items())
-    console.print(f"[green]wrote[/] {summary['rows']} rows to {escape(summary['out'])} ({escape(counts)}); "
-                  f"summary in {escape(str(summary_path(summary['out'])))}")
+    counts = ", ".join(f"{s}: {v.rows} rows" + (f" / {v.total_tokens} tokens" if v.total_tokens is not None else "")
+                       for s, v in summary.sources.items())
+    console.print(f"[green]wrote[/] {summary.rows} rows to {escape(summary.out)} ({escape(counts)}); "
+                  f"summary in {escape(str(MixSummary.path(summary.out)))}")
 
 
 def show_coverage(result: dict[str, Any]) -> None:
@@ -511,20 +515,20 @@ def show_coverage(result: dict[str, Any]) -> None:
         console.print(f"[green]wrote[/] {escape(result['out'])}", highlight=False)
 
 
-def show_sample(summary: dict[str, Any]) -> None:
+def show_sample(summary: SampleSummary) -> None:
     """`delia sample`'s summary as a table: pool, shard, resume, filters, tokens and speed."""
     from delia.filters import REASONS
 
-    table = Table(title=escape(f"delia sample -> {summary['out']}"), show_header=False)
-    rows = [("queries in pool", summary["pool_rows"])]
-    rows += [(f"  skipped: {k.replace('_', ' ')}", v) for k, v in summary["skipped"].items()]
-    rows += [("queries in this shard" if summary["shard"] != "0/1" else "queries to sample", summary["queries"]),
-             ("  done before (resumed)", summary["resumed"]), ("samples generated now", summary["generated"]),
-             ("kept (total in file)", summary["kept"]), ("rejected (total)", sum(summary["rejected"].values()))]
-    rows += [(f"  {reason.replace('_', ' ')}", summary["rejected"].get(reason, 0)) for reason in REASONS]
-    rows += [("prompt tokens (now)", summary["prompt_tokens"]),
-             ("completion tokens (now)", summary["completion_tokens"]),
-             ("wall time", f"{summary['wall_s']:.1f} s"), ("completion tokens/s", f"{summary['tokens_per_s']:.1f}")]
+    table = Table(title=escape(f"delia sample -> {summary.out}"), show_header=False)
+    rows: list[tuple[str, Any]] = [("queries in pool", summary.pool_rows)]
+    rows += [(f"  skipped: {k.replace('_', ' ')}", v) for k, v in summary.skipped.items()]
+    rows += [("queries in this shard" if summary.shard != "0/1" else "queries to sample", summary.queries),
+             ("  done before (resumed)", summary.resumed), ("samples generated now", summary.generated),
+             ("kept (total in file)", summary.kept), ("rejected (total)", sum(summary.rejected.values()))]
+    rows += [(f"  {reason.replace('_', ' ')}", summary.rejected.get(reason, 0)) for reason in REASONS]
+    rows += [("prompt tokens (now)", summary.prompt_tokens),
+             ("completion tokens (now)", summary.completion_tokens),
+             ("wall time", f"{summary.wall_s:.1f} s"), ("completion tokens/s", f"{summary.tokens_per_s:.1f}")]
     for k, v in rows:
         table.add_row(k, str(v))
     console.print(table)
@@ -551,10 +555,12 @@ def summary_table(summary: dict[str, Any]) -> Any:
     return table
 
 
-def show_run(result: dict[str, Any]) -> None:
+def show_run(result: dict[str, Any] | CostPlan) -> None:
     """`delia run`/`delia demo`: the cost plan (with --plan), else the verdict table and sentences, then where
     the report is."""
-    if "report_md" not in result:
+    from delia.artifacts import CostPlan
+
+    if isinstance(result, CostPlan):
         show_plan(result)
         return
     from delia.report import front_lines, verdict
@@ -569,21 +575,21 @@ def show_run(result: dict[str, Any]) -> None:
     console.print(f"report: {result['report_md']}\n        {result['report_html']}", highlight=False)
 
 
-def plan_table(plan: dict[str, Any]) -> Any:
+def plan_table(plan: CostPlan) -> Any:
     """The cost plan as a rich table that fits 80 columns: per arm and seed, tokens, FLOPs and wall time."""
     from rich.table import Table
 
-    seeds = f"{plan['seeds']} seed{'s' if plan['seeds'] != 1 else ''}"
+    seeds = f"{plan.seeds} seed{'s' if plan.seeds != 1 else ''}"
     table = Table(title=f"plan per seed ({seeds}): estimates", title_justify="left")
     for name in ("arm", "diverse rows", "generated tokens", "trained tokens", "fwd-only tokens", "TFLOPs", "wall"):
         table.add_column(name, overflow="fold", justify="left" if name == "arm" else "right")
-    for a in plan["arms"]:
-        rows = f"{a['diverse_rows']:,}" + (f"\nSHORT: {a['diverse_asked']:,} asked" if a.get("short") else "")
-        generated = f"up to {a['generated_tokens']:,.0f}" if a["generated_tokens"] else "0"
-        made = f"of {escape(a['of'])}" if a.get("of") else f"ratio {a['ratio']:g}"
-        table.add_row(f"{escape(a['arm'])}\nkind {a['kind']}, {made}", rows, generated,
-                      f"{a['trained_tokens']:,.0f}", f"{a['forward_only_tokens']:,.0f}", f"{a['flops'] / 1e12:,.2f}",
-                      _duration(a["est_wall_s"]))
+    for a in plan.arms:
+        rows = f"{a.diverse_rows:,}" + (f"\nSHORT: {a.diverse_asked:,} asked" if a.short else "")
+        generated = f"up to {a.generated_tokens:,.0f}" if a.generated_tokens else "0"
+        made = f"of {escape(a.of)}" if a.of else f"ratio {a.ratio:g}"
+        table.add_row(f"{escape(a.arm)}\nkind {a.kind}, {made}", rows, generated,
+                      f"{a.trained_tokens:,.0f}", f"{a.forward_only_tokens:,.0f}", f"{a.flops / 1e12:,.2f}",
+                      _duration(a.est_wall_s))
     return table
 
 
@@ -592,25 +598,24 @@ def _duration(seconds: float) -> str:
         f"{seconds / 3600:.1f} h")
 
 
-def show_plan(plan: dict[str, Any]) -> None:
+def show_plan(plan: CostPlan) -> None:
     """The plan table, then what sampling runs once, how a pool still to be built was estimated, which arms the
     pool is too small for, and the rate the wall times assume."""
-    from delia.plan import short_arms
     out = Console(soft_wrap=False)  # stdout: the result itself
     out.print(plan_table(plan))
-    if s := plan["sampling_run"]:
-        out.print(f"sampling (once, shared by every seed and self-sampling arm): {s['queries']:,} queries, "
-                  f"{s['prompt_tokens']:,} prompt tokens, up to {s['completion_tokens']:,} generated tokens; each arm "
+    if s := plan.sampling_run:
+        out.print(f"sampling (once, shared by every seed and self-sampling arm): {s.queries:,} queries, "
+                  f"{s.prompt_tokens:,} prompt tokens, up to {s.completion_tokens:,} generated tokens; each arm "
                   "above counts the share it mixes in.", highlight=False)
-    if note := plan.get("pool_note"):
+    if note := plan.pool_note:
         out.print(f"pool: {note}.", highlight=False)
-    if short := short_arms(plan):
+    if short := plan.short_arms():
         out.print("SHORT pool: " + "; ".join(short) + ". The run refuses this unless `mix: {allow_short: true}`.",
                   highlight=False)
-    rate = (f"the given achieved rate, {plan['flops_per_s'] / 1e9:,.0f} GFLOP/s" if plan["flops_per_s"] else
-            f"this machine's measured matmul peak ({plan['matmul_peak_flops'] / 1e9:,.0f} GFLOP/s) times the share "
-            "delia's CPU benchmarks reach: " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s"
-                                                        for k, v in plan["rates"].items()))
+    rate = (f"the given achieved rate, {plan.flops_per_s / 1e9:,.0f} GFLOP/s" if plan.flops_per_s else
+            f"this machine's measured matmul peak ({plan.matmul_peak_flops / 1e9:,.0f} GFLOP/s) times the "
+            "share delia's CPU benchmarks reach: " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s"
+                                                              for k, v in plan.rates.items()))
     out.print(f"wall: FLOPs at {rate}. Generated tokens are upper bounds (max_new_tokens per answer).",
               highlight=False)
 

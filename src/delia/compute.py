@@ -13,6 +13,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from delia.artifacts import SampledTokens, TrainedTokens
+
 TRAIN_FORWARDS = 2  # forward + backward to the activations (LoRA: no weight gradients for frozen weights)
 # Share of the measured matmul peak each stage reached on a 2-core CPU with SmolLM2-135M in fp32, for wall-time
 # estimates: sampling 36% on the demo's one-shot prompts (benchmarks/sample_throughput.py --skip-stage), LoRA
@@ -56,32 +58,31 @@ def forward_flops(model_path: str | Path, seq_len: float) -> float:
     return compute_flops_per_token(_config(str(model_path)), max(1, round(seq_len))) / 3
 
 
-def sampling_cost(model_path: str | Path, summary: dict[str, Any], share: float = 1.0) -> dict[str, float]:
-    """Tokens and FLOPs of `share` of a sampling run (its `delia sample` summary): an arm that mixes 40 of
-    100 kept answers costs 40% of the run, since a run of 40 queries would have given it the same rows."""
-    prompt, generated = summary["prompt_tokens"], summary["completion_tokens"]
-    rows = max(1, summary["generated"])
+def sampling_cost(model_path: str | Path, run: SampledTokens, share: float = 1.0) -> dict[str, float]:
+    """Tokens and FLOPs of `share` of a sampling run (its `delia sample` summary's counts): an arm that mixes 40
+    of 100 kept answers costs 40% of the run, since a run of 40 queries would have given it the same rows."""
+    prompt, generated = run.prompt_tokens, run.completion_tokens
+    rows = max(1, run.generated)
     flops = forward_flops(model_path, (prompt + generated) / rows) * (prompt + generated)
-    sampled = summary["queries"] - sum(summary.get("skipped", {}).values())  # not those left out (too long, ...)
+    sampled = run.queries - sum(run.skipped.values())  # not those left out (too long, ...)
     return {"sampled_queries": sampled * share, "prompt_tokens": prompt * share,
             "generated_tokens": generated * share, "sample_flops": flops * share}
 
 
-def training_cost(model_path: str | Path, record: dict[str, Any]) -> dict[str, float]:
-    """Tokens and FLOPs of a finished training run, from its delia_train.json."""
-    data = record["data"]
-    fwd = forward_flops(model_path, data["train_tokens"] / max(1, data["rows"]))
-    trained, forward_only = record["tokens_trained"], record.get("tokens_forward_only", 0)
+def training_cost(model_path: str | Path, run: TrainedTokens) -> dict[str, float]:
+    """Tokens and FLOPs of a training run: a finished one's (`TrainRecord.trained_tokens`), or a plan's."""
+    fwd = forward_flops(model_path, run.train_tokens / max(1, run.rows))
+    trained, forward_only = run.tokens_trained, run.tokens_forward_only
     return {"trained_tokens": trained, "forward_only_tokens": forward_only,
             "train_flops": fwd * (TRAIN_FORWARDS * trained + forward_only)}
 
 
-def arm_cost(model_path: str | Path, record: dict[str, Any], sample_summary: dict[str, Any] | None = None,
+def arm_cost(model_path: str | Path, training: TrainedTokens, sampling: SampledTokens | None = None,
              share: float = 0.0) -> dict[str, float]:
     """One arm at one seed: its share of sampling (none for arms without self-samples) plus its training."""
     cost = {"sampled_queries": 0.0, "prompt_tokens": 0.0, "generated_tokens": 0.0, "sample_flops": 0.0}
-    if sample_summary is not None and share > 0:
-        cost = sampling_cost(model_path, sample_summary, share)
-    cost.update(training_cost(model_path, record))
+    if sampling is not None and share > 0:
+        cost = sampling_cost(model_path, sampling, share)
+    cost.update(training_cost(model_path, training))
     cost["flops"] = cost["sample_flops"] + cost["train_flops"]
     return cost

@@ -19,21 +19,17 @@ from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
 
+from delia.artifacts import CONTRAST_ROWS, PREDICTIONS, EvalScores, ScoredSet, adapter_base, general_rows_file
 from delia.config import Flags
 from delia.data import Format
 from delia.errors import DeliaError
-from delia.files import check_output, sha256_file, write_json, write_jsonl
+from delia.files import check_output, sha256_file, write_jsonl
 from delia.general import GeneralFiles, general_sets, set_files
 from delia.metrics import MetricKind
 from delia.models import DEFAULT_MODEL, ModelChoice, load_for_eval
 from delia.progress import Progress, ProgressCallback, report
 from delia.versions import library_versions
 
-PREDICTIONS = "predictions.jsonl"
-SCORES = "scores.json"
-GENERAL_ROWS = "general.jsonl"
-CONTRAST_ROWS = "contrast.jsonl"
-GENERAL_SETS = "general_sets"  # scores.json's section of named general sets: {set name: its summary}
 log = logging.getLogger(__name__)
 
 
@@ -118,7 +114,7 @@ def evaluate(
     *,
     progress: ProgressCallback | None = None,
     **options: Any,
-) -> dict[str, Any]:
+) -> EvalScores:
     """Generate an answer for every eval row and score it; returns what scores.json holds.
 
     With `general`, also measure what tuning did to everything else: format leakage into general answers,
@@ -143,7 +139,7 @@ def evaluate(
         if path is not None and not Path(path).exists():
             raise DeliaError(f"`{name}` {path}: no such file or folder")
     inputs = [p for p in (data, *set_files(cfg.general).values(), cfg.contrast, cfg.metric_config) if p is not None]
-    for name in (PREDICTIONS, SCORES, CONTRAST_ROWS, *map(general_rows_file, set_files(cfg.general))):
+    for name in (PREDICTIONS, EvalScores.FILE, CONTRAST_ROWS, *map(general_rows_file, set_files(cfg.general))):
         check_output(Path(out) / name, inputs=inputs, overwrite=cfg.overwrite)
     metric_cfg = _metric_config(cfg.metric, cfg.metric_config)
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
@@ -176,7 +172,7 @@ def evaluate(
                                               (completions[i] for i in range(len(records))), scores.rows,
                                               strict=True)]
     completion_tokens = sum(r["completion_tokens"] for r in rows)
-    summary = {
+    summary: dict[str, Any] = {
         **scores.summary(),
         "metric_config": metric_cfg.model_dump(mode="json"),
         "rows": len(rows),
@@ -196,27 +192,23 @@ def evaluate(
     for name, result in _general(lm, tokenizer, metric_cfg, cfg):
         write_jsonl(out / general_rows_file(name), result.rows)
         if name is None:
-            summary["general"] = result.summary
+            summary["general"] = ScoredSet(**result.summary)
         else:
-            summary.setdefault(GENERAL_SETS, {})[name] = result.summary
+            summary.setdefault("general_sets", {})[name] = ScoredSet(**result.summary)
         if result.contrast_rows is not None:
             write_jsonl(out / CONTRAST_ROWS, result.contrast_rows)
-            summary["contrast"] = result.contrast_summary
+            summary["contrast"] = ScoredSet(**result.contrast_summary)
     write_jsonl(out / PREDICTIONS, rows)
-    write_json(out / SCORES, summary)  # last: its presence marks a finished eval
+    record = EvalScores(**summary)
+    record.write(out)  # last: its presence marks a finished eval
     log.info("%d rows evaluated (%.1fs generating) -> %s", len(rows), wall, out)
-    return summary
-
-
-def general_rows_file(name: str | None) -> str:
-    """Where an eval folder keeps a general set's per-row scores."""
-    return GENERAL_ROWS if name is None else f"general-{name}.jsonl"
+    return record
 
 
 def _general(lm: Any, tokenizer: Any, metric_cfg: Any, cfg: EvalConfig) -> Iterator[tuple[str | None, Any]]:
     """(set name, `delia.general.general_eval`'s result) per general set, against the base model the evaluated
     one is compared with; the contrast prompts go with the first set."""
-    from delia.general import adapter_base, general_eval
+    from delia.general import general_eval
     from delia.models import resolve_model
 
     if cfg.adapter is not None:

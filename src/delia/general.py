@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from delia.artifacts import TrainRecord
 from delia.errors import DeliaError
 from delia.metrics import MetricConfig, leaks, short_answer_match
 
@@ -119,25 +120,8 @@ def read_prompts(path: str | Path, limit: int | None = None) -> Prompts:
 
 def new_token_ids(adapter: Path | None) -> list[int]:
     """Ids of the tokens `delia train` added (from the adapter's delia_train.json); [] for none."""
-    from delia.train import TRAIN_RECORD
-
-    record = adapter / TRAIN_RECORD if adapter is not None else None
-    if record is None or not record.exists():
-        return []
-    tokens = (json.loads(record.read_text(encoding="utf-8")).get("new_tokens") or {}).get("tokens", [])
-    return [int(t["id"]) for t in tokens]
-
-
-def adapter_base(adapter: Path) -> str:
-    """The base model an adapter was trained on, as `load_trained` resolves it."""
-    from peft import PeftConfig
-
-    from delia.train import TRAIN_RECORD
-
-    record = adapter / TRAIN_RECORD
-    if record.exists():
-        return json.loads(record.read_text(encoding="utf-8"))["model"]["name"]
-    return PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path
+    record = TrainRecord.find(adapter)
+    return record.new_token_ids() if record else []
 
 
 # ----------------------------------------------------------------------------- base answers

@@ -14,10 +14,11 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
+from delia.artifacts import MixSummary
 from delia.config import ConfigError, Flags, StageConfig
 from delia.data import ChatData, check_chat_output, describe, read_chat, row_id, write_chat
 from delia.errors import DeliaError
-from delia.files import beside, check_output, sha256_file, write_json
+from delia.files import check_output, sha256_file
 
 SOURCES = ("task", "diverse")
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class MixConfig(StageConfig):
 
 
 def summary_path(out: str | Path) -> Path:
-    return beside(out, ".summary.json", strip=(".jsonl", ".json"))
+    return MixSummary.path(out)
 
 
 def _tagged(record: dict[str, Any], source: str) -> dict[str, Any]:
@@ -70,7 +71,7 @@ def mix(
     out: Annotated[Path, "Output: .jsonl (messages JSONL) or a folder (saved HF dataset)."],
     config: MixConfig | None = None,
     **options: Any,
-) -> dict[str, Any]:
+) -> MixSummary:
     """Mix task rows with diverse rows; writes OUT and OUT.summary.json, returns the summary.
 
     Each output row keeps `source` ("task" or "diverse") and `id`. The summary counts rows and
@@ -114,14 +115,14 @@ def mix(
         info = describe(ChatData(str(out), "messages", [r for r in rows if r["source"] == source]), tok)
         per_source[source] = {k: info[k] for k in ("rows", "prompt_tokens", "response_tokens", "total_tokens")
                               if k in info}
-    summary = {
-        "out": str(out), "seed": cfg.seed, "ratio": cfg.ratio, "diverse_count": cfg.diverse_count,
-        "diverse_asked": wanted, "short": short, "rows": len(rows), "tokenizer": tokenizer or None,
-        "sources": per_source,
-        "inputs": {"task": {"path": str(task), "sha256": _hash(task), "rows": len(task_data.records)},
-                   "diverse": {"path": str(diverse), "sha256": _hash(diverse), "rows": len(pool)}},
-    }
-    write_json(summary_path(out), summary)
+    summary = MixSummary(
+        out=str(out), seed=cfg.seed, ratio=cfg.ratio, diverse_count=cfg.diverse_count,
+        diverse_asked=wanted, short=short, rows=len(rows), tokenizer=tokenizer or None,
+        sources=per_source,
+        inputs={"task": {"path": str(task), "sha256": _hash(task), "rows": len(task_data.records)},
+                "diverse": {"path": str(diverse), "sha256": _hash(diverse), "rows": len(pool)}},
+    )
+    summary.write(out)
     return summary
 
 

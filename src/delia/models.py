@@ -9,7 +9,6 @@ or a Hugging Face hub id, used as-is where the hub is reachable.
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import subprocess
@@ -19,6 +18,7 @@ from typing import Annotated, Any
 
 from pydantic import Field, model_validator
 
+from delia.artifacts import adapter_base
 from delia.config import Flags, StageConfig
 from delia.errors import DeliaError, ModelNotFoundError
 from delia.files import atomic_dir, sha256_file, write_json
@@ -165,22 +165,17 @@ def load_model(name: str | Path = DEFAULT_MODEL, *, dtype: str = "auto", device:
 def load_trained(adapter: str | Path, device: str | None = None, scale: float = 1.0) -> tuple[Any, Any]:
     """(base model + adapter in eval mode, the adapter's tokenizer): what evaluation calls "the trained model".
 
-    The base is the model named in delia_train.json (resolved again, so a bundled name works on
-    another machine), else the adapter config's path; embeddings grow to the tokenizer when it is longer.
+    The base is `delia.artifacts.adapter_base`: the model named in delia_train.json (resolved again, so a bundled
+    name works on another machine), else the adapter config's path; embeddings grow to the tokenizer when it is longer.
     `scale` multiplies the LoRA update (`scale_adapter`).
     """
-    from peft import PeftConfig, PeftModel
+    from peft import PeftModel
     from transformers import AutoTokenizer
-
-    from delia.train import TRAIN_RECORD
 
     adapter = Path(adapter)
     if not (adapter / "adapter_config.json").exists():
         raise DeliaError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
-    record = adapter / TRAIN_RECORD
-    base = (json.loads(record.read_text())["model"]["name"] if record.exists()
-            else PeftConfig.from_pretrained(str(adapter)).base_model_name_or_path)
-    model, _ = load_model(base, device=device)
+    model, _ = load_model(adapter_base(adapter), device=device)
     tokenizer = AutoTokenizer.from_pretrained(str(adapter))
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)

@@ -14,11 +14,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from delia.artifacts import ArmCost, CostPlan, SampledTokens, TrainedTokens
 from delia.compute import STAGE_SHARE_OF_PEAK, arm_cost
 from delia.experiment import SCALED, Experiment
 
 
-def plan_experiment(exp: Experiment, flops_per_s: float | None = None) -> dict[str, Any]:
+def plan_experiment(exp: Experiment, flops_per_s: float | None = None) -> CostPlan:
     """Estimated tokens, FLOPs and wall time of every arm (per seed) of `exp`; data paths must be resolved."""
     from delia.compute import measure_matmul_flops
     from delia.data import read_chat
@@ -48,9 +49,9 @@ def plan_experiment(exp: Experiment, flops_per_s: float | None = None) -> dict[s
             references = [r["messages"] for r in pool_records]
     # a pool still to be built: its rows are `pool_rows`, their lengths those of the stand-in rows read
     scale = pool_rows / max(1, len(pool_records)) if pool_note else 1.0
-    sampled = {"queries": round(len(prompts) * scale), "generated": round(len(prompts) * per_query * scale),
-               "prompt_tokens": round(sum(map(len, prompts)) * per_query * scale),
-               "completion_tokens": round(len(prompts) * per_query * max_new * scale)}
+    sampled = SampledTokens(queries=round(len(prompts) * scale), generated=round(len(prompts) * per_query * scale),
+                            prompt_tokens=round(sum(map(len, prompts)) * per_query * scale),
+                            completion_tokens=round(len(prompts) * per_query * max_new * scale))
     # a self-sampled training row: the query as a user turn, then an answer of at most max_new tokens
     self_row = (sum(row_tokens([{"role": "user", "content": q}, {"role": "assistant", "content": ""}])
                     for _, q, _ in queries) / max(1, len(queries)) + max_new)
@@ -58,9 +59,9 @@ def plan_experiment(exp: Experiment, flops_per_s: float | None = None) -> dict[s
 
     peak = None if flops_per_s else measure_matmul_flops()
     rates = {stage: flops_per_s or peak * share for stage, share in STAGE_SHARE_OF_PEAK.items()}
-    rows = {}
+    rows: dict[str, ArmCost] = {}
     for arm in (a for a in exp.arms if a.kind != SCALED):
-        available = sampled["generated"] if arm.samples else round(len(references) * scale)
+        available = sampled.generated if arm.samples else round(len(references) * scale)
         asked = exp.arm_mix(arm, exp.seeds[0]).diverse_asked(len(task_rows))
         diverse = min(available, asked)
         training = exp.arm_train(arm, exp.seeds[0])
@@ -70,27 +71,22 @@ def plan_experiment(exp: Experiment, flops_per_s: float | None = None) -> dict[s
             passes = steps * rows_per_step / (len(task_rows) + diverse)
         diverse_tokens = diverse * (self_row if arm.samples else ref_row)
         data_tokens = task_tokens + diverse_tokens
-        record = {"data": {"train_tokens": data_tokens, "rows": len(task_rows) + diverse},
-                  "tokens_trained": data_tokens * passes,
-                  "tokens_forward_only": diverse_tokens * passes if arm.diverse_loss == "kl" else 0}
-        share = diverse / sampled["generated"] if arm.samples and sampled["generated"] else 0.0
-        cost = arm_cost(model_path, record, sampled, share)
+        training_run = TrainedTokens(rows=len(task_rows) + diverse, train_tokens=data_tokens,
+                                     tokens_trained=data_tokens * passes,
+                                     tokens_forward_only=diverse_tokens * passes if arm.diverse_loss == "kl" else 0)
+        share = diverse / sampled.generated if arm.samples and sampled.generated else 0.0
+        cost = arm_cost(model_path, training_run, sampled, share)
         cost["est_wall_s"] = cost["sample_flops"] / rates["sample"] + cost["train_flops"] / rates["train"]
-        rows[arm.name] = {"arm": arm.name, "kind": arm.kind, "ratio": arm.ratio, "diverse_rows": diverse,
-                          "diverse_asked": asked if arm.ratio > 0 else 0, "short": asked > available, **cost}
+        rows[arm.name] = ArmCost(arm=arm.name, kind=arm.kind, ratio=arm.ratio, diverse_rows=diverse,
+                                 diverse_asked=asked if arm.ratio > 0 else 0, short=asked > available, **cost)
     # a scaled arm costs its `of` arm's sampling and training, which run once for both: nothing more to wait for
     arms = [rows[a.name] if a.kind != SCALED else
-            {**rows[str(a.of)], "arm": a.name, "kind": SCALED, "of": a.of, "short": False, "est_wall_s": 0.0}
+            rows[str(a.of)].model_copy(update={"arm": a.name, "kind": SCALED, "of": a.of, "short": False,
+                                               "est_wall_s": 0.0})
             for a in exp.arms]
-    return {"model": exp.model, "seeds": len(exp.seeds), "task_rows": len(task_rows),
-            "sampling_run": sampled if prompts else None, "matmul_peak_flops": peak, "flops_per_s": flops_per_s,
-            "rates": rates, "arms": arms, "pool_note": pool_note}
-
-
-def short_arms(plan: dict[str, Any]) -> list[str]:
-    """`arm: N of M diverse rows` for each arm whose pool holds fewer diverse rows than its ratio asks for."""
-    return [f"{a['arm']}: {a['diverse_rows']:,} of the {a['diverse_asked']:,} diverse rows asked for"
-            for a in plan["arms"] if a.get("short")]
+    return CostPlan(model=exp.model, seeds=len(exp.seeds), task_rows=len(task_rows),
+                    sampling_run=sampled if prompts else None, matmul_peak_flops=peak, flops_per_s=flops_per_s,
+                    rates=rates, arms=arms, pool_note=pool_note)
 
 
 def _pool_for_plan(exp: Experiment, task_rows: list[dict[str, Any]], tmp: Path

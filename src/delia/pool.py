@@ -33,6 +33,7 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
+from delia.artifacts import PoolSummary
 from delia.config import Flags
 from delia.coverage import coverage_record, measure, read_prompts
 from delia.data import ChatData, ReadOptions, parse_columns, read_chat
@@ -61,7 +62,7 @@ log = logging.getLogger(__name__)
 
 
 def sources_path(out: str | Path) -> Path:
-    return beside(out, ".sources.json", strip=(".jsonl",))
+    return PoolSummary.path(out)
 
 
 def removed_path(out: str | Path) -> Path:
@@ -465,7 +466,7 @@ def pool(
     *,
     progress: ProgressCallback | None = None,
     **options: Any,
-) -> dict[str, Any]:
+) -> PoolSummary:
     """Build a diverse query pool: read sources, clean, decontaminate, select; returns OUT.sources.json's content.
 
     Every removed row is counted per step and listed with its reason in OUT.removed.jsonl. `options` set any
@@ -576,7 +577,7 @@ def pool(
 
     counts = Counter(r["reason"] for r in removed)
     read = sum(f["rows_read"] for f in source_facts)
-    summary = {
+    summary: dict[str, Any] = {
         "out": str(out), "rows": len(rows), "rows_read": read, "seed": cfg.seed,
         "steps": {step: counts.get(step, 0) for step in STEPS},
         "sources": source_facts,
@@ -600,11 +601,12 @@ def pool(
     summary["coverage"] = {name: c.model_dump(exclude={"per_prompt"}) for name, c in covered.items()}
     if covered:
         write_json(coverage_path(out), coverage_record(out, cfg.model, cfg.max_embed_tokens, covered))
-    write_json(sources_path(out), summary)
+    record = PoolSummary(**summary)
+    record.write(out)
     write_jsonl(out, rows)
     steps = ", ".join(f"{k} {v}" for k, v in summary["steps"].items() if v)
     log.info("wrote %d of %d rows to %s (removed: %s); see %s", len(rows), read, out, steps or "none",
              sources_path(out))
     for name, c in covered.items():
         log.info("%s", c.line(name))
-    return summary
+    return record

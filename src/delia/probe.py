@@ -20,12 +20,12 @@ that plain SFT and DELIA move away from.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field
 
+from delia.artifacts import TrainRecord
 from delia.config import Flags
 from delia.data import Format
 from delia.errors import DeliaError
@@ -73,13 +73,8 @@ class ProbeConfig(ModelChoice):
 
 def _recorded_descriptions(folder: Path | None) -> dict[str, str]:
     """Token descriptions that `delia train --add-token TOKEN=DESCRIPTION` recorded (empty when none)."""
-    from delia.train import TRAIN_RECORD
-
-    if folder is None or not (Path(folder) / TRAIN_RECORD).is_file():
-        return {}
-    record = json.loads((Path(folder) / TRAIN_RECORD).read_text(encoding="utf-8"))
-    tokens = (record.get("new_tokens") or {}).get("tokens") or []
-    return {t["token"]: t["description"] for t in tokens if t.get("description")}
+    record = TrainRecord.find(folder) if folder is not None and Path(folder).is_dir() else None
+    return record.token_descriptions() if record else {}
 
 
 def _descriptions(token: list[str] | None, tokens_file: Path | None, adapter: Path | None,

@@ -19,6 +19,16 @@ from typing import Any
 
 import numpy as np
 
+from delia.artifacts import (
+    CONTRAST_ROWS,
+    IMPORTANT_LOSS_FILE,
+    PREDICTIONS,
+    TRAINER_LOG,
+    EvalScores,
+    PoolFacts,
+    ScoredSet,
+    general_rows_file,
+)
 from delia.files import atomic_writer
 from delia.frontier import (
     COMPUTE,
@@ -107,61 +117,49 @@ def base_metric(metric: str) -> str:
     return metric.rpartition("/")[2]
 
 
-def scored_sets(summary: dict[str, Any]) -> list[tuple[str | None, dict[str, Any]]]:
-    """(set name, summary) of each general set a scores.json holds: None for a single set (`general`)."""
-    from delia.evaluate import GENERAL_SETS
-
-    single = [(None, summary["general"])] if summary.get("general") else []
-    return single + list(summary.get(GENERAL_SETS, {}).items())
-
-
-def _sections(summary: dict[str, Any]) -> list[tuple[str | None, dict[str, Any], str]]:
+def _sections(summary: EvalScores) -> list[tuple[str | None, EvalScores | ScoredSet, str]]:
     """(set name, section, per-row file) of every averaged section of a scores.json: the task, each general set,
     the contrast prompts."""
-    from delia.evaluate import CONTRAST_ROWS, PREDICTIONS, general_rows_file
-
-    contrast = [(None, summary["contrast"], CONTRAST_ROWS)] if summary.get("contrast") else []
-    return ([(None, summary, PREDICTIONS)] + [(n, s, general_rows_file(n)) for n, s in scored_sets(summary)]
+    contrast = [(None, summary.contrast, CONTRAST_ROWS)] if summary.contrast else []
+    return ([(None, summary, PREDICTIONS)] + [(n, s, general_rows_file(n)) for n, s in summary.scored_sets()]
             + contrast)
 
 
-def load_scores(eval_dir: Path) -> tuple[dict[str, Any], dict[str, list[float]]]:
+def load_scores(eval_dir: Path) -> tuple[EvalScores, dict[str, list[float]]]:
     """(scores.json, per-row values of each averaged metric) of one `delia eval` output folder: the task's
     metrics from predictions.jsonl and, where evaluated, each general set's and the contrast metrics; and
     `TRUNCATED`, whether each task answer was cut, where the rows say how they ended."""
-    from delia.evaluate import PREDICTIONS, SCORES
-
-    summary = json.loads((eval_dir / SCORES).read_text(encoding="utf-8"))
+    summary = EvalScores.read(eval_dir)
     per_row: dict[str, list[float]] = {}
     for name, section, file in _sections(summary):
         rows = [json.loads(line) for line in (eval_dir / file).read_text(encoding="utf-8").splitlines()]
         per_row.update({
             set_metric(name, metric): [float("nan") if r["scores"].get(key) is None else float(r["scores"][key])
                                        for r in rows]
-            for metric, key in section.get("row_means", {}).items()
+            for metric, key in section.row_means.items()
         })
         if file == PREDICTIONS and rows and all("finish_reason" in r for r in rows):
             per_row[TRUNCATED] = [float(r["finish_reason"] == "length") for r in rows]
     return summary, per_row
 
 
-def higher_is_better(summary: dict[str, Any]) -> dict[str, bool]:
+def higher_is_better(summary: EvalScores) -> dict[str, bool]:
     """Direction of every metric of a scores.json: task metrics are scores; general ones say their own."""
-    out = dict.fromkeys(summary.get("row_means", {}), True)
+    out = dict.fromkeys(summary.row_means, True)
     for name, section, _ in _sections(summary)[1:]:
-        out.update((set_metric(name, m), up) for m, up in section.get("higher_is_better", {}).items())
+        out.update((set_metric(name, m), up) for m, up in section.higher_is_better.items())
     return out
 
 
-def _leakage_by_kind(summaries: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+def _leakage_by_kind(summaries: list[EvalScores]) -> dict[str, dict[str, dict[str, float]]]:
     """Leakage metric -> kind of prompt -> answers, leaked and share, summed over the runs (seeds) of an arm."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for summary in summaries:
-        for name, section in scored_sets(summary):
-            for kind, c in section.get("leakage_by_kind", {}).items():
+        for name, section in summary.scored_sets():
+            for kind, c in section.leakage_by_kind.items():
                 total = out.setdefault(set_metric(name, "leakage"), {}).setdefault(kind, {"n": 0, "leaked": 0})
-                total["n"] += c["n"]
-                total["leaked"] += c["leaked"]
+                total["n"] += c.n
+                total["leaked"] += c.leaked
     for kinds in out.values():
         for c in kinds.values():
             c["share"] = c["leaked"] / c["n"]
@@ -187,14 +185,14 @@ def summarise(runs: list[ModelResult], baseline: str | None, n_boot: int) -> dic
         direction.update(higher_is_better(summary))
     common = set.intersection(*(set(rows) for _, rows in loaded.values()))
     metrics = [m for m in direction if m in common]
-    task = [m for m in first.get("row_means", {}) if m == first.get("primary") or m.startswith("label")]
+    task = [m for m in first.row_means if m == first.primary or m.startswith("label")]
     truncation = TRUNCATED in common
-    out: dict[str, Any] = {"primary": first.get("primary"), "metrics": metrics, "task": task,
-                           "general": [m for m in metrics if m not in first.get("row_means", {})],
+    out: dict[str, Any] = {"primary": first.primary, "metrics": metrics, "task": task,
+                           "general": [m for m in metrics if m not in first.row_means],
                            "higher_is_better": direction, "baseline": baseline,
-                           "general_prompts": (first.get("general") or {}).get("n"),
-                           "general_sets": {name: s.get("n") for name, s in scored_sets(first) if name is not None},
-                           "max_new_tokens": first.get("sampling", {}).get("max_new_tokens"), "arms": {}}
+                           "general_prompts": first.general.n if first.general else None,
+                           "general_sets": {name: s.n for name, s in first.scored_sets() if name is not None},
+                           "max_new_tokens": first.sampling.max_new_tokens, "arms": {}}
     for name, group in arms.items():
         group.sort(key=lambda r: -1 if r.seed is None else r.seed)
         costs = [r.compute for r in group if r.compute]
@@ -401,9 +399,6 @@ def _plots(runs: list[ModelResult], summary: dict[str, Any], folder: Path) -> li
 
 def _history(run: ModelResult, key: str) -> list[tuple[int, float]]:
     """(step, value) pairs from a train folder: the trainer's loss log or the important-token loss JSONL."""
-    from delia.important import IMPORTANT_LOSS_FILE
-    from delia.train import TRAINER_LOG
-
     assert run.train_dir is not None
     path = run.train_dir / (TRAINER_LOG if key == "loss" else IMPORTANT_LOSS_FILE)
     if not path.exists():
@@ -567,8 +562,6 @@ def examples(runs: list[ModelResult], general_set: str | None = None,
     """The first `k` prompts of a general set (None: the single one) with the answer of the base model and of
     each arm's first seed: [(prompt, [(arm, answer, leaked)])]. A collapse into the task's format shows here at
     a glance."""
-    from delia.evaluate import general_rows_file
-
     file = general_rows_file(general_set)
     shown: dict[str, ModelResult] = {}
     for r in sorted(runs, key=lambda r: -1 if r.seed is None else r.seed):
@@ -660,17 +653,17 @@ def compute_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
-def _pool_blocks(pool: dict[str, Any]) -> list[Block]:
+def _pool_blocks(pool: PoolFacts) -> list[Block]:
     """The pool that `delia pool` built for the run: rows per cleaning step, decontamination, coverage."""
-    sel = pool["selection"]
+    sel = pool.selection
     shares = ", ".join(f"{s} {v['share']:.0%}" for s, v in sel["per_source"].items())
     coverage = (f" Selected for diversity from {sel['clusters_covered']} of {sel['clusters']} clusters."
                 if "clusters" in sel else "")
     return [("h2", "Pool"),
-            ("p", f"Built by `delia pool` from {len(pool['sources'])} source(s): {pool['rows_read']} rows read, "
-             f"{pool['rows']} kept; {pool['decontaminated']} removed for overlapping the task's train or eval "
+            ("p", f"Built by `delia pool` from {len(pool.sources)} source(s): {pool.rows_read} rows read, "
+             f"{pool.rows} kept; {pool.decontaminated} removed for overlapping the task's train or eval "
              f"prompts (decontamination).{coverage} Rows per source: {shares}."),
-            ("table", ["step", "rows removed"], [[k, str(v)] for k, v in pool["steps"].items()])]
+            ("table", ["step", "rows removed"], [[k, str(v)] for k, v in pool.steps.items()])]
 
 
 def write_report(folder: Path, title: str, runs: list[ModelResult], baseline: str | None,
@@ -771,7 +764,7 @@ def write_report(folder: Path, title: str, runs: list[ModelResult], baseline: st
     if alignment:
         blocks += [("h2", "New-token alignment"), ("ul", alignment)]
     if pool := manifest.get("pool"):
-        blocks += _pool_blocks(pool)
+        blocks += _pool_blocks(PoolFacts.model_validate(pool))
     blocks += [("h2", "Manifest"), ("pre", json.dumps(manifest, indent=2, default=str))]
 
     md_path, html_path = folder / "report.md", folder / "report.html"

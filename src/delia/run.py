@@ -7,16 +7,25 @@ training resume inside their folder). Changing any input (data, model, option) c
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from pydantic import Field
 
 from delia import __version__
+from delia.artifacts import (
+    CostPlan,
+    EvalScores,
+    MixSummary,
+    PoolFacts,
+    PoolSummary,
+    SampleSummary,
+    StageRecord,
+    TrainRecord,
+)
 from delia.config import Flags, StageConfig
 from delia.errors import DeliaError
 from delia.experiment import SCALED, Arm, Experiment, load_experiment
@@ -35,6 +44,7 @@ from delia.progress import ProgressCallback
 from delia.versions import library_versions
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 
 class StageCache:
@@ -45,23 +55,24 @@ class StageCache:
         self.done: list[str] = []
         self.skipped: list[str] = []
 
-    def run(self, stage: str, label: str, inputs: dict[str, Any], fn: Callable[[Path], Any]) -> tuple[Path, dict]:
+    def run(self, stage: str, label: str, inputs: dict[str, Any], fn: Callable[[Path], Any],
+            result: type[R] = Any) -> tuple[Path, StageRecord[R]]:  # type: ignore[assignment]
+        """(the stage's folder, its stage.json) with the stage's result read as `result`."""
         key = sha256_json({"stage": stage, "inputs": inputs, "delia": __version__})[:12]
         folder = self.root / f"{stage}-{key}"
-        marker = folder / "stage.json"
-        if marker.exists():
+        record = StageRecord[result]  # type: ignore[valid-type]
+        if record.path(folder).exists():
             self.skipped.append(f"{stage}:{label}")
             log.info("cached %s %s -> %s", stage, label, folder)
-            return folder, json.loads(marker.read_text(encoding="utf-8"))
+            return folder, record.read(folder)
         folder.mkdir(parents=True, exist_ok=True)
         log.info("-- %s %s -> %s", stage, label, folder)
         start = time.perf_counter()
-        result = fn(folder)
-        record = {"stage": stage, "label": label, "inputs": inputs, "wall_s": round(time.perf_counter() - start, 2),
-                  "result": result}
-        write_json(marker, record)
+        done = fn(folder)
+        StageRecord(stage=stage, label=label, inputs=inputs, wall_s=round(time.perf_counter() - start, 2),
+                    result=done).write(folder)
         self.done.append(f"{stage}:{label}")
-        return folder, json.loads(marker.read_text(encoding="utf-8"))
+        return folder, record.read(folder)
 
 
 RUN_KIND = "run"  # the output marker's kind (files.mark_output)
@@ -104,7 +115,7 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
     from delia.evaluate import evaluate
     from delia.mix import mix
     from delia.models import resolve_model
-    from delia.plan import plan_experiment, short_arms
+    from delia.plan import plan_experiment
     from delia.report import ModelResult, write_report
     from delia.sample import sample
     from delia.train import train
@@ -129,9 +140,9 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
     plan = cache.run("plan", "costs", {"model": model_id, "data": data_hashes, "flops_per_s": flops_per_s,
                                        "experiment": exp.model_dump(mode="json", include={"arms", "seeds", "sample",
                                                                                            "train"})},
-                     lambda d: plan_experiment(exp, flops_per_s))[1]["result"]
-    estimate = {a["arm"]: a["est_wall_s"] for a in plan["arms"]}
-    if (short := short_arms(plan)) and not exp.mix.allow_short:
+                     lambda d: plan_experiment(exp, flops_per_s), CostPlan)[1].result
+    estimate = plan.estimates()
+    if (short := plan.short_arms()) and not exp.mix.allow_short:
         raise DeliaError("the pool is too small for the arms' ratios (" + "; ".join(short) + "): use a larger pool "
                          "or lower ratios, or set `allow_short: true` under `mix:` to train on every row it has")
 
@@ -158,7 +169,7 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
 
         inputs = {**key, **probe_kwargs, "data": data_hashes["task_eval"]}
         return cache.run("probe", label, inputs, lambda d: probe(d, progress=progress, overwrite=True,
-                                                                                **kwargs))[1]["result"]
+                                                                                **kwargs), dict[str, Any])[1].result
 
     train_eval = exp.task.eval if exp.train_eval else None
     samples = sampled = None
@@ -166,14 +177,15 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
         folder, sampled = cache.run("sample", "pool", {"model": model_id, "pool": data_hashes["pool"],
                                                        "options": exp.sample.written()},
                                     lambda d: sample(exp.pool, d / "samples.jsonl", exp.sample, model=model_path,
-                                                     progress=progress))
+                                                     progress=progress), SampleSummary)
         samples = folder / "samples.jsonl"
 
     runs: list[ModelResult] = []
     if exp.eval_base:
         folder, rec = cache.run("eval", "base", {"model": model_id, **eval_inputs},
-                                lambda d: evaluate(exp.task.eval, d, eval_cfg, model=model_path, progress=progress))
-        base = ModelResult("base", None, None, folder, wall_s={"eval": rec["wall_s"]})
+                                lambda d: evaluate(exp.task.eval, d, eval_cfg, model=model_path, progress=progress),
+                                EvalScores)
+        base = ModelResult("base", None, None, folder, wall_s={"eval": rec.wall_s})
         if described:
             base.probe = probed("base", {"model": model_id}, model=model_path, **probe_kwargs)
         runs.append(base)
@@ -185,8 +197,8 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
         scale = {"adapter_scale": arm.scale} if arm.scale != 1.0 else {}  # at 1: the `of` arm's own eval
         folder, rec = cache.run("eval", f"{arm.name} seed {of.seed}", {"adapter": of_train, **eval_inputs, **scale},
                                 lambda d: evaluate(exp.task.eval, d, eval_cfg, adapter=of.train_dir,
-                                                   progress=progress, **scale))
-        return ModelResult(arm.name, of.ratio, of.seed, folder, wall_s={"eval": rec["wall_s"]}, kind=SCALED,
+                                                   progress=progress, **scale), EvalScores)
+        return ModelResult(arm.name, of.ratio, of.seed, folder, wall_s={"eval": rec.wall_s}, kind=SCALED,
                            of=arm.of, scale=arm.scale, compute={**of.compute, "est_wall_s": estimate[arm.name]})
 
     trained: dict[tuple[str, int], tuple[ModelResult, dict[str, Any]]] = {}  # (arm, seed): result, train inputs
@@ -205,30 +217,31 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
                               "diverse": sha256_file(diverse) if arm.samples else data_hashes["pool"],
                               "ratio": arm.ratio, "seed": seed, "options": exp.mix.written()}
                 mixing = exp.arm_mix(arm, seed)
-                folder, rec = cache.run("mix", label, mix_inputs, lambda d, c=mixing, dv=diverse: mix(
-                    exp.task.train, dv, d / "mixed.jsonl", c, tokenizer=model_path, overwrite=True))
+                folder, mixed = cache.run("mix", label, mix_inputs, lambda d, c=mixing, dv=diverse: mix(
+                    exp.task.train, dv, d / "mixed.jsonl", c, tokenizer=model_path, overwrite=True), MixSummary)
                 train_data, data_hash = folder / "mixed.jsonl", sha256_file(folder / "mixed.jsonl")
-                wall["mix"] = rec["wall_s"]
+                wall["mix"] = mixed.wall_s
                 if arm.samples and sampled is not None:  # what sampling only the rows this seed uses would take
-                    share = rec["result"]["sources"]["diverse"]["rows"] / max(1, sampled["result"]["kept"])
-                    wall["sample"] = round(sampled["wall_s"] * share, 2)
+                    share = mixed.result.diverse_rows() / max(1, sampled.result.kept)
+                    wall["sample"] = round(sampled.wall_s * share, 2)
             else:
                 train_data, data_hash = exp.task.train, data_hashes["task_train"]
             training = exp.arm_train(arm, seed)
             train_key = {"model": model_id, "data": data_hash, "tokens": token_specs, "options": training.written()}
             if train_eval is not None:
                 train_key["eval_data"] = data_hashes["task_eval"]
-            tfolder, rec = cache.run("train", label, train_key,
+            tfolder, trained_rec = cache.run("train", label, train_key,
                 lambda d, td=train_data, c=training: train(td, d / "adapter", c, model=model_path,
                                                            add_token=token_specs, eval_data=train_eval, resume=True,
-                                                           progress=progress))
-            adapter, train_inputs = tfolder / "adapter", rec["inputs"]
-            wall["train"] = rec["wall_s"]
-            efolder, rec = cache.run("eval", label, {"adapter": train_inputs, **eval_inputs},
-                                     lambda d, a=adapter: evaluate(exp.task.eval, d, eval_cfg, adapter=a,
-                                                                   progress=progress))
-            wall["eval"] = rec["wall_s"]
-            cost = arm_cost(model_path, _train_record(adapter), sampled["result"] if sampled else None, share)
+                                                           progress=progress), str)
+            adapter, train_inputs = tfolder / "adapter", trained_rec.inputs
+            wall["train"] = trained_rec.wall_s
+            efolder, evaluated = cache.run("eval", label, {"adapter": train_inputs, **eval_inputs},
+                                           lambda d, a=adapter: evaluate(exp.task.eval, d, eval_cfg, adapter=a,
+                                                                         progress=progress), EvalScores)
+            wall["eval"] = evaluated.wall_s
+            cost = arm_cost(model_path, TrainRecord.read(adapter).trained_tokens(),
+                            sampled.result.sampled_tokens() if sampled else None, share)
             result = ModelResult(arm.name, arm.ratio, seed, efolder, train_dir=adapter, wall_s=wall, kind=arm.kind,
                                  sweep=arm.sweep, compute={**cost, "est_wall_s": estimate[arm.name]})
             if described:
@@ -236,24 +249,19 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
             runs.append(result)
             trained[(arm.name, seed)] = result, train_inputs
 
-    manifest = {"experiment": exp.model_dump(mode="json"), "model": model_id, "data_sha256": data_hashes, "plan": plan,
-                "versions": library_versions(), "stages_run": cache.done, "stages_cached": cache.skipped}
+    manifest = {"experiment": exp.model_dump(mode="json"), "model": model_id, "data_sha256": data_hashes,
+                "plan": plan.dump(), "versions": library_versions(), "stages_run": cache.done,
+                "stages_cached": cache.skipped}
     if pool_facts is not None:
-        manifest["pool"] = pool_facts
+        manifest["pool"] = pool_facts.dump()
     md, html, summary = write_report(out, exp.name, runs, exp.baseline_arm, manifest, exp.bootstrap)
     write_json(out / "manifest.json", manifest)
     return {"report_md": str(md), "report_html": str(html), "summary": summary,
             "stages_run": cache.done, "stages_cached": cache.skipped}
 
 
-def _train_record(adapter: Path) -> dict[str, Any]:
-    from delia.train import TRAIN_RECORD
-
-    return json.loads((adapter / TRAIN_RECORD).read_text(encoding="utf-8"))
-
-
 def build_pool(cache: StageCache, spec: dict[str, Any], model_path: str, model_id: dict[str, Any],
-               targets: list[Path], progress: ProgressCallback | None = None) -> tuple[Path, dict[str, Any]]:
+               targets: list[Path], progress: ProgressCallback | None = None) -> tuple[Path, PoolFacts]:
     """The experiment's pool built by `delia pool` as a cached stage, decontaminated against the task's files;
     returns its path and the facts the report shows (counts per step, decontamination, coverage)."""
     from delia.pool import pool
@@ -265,12 +273,8 @@ def build_pool(cache: StageCache, spec: dict[str, Any], model_path: str, model_i
               "sources": [sha256_file(s) if Path(s).is_file() else s for s in sources]}
     folder, rec = cache.run("pool", "pool", inputs, lambda d: pool(sources, out=d / "pool.jsonl", task=targets,
                                                                    model=model_path, progress=progress,
-                                                                   overwrite=True, **options))
-    stats = rec["result"]
-    selection = {k: v for k, v in stats["selection"].items() if k not in ("cluster_sizes", "selected_per_cluster")}
-    return folder / "pool.jsonl", {"rows": stats["rows"], "rows_read": stats["rows_read"], "steps": stats["steps"],
-                                   "decontaminated": stats["decontamination"]["removed"], "selection": selection,
-                                   "sources": [s["source"] for s in stats["sources"]]}
+                                                                   overwrite=True, **options), PoolSummary)
+    return folder / "pool.jsonl", rec.result.facts()
 
 
 class RunConfig(StageConfig):
@@ -292,7 +296,7 @@ class RunConfig(StageConfig):
 
 
 def run(experiment: Annotated[Path, "Experiment YAML (see examples/)."], config: RunConfig | None = None, *,
-        progress: ProgressCallback | None = None, **options: Any) -> dict[str, Any]:
+        progress: ProgressCallback | None = None, **options: Any) -> dict[str, Any] | CostPlan:
     """Run an experiment: sample, mix, train and eval every arm and seed, then write report.md and report.html.
 
     Finished stages are cached by a hash of their inputs: a rerun skips them, an interrupted run continues.

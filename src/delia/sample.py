@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from delia.artifacts import MergeManifest, MergeSummary, SampleManifest, SampleSummary
 from delia.backends import BackendName, derive_seed
 from delia.config import Flags, StageConfig
 from delia.data import ReadOptions
-from delia.errors import DeliaError
-from delia.files import beside, changed_settings, check_output
+from delia.errors import DataError, DeliaError
+from delia.files import changed_settings, check_output
 from delia.filters import REASONS, Filters
 from delia.general import SHORT_REFERENCE_WORDS
 from delia.progress import Progress, ProgressCallback, report
@@ -45,7 +46,16 @@ log = logging.getLogger(__name__)
 
 
 def manifest_path(out: str | Path) -> Path:
-    return beside(out, ".manifest.json")
+    return SampleManifest.path(out)
+
+
+def _read_manifest(path: Path, unreadable: str) -> SampleManifest:
+    """The manifest at `path`; one that is not JSON or lacks a field raises DeliaError: `PATH: UNREADABLE (why)`."""
+    try:
+        return SampleManifest.read(path)
+    except DataError as e:
+        why = f"field '{e.field}': {e.message}" if e.field else e.message
+        raise DeliaError(f"{path}: {unreadable} ({why})") from None
 
 
 def parse_shard(shard: str | None) -> tuple[int, int]:
@@ -105,8 +115,6 @@ def _resume(out: Path, rejects: Path, n: int) -> tuple[list[dict], list[dict]]:
 
 def _check_resumable(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
     """Refuse to resume a file that is not ours or was sampled with other settings (with `overwrite`, start again)."""
-    import json
-
     from delia.data import rejects_path
 
     paths = (out, rejects_path(out), manifest_path(out))
@@ -120,10 +128,7 @@ def _check_resumable(out: Path, settings: dict[str, Any], overwrite: bool) -> No
             raise DeliaError(f"{out} exists but has no {mpath.name}, so it is not a delia sample output to resume; "
                              "set `overwrite` to replace it or choose another path")
         return
-    try:
-        previous = json.loads(mpath.read_text(encoding="utf-8"))["settings"]
-    except (OSError, ValueError, KeyError) as e:
-        raise DeliaError(f"{mpath}: unreadable manifest ({e}); set `overwrite` to start again") from None
+    previous = _read_manifest(mpath, "unreadable manifest; set `overwrite` to start again").settings
     changed = changed_settings(previous, settings)
     if changed:
         diff = ", ".join(f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}" for k in changed)
@@ -359,17 +364,18 @@ def _row(qid: str, query: str, c: Completion, n: int, meta: dict[str, Any]) -> d
 
 
 def _summary(out: Path, pool_rows: int, skipped: Counter[str], shard: str, queries: dict[str, int], resumed: int,
-             tally: _Tally, wall: float) -> dict[str, Any]:
+             tally: _Tally, wall: float) -> SampleSummary:
     """What `sample` returns, the manifest keeps and the table shows. `queries` counts this run's queries per
     way of prompting; `by_prompt` gives each way's queries and rows kept and rejected (total in the file):
     the yield of each."""
     by_prompt = {p: {"queries": queries.get(p, 0), **_yield(tally.by_prompt[p])}
                  for p in sorted({*queries, *tally.by_prompt})}
-    return {"out": str(out), "pool_rows": pool_rows, "skipped": dict(skipped), "shard": shard,
-            "queries": sum(queries.values()), "resumed": resumed, "generated": tally.generated,
-            "kept": tally.kept, "rejected": {r: tally.rejected[r] for r in REASONS if tally.rejected[r]},
-            "by_prompt": by_prompt, "prompt_tokens": tally.prompt_tokens, "completion_tokens": tally.completion_tokens,
-            "wall_s": round(wall, 2), "tokens_per_s": round(tally.completion_tokens / wall, 2) if wall else 0.0}
+    return SampleSummary(out=str(out), pool_rows=pool_rows, skipped=dict(skipped), shard=shard,
+                         queries=sum(queries.values()), resumed=resumed, generated=tally.generated,
+                         kept=tally.kept, rejected={r: tally.rejected[r] for r in REASONS if tally.rejected[r]},
+                         by_prompt=by_prompt, prompt_tokens=tally.prompt_tokens,
+                         completion_tokens=tally.completion_tokens, wall_s=round(wall, 2),
+                         tokens_per_s=round(tally.completion_tokens / wall, 2) if wall else 0.0)
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -491,7 +497,7 @@ def sample(
     *,
     progress: ProgressCallback | None = None,
     **options: Any,
-) -> dict[str, Any]:
+) -> SampleSummary:
     """Sample the model's own answers to a query pool (DELIA's diverse data), resumably.
 
     `options` set any SampleConfig field over `config`; `progress` hears of every query finished. Returns the
@@ -504,7 +510,6 @@ def sample(
       delia sample pool.jsonl --out diverse.jsonl --backend openai --base-url http://127.0.0.1:8000/v1
     """
     from delia.backends import SamplingParams
-    from delia.files import write_json
 
     start = time.monotonic()
     cfg = SampleConfig.build(config, **options)
@@ -528,9 +533,9 @@ def sample(
     resumed = len(queries) - len(todo)
 
     versions = library_versions("vllm") if cfg.backend == "vllm" else library_versions()
-    manifest: dict[str, Any] = {"stage": "sample", "status": "running", "settings": settings, "limit": cfg.limit,
-                                "backend": cfg.backend, "versions": versions, "started": _now()}
-    write_json(manifest_path(out), manifest)
+    manifest = SampleManifest(stage="sample", status="running", settings=settings, limit=cfg.limit,
+                              backend=cfg.backend, versions=versions, started=_now())
+    manifest.write(out)
     model_path = None
     if todo:
         engine = _open_backend(cfg)
@@ -541,8 +546,8 @@ def sample(
 
     summary = _summary(out, pool_rows, skipped, f"{shard_i}/{shard_n}", Counter(s.prompt for s in shots.values()),
                        resumed, tally, time.monotonic() - start)
-    write_json(manifest_path(out), {**manifest, "status": "complete", "finished": _now(), "model_path": model_path,
-                                    "query_ids_sha256": _ids_digest(q[0] for q in queries), "summary": summary})
+    manifest.model_copy(update={"status": "complete", "finished": _now(), "model_path": model_path,
+                                "query_ids_sha256": _ids_digest(q[0] for q in queries), "summary": summary}).write(out)
     return summary
 
 
@@ -566,7 +571,7 @@ def merge(
     out: Annotated[Path, Flags("--out", "-o"), "Merged messages JSONL (rejects and manifest beside it)."],
     config: MergeConfig | None = None,
     **options: Any,
-) -> dict[str, Any]:
+) -> MergeSummary:
     """Combine shard outputs into one, checking that every shard of the same run is present and complete,
     and that no query is missing or appears twice. Duplicate answers across shards are rejected too
     when the run filtered duplicates. Returns the summary (counts) that the manifest keeps.
@@ -574,10 +579,8 @@ def merge(
     Example:\n
       delia sample-merge part0.jsonl part1.jsonl part2.jsonl part3.jsonl --out diverse.jsonl
     """
-    import json
-
     from delia.data import rejects_path
-    from delia.files import read_complete_jsonl, write_json, write_jsonl
+    from delia.files import read_complete_jsonl, write_jsonl
 
     cfg = MergeConfig.build(config, **options)
     if not shards:
@@ -591,26 +594,21 @@ def merge(
         m = manifest_path(s)
         if not m.exists():
             raise DeliaError(f"{s}: no {m.name} beside it; is it a `delia sample` output?")
-        try:
-            manifests.append(json.loads(m.read_text(encoding="utf-8")))
-        except ValueError as e:
-            raise DeliaError(f"{m}: not a readable manifest ({e})") from None
-        if not isinstance(manifests[-1], dict) or not isinstance(manifests[-1].get("settings"), dict):
-            raise DeliaError(f"{m}: not a `delia sample` manifest (no settings)")
-        if manifests[-1].get("status") != "complete":
-            raise DeliaError(f"{s}: sampling did not finish ({m.name} says {manifests[-1].get('status')!r}); "
+        manifests.append(_read_manifest(m, "not a readable manifest"))
+        if manifests[-1].status != "complete":
+            raise DeliaError(f"{s}: sampling did not finish ({m.name} says {manifests[-1].status!r}); "
                              "rerun its `delia sample` command to resume it")
     strip = lambda st: {k: v for k, v in st.items() if k != "shard"}  # noqa: E731
-    base = strip(manifests[0]["settings"])
+    base = strip(manifests[0].settings)
     for s, m in zip(shards[1:], manifests[1:], strict=True):
-        changed = changed_settings(base, strip(m["settings"]))
+        changed = changed_settings(base, strip(m.settings))
         if changed:
             raise DeliaError(f"{s}: sampled with other settings than {shards[0]} ({', '.join(changed)})")
-    parsed = [parse_shard(m["settings"]["shard"]) for m in manifests]
+    parsed = [parse_shard(m.settings["shard"]) for m in manifests]
     count = parsed[0][1]
     indices = Counter(i for i, _ in parsed)
     if any(n != count for _, n in parsed):
-        raise DeliaError(f"shards come from different splits: {sorted({m['settings']['shard'] for m in manifests})}")
+        raise DeliaError(f"shards come from different splits: {sorted({m.settings['shard'] for m in manifests})}")
     repeated = sorted(i for i, c in indices.items() if c > 1)
     missing = sorted(set(range(count)) - set(indices))
     if repeated or missing:
@@ -623,7 +621,7 @@ def merge(
     owner: dict[str, Path] = {}
     seen: set[str] = set()
     moved = 0
-    for s, m in sorted(zip(shards, manifests, strict=True), key=lambda p: parse_shard(p[1]["settings"]["shard"])):
+    for s, m in sorted(zip(shards, manifests, strict=True), key=lambda p: parse_shard(p[1].settings["shard"])):
         kept, rejected = read_complete_jsonl(s), read_complete_jsonl(rejects_path(s))
         per_query = Counter(r["meta"]["query_id"] for r in (*kept, *rejected))
         for qid, c in per_query.items():
@@ -632,9 +630,9 @@ def merge(
             if c != n:
                 raise DeliaError(f"{s}: query {qid} has {c} samples, expected {n}")
             owner[qid] = s
-        if _ids_digest(per_query) != m.get("query_ids_sha256"):
+        if _ids_digest(per_query) != m.query_ids_sha256:
             raise DeliaError(f"{s}: its rows do not cover the queries its manifest lists "
-                             f"({len(per_query)} queries present, {m['summary']['queries']} expected)")
+                             f"({len(per_query)} queries present, {m.summary.queries if m.summary else '?'} expected)")
         for r in kept:
             key = normalise(r["messages"][-1]["content"])
             if base["filters"]["duplicates"] and key in seen:
@@ -649,12 +647,12 @@ def merge(
     write_jsonl(out, kept_rows)
     write_jsonl(rejects_path(out), rejected_rows)
     by_prompt = _by_prompt((*kept_rows, *rejected_rows), base["mode"])
-    summary = {"out": str(out), "shards": len(shards), "queries": len(owner), "kept": len(kept_rows),
-               "rejected": dict(Counter(r["reason"] for r in rejected_rows)), "cross_shard_duplicates": moved,
-               "by_prompt": {p: _yield(c) for p, c in sorted(by_prompt.items())}}
-    write_json(manifest_path(out), {"stage": "sample-merge", "status": "complete", "settings": base,
-                                    "shards": [str(s) for s in shards], "finished": _now(), "summary": summary,
-                                    "query_ids_sha256": _ids_digest(owner), "versions": manifests[0]["versions"]})
+    summary = MergeSummary(out=str(out), shards=len(shards), queries=len(owner), kept=len(kept_rows),
+                           rejected=dict(Counter(r["reason"] for r in rejected_rows)), cross_shard_duplicates=moved,
+                           by_prompt={p: _yield(c) for p, c in sorted(by_prompt.items())})
+    MergeManifest(stage="sample-merge", status="complete", settings=base, shards=[str(s) for s in shards],
+                  finished=_now(), summary=summary, query_ids_sha256=_ids_digest(owner),
+                  versions=manifests[0].versions).write(out)
     log.info("merged %d shards: %d queries, %d kept, %d rejected -> %s", len(shards), len(owner), len(kept_rows),
              len(rejected_rows), out)
     return summary
