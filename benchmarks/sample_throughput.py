@@ -184,8 +184,8 @@ def main() -> None:
                        max_new_tokens=params.max_new_tokens, max_prompt_tokens=limit,
                        batch_size=str(args.batch_size), batch_tokens=str(args.batch_tokens))
         print(f"`delia sample` end to end (model load, prompts, filters, fsynced writes included): "
-              f"{s['completion_tokens']} tokens in {s['wall_s']:.1f} s = {s['tokens_per_s']:.1f} tokens/s "
-              f"({s['tokens_per_s'] / n_rate:.2f}x the naive loop); kept {s['kept']}, rejected {s['rejected']}")
+              f"{s.completion_tokens} tokens in {s.wall_s:.1f} s = {s.tokens_per_s:.1f} tokens/s "
+              f"({s.tokens_per_s / n_rate:.2f}x the naive loop); kept {s.kept}, rejected {s.rejected}")
 
 
 if __name__ == "__main__":

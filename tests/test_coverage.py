@@ -142,8 +142,8 @@ def test_pool_with_coverage_writes_the_record_beside_the_pool(write_jsonl, tmp_p
     assert record["pool"] == str(out) and got["prompts"] == 2 and got["pool_queries"] == 5
     assert len(got["per_prompt"]) == 2 and got["least_covered"][0]["text"] in ("What is the capital?",
                                                                                "Write a poem about the sky.")
-    assert summary["files"]["coverage"] == str(coverage_path(out))
-    assert summary["coverage"][str(general)]["below"] == got["below"] and "per_prompt" not in summary["coverage"][
+    assert summary.files["coverage"] == str(coverage_path(out))
+    assert summary.coverage[str(general)]["below"] == got["below"] and "per_prompt" not in summary.coverage[
         str(general)]
     assert any(r.getMessage().startswith(f"{general}: median nearest similarity ") for r in caplog.records)
     # the same pool checked afterwards, by the verb's function: the same numbers

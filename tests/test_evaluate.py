@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from delia.artifacts import PREDICTIONS, EvalScores
 from delia.cli import main
 from delia.errors import DeliaError
-from delia.evaluate import PREDICTIONS, SCORES, EvalConfig, evaluate
+from delia.evaluate import EvalConfig, evaluate
 from delia.metrics import MetricConfig, score
 
 ROWS = [
@@ -26,7 +27,7 @@ ROWS = [
 
 def _read(out: Path) -> tuple[list[dict], dict]:
     preds = [json.loads(line) for line in (out / PREDICTIONS).read_text().splitlines()]
-    return preds, json.loads((out / SCORES).read_text())
+    return preds, json.loads((out / EvalScores.FILE).read_text())
 
 
 def test_evaluate_tiny_model(tiny_model, write_jsonl, tmp_path):
@@ -34,7 +35,7 @@ def test_evaluate_tiny_model(tiny_model, write_jsonl, tmp_path):
     out = tmp_path / "eval"
     result = evaluate(data, out, model=str(tiny_model), max_new_tokens=6, batch_size=2)
     preds, scores = _read(out)
-    assert result == scores
+    assert result.dump() == scores
     assert len(preds) == 3 and scores["rows"] == 3
     assert preds[0]["id"] == "a" and len({p["id"] for p in preds}) == 3
     assert preds[1]["prompt"] == ROWS[1]["messages"][:-1]
@@ -52,7 +53,7 @@ def test_evaluate_tiny_model(tiny_model, write_jsonl, tmp_path):
     assert sum(scores["finish_reasons"].values()) == 3
     assert scores["tokens"]["completion"] == sum(p["completion_tokens"] for p in preds)
     assert len(scores["data_sha256"]) == 64 and scores["model"] == str(tiny_model)
-    assert sorted(x.name for x in out.iterdir()) == [PREDICTIONS, SCORES]  # no temporary files left
+    assert sorted(x.name for x in out.iterdir()) == [PREDICTIONS, EvalScores.FILE]  # no temporary files left
 
     events = []
     again = evaluate(data, tmp_path / "again", EvalConfig(model=str(tiny_model), max_new_tokens=6),
@@ -131,7 +132,7 @@ def test_evaluate_smollm2_on_sep_rows(delia_format_data, tmp_path):
     data.write_text("\n".join(rows) + "\n")
     result = evaluate(data, tmp_path / "out", max_new_tokens=24)
     preds, scores = _read(tmp_path / "out")
-    assert result == scores and len(preds) == 2
+    assert result.dump() == scores and len(preds) == 2
     assert all(p["output"].strip() for p in preds)  # the real model answers something
     assert all(p["completion_tokens"] <= 24 for p in preds)
     assert 0.0 <= scores["metrics"]["format_accuracy"] <= 1.0 and scores["metrics"]["n"] == 2

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from delia.artifacts import CONTRAST_ROWS, GENERAL_ROWS, EvalScores
 from delia.errors import DeliaError
-from delia.evaluate import CONTRAST_ROWS, GENERAL_ROWS, SCORES, evaluate
+from delia.evaluate import evaluate
 from delia.general import (
     BASE_TOP_K,
     drift,
@@ -168,16 +169,16 @@ def test_evaluate_with_general_and_contrast(tiny_model, write_jsonl, tmp_path, m
     out = tmp_path / "eval"
     summary = evaluate(task, out, model=str(tiny_model), metric_config=metric, max_new_tokens=4,
                        general=general, contrast=contrast, general_max_new_tokens=6)
-    assert json.loads((out / SCORES).read_text()) == summary
-    g = summary["general"]
-    assert g["n"] == 3 and g["metrics"]["drift_kl"] == 0 and g["metrics"]["leakage"] in (0, 1 / 3, 2 / 3, 1)
-    assert {"leakage", "drift_kl", "base_answer_nll", "general_chrf", "general_contains"} == set(g["metrics"])
+    assert json.loads((out / EvalScores.FILE).read_text()) == summary.dump()
+    g = summary.general
+    assert g.n == 3 and g.metrics["drift_kl"] == 0 and g.metrics["leakage"] in (0, 1 / 3, 2 / 3, 1)
+    assert {"leakage", "drift_kl", "base_answer_nll", "general_chrf", "general_contains"} == set(g.metrics)
     rows = [json.loads(line) for line in (out / GENERAL_ROWS).read_text().splitlines()]
     assert [r["id"] for r in rows] == ["g1", "g2", "g3"]
     assert all(r["output"] == r["base_output"] for r in rows)  # the base model is its own base
     assert "contains" in rows[0]["scores"] and "chrf" in rows[1]["scores"] and "chrf" not in rows[2]["scores"]
     crows = [json.loads(line) for line in (out / CONTRAST_ROWS).read_text().splitlines()]
-    assert len(crows) == 3 and summary["contrast"]["n"] == 3
+    assert len(crows) == 3 and summary.contrast.n == 3
     cached = list((tmp_path / "cache" / "general-base").glob("*.json"))
     assert len(cached) == 1  # base answers generated once, then reused
     evaluate(task, tmp_path / "again", model=str(tiny_model), metric_config=metric, max_new_tokens=4,
@@ -192,8 +193,8 @@ def test_a_metric_without_a_shape_has_no_leakage_but_keeps_drift_and_quality(tin
                                                     {"role": "assistant", "content": "4"}]}])
     summary = evaluate(task, tmp_path / "eval", model=str(tiny_model), metric="exact", max_new_tokens=4,
                        general=write_jsonl("general.jsonl", GENERAL), general_max_new_tokens=4)
-    assert "leakage" not in summary["general"]["metrics"]
-    assert {"drift_kl", "base_answer_nll", "general_contains"} <= set(summary["general"]["metrics"])
+    assert "leakage" not in summary.general.metrics
+    assert {"drift_kl", "base_answer_nll", "general_contains"} <= set(summary.general.metrics)
 
 
 def test_contrast_needs_general(tiny_model, write_jsonl, tmp_path):
@@ -202,7 +203,7 @@ def test_contrast_needs_general(tiny_model, write_jsonl, tmp_path):
     with pytest.raises(DeliaError, match="`contrast` needs `general`"):
         evaluate(task, tmp_path / "eval", model=str(tiny_model), metric="exact", max_new_tokens=2,
                  contrast=write_jsonl("contrast.jsonl", CONTRAST))
-    assert not (tmp_path / "eval" / SCORES).exists()
+    assert not (tmp_path / "eval" / EvalScores.FILE).exists()
 
 
 def test_leakage_by_kind_counts_rows_with_a_kind_and_a_leakage_score():
@@ -239,18 +240,18 @@ def test_evaluate_scores_each_general_set_apart_with_leakage_by_kind(tiny_model,
     summary = evaluate(task, out, model=str(tiny_model), metric_config=metric, max_new_tokens=4,
                        general={"kinded": kinded, "plain": plain}, contrast=write_jsonl("contrast.jsonl", CONTRAST),
                        general_max_new_tokens=4)
-    assert "general" not in summary and list(summary["general_sets"]) == ["kinded", "plain"]
-    sets = summary["general_sets"]
-    assert sets["kinded"]["n"] == 3 and sets["plain"]["n"] == 2 and summary["contrast"]["n"] == 3
-    assert {"leakage", "drift_kl"} <= set(sets["plain"]["metrics"]) and "leakage_by_kind" not in sets["plain"]
-    by_kind = sets["kinded"]["leakage_by_kind"]
-    assert {k: c["n"] for k, c in by_kind.items()} == {"yes_no": 2, "long_form": 1}
-    assert sum(c["leaked"] for c in by_kind.values()) == round(3 * sets["kinded"]["metrics"]["leakage"])
+    assert "general" not in summary.dump() and list(summary.general_sets) == ["kinded", "plain"]
+    sets = summary.general_sets
+    assert sets["kinded"].n == 3 and sets["plain"].n == 2 and summary.contrast.n == 3
+    assert {"leakage", "drift_kl"} <= set(sets["plain"].metrics) and "leakage_by_kind" not in sets["plain"].dump()
+    by_kind = sets["kinded"].leakage_by_kind
+    assert {k: c.n for k, c in by_kind.items()} == {"yes_no": 2, "long_form": 1}
+    assert sum(c.leaked for c in by_kind.values()) == round(3 * sets["kinded"].metrics["leakage"])
     rows = [json.loads(line) for line in (out / "general-kinded.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in rows] == kinds
     assert all("kind" not in json.loads(line) for line in (out / "general-plain.jsonl").read_text().splitlines())
     assert sorted(p.name for p in out.iterdir()) == [CONTRAST_ROWS, "general-kinded.jsonl", "general-plain.jsonl",
-                                                     "predictions.jsonl", SCORES]
+                                                     "predictions.jsonl", EvalScores.FILE]
     with pytest.raises(DeliaError, match=f"`general` {tmp_path / 'nope.jsonl'}: no such file"):
         evaluate(task, tmp_path / "o", model=str(tiny_model), general=[plain, tmp_path / "nope.jsonl"])
 

@@ -31,9 +31,9 @@ def test_ratio_keeps_every_task_row_and_sources(inputs, tmp_path, tiny_model):
     diverse_ids = [r["id"] for r in rows if r["source"] == "diverse"]
     assert len(set(diverse_ids)) == 10 and all(i.startswith("d") for i in diverse_ids)
     assert all(r["meta"] == {"tag": "t"} for r in rows if r["source"] == "task")
-    assert summary["sources"]["task"]["rows"] == 4 and summary["sources"]["diverse"]["rows"] == 10
-    assert summary["sources"]["diverse"]["total_tokens"] > 0
-    assert json.loads(summary_path(out).read_text()) == summary
+    assert summary.sources["task"].rows == 4 and summary.sources["diverse"].rows == 10
+    assert summary.sources["diverse"].total_tokens > 0
+    assert json.loads(summary_path(out).read_text()) == summary.dump()
     assert [r["source"] for r in rows] != ["task"] * 4 + ["diverse"] * 10  # shuffled together
 
 
@@ -53,7 +53,7 @@ def test_pool_too_small(inputs, tmp_path, caplog):
         mix(task, diverse, tmp_path / "m.jsonl", ratio=10, tokenizer="")
     assert not (tmp_path / "m.jsonl").exists()
     summary = mix(task, diverse, tmp_path / "m.jsonl", MixConfig(ratio=10, allow_short=True), tokenizer="")
-    assert summary["short"] and summary["sources"]["diverse"]["rows"] == 30
+    assert summary.short and summary.sources["diverse"].rows == 30
     assert [r.levelname for r in caplog.records] == ["WARNING"] and "only 30 rows of the 40" in caplog.text
 
 
@@ -124,7 +124,7 @@ def test_default_tokenizer_never_installs(inputs, tmp_path, monkeypatch, caplog)
     monkeypatch.setattr(delia.models, "_bundled_gguf", no_install)
     caplog.set_level(logging.INFO, logger="delia")
     summary = mix(*inputs, tmp_path / "m.jsonl", ratio=1)
-    assert summary["tokenizer"] is None and "total_tokens" not in summary["sources"]["diverse"]
+    assert summary.tokenizer is None and summary.sources["diverse"].total_tokens is None
     assert "not installed" in caplog.text
 
 
@@ -135,5 +135,5 @@ def test_default_tokenizer_is_the_bundled_model_when_installed(inputs, tmp_path,
     monkeypatch.setattr(delia.models, "bundled_installed", lambda name: True)
     monkeypatch.setattr(delia.models, "load_tokenizer", lambda name: loaded.append(name) or real(str(tiny_model)))
     summary = mix(*inputs, tmp_path / "m.jsonl", ratio=1)
-    assert loaded == [delia.models.DEFAULT_MODEL] and summary["tokenizer"] == delia.models.DEFAULT_MODEL
-    assert summary["sources"]["diverse"]["total_tokens"] > 0
+    assert loaded == [delia.models.DEFAULT_MODEL] and summary.tokenizer == delia.models.DEFAULT_MODEL
+    assert summary.sources["diverse"].total_tokens > 0

@@ -54,7 +54,7 @@ def test_each_filter_on_hand_made_rows(write_jsonl, tmp_path, tiny_model):
     out = tmp_path / "out" / "pool.jsonl"
     summary = pool([str(src)], out=out, task=[task], model=str(tiny_model), min_reference_tokens=5,
                    script=["LATIN"], licence=[f"{src}=CC0-1.0"])
-    steps = {k: v for k, v in summary["steps"].items() if v}
+    steps = {k: v for k, v in summary.steps.items() if v}
     assert steps == {"empty": 1, "multi_turn": 1, "no_reference": 1, "contaminated": 1, "script": 1,
                      "reference_too_short": 1, "duplicate": 1, "near_duplicate": 1}
     rows = read(out)
@@ -117,7 +117,7 @@ def test_hf_source_from_a_saved_dataset_and_an_unreachable_hub(tmp_path, tiny_mo
     summary = pool([spec], out=tmp_path / "p.jsonl", model=str(tiny_model),
                    columns=["output=response", "input=context"])
     got = read(tmp_path / "p.jsonl")
-    assert summary["sources"][0]["kind"] == "hf" and summary["sources"][0]["rows"] == 2
+    assert summary.sources[0].kind == "hf" and summary.sources[0].rows == 2
     assert got[1]["messages"][0]["content"] == "List the planets of the solar system.\n\nIn order from the sun."
     assert got[1]["id"] == f"{spec}[row 1]" and got[1]["source_row"] == 1
     with pytest.raises(DeliaError, match=rf"{spec}\[row 0\]: field 'answer': missing key 'output'"):
@@ -174,7 +174,7 @@ def test_too_few_rows_for_the_size_is_logged(write_jsonl, tmp_path, tiny_model, 
     src = write_jsonl("src.jsonl", [chat(LONG_Q)])
     with caplog.at_level("INFO", logger="delia"):
         summary = pool([str(src)], out=tmp_path / "p.jsonl", model=str(tiny_model), size=5)
-    assert summary["rows"] == 1
+    assert summary.rows == 1
     assert ("WARNING", "1 rows left after cleaning, fewer than size 5") in [(r.levelname, r.getMessage())
                                                                              for r in caplog.records]
     assert any(r.getMessage().startswith(f"wrote 1 of 1 rows to {tmp_path / 'p.jsonl'}") for r in caplog.records)
@@ -189,12 +189,12 @@ def test_demo_pool_through_the_pool_stage(tmp_path):
     names = ("pool.jsonl", "task_train.jsonl", "task_eval.jsonl")
     src, train, evalset = (resolve_data_path(f"demo-data:{n}") for n in names)
     summary = pool([str(src)], out=tmp_path / "pool.jsonl", task=[train, evalset], size=100, min_reference_tokens=16)
-    assert summary["rows_read"] == 325 and summary["steps"]["contaminated"] == 0
-    assert {k: v for k, v in summary["steps"].items() if v} == {
+    assert summary.rows_read == 325 and summary.steps["contaminated"] == 0
+    assert {k: v for k, v in summary.steps.items() if v} == {
         "query_too_long": 7, "near_duplicate": 104, "not_selected": 114}  # the numbers in docs/results/demo-pool.md
-    assert summary["rows"] + sum(summary["steps"].values()) == 325 and summary["rows"] == 100
-    assert summary["selection"]["clusters_covered"] == summary["selection"]["clusters"] == 10
-    assert len(summary["selection"]["per_source"]) == 1
+    assert summary.rows + sum(summary.steps.values()) == 325 and summary.rows == 100
+    assert summary.selection["clusters_covered"] == summary.selection["clusters"] == 10
+    assert len(summary.selection["per_source"]) == 1
 
 
 def test_experiment_builds_its_pool_as_a_cached_stage(write_jsonl, tmp_path, tiny_model):

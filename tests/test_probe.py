@@ -118,7 +118,7 @@ def test_eval_and_probe_on_a_trained_adapter(tiny_model, delia_format_data, writ
                     batch_size=2, warmup_steps=0, learning_rate=1e-2)
     scores = evaluate(delia_format_data / "eval.jsonl", tmp_path / "eval", adapter=adapter, limit=2,
                       max_new_tokens=4)
-    assert scores["rows"] == 2 and scores["model"].endswith("(adapter)")
+    assert scores.rows == 2 and scores.model.endswith("(adapter)")
 
     result = probe(tmp_path / "probe", adapter=adapter, data=delia_format_data / "eval.jsonl", max_prompts=2,
                    neighbours=3)

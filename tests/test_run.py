@@ -232,8 +232,8 @@ def test_a_short_pool_is_flagged_by_the_plan_and_refused_by_the_run(experiment, 
     config["mix"] = {}
     experiment.write_text(yaml.safe_dump(config))
     plan = plan_experiment(resolve_paths(load_experiment(experiment)), 1e9)
-    delia = plan["arms"][1]
-    assert (delia["diverse_rows"], delia["diverse_asked"], delia["short"]) == (12, 30, True)
+    delia = plan.arms[1]
+    assert (delia.diverse_rows, delia.diverse_asked, delia.short) == (12, 30, True)
     with pytest.raises(SystemExit):
         main(["run", str(experiment), "--plan", "--flops-per-s", "1e9"])
     assert "SHORT pool: delia: 12 of the 30 diverse rows asked for" in " ".join(capsys.readouterr().out.split())
@@ -293,15 +293,17 @@ def test_bad_values_and_combinations_are_refused_at_load_before_any_stage(tmp_pa
 
 def _stage_inputs(experiment_path, monkeypatch) -> dict[str, dict]:
     """The inputs (what a stage's key hashes) of every stage up to the base model's eval, running none of them."""
+    from delia.artifacts import ArmCost, CostPlan, StageRecord
     from delia.run import StageCache
 
     seen: dict[str, dict] = {}
+    plan = CostPlan.model_construct(arms=[ArmCost.model_construct(arm=a, est_wall_s=0) for a in ("sft", "delia")])
 
-    def record(self, stage, label, inputs, fn):
+    def record(self, stage, label, inputs, fn, result=None):
         seen[stage] = inputs
         if stage == "eval":
             raise _Stop
-        return self.root, {"result": {"arms": [{"arm": a, "est_wall_s": 0} for a in ("sft", "delia")]}, "wall_s": 0}
+        return self.root, StageRecord(stage=stage, label=label, inputs=inputs, wall_s=0, result=plan)
 
     monkeypatch.setattr(StageCache, "run", record)
     with pytest.raises(_Stop):

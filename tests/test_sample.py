@@ -71,8 +71,8 @@ def test_output_rows_manifest_and_summary(tiny_model, write_jsonl, tmp_path):
     out = tmp_path / "diverse.jsonl"
     summary = sample(pool, out, model=str(tiny_model), max_new_tokens=6, drop_truncated=False)
     rows = read_complete_jsonl(out)
-    assert summary["queries"] == 6 and summary["generated"] == 6
-    assert summary["kept"] == len(rows) and summary["kept"] + sum(summary["rejected"].values()) == 6
+    assert summary.queries == 6 and summary.generated == 6
+    assert summary.kept == len(rows) and summary.kept + sum(summary.rejected.values()) == 6
     row = next(r for r in rows if r["id"] == "custom-7")
     assert row["messages"][0] == {"role": "user", "content": "Question number 0?"}
     assert row["messages"][1]["role"] == "assistant"
@@ -83,7 +83,7 @@ def test_output_rows_manifest_and_summary(tiny_model, write_jsonl, tmp_path):
     manifest = json.loads(manifest_path(out).read_text())
     assert manifest["status"] == "complete" and manifest["settings"]["temperature"] == 0.7
     assert manifest["settings"]["top_p"] == 0.95 and manifest["versions"]["torch"]
-    assert manifest["summary"]["kept"] == summary["kept"] and manifest_path(out).name == "diverse.manifest.json"
+    assert manifest["summary"]["kept"] == summary.kept and manifest_path(out).name == "diverse.manifest.json"
     assert manifest["model_path"] == str(tiny_model) and manifest["backend"] == "hf"
 
 
@@ -97,11 +97,11 @@ def test_same_seed_same_file_and_shards_reproduce_the_whole_run(tiny_model, writ
     sample(pool, tmp_path / "s0.jsonl", shard="0/2", **kw)
     sample(pool, tmp_path / "s1.jsonl", shard="1/2", **kw)
     merged = merge([tmp_path / "s1.jsonl", tmp_path / "s0.jsonl"], tmp_path / "m.jsonl")
-    assert merged["queries"] == 8
+    assert merged.queries == 8
     by_id = {r["id"]: r["messages"] for r in a}
     assert {r["id"]: r["messages"] for r in read_complete_jsonl(tmp_path / "m.jsonl")} == by_id
     other = sample(pool, tmp_path / "c.jsonl", seed=1, **kw)
-    assert other["kept"] and read_complete_jsonl(tmp_path / "c.jsonl") != a
+    assert other.kept and read_complete_jsonl(tmp_path / "c.jsonl") != a
 
 
 def test_filters_reject_with_reasons_and_can_be_switched_off(scripted, write_jsonl, tmp_path):
@@ -117,16 +117,16 @@ def test_filters_reject_with_reasons_and_can_be_switched_off(scripted, write_jso
     pool = write_jsonl("pool.jsonl", pool_rows(8))
     out = tmp_path / "o.jsonl"
     summary = sample(pool, out)
-    assert summary["rejected"] == {"empty": 1, "truncated": 1, "repetition": 1, "copies_reference": 1,
+    assert summary.rejected == {"empty": 1, "truncated": 1, "repetition": 1, "copies_reference": 1,
                                    "mentions_reference": 1, "duplicate": 1}
     kept = {r["messages"][0]["content"]: r["messages"][1]["content"] for r in read_complete_jsonl(out)}
     assert kept == {"Question number 5?": PROSE, "Question number 7?": kept["Question number 7?"]}
     rejects = {r["messages"][0]["content"]: r["reason"] for r in read_complete_jsonl(tmp_path / "o.rejects.jsonl")}
     assert rejects["Question number 1?"] == "truncated" and rejects["Question number 6?"] == "duplicate"
-    assert summary["kept"] == 2
+    assert summary.kept == 2
     off = sample(pool, tmp_path / "off.jsonl", drop_empty=False, drop_truncated=False, drop_repetitive=False,
                  drop_reference_copies=False, drop_duplicates=False)
-    assert off["kept"] == 8 and off["rejected"] == {}
+    assert off.kept == 8 and off.rejected == {}
 
 
 def test_filter_heuristics():
@@ -155,23 +155,23 @@ def test_resume_skips_done_rows_drops_a_torn_line_and_redoes_half_written_querie
     scripted.asked.clear()
     summary = sample(pool, out, samples_per_query=2)
     assert scripted.asked == [full[-1]["messages"][0]["content"]]
-    assert summary["resumed"] == 5 and summary["generated"] == 2
+    assert summary.resumed == 5 and summary.generated == 2
     again = read_complete_jsonl(out)
     assert sorted(r["id"] for r in again) == sorted(r["id"] for r in full)
     assert sorted(json.dumps(r, sort_keys=True) for r in again) == sorted(json.dumps(r, sort_keys=True) for r in full)
     scripted.asked.clear()
-    assert sample(pool, out, samples_per_query=2)["generated"] == 0 and scripted.asked == []
+    assert sample(pool, out, samples_per_query=2).generated == 0 and scripted.asked == []
 
 
 def test_resume_refuses_other_settings_and_foreign_files(scripted, write_jsonl, tmp_path):
     pool = write_jsonl("pool.jsonl", pool_rows(3))
     out = tmp_path / "o.jsonl"
-    assert sample(pool, out, limit=2)["generated"] == 2
+    assert sample(pool, out, limit=2).generated == 2
     extended = sample(pool, out)  # a larger `limit` extends the run
-    assert (extended["resumed"], extended["generated"], extended["kept"]) == (2, 1, 3)
+    assert (extended.resumed, extended.generated, extended.kept) == (2, 1, 3)
     with pytest.raises(DeliaError, match=r"temperature: 0.7 -> 0.3"):
         sample(pool, out, temperature=0.3)
-    assert sample(pool, out, temperature=0.3, overwrite=True)["generated"] == 3
+    assert sample(pool, out, temperature=0.3, overwrite=True).generated == 3
     foreign = tmp_path / "foreign.jsonl"
     foreign.write_text('{"messages": []}\n')
     with pytest.raises(DeliaError, match="not a delia sample output"):
@@ -182,12 +182,12 @@ def test_modes_and_references(scripted, write_jsonl, tmp_path):
     refless = write_jsonl("refless.jsonl", pool_rows(3, reference=False))
     with pytest.raises(DeliaError, match="zero-shot"):
         sample(refless, tmp_path / "a.jsonl")
-    assert sample(refless, tmp_path / "b.jsonl", mode="zero-shot")["kept"] == 3
+    assert sample(refless, tmp_path / "b.jsonl", mode="zero-shot").kept == 3
     prompt = scripted.tokenizer.decode(scripted_prompt(scripted, write_jsonl, tmp_path))
     assert prompt.count("Question number 0?") == 2 and "Reference answer 0." in prompt
     mixed = write_jsonl("mixed.jsonl", [*pool_rows(2), *pool_rows(3, reference=False)[2:]])
     summary = sample(mixed, tmp_path / "c.jsonl")
-    assert summary["skipped"] == {"no_reference": 1} and summary["kept"] == 2
+    assert summary.skipped == {"no_reference": 1} and summary.kept == 2
     with pytest.raises(DeliaError, match="mode"):
         sample(mixed, tmp_path / "d.jsonl", mode="few-shot")
 
@@ -246,8 +246,8 @@ def test_short_references_are_prompted_as_the_paper_does_by_default(scripted, wr
                                    for i, ref in enumerate(refs))
     assert all(set(r["meta"]) == {"query_id", "backend", "model", "seed", "sample", "finish_reason",
                                   "prompt_tokens", "completion_tokens"} for r in rows)  # as before the option
-    assert summary["rejected"] == {"copies_reference": 1}
-    assert summary["by_prompt"] == {"one-shot": {"queries": 4, "kept": 3, "rejected": {"copies_reference": 1}}}
+    assert summary.rejected == {"copies_reference": 1}
+    assert summary.dump()["by_prompt"] == {"one-shot": {"queries": 4, "kept": 3, "rejected": {"copies_reference": 1}}}
     settings = json.loads(manifest_path(out).read_text())["settings"]
     assert "short_reference" not in settings and "short_reference_words" not in settings
 
@@ -266,19 +266,19 @@ def test_short_references_zero_shot_asks_the_query_alone_and_keeps_a_right_answe
     assert {q: r["meta"]["prompt"] for q, r in rows.items()} == {
         "q0": "zero-shot", "q1": "zero-shot", "q2": "zero-shot", "q3": "one-shot"}
     assert rows["q0"]["messages"][1]["content"] == "Short answer 0." and "reason" not in rows["q0"]
-    assert summary["by_prompt"] == {"one-shot": {"queries": 1, "kept": 0, "rejected": {"copies_reference": 1}},
+    assert summary.dump()["by_prompt"] == {"one-shot": {"queries": 1, "kept": 0, "rejected": {"copies_reference": 1}},
                                     "zero-shot": {"queries": 3, "kept": 3, "rejected": {}}}
     settings = json.loads(manifest_path(out).read_text())["settings"]
     assert (settings["short_reference"], settings["short_reference_words"]) == ("zero-shot", 5)
     with pytest.raises(DeliaError, match="other settings"):  # the default is another run
         sample(pool, out)
-    assert sample(pool, out, short_reference="zero-shot")["by_prompt"] == summary["by_prompt"]  # counted on resume
+    assert sample(pool, out, short_reference="zero-shot").by_prompt == summary.by_prompt  # counted on resume
     parts = [tmp_path / f"s{i}.jsonl" for i in range(2)]
     for i, part in enumerate(parts):
         sample(pool, part, short_reference="zero-shot", shard=f"{i}/2")
     merged = merge(parts, tmp_path / "m.jsonl")
-    assert merged["by_prompt"] == {p: {k: v for k, v in c.items() if k != "queries"}
-                                   for p, c in summary["by_prompt"].items()}
+    assert merged.dump()["by_prompt"] == {p: {k: v for k, v in c.items() if k != "queries"}
+                                          for p, c in summary.dump()["by_prompt"].items()}
 
 
 def test_short_references_other_example_shows_a_long_row_drawn_by_seed(scripted, write_jsonl, tmp_path):
@@ -297,7 +297,7 @@ def test_short_references_other_example_shows_a_long_row_drawn_by_seed(scripted,
     short = [r for r in rows if r["id"] != "q3"]
     assert all(r["meta"]["prompt"] == "other-example" and r["meta"]["example_id"] == "q3" for r in short)
     assert next(r for r in rows if r["id"] == "q3")["meta"]["prompt"] == "one-shot"
-    assert summary["by_prompt"]["other-example"] == {"queries": 3, "kept": 2, "rejected": {"copies_reference": 1}}
+    assert summary.by_prompt["other-example"].dump() == {"queries": 3, "kept": 2, "rejected": {"copies_reference": 1}}
 
     queries = [(f"q{i}", f"Q{i}?", "short") for i in range(40)]
     longs = [(f"l{i}", f"L{i}?", PROSE) for i in range(3)]
@@ -317,10 +317,10 @@ def test_max_prompt_tokens_skips_long_queries_before_generating(scripted, write_
     pool = write_jsonl("pool.jsonl", rows)
     out = tmp_path / "out.jsonl"
     summary = sample(pool, out, max_prompt_tokens=120)
-    assert summary["skipped"] == {"prompt_too_long": 1} and summary["kept"] == 3 and summary["resumed"] == 0
+    assert summary.skipped == {"prompt_too_long": 1} and summary.kept == 3 and summary.resumed == 0
     assert not any("much longer" in q for q in scripted.asked)
     again = sample(pool, out, max_prompt_tokens=120)  # a resume does not retry it either
-    assert again["skipped"] == {"prompt_too_long": 1} and again["generated"] == 0 and again["resumed"] == 3
+    assert again.skipped == {"prompt_too_long": 1} and again.generated == 0 and again.resumed == 3
 
 
 def test_shards_split_deterministically_and_merge_checks(scripted, write_jsonl, tmp_path):
@@ -337,7 +337,7 @@ def test_shards_split_deterministically_and_merge_checks(scripted, write_jsonl, 
         sample(pool, p, shard=f"{i}/3")
     assert sorted(sum((ids_in(p) for p in parts), [])) == ids_in_whole(pool, tmp_path)
     summary = merge(parts, tmp_path / "all.jsonl")
-    assert summary["queries"] == 12 and summary["kept"] == 12
+    assert summary.queries == 12 and summary.kept == 12
     with pytest.raises(DeliaError, match=r"missing \[2\]"):
         merge(parts[:2], tmp_path / "x.jsonl")
     with pytest.raises(DeliaError, match=r"given twice \[0\]"):
@@ -367,9 +367,9 @@ def test_merge_rejects_duplicate_answers_across_shards(scripted, write_jsonl, tm
     pool = write_jsonl("pool.jsonl", pool_rows(6))
     parts = [tmp_path / f"p{i}.jsonl" for i in range(2)]
     for i, p in enumerate(parts):
-        assert sample(pool, p, shard=f"{i}/2")["kept"] == 1
+        assert sample(pool, p, shard=f"{i}/2").kept == 1
     summary = merge(parts, tmp_path / "all.jsonl")
-    assert summary["kept"] == 1 and summary["cross_shard_duplicates"] == 1 and summary["rejected"] == {"duplicate": 5}
+    assert summary.kept == 1 and summary.cross_shard_duplicates == 1 and summary.rejected == {"duplicate": 5}
     with caplog.at_level("INFO", logger="delia"), pytest.raises(SystemExit) as done:  # the command: --out or -o
         main(["sample-merge", *map(str, parts), "-o", str(tmp_path / "cli.jsonl")])
     assert done.value.code == 0 and f"merged 2 shards: 6 queries, 1 kept, 5 rejected -> {tmp_path}" in caplog.text
@@ -401,7 +401,7 @@ def test_sigkill_mid_run_then_rerun_gives_every_query_exactly_once(tiny_model, w
     before = len(ids_in(out))
     assert 10 <= before < 120
     summary = sample(pool, out, model=str(tiny_model), max_new_tokens=4, drop_truncated=False)
-    assert summary["resumed"] == before and summary["generated"] == 120 - before
+    assert summary.resumed == before and summary.generated == 120 - before
     ids = ids_in(out)
     assert len(ids) == 120 and len(set(ids)) == 120
 
@@ -428,7 +428,7 @@ def test_rows_are_written_as_they_finish_and_an_interrupt_keeps_them(tiny_model,
     assert written == [3] and len(ids_in(out)) == 3  # each answer was on disk before the next was asked for
     monkeypatch.setattr(HFBackend, "generate", real)
     summary = sample(pool, out, batch_tokens="auto", **settings)  # another budget resumes the same run
-    assert summary["resumed"] == 3 and summary["generated"] == 9
+    assert summary.resumed == 3 and summary.generated == 9
     whole = tmp_path / "whole.jsonl"
     sample(pool, whole, **settings)
     assert sorted(map(json.dumps, read_complete_jsonl(out))) == sorted(map(json.dumps, read_complete_jsonl(whole)))
@@ -473,7 +473,7 @@ def test_progress_reports_every_finished_query_and_the_command_shows_the_summary
     done = [e.done for e in events]
     assert done == sorted(done) and done[0] == 0 and done[-1] == 5 and len(done) == 6
     assert {(e.task, e.total, e.unit) for e in events} == {("sampling", 5, "queries")}
-    assert events[-1].counts["tok"] == summary["completion_tokens"] > 0
+    assert events[-1].counts["tok"] == summary.completion_tokens > 0
     show_sample(summary)
     table = capsys.readouterr().err
     title, *rows = table.splitlines()
@@ -514,7 +514,7 @@ def test_smollm2_one_shot_sampling_end_to_end(write_jsonl, tmp_path):
     ])
     out = tmp_path / "o.jsonl"
     summary = sample(pool, out, max_new_tokens=48, device="cpu", drop_truncated=False)
-    assert summary["generated"] == 3 and summary["completion_tokens"] > 10
+    assert summary.generated == 3 and summary.completion_tokens > 10
     rows = read_complete_jsonl(out)
     assert rows and all(r["messages"][1]["content"].strip() for r in rows)
     tok = load_tokenizer(DEFAULT_MODEL)
@@ -539,7 +539,7 @@ def test_stage_on_the_openai_and_vllm_back_ends(tiny_model, write_jsonl, tmp_pat
                          served_model="served", concurrency=2, max_retries=3)
     finally:
         server.close()
-    assert summary["kept"] == 5 and {r["model"] for r in server.requests} == {"served"}
+    assert summary.kept == 5 and {r["model"] for r in server.requests} == {"served"}
     rows = read_complete_jsonl(tmp_path / "api.jsonl")
     assert {r["meta"]["backend"] for r in rows} == {"openai"} and rows[0]["meta"]["completion_tokens"] == 7
     with pytest.raises(DeliaError, match="`base_url`"):
@@ -549,6 +549,6 @@ def test_stage_on_the_openai_and_vllm_back_ends(tiny_model, write_jsonl, tmp_pat
     monkeypatch.setitem(sys.modules, "vllm", fake_vllm(calls))
     summary = sample(pool, tmp_path / "vllm.jsonl", model=str(tiny_model), backend="vllm", tensor_parallel=2,
                      samples_per_query=2)
-    assert calls[0][2]["tensor_parallel_size"] == 2 and summary["kept"] == 10
+    assert calls[0][2]["tensor_parallel_size"] == 2 and summary.kept == 10
     texts = [r["messages"][1]["content"] for r in read_complete_jsonl(tmp_path / "vllm.jsonl")]
     assert len(set(texts)) == 10  # "s<seed>": a distinct seed for each of the 10 samples
