@@ -59,7 +59,7 @@ def test_evaluate_tiny_model(tiny_model, write_jsonl, tmp_path):
     again = evaluate(data, tmp_path / "again", EvalConfig(model=str(tiny_model), max_new_tokens=6),
                      progress=events.append)  # greedy: same outputs
     assert [p["output"] for p in _read(tmp_path / "again")[0]] == [p["output"] for p in preds]
-    assert again["metrics"] == scores["metrics"]
+    assert again.metrics == scores["metrics"]
     assert [(e.task, e.done, e.total, e.unit) for e in events] == [("eval", i, 3, "rows") for i in (1, 2, 3)]
 
 

@@ -96,13 +96,13 @@ def test_selection_is_seeded_and_covers_every_cluster(write_jsonl, tmp_path, tin
                                   seed=seed, near_dedup=False)
     first, again = run("a.jsonl", 0), run("b.jsonl", 0)
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
-    sel = first["selection"]
-    assert first["rows"] == 12 and first["steps"]["not_selected"] == 36
+    sel = first.selection
+    assert first.rows == 12 and first.steps["not_selected"] == 36
     assert sel["clusters"] == 4 and sel["clusters_covered"] == sel["nonempty_clusters"]
     assert sum(sel["selected_per_cluster"].values()) == 12 and sel["per_source"][str(src)]["share"] == 1.0
-    assert not sel["embedding"]["cached"] and again["selection"]["embedding"]["cached"]  # embedded once
+    assert not sel["embedding"]["cached"] and again.selection["embedding"]["cached"]  # embedded once
     assert (tmp_path / "a.selection.png").stat().st_size > 1000
-    assert run("c.jsonl", 1)["rows"] == 12
+    assert run("c.jsonl", 1).rows == 12
 
 
 def test_hf_source_from_a_saved_dataset_and_an_unreachable_hub(tmp_path, tiny_model, monkeypatch):
