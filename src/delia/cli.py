@@ -65,6 +65,7 @@ STAGES: dict[str, str] = {
     "sample": "delia.sample:sample",
     "sample-merge": "delia.sample:merge",
     "mix": "delia.mix:mix",
+    "rewrite": "delia.rewrite:rewrite",
     "train": "delia.train:train",
     "eval": "delia.evaluate:evaluate",
     "probe": "delia.probe:probe",
@@ -500,6 +501,15 @@ def show_mix(summary: dict[str, Any]) -> None:
                   f"summary in {escape(str(summary_path(summary['out'])))}")
 
 
+def show_rewrite(summary: Any) -> None:
+    """`delia rewrite`: how many rows now carry the model's rewrite, why the others kept their reference."""
+    others = ", ".join(f"{reason.replace('_', ' ')}: {n}" for reason, n in summary.reasons.items()
+                       if n and reason != "kept")
+    console.print(f"[green]wrote[/] {summary.rows} rows to {escape(summary.out)}: {summary.kept} rewritten by the "
+                  f"model ({summary.kept_share:.0%}), the others keep their reference"
+                  + (f" ({escape(others)})" if others else ""), highlight=False)
+
+
 def show_coverage(result: dict[str, Any]) -> None:
     """`delia coverage`: one line per prompt file (its nearest similarities, the share below the threshold, the
     least-covered prompt), then where the record is."""
@@ -623,7 +633,8 @@ def show_path(path: Path) -> None:
 # verb -> how the command prints what its stage returns (the stage itself only logs)
 SHOW: dict[str, Callable[[Any], None]] = {"sample": show_sample, "mix": show_mix, "eval": show_eval,
                                           "probe": show_probe, "run": show_run, "demo": show_run,
-                                          "demo-data": show_path, "coverage": show_coverage}
+                                          "demo-data": show_path, "coverage": show_coverage,
+                                          "rewrite": show_rewrite}
 
 
 def _error(message: str) -> None:
