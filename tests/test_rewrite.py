@@ -298,9 +298,11 @@ def test_the_cli_verb(scripted, food_task, tmp_path, capsys):
     data, opts = food_task
     scripted({0: ('{"food": "no"}', "stop")})
     out = tmp_path / "cli.jsonl"
-    main(["rewrite", str(data), "--out", str(out), "-m", opts["model"], "--metric", "format",
-          "--metric-config", str(opts["metric_config"]), "--max-new-tokens", "16"])
-    said = " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit) as done:
+        main(["rewrite", str(data), "--out", str(out), "-m", opts["model"], "--metric", "format",
+              "--metric-config", str(opts["metric_config"]), "--max-new-tokens", "16"])
+    assert done.value.code == 0
+    said = " ".join(capsys.readouterr().err.split())  # what a verb says goes to stderr; stdout is for results
     assert RewriteSummary.read(summary_path(out)).reasons["kept"] == 1
     assert f"rows to {out}: 1 rewritten by the model" in said and "the others keep their reference" in said
     assert RewriteSummary.read(summary_path(out)).max_new_tokens == 16
