@@ -8,7 +8,6 @@ here under the same name, and every key and value is checked when the file is lo
 from __future__ import annotations
 
 import difflib
-import importlib
 import re
 from pathlib import Path
 from typing import Any
@@ -26,22 +25,28 @@ from pydantic import (
     model_validator,
 )
 
+from delia.config import StageConfig
 from delia.errors import DeliaError
+from delia.evaluate import EvalConfig
 from delia.files import read_yaml
 from delia.general import GeneralFiles, general_sets, map_files
 from delia.metrics import MetricConfig, MetricKind
+from delia.mix import MixConfig
+from delia.pool import PoolConfig
+from delia.sample import SampleConfig
 from delia.task_data import data_path_problem
 from delia.tokens import parse_token_specs
+from delia.training.config import TrainConfig
 
 # Each section's stage config, and the options `delia run` sets itself (per arm, seed or task).
-STAGE_CONFIGS: dict[str, tuple[str, frozenset[str]]] = {
-    "pool": ("delia.pool:PoolConfig", frozenset({"out", "task", "model", "overwrite"})),
-    "sample": ("delia.sample:SampleConfig", frozenset({"model", "overwrite"})),
-    "mix": ("delia.mix:MixConfig", frozenset({"ratio", "diverse_count", "seed", "tokenizer", "overwrite"})),
-    "train": ("delia.train:TrainConfig", frozenset({"model", "add_token", "eval_data", "resume", "seed",
-                                                   "diverse_loss", "overwrite"})),
-    "eval": ("delia.evaluate:EvalConfig", frozenset({"model", "adapter", "adapter_scale", "metric",
-                                                    "metric_config", "general", "contrast", "overwrite"})),
+STAGE_CONFIGS: dict[str, tuple[type[StageConfig], frozenset[str]]] = {
+    "pool": (PoolConfig, frozenset({"out", "task", "model", "overwrite"})),
+    "sample": (SampleConfig, frozenset({"model", "overwrite"})),
+    "mix": (MixConfig, frozenset({"ratio", "diverse_count", "seed", "tokenizer", "overwrite"})),
+    "train": (TrainConfig, frozenset({"model", "add_token", "eval_data", "resume", "seed", "diverse_loss",
+                                      "overwrite"})),
+    "eval": (EvalConfig, frozenset({"model", "adapter", "adapter_scale", "metric", "metric_config", "general",
+                                    "contrast", "overwrite"})),
 }
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # an experiment's name: a folder name, never a path
 
@@ -50,16 +55,11 @@ PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # an experiment's name: 
 STAND_INS: dict[str, dict[str, Any]] = {"mix": {"ratio": 1.0}}
 
 
-def stage_config(stage: str) -> Any:
-    """The config class of an experiment section's stage."""
-    module, name = STAGE_CONFIGS[stage][0].split(":")
-    return getattr(importlib.import_module(module), name)
-
-
 def check_stage_options(stage: str, options: dict[str, Any]) -> dict[str, Any]:
     """`options` unchanged if they validate as the stage's config and leave alone what `delia run` sets;
     otherwise a ValueError naming each bad key or value (with the closest option, for a typo)."""
-    return stage_config(stage).check_section(options, STAGE_CONFIGS[stage][1], STAND_INS.get(stage, {}))
+    config, owned = STAGE_CONFIGS[stage]
+    return config.check_section(options, owned, STAND_INS.get(stage, {}))
 
 
 class Task(BaseModel):
@@ -335,10 +335,9 @@ class Experiment(BaseModel):
             raise ValueError("`contrast` needs `general` (its leakage rule and base model come with it)")
         if self.baseline is not None and self.baseline not in {a.name for a in self.arms}:
             raise ValueError(f"baseline {self.baseline!r} is not an arm")
-        train_config = stage_config("train")
         for arm in (a for a in self.arms if a.kind != SCALED):  # the train section and the arm's overrides, together
             try:
-                train_config.build(**{**self.train, **arm.train}, diverse_loss=arm.diverse_loss)
+                TrainConfig.build(**{**self.train, **arm.train}, diverse_loss=arm.diverse_loss)
             except DeliaError as e:
                 raise ValueError(f"arm {arm.name!r}: {e}") from None
         return self

@@ -26,7 +26,7 @@ def plan_experiment(exp: Experiment, flops_per_s: float | None = None) -> dict[s
     from delia.models import load_tokenizer, resolve_model
     from delia.prompts import prompt_ids
     from delia.sample import SampleConfig, sampled_prompts
-    from delia.train import TrainConfig
+    from delia.training import TrainConfig
 
     model_path = resolve_model(exp.model)
     tok = load_tokenizer(model_path, resolved=True)
