@@ -10,22 +10,13 @@ Workarounds for TRL, PEFT and transformers that training applies live in `delia.
 """
 
 from delia.training.checkpoints import complete_checkpoints
-from delia.training.config import (
-    ANCHOR_COLUMN,
-    CHECKPOINTS,
-    TRAIN_KIND,
-    TRAIN_RECORD,
-    TRAINER_LOG,
-    TrainConfig,
-    layer_indices,
-)
+from delia.training.config import ANCHOR_COLUMN, CHECKPOINTS, TRAIN_RECORD, TRAINER_LOG, TrainConfig, layer_indices
 from delia.training.trainer import Training, build_trainer, train
 
 __all__ = [
     "ANCHOR_COLUMN",
     "CHECKPOINTS",
     "TRAINER_LOG",
-    "TRAIN_KIND",
     "TRAIN_RECORD",
     "TrainConfig",
     "Training",
