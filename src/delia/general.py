@@ -119,7 +119,7 @@ def read_prompts(path: str | Path, limit: int | None = None) -> Prompts:
 
 def new_token_ids(adapter: Path | None) -> list[int]:
     """Ids of the tokens `delia train` added (from the adapter's delia_train.json); [] for none."""
-    from delia.train import TRAIN_RECORD
+    from delia.training.config import TRAIN_RECORD
 
     record = adapter / TRAIN_RECORD if adapter is not None else None
     if record is None or not record.exists():
@@ -132,7 +132,7 @@ def adapter_base(adapter: Path) -> str:
     """The base model an adapter was trained on, as `load_trained` resolves it."""
     from peft import PeftConfig
 
-    from delia.train import TRAIN_RECORD
+    from delia.training.config import TRAIN_RECORD
 
     record = adapter / TRAIN_RECORD
     if record.exists():

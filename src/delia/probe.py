@@ -73,7 +73,7 @@ class ProbeConfig(ModelChoice):
 
 def _recorded_descriptions(folder: Path | None) -> dict[str, str]:
     """Token descriptions that `delia train --add-token TOKEN=DESCRIPTION` recorded (empty when none)."""
-    from delia.train import TRAIN_RECORD
+    from delia.training.config import TRAIN_RECORD
 
     if folder is None or not (Path(folder) / TRAIN_RECORD).is_file():
         return {}

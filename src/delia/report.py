@@ -402,7 +402,7 @@ def _plots(runs: list[ModelResult], summary: dict[str, Any], folder: Path) -> li
 def _history(run: ModelResult, key: str) -> list[tuple[int, float]]:
     """(step, value) pairs from a train folder: the trainer's loss log or the important-token loss JSONL."""
     from delia.important import IMPORTANT_LOSS_FILE
-    from delia.train import TRAINER_LOG
+    from delia.training import TRAINER_LOG
 
     assert run.train_dir is not None
     path = run.train_dir / (TRAINER_LOG if key == "loss" else IMPORTANT_LOSS_FILE)

@@ -107,7 +107,7 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
     from delia.plan import plan_experiment, short_arms
     from delia.report import ModelResult, write_report
     from delia.sample import sample
-    from delia.train import train
+    from delia.training import train
 
     claim_run_folder(out, overwrite)
     resolve_paths(exp)
@@ -247,7 +247,7 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
 
 
 def _train_record(adapter: Path) -> dict[str, Any]:
-    from delia.train import TRAIN_RECORD
+    from delia.training import TRAIN_RECORD
 
     return json.loads((adapter / TRAIN_RECORD).read_text(encoding="utf-8"))
 
