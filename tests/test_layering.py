@@ -39,8 +39,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     ]),
     ("stages", [
         "delia.pool", "delia.coverage", "delia.sample", "delia.mix", "delia.rewrite", "delia.training",
-        "delia.training.trainer", "delia.training.checkpoints", "delia.training.anchor", "delia.training.token_rows", "delia.evaluate",
-        "delia.probe",
+        "delia.training.trainer", "delia.training.checkpoints", "delia.training.anchor", "delia.training.token_rows",
+        "delia.evaluate", "delia.probe",
     ]),
     ("orchestration", ["delia.experiment", "delia.plan", "delia.run", "delia.report", "delia.demo"]),
     ("command line", ["delia.cli", "delia.__main__"]),
