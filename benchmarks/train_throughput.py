@@ -1,4 +1,4 @@
-"""Training throughput of `delia.train.train` against a plain TRL SFTTrainer script, and padding waste.
+"""Training throughput of `delia.training.train` against a plain TRL SFTTrainer script, and padding waste.
 
 On a realistic DELIA mixture (the authors' `<sep>` task rows, read in place from
 ../shared/data/delia-format, plus synthetic diverse rows with long answers), in one process, after
@@ -66,7 +66,7 @@ def tokens_per_s(log_history: list[dict]) -> tuple[int, float, float]:
 
 
 def run_delia(data: Path, out: Path, model: str, settings: dict, batching: str) -> tuple[int, float, float]:
-    from delia.train import TRAINER_LOG, train
+    from delia.training import TRAINER_LOG, train
 
     train(data, out, model=model, batching=batching, overwrite=True, **settings)
     return tokens_per_s([json.loads(x) for x in (out / TRAINER_LOG).read_text().splitlines()])
@@ -81,30 +81,28 @@ def new_token_cost(data: Path, tmp: Path, model: str, settings: dict, rounds: in
     merge, TRL's full head gradient; only the `bias` fix), without delia's row-only path, for comparison.
     Also the adapter sizes against the bound LoRA + the new rows.
     """
-    import json as _json
-
-    import delia.train as delia_train
-    from delia.train import TRAIN_RECORD
+    import delia.training.token_rows as token_rows
+    from delia.artifacts import TrainRecord
 
     times: dict[str, list[float]] = {"none": [], "token": [], "token-peft": []}
     sizes: dict[str, int] = {}
     payload: dict[str, int] = {}
-    record: dict = {}
-    fast = delia_train._fast_token_rows
+    record: TrainRecord | None = None
+    fast = token_rows._fast_token_rows
     for r in range(rounds):
         arms = [("none", {}), ("token", {"add_token": ["<sep>"]}), ("token-peft", {"add_token": ["<sep>"]})]
         for name, extra in arms[::-1] if r % 2 else arms:
             out = tmp / f"tok-{name}{r}"
-            delia_train._fast_token_rows = fast if name != "token-peft" else (lambda trainer: None)
+            token_rows._fast_token_rows = fast if name != "token-peft" else (lambda trainer: None)
             try:
                 tokens, runtime, tps = run_delia(data, out, model, {**settings, **extra}, "group_by_length")
             finally:
-                delia_train._fast_token_rows = fast
+                token_rows._fast_token_rows = fast
             times[name].append(runtime / settings["max_steps"])
             sizes[name] = (out / "adapter_model.safetensors").stat().st_size
             payload[name] = tensor_bytes(out / "adapter_model.safetensors")
             if name == "token":
-                record = _json.loads((out / TRAIN_RECORD).read_text())
+                record = TrainRecord.read(out)
             print(f"   round {r} {name:10s}: {runtime / settings['max_steps']:.3f} s/step, {tokens} tokens, "
                   f"{tps:.1f} tokens/s")
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -114,8 +112,9 @@ def new_token_cost(data: Path, tmp: Path, model: str, settings: dict, rounds: in
           f"ratio {med['token-peft'] / med['none']:.3f}")
     from transformers import AutoConfig
 
-    hidden = AutoConfig.from_pretrained(record["model"]["path"]).hidden_size
-    rows = len(record["new_tokens"]["tokens"]) * (1 if record["new_tokens"]["tied_embeddings"] else 2)
+    assert record is not None and record.new_tokens is not None
+    hidden = AutoConfig.from_pretrained(record.model.path).hidden_size
+    rows = len(record.new_tokens.tokens) * (1 if record.new_tokens.tied_embeddings else 2)
     bound = payload["none"] + rows * hidden * 4
     print(f"   adapter_model.safetensors: LoRA only {sizes['none']:,} bytes ({payload['none']:,} of tensors); with the "
           f"token {sizes['token']:,} bytes ({payload['token']:,} of tensors); bound LoRA + {rows} fp32 row(s) of "
@@ -164,7 +163,7 @@ def run_plain_trl(data: Path, out: Path, model: str, settings: dict, batching: s
 
 def padding_waste(data: Path, out: Path, model: str, settings: dict, batching: str) -> dict:
     """Padding share over one epoch of the dataloader delia builds for this batching mode."""
-    from delia.train import build_trainer
+    from delia.training import build_trainer
 
     run = build_trainer(data, out, **{**settings, "model": model, "batching": batching, "overwrite": True,
                                       "max_steps": -1})
@@ -236,7 +235,8 @@ def main() -> None:
         achieved = per_token * statistics.median(delia_tps)
         print(f"   delia {achieved / 1e9:.1f} GFLOP/s ({TRAIN_FORWARDS} forwards per trained token, delia.compute) = "
               f"{100 * achieved / peak:.1f}% of the measured {peak / 1e9:.0f} GFLOP/s matmul peak (target 40%)")
-        # on CPU delia's LM head projects only the positions with a label (delia.cpu_training): less is executed
+        # on CPU delia's LM head projects only the positions with a label (delia.patches.trl_label_positions): less
+        # is executed
         config = transformers.AutoConfig.from_pretrained(path).get_text_config()
         head = TRAIN_FORWARDS * 2 * config.hidden_size * config.vocab_size
         waste = padding_waste(data, tmp / "pad-share", args.model, settings, default)

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from test_train import _conversation, _settings
 
-from delia.anchor import AnchoredSFTTrainer, chunked_kl
 from delia.errors import DeliaError
-from delia.train import ANCHOR_COLUMN, TRAIN_RECORD, build_trainer, train
+from delia.training import ANCHOR_COLUMN, TRAIN_RECORD, build_trainer, train
+from delia.training.anchor import AnchoredSFTTrainer, chunked_kl
 
 KL = {"diverse_loss": "kl"}
 

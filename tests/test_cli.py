@@ -9,7 +9,8 @@ import typer
 from typer.testing import CliRunner
 
 from delia import __version__
-from delia.cli import STAGES, PlainErrorsGroup, main, with_config
+from delia.cli import main, stages, with_config
+from delia.patches.typer_errors import PlainErrorsGroup
 
 GOOD = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
 
@@ -173,7 +174,7 @@ def test_config_yaml_keys_may_be_dashed_and_set_lists(tmp_path):
     assert done.stdout.strip() == "64:['prompt=q', 'completion=a']"
 
 
-@pytest.mark.parametrize("verb", [*STAGES, "data inspect", "data convert", "model prepare"])
+@pytest.mark.parametrize("verb", [*stages(), "data inspect", "data convert", "model prepare"])
 def test_every_verb_has_help_with_examples(verb, capsys):
     with pytest.raises(SystemExit) as e:
         main([*verb.split(), "--help"])
@@ -185,16 +186,14 @@ def test_every_verb_has_help_with_examples(verb, capsys):
 def test_stage_functions_are_the_python_api():
     import importlib
 
-    for target in STAGES.values():
-        module, fn = target.split(":")
-        assert callable(getattr(importlib.import_module(module), fn))
+    for function in stages().values():
+        assert getattr(importlib.import_module(function.__module__), function.__name__) is function
 
 
-@pytest.mark.parametrize("verb", list(STAGES))
+@pytest.mark.parametrize("verb", list(stages()))
 def test_help_at_80_columns_cuts_no_option_and_keeps_examples_whole(verb, capsys, monkeypatch):
     """Every option of the verb's config appears whole in its help at 80 columns, and example command lines
     are not rewrapped (a command broken at a hyphen would not paste)."""
-    import importlib
     import re
 
     from delia.cli import config_class_of, flags_of
@@ -204,8 +203,7 @@ def test_help_at_80_columns_cuts_no_option_and_keeps_examples_whole(verb, capsys
         main([verb, "--help"])
     out = capsys.readouterr().out
     assert "…" not in out
-    module, fn = STAGES[verb].split(":")
-    for flag in flags_of(config_class_of(getattr(importlib.import_module(module), fn))).values():
+    for flag in flags_of(config_class_of(stages()[verb])).values():
         assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", out), flag
     examples = [line.strip() for line in out.splitlines() if line.strip().startswith("delia ")]
     assert examples and all(not line.endswith("-") for line in examples)

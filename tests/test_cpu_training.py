@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from delia.cpu_training import MaskDropout, use_mask_dropout
+from delia.patches.peft_mask_dropout import MaskDropout, use_mask_dropout
 
 
 @pytest.mark.parametrize("p", [0.05, 0.5])
@@ -37,7 +37,7 @@ def test_seeded_masks_repeat():
     assert torch.equal(a, drop(x))
 
 
-CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="delia.cpu_training serves CPU training; "
+CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="delia's CPU paths serve CPU training; "
                             "this machine trains on its GPU")
 
 
@@ -45,7 +45,7 @@ CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="delia.cpu_train
 def test_training_uses_it_for_every_lora_layer_on_cpu(tmp_path, write_jsonl, tiny_model):
     from test_train import _conversation, _settings
 
-    from delia.train import build_trainer
+    from delia.training import build_trainer
 
     data = write_jsonl("train.jsonl", [_conversation(i) for i in range(8)])
     run = build_trainer(**_settings(data, tmp_path / "run", tiny_model))
@@ -65,7 +65,7 @@ def test_the_lm_head_scores_only_label_positions_with_the_same_loss_and_gradient
     import trl.trainer.utils as trl_utils
     from test_train import _conversation, _settings
 
-    from delia.train import build_trainer
+    from delia.training import build_trainer
 
     data = write_jsonl("train.jsonl", [_conversation(i) for i in range(8)])
     run = build_trainer(**_settings(data, tmp_path / "run", tiny_model))

@@ -127,7 +127,7 @@ def test_general_is_a_file_a_list_or_a_mapping_of_named_sets(tmp_path):
 
 def test_sections_are_typed_configs_that_key_stages_as_written(tmp_path):
     from delia.mix import MixConfig
-    from delia.train import TrainConfig
+    from delia.training import TrainConfig
 
     exp = _load(tmp_path, train={"epochs": 1, "learning_rate": 1.0e-3}, mix={"allow_short": True},
                 arms=[{"name": "sft", "kind": "sft"}, {"name": "kl", "kind": "delia-kl", "ratio": 2,

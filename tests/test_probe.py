@@ -108,7 +108,7 @@ def test_probe_reports_progress_per_token(tiny_model, tmp_path):
 def test_eval_and_probe_on_a_trained_adapter(tiny_model, delia_format_data, write_jsonl, tmp_path):
     """A `delia train` adapter with `<sep>`: eval loads it, the probe reads the description it recorded."""
     from delia.evaluate import evaluate
-    from delia.train import train
+    from delia.training import train
 
     data = write_jsonl("train.jsonl", [
         {"messages": [{"role": "user", "content": f"Is '{q}' right? Answer in the <sep> format."},

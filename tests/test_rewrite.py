@@ -291,22 +291,18 @@ def test_refusals_name_the_file(scripted, food_task, write_jsonl, tmp_path):
     assert RewriteConfig.build(max_new_tokens="12").max_new_tokens == 12
 
 
-def test_the_signature_fits_the_cli_verb(scripted, food_task, tmp_path):
-    """`delia rewrite DATA --out OUT ...` as cli.py builds verbs from a stage function (registered there apart)."""
-    import typer
-    from typer.testing import CliRunner
-
-    from delia.cli import stage_command
+def test_the_cli_verb(scripted, food_task, tmp_path, capsys):
+    """`delia rewrite DATA --out OUT ...`: the verb writes the rows and says how many the model rewrote."""
+    from delia.cli import main
 
     data, opts = food_task
     scripted({0: ('{"food": "no"}', "stop")})
-    app = typer.Typer()
-    app.command("rewrite")(stage_command(rewrite))
-    app.command("other")(lambda: None)  # two commands: typer then keeps the verb's name
     out = tmp_path / "cli.jsonl"
-    result = CliRunner().invoke(app, ["rewrite", str(data), "--out", str(out), "-m", opts["model"], "--metric",
-                                      "format", "--metric-config", str(opts["metric_config"]),
-                                      "--max-new-tokens", "16"])
-    assert result.exit_code == 0, result.output
+    with pytest.raises(SystemExit) as done:
+        main(["rewrite", str(data), "--out", str(out), "-m", opts["model"], "--metric", "format",
+              "--metric-config", str(opts["metric_config"]), "--max-new-tokens", "16"])
+    assert done.value.code == 0
+    said = " ".join(capsys.readouterr().err.split())  # what a verb says goes to stderr; stdout is for results
     assert RewriteSummary.read(summary_path(out)).reasons["kept"] == 1
+    assert f"rows to {out}: 1 rewritten by the model" in said and "the others keep their reference" in said
     assert RewriteSummary.read(summary_path(out)).max_new_tokens == 16

@@ -13,15 +13,8 @@ from safetensors.torch import load_file
 
 from delia.errors import DeliaError
 from delia.models import load_trained
-from delia.train import (
-    CHECKPOINTS,
-    LEGACY_RESUME_KEY_FILE,
-    RESUME_KEY_FILE,
-    TRAIN_RECORD,
-    TRAINER_LOG,
-    build_trainer,
-    train,
-)
+from delia.training import CHECKPOINTS, TRAIN_RECORD, TRAINER_LOG, build_trainer, train
+from delia.training.checkpoints import LEGACY_RESUME_KEY_FILE, RESUME_KEY_FILE
 
 FAST = {"max_length": 256, "batch_size": 4, "warmup_steps": 0, "learning_rate": 1e-2, "logging_steps": 1}
 
@@ -149,7 +142,7 @@ def test_train_new_token_tied_and_untied(rows, tmp_path, tied, padding_rows):
 @pytest.mark.parametrize("tied", [True, False])
 def test_token_rows_fast_path_matches_peft(rows, tmp_path, tiny_model, tiny_model_untied, tied, monkeypatch):
     """delia's row-only path gives PEFT's loss bit for bit and its gradients (new rows, LoRA) to rounding."""
-    import delia.train as delia_train
+    import delia.training.token_rows as token_rows
 
     data, _ = rows
     model_dir = tiny_model if tied else tiny_model_untied
@@ -171,7 +164,7 @@ def test_token_rows_fast_path_matches_peft(rows, tmp_path, tiny_model, tiny_mode
         return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
 
     fast_loss, fast = loss_and_grads("fast")
-    monkeypatch.setattr(delia_train, "_fast_token_rows", lambda trainer: None)
+    monkeypatch.setattr(token_rows, "_fast_token_rows", lambda trainer: None)
     peft_loss, reference = loss_and_grads("peft")
     assert torch.equal(fast_loss, peft_loss)
     assert fast.keys() == reference.keys() and sum("trainable_tokens_delta" in n for n in fast) == (1 if tied else 2)
@@ -268,7 +261,7 @@ _KILL_SCRIPT = textwrap.dedent("""
     import io, json, os, shutil, signal, sys
     from pathlib import Path
     import torch
-    from delia.train import train
+    from delia.training import train
 
     settings, kill_at = json.loads(sys.argv[1]), sys.argv[2]
     real_save, real_rmtree = torch.save, shutil.rmtree
@@ -429,7 +422,7 @@ def test_two_cpu_processes_with_accelerate(rows, tmp_path, tiny_model):
 
 
 def test_progress_callback_and_logs_instead_of_printing(rows, tmp_path, tiny_model, caplog, capsys):
-    """Training reports optimizer steps to the caller's callback and its logs to the `delia.train` logger;
+    """Training reports optimizer steps to the caller's callback and its logs to the `delia.training.trainer` logger;
     transformers prints nothing."""
     import logging
 
@@ -438,13 +431,14 @@ def test_progress_callback_and_logs_instead_of_printing(rows, tmp_path, tiny_mod
     with caplog.at_level(logging.INFO, logger="delia"):
         train(**_settings(data, tmp_path / "run", tiny_model, max_steps=3), progress=events.append)
     assert [(e.task, e.done, e.total) for e in events] == [("training", i, 3) for i in (1, 2, 3)]
-    assert any(r.name == "delia.train" and r.getMessage().startswith("step 1: loss=") for r in caplog.records)
+    assert any(r.name == "delia.training.trainer" and r.getMessage().startswith("step 1: loss=")
+               for r in caplog.records)
     assert "'loss'" not in capsys.readouterr().out  # transformers' PrinterCallback would print the log dicts
 
 
 def test_train_config_errors_name_the_field():
     from delia.config import ConfigError
-    from delia.train import TrainConfig
+    from delia.training import TrainConfig
 
     with pytest.raises(ConfigError, match="field 'lora_r': lora_r must be >= 1, got 0"):
         TrainConfig.build(lora_r=0)
@@ -460,7 +454,6 @@ def test_train_config_errors_name_the_field():
 def test_layers_leaves_the_other_layers_without_lora(rows, tmp_path, tiny_model, spec, layers):
     from safetensors.torch import load_file
 
-    from delia.train import TRAIN_RECORD
 
     data, _ = rows
     out = train(**_settings(data, tmp_path / "run", tiny_model, max_steps=1, layers=spec))
@@ -472,7 +465,7 @@ def test_layers_leaves_the_other_layers_without_lora(rows, tmp_path, tiny_model,
 
 def test_layers_names_the_model_s_layers_when_out_of_range(rows, tmp_path, tiny_model):
     from delia.errors import DeliaError
-    from delia.train import layer_indices
+    from delia.training import layer_indices
 
     assert layer_indices(None, 4) is None and layer_indices("upper-half", 5) == [2, 3, 4]
     with pytest.raises(DeliaError, match="the model has layers 0 to 1"):

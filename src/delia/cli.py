@@ -1,7 +1,7 @@
 """The `delia` command: the CLI layer over the library's stage functions.
 
-Each stage verb is a plain function of the Python API (`delia.train.train`, ...) whose options are a typed
-config (`delia.train.TrainConfig`): this module turns the config's fields into the verb's options (`--config
+Each stage verb is a plain function of the Python API (`delia.training.train`, ...) whose options are a typed
+config (`delia.training.TrainConfig`): this module turns the config's fields into the verb's options (`--config
 FILE.yaml` sets any of them by name), passes a progress bar as the stage's progress callback, shows the stage's
 log, and prints what the stage returns. Stages themselves never print.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
-import importlib
 import inspect
 import logging
 import os
@@ -30,20 +29,12 @@ from rich.table import Table
 
 from delia import __version__
 from delia.errors import DeliaError
+from delia.patches.typer_errors import PlainErrorsGroup
 
 if TYPE_CHECKING:  # the library loads when a verb runs, not for `--help`
     from delia.artifacts import CostPlan, EvalScores, MixSummary, SampleSummary
 
 console = Console(stderr=True, soft_wrap=True)  # never break a path or an error across lines
-
-
-class PlainErrorsGroup(typer.core.TyperGroup):
-    """A typer command group whose usage errors print as click prints them: plain text, never boxed, wrapped
-    or cut at any terminal width (typer's rich error panel folds a long path and cuts text at 80 columns)."""
-
-    def main(self, **kwargs: Any) -> Any:
-        # typer's own main loop, told there is no rich markup: errors then go through click's plain `show()`
-        return typer.core._main(self, **{**kwargs, "rich_markup_mode": None})
 
 
 app = typer.Typer(
@@ -61,20 +52,26 @@ app.add_typer(data_app, name="data")
 model_app = typer.Typer(help="Resolve and cache models.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 
-# verb -> "module:function". Each function is also the Python API of its stage.
-STAGES: dict[str, str] = {
-    "pool": "delia.pool:pool",
-    "coverage": "delia.coverage:pool_coverage",
-    "sample": "delia.sample:sample",
-    "sample-merge": "delia.sample:merge",
-    "mix": "delia.mix:mix",
-    "train": "delia.train:train",
-    "eval": "delia.evaluate:evaluate",
-    "probe": "delia.probe:probe",
-    "run": "delia.run:run",
-    "demo": "delia.demo:demo",
-    "demo-data": "delia.task_data:prepare_data",
-}
+
+def stages() -> dict[str, Callable[..., Any]]:
+    """verb -> its stage function, which is also the Python API of its stage (imported when the verbs are
+    registered, after `delia.patches.apply_cli`)."""
+    from delia import coverage, demo, evaluate, mix, pool, probe, rewrite, run, sample, task_data, training
+
+    return {
+        "pool": pool.pool,
+        "coverage": coverage.pool_coverage,
+        "sample": sample.sample,
+        "sample-merge": sample.merge,
+        "mix": mix.mix,
+        "rewrite": rewrite.rewrite,
+        "train": training.train,
+        "eval": evaluate.evaluate,
+        "probe": probe.probe,
+        "run": run.run,
+        "demo": demo.demo,
+        "demo-data": task_data.prepare_data,
+    }
 
 
 def _load_config(ctx: typer.Context, _param: Any, value: Path | None) -> Path | None:
@@ -348,9 +345,8 @@ def _show_logs() -> None:
 
 
 def _register_stages() -> None:
-    for verb, target in STAGES.items():
-        module, fn = target.split(":")
-        app.command(verb)(stage_command(getattr(importlib.import_module(module), fn), SHOW.get(verb)))
+    for verb, function in stages().items():
+        app.command(verb)(stage_command(function, SHOW.get(verb)))
 
 
 def _version(value: bool) -> None:
@@ -504,6 +500,15 @@ def show_mix(summary: MixSummary) -> None:
                   f"summary in {escape(str(MixSummary.path(summary.out)))}")
 
 
+def show_rewrite(summary: Any) -> None:
+    """`delia rewrite`: how many rows now carry the model's rewrite, why the others kept their reference."""
+    others = ", ".join(f"{reason.replace('_', ' ')}: {n}" for reason, n in summary.reasons.items()
+                       if n and reason != "kept")
+    console.print(f"[green]wrote[/] {summary.rows} rows to {escape(summary.out)}: {summary.kept} rewritten by the "
+                  f"model ({summary.kept_share:.0%}), the others keep their reference"
+                  + (f" ({escape(others)})" if others else ""), highlight=False)
+
+
 def show_coverage(result: dict[str, Any]) -> None:
     """`delia coverage`: one line per prompt file (its nearest similarities, the share below the threshold, the
     least-covered prompt), then where the record is."""
@@ -628,7 +633,8 @@ def show_path(path: Path) -> None:
 # verb -> how the command prints what its stage returns (the stage itself only logs)
 SHOW: dict[str, Callable[[Any], None]] = {"sample": show_sample, "mix": show_mix, "eval": show_eval,
                                           "probe": show_probe, "run": show_run, "demo": show_run,
-                                          "demo-data": show_path, "coverage": show_coverage}
+                                          "demo-data": show_path, "coverage": show_coverage,
+                                          "rewrite": show_rewrite}
 
 
 def _error(message: str) -> None:
@@ -658,7 +664,7 @@ def main(argv: list[str] | None = None) -> None:
     """The `delia` command. Every error ends in one line on stderr and a non-zero exit, never a traceback: a
     user's mistake (DeliaError, exit 2), a file the system refuses (exit 1), or a crash whose traceback goes to a
     log file (exit 1)."""
-    from delia.upstream import apply_cli
+    from delia.patches import apply_cli
 
     apply_cli()
     _show_logs()

@@ -18,9 +18,10 @@ from delia.artifacts import SampledTokens, TrainedTokens
 TRAIN_FORWARDS = 2  # forward + backward to the activations (LoRA: no weight gradients for frozen weights)
 # Share of the measured matmul peak each stage reached on a 2-core CPU with SmolLM2-135M in fp32, for wall-time
 # estimates: sampling 36% on the demo's one-shot prompts (benchmarks/sample_throughput.py --skip-stage), LoRA
-# training about 38% with `delia.cpu_training` (the demo's sft train stage: 1.2 TFLOPs in 8.0 s with the model's
-# loading, about 150 GFLOP/s; benchmarks/train_throughput.py reaches 42-46% without it; 27-35% before those
-# changes). A GPU reaches other shares: pass the rate you see (`--flops-per-s`).
+# training about 38% with delia's CPU paths (`delia.patches.peft_mask_dropout`, `delia.patches.trl_label_positions`;
+# the demo's sft train stage: 1.2 TFLOPs in 8.0 s with the model's loading, about 150 GFLOP/s;
+# benchmarks/train_throughput.py reaches 42-46% without it; 27-35% before those changes). A GPU reaches other
+# shares: pass the rate you see (`--flops-per-s`).
 STAGE_SHARE_OF_PEAK = {"sample": 0.36, "train": 0.38}
 
 

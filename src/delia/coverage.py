@@ -1,7 +1,7 @@
 """Pool coverage: how close each prompt of a set (general prompts, the task's prompts) comes to its nearest pool
 query, read before any compute is spent on sampling and training: "the pool does not cover prompts like X".
 
-Vectors are `delia.pool.embed`'s (the target model's mean-pooled last hidden states), standardised per dimension
+Vectors are `delia.models.embed`'s (the target model's mean-pooled last hidden states), standardised per dimension
 by the pool's own mean and spread and compared by cosine, as the pool's k-means selection sees them: raw hidden
 states have a few huge dimensions that put every cosine near 1. Each pool thus has its own scale; to compare
 pools, standardise all of them by the same vectors (`standardise_by`, e.g. the union of the pools), or the
@@ -229,8 +229,7 @@ def pool_coverage(
       delia coverage pool.jsonl general.jsonl --model smollm2-135m --out pool.coverage.json\n
       delia coverage pool-a.jsonl general.jsonl --standardise-by pool-a.jsonl --standardise-by pool-b.jsonl
     """
-    from delia.models import resolve_model
-    from delia.pool import embed
+    from delia.models import embed, resolve_model
 
     cfg = CoverageConfig.build(config, **options)
     if not prompts:

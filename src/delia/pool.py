@@ -43,13 +43,12 @@ from delia.files import (
     beside,
     check_output,
     sha256_file,
-    sha256_json,
     sha256_path,
     write_json,
     write_jsonl,
 )
 from delia.metrics import script_share, unicode_scripts
-from delia.progress import Progress, ProgressCallback, report
+from delia.progress import ProgressCallback
 from delia.text import normalise
 
 HF_PREFIX = "hf:"
@@ -269,41 +268,6 @@ def _near_duplicates(rows: list[dict[str, Any]], threshold: float, num_perm: int
 # ----------------------------------------------------------------------------- diversity selection
 
 
-def embed(texts: Sequence[str], model_path: str, *, max_tokens: int, batch_size: int,
-          device: str | None, progress: ProgressCallback | None = None) -> tuple[np.ndarray, Path, bool]:
-    """Mean-pooled last hidden states of `model_path` for each text (truncated to `max_tokens`), batched by
-    length; cached under $DELIA_CACHE/embeddings by model fingerprint and the texts' hash. `progress` hears of
-    each batch embedded. Returns (embeddings, cache file, whether it was cached)."""
-    from delia.models import cache_root, model_fingerprint
-
-    key = sha256_json({"model": model_fingerprint(model_path), "texts": sha256_json(list(texts)),
-                       "max_tokens": max_tokens})[:20]
-    cached = cache_root() / "embeddings" / f"{key}.npy"
-    if cached.exists():
-        return np.load(cached), cached, True
-    import torch
-
-    from delia.models import load_model
-
-    model, tok = load_model(model_path, device=device)
-    tok.padding_side = "right"
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            enc = tok([texts[i] for i in idx], add_special_tokens=False, truncation=True, max_length=max_tokens,
-                      padding=True, return_tensors="pt")
-            ids, mask = enc["input_ids"].to(model.device), enc["attention_mask"].to(model.device)
-            hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-            weights = mask.unsqueeze(-1).float()
-            out[idx] = ((hidden * weights).sum(1) / weights.sum(1).clamp(min=1)).cpu().numpy()
-            report(progress, Progress("embedding", start + len(idx), len(texts), unit="queries"))
-    with atomic_writer(cached, "wb") as fh:
-        np.save(fh, out)
-    return out, cached, False
-
-
 def select(vectors: np.ndarray, size: int, clusters: int, seed: int) -> tuple[list[int], np.ndarray]:
     """(selected row indices in row order, cluster label of every row): seeded k-means (k-means++ start) on
     standardised, unit-length vectors, then one row per cluster in turn, each cluster's rows in a seeded order,
@@ -477,7 +441,7 @@ def pool(
       delia pool hf:tatsu-lab/alpaca --out pool.jsonl --size 20000 --licence hf:tatsu-lab/alpaca=CC-BY-NC-4.0\n
       delia pool hf:./saved_dataset:test --out pool.jsonl --script LATIN --min-reference-tokens 32
     """
-    from delia.models import load_tokenizer, resolve_model
+    from delia.models import embed, load_tokenizer, resolve_model
 
     cfg = PoolConfig.build(config, **options)
     out = Path(out)

@@ -118,7 +118,7 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
     from delia.plan import plan_experiment
     from delia.report import ModelResult, write_report
     from delia.sample import sample
-    from delia.train import train
+    from delia.training import train
 
     claim_run_folder(out, overwrite)
     resolve_paths(exp)

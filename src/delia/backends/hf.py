@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from delia.backends import Completion, SamplingParams, request_seeds
+from delia.backends.base import Completion, SamplingParams, request_seeds
 from delia.errors import DeliaError
 
 # Upper bound on rows decoded together: beyond this a CPU gains little per row and holds more work

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, Literal
 
-from delia.backends import Completion, SamplingParams, request_seeds
+from delia.backends.base import Completion, SamplingParams, request_seeds
 from delia.errors import DeliaError
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}

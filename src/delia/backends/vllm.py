@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from delia.backends import Completion, SamplingParams, request_seeds
+from delia.backends.base import Completion, SamplingParams, request_seeds
 from delia.errors import DeliaError
 
 # Requests handed to the engine per call: vLLM batches within a call; results are yielded (and

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from trl import SFTTrainer
 
-from delia.train import ANCHOR_COLUMN
+from delia.training.config import ANCHOR_COLUMN
 
 
 def chunked_kl(h_tuned: torch.Tensor, h_base: torch.Tensor, tuned_head: Callable[[torch.Tensor], torch.Tensor],
