@@ -77,12 +77,22 @@ def training_cost(model_path: str | Path, record: dict[str, Any]) -> dict[str, f
             "train_flops": fwd * (TRAIN_FORWARDS * trained + forward_only)}
 
 
+def rewriting_cost(model_path: str | Path, summary: dict[str, Any]) -> dict[str, float]:
+    """Tokens and FLOPs of a `delia rewrite` run (its summary), counted as sampling: one generation per task row."""
+    return sampling_cost(model_path, {"prompt_tokens": summary["prompt_tokens"], "generated": summary["rows"],
+                                      "completion_tokens": summary["completion_tokens"], "queries": summary["rows"]})
+
+
 def arm_cost(model_path: str | Path, record: dict[str, Any], sample_summary: dict[str, Any] | None = None,
-             share: float = 0.0) -> dict[str, float]:
-    """One arm at one seed: its share of sampling (none for arms without self-samples) plus its training."""
+             share: float = 0.0, rewrite_summary: dict[str, Any] | None = None) -> dict[str, float]:
+    """One arm at one seed: its share of sampling (none for arms without self-samples), the rewriting of its task
+    rows (arms that train on them as the model rewrote them: all of it, which every seed needs), and its training."""
     cost = {"sampled_queries": 0.0, "prompt_tokens": 0.0, "generated_tokens": 0.0, "sample_flops": 0.0}
     if sample_summary is not None and share > 0:
         cost = sampling_cost(model_path, sample_summary, share)
+    if rewrite_summary is not None:
+        cost = {k: v + w for (k, v), w in zip(cost.items(), rewriting_cost(model_path, rewrite_summary).values(),
+                                              strict=True)}
     cost.update(training_cost(model_path, record))
     cost["flops"] = cost["sample_flops"] + cost["train_flops"]
     return cost
