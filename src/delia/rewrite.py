@@ -350,16 +350,6 @@ def _open_backend(cfg: RewriteConfig, tokenizer: Any) -> Backend:
     return backends.get_backend(cfg.backend, model, **options)
 
 
-def _metric_config(metric: str | None, metric_config: Path | None) -> MetricConfig:
-    """`metric_config`'s MetricConfig (which `metric`, if given, must agree with), else `metric`'s by name."""
-    if metric_config is None:
-        return MetricConfig.named(metric or "format")
-    cfg = MetricConfig.load(metric_config)
-    if metric is not None and metric != cfg.kind:
-        raise DeliaError(f"`metric` {metric} disagrees with {metric_config} (kind: {cfg.kind})")
-    return cfg
-
-
 def rewrite(
     data: Annotated[Path, "Task rows in any format `delia data inspect` reads; the last assistant turn of each row "
                           "is the reference, every turn before it the prompt."],
@@ -396,7 +386,7 @@ def rewrite(
     check_output(out, inputs=inputs, overwrite=cfg.overwrite)
     _check_summary(summary_path(out), inputs, cfg.overwrite)
     check_output(partial_path(out), inputs=inputs, overwrite=True)  # ours or refused in _pick_up
-    metric = _metric_config(cfg.metric, cfg.metric_config)
+    metric = MetricConfig.chosen(cfg.metric, cfg.metric_config)
     chat = read_chat(data, cfg.format, columns=parse_columns(cfg.columns), skip_invalid=cfg.skip_invalid)
     records = chat.records[:cfg.limit]
     if not records:
