@@ -154,3 +154,22 @@ def test_sections_are_typed_configs_that_key_stages_as_written(tmp_path):
 def test_a_bad_section_is_refused_at_load(tmp_path, config, message):
     with pytest.raises(DeliaError, match=message):
         _load(tmp_path, **config)
+
+
+def test_sdft_is_the_rewritten_task_rows_and_combines_with_diverse_rows(tmp_path):
+    exp = _load(tmp_path, arms=[{"name": "sft", "kind": "sft"}, {"name": "sdft", "kind": "sdft"},
+                                {"name": "kl", "kind": "delia-kl", "ratios": [1, 2], "rewrite": True}])
+    assert [(a.name, a.kind, a.rewrite) for a in exp.arms] == [
+        ("sft", "sft", False), ("sdft", "sdft", True), ("kl-1", "delia-kl", True), ("kl-2", "delia-kl", True)]
+    dumped = exp.model_dump(mode="json")["arms"]
+    assert "rewrite" not in dumped[0] and dumped[1]["rewrite"] is True  # other arms' stage keys as before
+    assert exp.arm_train(exp.arms[1], 0).diverse_loss == "ce"
+
+
+@pytest.mark.parametrize("arm, message", [
+    ({"name": "s", "kind": "sdft", "ratio": 1}, "kind sdft is the rewritten task rows alone"),
+    ({"name": "s", "kind": "scaled", "of": "sft", "scales": [0.5], "rewrite": True}, "no `ratio`, `ratios`"),
+])
+def test_bad_sdft_arms_are_refused(tmp_path, arm, message):
+    with pytest.raises(DeliaError, match=message):
+        _load(tmp_path, arms=[{"name": "sft", "kind": "sft"}, arm])

@@ -193,6 +193,43 @@ def test_every_arm_kind_runs_cached_and_resumes(experiment, tmp_path, monkeypatc
     assert plan["sampling_run"]["queries"] == 12 and plan["arms"][2]["diverse_rows"] == 6
 
 
+def test_sdft_arms_train_on_the_rewritten_task_rows(experiment, tmp_path, monkeypatch):
+    from delia.files import sha256_file
+
+    monkeypatch.setenv("DELIA_CACHE", str(tmp_path / "cache"))
+    config = yaml.safe_load(experiment.read_text())
+    config.update(seeds=[0], eval_base=False, contrast=None, rewrite={"max_new_tokens": 8}, arms=[
+        {"name": "sft", "kind": "sft"}, {"name": "sdft", "kind": "sdft"},
+        {"name": "sdft-kl", "kind": "delia-kl", "ratio": 1, "rewrite": True}])
+    config["task"]["add_tokens"] = {"<sep>": None}  # no probe stage
+    experiment.write_text(yaml.safe_dump(config))
+    exp = load_experiment(experiment)
+    assert [(a.kind, a.rewrite) for a in exp.arms] == [("sft", False), ("sdft", True), ("delia-kl", True)]
+    out = tmp_path / "out"
+    result = run_experiment(exp, out)
+    stages = {p.name.split("-")[0]: p for p in (out / "stages").iterdir()}
+    assert sorted(p.name.split("-")[0] for p in (out / "stages").iterdir()).count("rewrite") == 1  # shared
+    rewritten = stages["rewrite"] / "rewritten.jsonl"
+    rows = [json.loads(line) for line in rewritten.read_text().splitlines()]
+    record = json.loads((out / "manifest.json").read_text())["rewrite"]
+    assert record["rows"] == len(rows) == 6 and record["kept"] == sum(r["rewrite"]["kept"] for r in rows)
+    assert sum(record["reasons"].values()) == 6
+    trains = {t["label"]: t["inputs"] for t in (json.loads((p / "stage.json").read_text())
+                                                for p in (out / "stages").glob("train-*"))}
+    assert trains["sdft seed 0"]["data"] == sha256_file(rewritten)  # the rewritten rows, not the task's
+    assert trains["sft seed 0"]["data"] == sha256_file(exp.task.train)
+    mixes = [json.loads((p / "stage.json").read_text()) for p in (out / "stages").glob("mix-*")]
+    assert [m["inputs"]["task"] for m in mixes] == [sha256_file(rewritten)]
+    arms = result["summary"]["arms"]
+    assert arms["sft"]["compute"]["generated_tokens"] == 0 < arms["sdft"]["compute"]["generated_tokens"]
+    assert arms["sdft-kl"]["compute"]["generated_tokens"] > arms["sdft"]["compute"]["generated_tokens"]  # + samples
+    assert "rewrite" in arms["sdft"]["wall_s"] and "rewrite" not in arms["sft"]["wall_s"]
+    assert "## Self-distilled task rows" in (out / "report.md").read_text()
+    plan = {a["arm"]: a for a in json.loads((out / "manifest.json").read_text())["plan"]["arms"]}
+    assert plan["sft"]["generated_tokens"] == 0 < plan["sdft"]["generated_tokens"] <= 6 * 8
+    assert not run_experiment(load_experiment(experiment), out)["stages_run"]  # all cached
+
+
 def test_plan_prints_costs_in_80_columns_and_runs_nothing(experiment, tmp_path, monkeypatch, capsys):
     from delia.cli import main
 

@@ -517,6 +517,19 @@ class PoolFacts(Part):
     sources: list[str]
 
 
+# ----------------------------------------------------------------------------- delia rewrite
+
+
+class RewriteFacts(Part):
+    """The task rows a run's `delia rewrite` rewrote (`delia.rewrite.RewriteSummary` is the whole record), as its
+    manifest and report show them."""
+
+    rows: int
+    kept: int
+    kept_share: float
+    reasons: dict[str, int]
+
+
 # ----------------------------------------------------------------------------- delia run
 
 

@@ -25,7 +25,7 @@ from delia.data import Format
 from delia.errors import DeliaError
 from delia.files import check_output, sha256_file, write_jsonl
 from delia.general import GeneralFiles, general_sets, set_files
-from delia.metrics import MetricKind
+from delia.metrics import MetricConfig, MetricKind
 from delia.models import DEFAULT_MODEL, ModelChoice, load_for_eval
 from delia.progress import Progress, ProgressCallback, report
 from delia.versions import library_versions
@@ -95,17 +95,6 @@ class EvalConfig(ModelChoice):
         return self
 
 
-def _metric_config(metric: str | None, metric_config: Path | None):
-    from delia.metrics import MetricConfig
-
-    if metric_config is None:
-        return MetricConfig.named(metric or "format")
-    cfg = MetricConfig.load(metric_config)
-    if metric is not None and metric != cfg.kind:
-        raise DeliaError(f"`metric` {metric} disagrees with {metric_config} (kind: {cfg.kind})")
-    return cfg
-
-
 def evaluate(
     data: Annotated[Path, "Eval set (any format `delia data` reads); the last assistant turn of each row is "
                           "the reference."],
@@ -141,7 +130,7 @@ def evaluate(
     inputs = [p for p in (data, *set_files(cfg.general).values(), cfg.contrast, cfg.metric_config) if p is not None]
     for name in (PREDICTIONS, EvalScores.FILE, CONTRAST_ROWS, *map(general_rows_file, set_files(cfg.general))):
         check_output(Path(out) / name, inputs=inputs, overwrite=cfg.overwrite)
-    metric_cfg = _metric_config(cfg.metric, cfg.metric_config)
+    metric_cfg = MetricConfig.chosen(cfg.metric, cfg.metric_config)
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                             seed=cfg.seed)
     records = read_chat(data, cfg.format).records

@@ -34,6 +34,7 @@ from delia.general import GeneralFiles, general_sets, map_files
 from delia.metrics import MetricConfig, MetricKind
 from delia.mix import MixConfig
 from delia.pool import PoolConfig
+from delia.rewrite import RewriteConfig
 from delia.sample import SampleConfig
 from delia.task_data import data_path_problem
 from delia.tokens import parse_token_specs
@@ -48,6 +49,7 @@ SECTIONS: dict[str, tuple[type[StageConfig], frozenset[str]]] = {
                                       "overwrite"})),
     "eval": (EvalConfig, frozenset({"model", "adapter", "adapter_scale", "metric", "metric_config", "general",
                                     "contrast", "overwrite"})),
+    "rewrite": (RewriteConfig, frozenset({"model", "metric", "metric_config", "overwrite"})),
 }
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # an experiment's name: a folder name, never a path
 
@@ -95,6 +97,7 @@ class Task(BaseModel):
 # What each arm kind trains on: its diverse text (None: no diverse rows) and the loss of its diverse rows.
 ARM_KINDS: dict[str, tuple[str | None, str | None]] = {
     "sft": (None, None),                      # the task rows alone
+    "sdft": (None, None),                     # the task rows as the model rewrote them (SDFT), alone
     "delia": ("self", "ce"),                  # the paper: the model's own answers, trained as text
     "delia-kl": ("self", "kl"),               # KL to the base model on the diverse rows (self or reference text)
     "replay-reference": ("reference", "ce"),  # the pool's reference answers as text: does self-sampling matter?
@@ -107,12 +110,15 @@ def arm_kind(kind: str | None, ratio: float, diverse: str | None) -> tuple[str, 
     """(kind, diverse text) of an arm as written: the kind's default filled in and its rules checked (ValueError)."""
     if kind is None:
         kind = "sft" if ratio == 0 else "delia"
+    if kind == "sdft" and ratio != 0:
+        raise ValueError("kind sdft is the rewritten task rows alone (ratio 0); with diverse rows, give the kind "
+                         "of those (delia, delia-kl) and `rewrite: true`")
     if kind not in ARM_KINDS:
         close = difflib.get_close_matches(kind, [*ARM_KINDS, SCALED], n=1)
         raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join([*ARM_KINDS, SCALED])}"
                          + (f" (did you mean {close[0]!r}?)" if close else ""))
-    if (kind == "sft") != (ratio == 0):
-        raise ValueError(f"kind {kind} needs " + ("ratio 0" if kind == "sft" else "a ratio above 0"))
+    if (kind in ("sft", "sdft")) != (ratio == 0):
+        raise ValueError(f"kind {kind} needs " + ("ratio 0" if kind in ("sft", "sdft") else "a ratio above 0"))
     text = ARM_KINDS[kind][0]
     if diverse is not None and (kind != "delia-kl" or diverse not in ("self", "reference")):
         raise ValueError("`diverse` is `self` or `reference`, and only for kind delia-kl"
@@ -149,14 +155,16 @@ class Arm(BaseModel):
                                              "update, one arm per scale named `<name>-<scale>`; above 0 (0 is the "
                                              "base model), 1 the `of` arm itself, above 1 an extrapolation.")
     scale: float | None = Field(None, description="Kind scaled: this arm's factor (set at load from `scales`).")
+    rewrite: bool = Field(False, description="Train on the task rows as the model rewrote them, shown the reference "
+                          "(SDFT, `delia rewrite`; kind sdft sets it), beside the arm's diverse rows if it has any.")
 
     @model_serializer(mode="wrap")
     def _without_unset_scaling(self, handler: SerializerFunctionWrapHandler) -> Any:
-        """`of` and `scale` left out where unset: a dump that names them only for scaled arms keeps the other
-        arms' dumps, and the stage keys made of them, as they were before the kind existed."""
+        """`of`, `scale` and `rewrite` left out where unset: a dump that names them only for the arms that use them
+        keeps the other arms' dumps, and the stage keys made of them, as they were before those kinds existed."""
         dumped = handler(self)
-        for key in ("of", "scale"):
-            if isinstance(dumped, dict) and dumped.get(key) is None:
+        for key in ("of", "scale", "rewrite"):
+            if isinstance(dumped, dict) and dumped.get(key) in (None, False):
                 dumped.pop(key, None)
         return dumped
 
@@ -172,6 +180,7 @@ class Arm(BaseModel):
             return self._scaled()
         if self.ratios is None:
             self.kind, self.diverse = arm_kind(self.kind, self.ratio, self.diverse)
+            self.rewrite = self.rewrite or self.kind == "sdft"
             return self
         if "ratio" in self.model_fields_set:
             raise ValueError("give `ratio` or `ratios` (a sweep), not both")
@@ -194,9 +203,9 @@ class Arm(BaseModel):
             raise ValueError("give `scales`, a list: each scale is an arm named `<name>-<scale>`")
         if not self.scales or min(self.scales) <= 0 or len(set(self.scales)) != len(self.scales):
             raise ValueError(f"`scales` must be distinct and above 0 (0 is the base model), got {self.scales}")
-        if set(self.model_fields_set) & {"ratio", "ratios", "diverse", "train"}:
-            raise ValueError("kind scaled trains nothing: no `ratio`, `ratios`, `diverse` or `train` (the `of` "
-                             "arm's training is scaled)")
+        if set(self.model_fields_set) & {"ratio", "ratios", "diverse", "train", "rewrite"}:
+            raise ValueError("kind scaled trains nothing: no `ratio`, `ratios`, `diverse`, `train` or `rewrite` (the "
+                             "`of` arm's training is scaled)")
         return self
 
     @property
@@ -280,6 +289,9 @@ class Experiment(BaseModel):
     mix: MixConfig = Field(default_factory=MixConfig, description="Options of `delia mix` (e.g. allow_short).")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Options of `delia train`.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Options of `delia eval`.")
+    rewrite: RewriteConfig = Field(default_factory=RewriteConfig, description="Options of `delia rewrite`, for "
+                                   "arms that train on the task rows as the model rewrote them (kind sdft, or "
+                                   "`rewrite: true`).")
     bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples for the 95% intervals.")
 
     @field_validator("name")
@@ -297,12 +309,12 @@ class Experiment(BaseModel):
             raise ValueError(f"seeds must be unique, got {seeds}")
         return seeds
 
-    @field_validator("sample", "mix", "train", "eval", mode="before")
+    @field_validator("sample", "mix", "train", "eval", "rewrite", mode="before")
     @classmethod
     def _stage_options(cls, options: Any, info: ValidationInfo) -> Any:
         return section(str(info.field_name), options) if isinstance(options, dict) else options
 
-    @field_serializer("sample", "mix", "train", "eval")
+    @field_serializer("sample", "mix", "train", "eval", "rewrite")
     def _as_written(self, config: StageConfig) -> dict[str, Any]:
         """A section as the YAML set it: the run's stage keys and manifest hold what the user chose."""
         return config.written()

@@ -101,6 +101,17 @@ class MetricConfig(BaseModel):
             raise DeliaError(f"{path}: invalid metric config: {problems}") from None
 
     @classmethod
+    def chosen(cls, metric: str | None, metric_config: str | Path | None) -> MetricConfig:
+        """The metric a stage's `metric` and `metric_config` options choose: the file's (whose kind `metric`, if
+        given, must agree with), else `metric`'s by name (default `format`)."""
+        if metric_config is None:
+            return cls.named(metric or "format")
+        cfg = cls.load(metric_config)
+        if metric is not None and metric != cfg.kind:
+            raise DeliaError(f"`metric` {metric} disagrees with {metric_config} (kind: {cfg.kind})")
+        return cfg
+
+    @classmethod
     def named(cls, kind: str) -> MetricConfig:
         """The config for a metric given only by name: `format` means the authors' `<sep>` preset."""
         if kind == "format":

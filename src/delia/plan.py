@@ -56,6 +56,7 @@ def plan_experiment(exp: Experiment, flops_per_s: float | None = None) -> CostPl
     self_row = (sum(row_tokens([{"role": "user", "content": q}, {"role": "assistant", "content": ""}])
                     for _, q, _ in queries) / max(1, len(queries)) + max_new)
     ref_row = sum(map(row_tokens, references)) / max(1, len(references))
+    rewriting = _rewriting(exp, task_rows, tok) if any(a.rewrite for a in exp.arms) else None
 
     peak = None if flops_per_s else measure_matmul_flops()
     rates = {stage: flops_per_s or peak * share for stage, share in STAGE_SHARE_OF_PEAK.items()}
@@ -75,7 +76,7 @@ def plan_experiment(exp: Experiment, flops_per_s: float | None = None) -> CostPl
                                      tokens_trained=data_tokens * passes,
                                      tokens_forward_only=diverse_tokens * passes if arm.diverse_loss == "kl" else 0)
         share = diverse / sampled.generated if arm.samples and sampled.generated else 0.0
-        cost = arm_cost(model_path, training_run, sampled, share)
+        cost = arm_cost(model_path, training_run, sampled, share, rewriting if arm.rewrite else None)
         cost["est_wall_s"] = cost["sample_flops"] / rates["sample"] + cost["train_flops"] / rates["train"]
         rows[arm.name] = ArmCost(arm=arm.name, kind=arm.kind, ratio=arm.ratio, diverse_rows=diverse,
                                  diverse_asked=asked if arm.ratio > 0 else 0, short=asked > available, **cost)
@@ -87,6 +88,21 @@ def plan_experiment(exp: Experiment, flops_per_s: float | None = None) -> CostPl
     return CostPlan(model=exp.model, seeds=len(exp.seeds), task_rows=len(task_rows),
                     sampling_run=sampled if prompts else None, matmul_peak_flops=peak, flops_per_s=flops_per_s,
                     rates=rates, arms=arms, pool_note=pool_note)
+
+
+def _rewriting(exp: Experiment, task_rows: list[dict[str, Any]], tok: Any) -> SampledTokens:
+    """What `delia rewrite` of the task rows costs (as its summary counts it): each row's rewrite prompt, rendered as
+    it renders it, and an answer of at most its token limit."""
+    from delia.prompts import prompt_ids
+    from delia.rewrite import MIN_AUTO_TOKENS, rewrite_prompt
+
+    limit = exp.rewrite.max_new_tokens
+    if limit == "auto":
+        limit = max(MIN_AUTO_TOKENS, 2 * max(len(tok(r["messages"][-1]["content"], add_special_tokens=False)
+                                                 ["input_ids"]) for r in task_rows))
+    prompts = [prompt_ids(tok, rewrite_prompt(r["messages"])) for r in task_rows]
+    return SampledTokens(queries=len(task_rows), generated=len(task_rows), prompt_tokens=sum(map(len, prompts)),
+                         completion_tokens=len(prompts) * limit)
 
 
 def _pool_for_plan(exp: Experiment, task_rows: list[dict[str, Any]], tmp: Path

@@ -26,6 +26,7 @@ from delia.artifacts import (
     TRAINER_LOG,
     EvalScores,
     PoolFacts,
+    RewriteFacts,
     ScoredSet,
     general_rows_file,
 )
@@ -666,6 +667,17 @@ def _pool_blocks(pool: PoolFacts) -> list[Block]:
             ("table", ["step", "rows removed"], [[k, str(v)] for k, v in pool.steps.items()])]
 
 
+def _rewrite_blocks(rewrite: RewriteFacts) -> list[Block]:
+    """How many task rows the arms with `rewrite` (SDFT) trained on as the model rewrote them."""
+    others = ", ".join(f"{reason.replace('_', ' ')} {n}" for reason, n in rewrite.reasons.items()
+                       if n and reason != "kept")
+    return [("h2", "Self-distilled task rows"),
+            ("p", f"The arms with `rewrite` (kind sdft) trained on the task rows as the model rewrote them, shown the "
+             f"reference (`delia rewrite`): {rewrite.kept} of {rewrite.rows} rewrites kept "
+             f"({rewrite.kept_share:.0%}); the other rows keep their reference"
+             + (f" ({others})." if others else "."))]
+
+
 def write_report(folder: Path, title: str, runs: list[ModelResult], baseline: str | None,
                  manifest: dict[str, Any], n_boot: int = 2000) -> tuple[Path, Path, dict[str, Any]]:
     """Write report.md, report.html and summary.json into `folder`; returns their paths and the summary.
@@ -765,6 +777,8 @@ def write_report(folder: Path, title: str, runs: list[ModelResult], baseline: st
         blocks += [("h2", "New-token alignment"), ("ul", alignment)]
     if pool := manifest.get("pool"):
         blocks += _pool_blocks(PoolFacts.model_validate(pool))
+    if rewrite := manifest.get("rewrite"):
+        blocks += _rewrite_blocks(RewriteFacts.model_validate(rewrite))
     blocks += [("h2", "Manifest"), ("pre", json.dumps(manifest, indent=2, default=str))]
 
     md_path, html_path = folder / "report.md", folder / "report.html"

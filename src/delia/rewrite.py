@@ -24,15 +24,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from delia.backends import BackendName
+from delia.artifacts import RewriteFacts, SampledTokens
 from delia.config import Flags
-from delia.data import ReadOptions
 from delia.errors import DeliaError
 from delia.files import beside, changed_settings, check_output
 from delia.metrics import MetricConfig, MetricKind
 from delia.progress import Progress, ProgressCallback, report
+from delia.sample import EngineOptions, auto_or_positive_option
 
 if TYPE_CHECKING:
     from delia.backends import Backend
@@ -66,14 +66,9 @@ def partial_path(out: str | Path) -> Path:
 # ----------------------------------------------------------------------------- options and summary
 
 
-class RewriteConfig(ReadOptions):
+class RewriteConfig(EngineOptions):
     """Options of `delia rewrite`. Decoding is greedy by default, SDFT's setting."""
 
-    model: Annotated[str, Flags("--model", "-m")] = "smollm2-135m"
-    """The model being tuned, which rewrites (bundled name, folder, .gguf or hub id); with `backend` openai, the
-    tokenizer's model."""
-    backend: BackendName = "hf"
-    """hf (transformers, CPU/GPU), vllm (offline engine) or openai (any OpenAI-compatible server)."""
     metric: MetricKind | None = None
     """The task's metric, which a rewrite must pass against the reference: format (the authors' <sep> preset),
     translation, exact or contains. Default: format, or the kind in `metric_config`."""
@@ -95,47 +90,13 @@ class RewriteConfig(ReadOptions):
     limit is rejected."""
     limit: int | None = Field(None, ge=1)
     """Rewrite only the first N rows (OUT then holds those N)."""
-    batch_size: int | Literal["auto"] = "auto"
-    """hf: rows per batch at most, or auto (64 on CPU, 512 on GPU)."""
-    batch_tokens: int | Literal["auto"] = "auto"
-    """hf: token budget of a batch (prompt plus `max_new_tokens` per row in flight); auto fits it to memory."""
-    device: str | None = None
-    """hf: cpu, cuda, cuda:1 (default: cuda if present)."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """hf/vllm: auto, float32, bfloat16 or float16."""
-    tensor_parallel: int = Field(1, ge=1)
-    """vllm: GPUs to split the model across."""
-    base_url: str | None = None
-    """openai: server URL, e.g. http://127.0.0.1:8000/v1 (API key from $OPENAI_API_KEY)."""
-    served_model: str | None = None
-    """openai: model name on the server (default: `model`)."""
-    concurrency: int = Field(8, ge=1)
-    """openai: requests in flight."""
-    timeout: float = Field(300.0, gt=0)
-    """openai: seconds per request before it is retried."""
-    max_retries: int = Field(5, ge=0)
-    """openai: retries per request, with exponential backoff."""
     overwrite: bool = False
     """Replace an existing OUT (and its summary), and start again instead of resuming an unfinished run."""
 
-    @field_validator("batch_size", "batch_tokens", "max_new_tokens", mode="before")
+    @field_validator("max_new_tokens", mode="before")
     @classmethod
-    def _auto_or_positive(cls, value: Any, info: ValidationInfo) -> int | str:
-        """'auto' or a positive integer, also given as text (the command line's form)."""
-        from delia.backends.hf import auto_or_positive
-
-        if isinstance(value, str) and value.strip().isdigit():
-            value = int(value)
-        try:
-            return auto_or_positive(f"`{info.field_name}`", value)
-        except DeliaError as e:
-            raise ValueError(str(e)) from None
-
-    @model_validator(mode="after")
-    def _openai_needs_a_server(self) -> RewriteConfig:
-        if self.backend == "openai" and not self.base_url:
-            raise ValueError("`backend` openai needs `base_url` (e.g. http://127.0.0.1:8000/v1)")
-        return self
+    def _auto_tokens(cls, value: Any, info: ValidationInfo) -> int | str:
+        return auto_or_positive_option(value, info)
 
 
 class RewriteSummary(BaseModel):
@@ -166,6 +127,15 @@ class RewriteSummary(BaseModel):
     wall_s: float
     tokens_per_s: float | None  # this run's generated tokens per second of generation_s
     versions: dict[str, str]
+
+    def generation(self) -> SampledTokens:
+        """What the run generated, as `delia.compute` counts sampling: one answer per row."""
+        return SampledTokens(queries=self.rows, generated=self.rows, prompt_tokens=self.prompt_tokens,
+                             completion_tokens=self.completion_tokens)
+
+    def facts(self) -> RewriteFacts:
+        """What a run's report shows of the rewrite."""
+        return RewriteFacts(rows=self.rows, kept=self.kept, kept_share=self.kept_share, reasons=self.reasons)
 
     def write(self, path: str | Path) -> None:
         """Write the summary as JSON, atomically."""
@@ -350,16 +320,6 @@ def _open_backend(cfg: RewriteConfig, tokenizer: Any) -> Backend:
     return backends.get_backend(cfg.backend, model, **options)
 
 
-def _metric_config(metric: str | None, metric_config: Path | None) -> MetricConfig:
-    """`metric_config`'s MetricConfig (which `metric`, if given, must agree with), else `metric`'s by name."""
-    if metric_config is None:
-        return MetricConfig.named(metric or "format")
-    cfg = MetricConfig.load(metric_config)
-    if metric is not None and metric != cfg.kind:
-        raise DeliaError(f"`metric` {metric} disagrees with {metric_config} (kind: {cfg.kind})")
-    return cfg
-
-
 def rewrite(
     data: Annotated[Path, "Task rows in any format `delia data inspect` reads; the last assistant turn of each row "
                           "is the reference, every turn before it the prompt."],
@@ -396,7 +356,7 @@ def rewrite(
     check_output(out, inputs=inputs, overwrite=cfg.overwrite)
     _check_summary(summary_path(out), inputs, cfg.overwrite)
     check_output(partial_path(out), inputs=inputs, overwrite=True)  # ours or refused in _pick_up
-    metric = _metric_config(cfg.metric, cfg.metric_config)
+    metric = MetricConfig.chosen(cfg.metric, cfg.metric_config)
     chat = read_chat(data, cfg.format, columns=parse_columns(cfg.columns), skip_invalid=cfg.skip_invalid)
     records = chat.records[:cfg.limit]
     if not records:

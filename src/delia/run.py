@@ -117,6 +117,7 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
     from delia.models import resolve_model
     from delia.plan import plan_experiment
     from delia.report import ModelResult, write_report
+    from delia.rewrite import RewriteSummary, rewrite
     from delia.sample import sample
     from delia.training import train
 
@@ -179,6 +180,17 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
                                     lambda d: sample(exp.pool, d / "samples.jsonl", exp.sample, model=model_path,
                                                      progress=progress), SampleSummary)
         samples = folder / "samples.jsonl"
+    # the task rows an arm trains on: as given, or (`rewrite`) as the model rewrote them, shown the reference (SDFT)
+    task_rows = {False: (exp.task.train, data_hashes["task_train"])}
+    rewritten = None
+    if any(a.rewrite for a in exp.arms):
+        folder, rewritten = cache.run(
+            "rewrite", "task", {"model": model_id, "data": data_hashes["task_train"], "metric": exp.task.metric,
+                                "metric_config": exp.task.metric_config, "options": exp.rewrite.written()},
+            lambda d: rewrite(exp.task.train, d / "rewritten.jsonl", exp.rewrite, model=model_path,
+                              metric=exp.task.metric, metric_config=metric_cfg, overwrite=True,
+                              progress=progress).model_dump(mode="json"), RewriteSummary)
+        task_rows[True] = folder / "rewritten.jsonl", sha256_file(folder / "rewritten.jsonl")
 
     runs: list[ModelResult] = []
     if exp.eval_base:
@@ -210,22 +222,25 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
             label = f"{arm.name} seed {seed}"
             wall: dict[str, float] = {}
             share = 0.0  # of the sampling run this arm's diverse rows took
+            task_file, task_hash = task_rows[arm.rewrite]
+            if arm.rewrite and rewritten is not None:
+                wall["rewrite"] = rewritten.wall_s
             if arm.ratio > 0:
                 diverse = samples if arm.samples else exp.pool
                 assert diverse is not None
-                mix_inputs = {"task": data_hashes["task_train"],
+                mix_inputs = {"task": task_hash,
                               "diverse": sha256_file(diverse) if arm.samples else data_hashes["pool"],
                               "ratio": arm.ratio, "seed": seed, "options": exp.mix.written()}
                 mixing = exp.arm_mix(arm, seed)
-                folder, mixed = cache.run("mix", label, mix_inputs, lambda d, c=mixing, dv=diverse: mix(
-                    exp.task.train, dv, d / "mixed.jsonl", c, tokenizer=model_path, overwrite=True), MixSummary)
+                folder, mixed = cache.run("mix", label, mix_inputs, lambda d, c=mixing, dv=diverse, t=task_file: mix(
+                    t, dv, d / "mixed.jsonl", c, tokenizer=model_path, overwrite=True), MixSummary)
                 train_data, data_hash = folder / "mixed.jsonl", sha256_file(folder / "mixed.jsonl")
                 wall["mix"] = mixed.wall_s
                 if arm.samples and sampled is not None:  # what sampling only the rows this seed uses would take
                     share = mixed.result.diverse_rows() / max(1, sampled.result.kept)
                     wall["sample"] = round(sampled.wall_s * share, 2)
             else:
-                train_data, data_hash = exp.task.train, data_hashes["task_train"]
+                train_data, data_hash = task_file, task_hash
             training = exp.arm_train(arm, seed)
             train_key = {"model": model_id, "data": data_hash, "tokens": token_specs, "options": training.written()}
             if train_eval is not None:
@@ -241,7 +256,8 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
                                                                          progress=progress), EvalScores)
             wall["eval"] = evaluated.wall_s
             cost = arm_cost(model_path, TrainRecord.read(adapter).trained_tokens(),
-                            sampled.result.sampled_tokens() if sampled else None, share)
+                            sampled.result.sampled_tokens() if sampled else None, share,
+                            rewritten.result.generation() if arm.rewrite and rewritten else None)
             result = ModelResult(arm.name, arm.ratio, seed, efolder, train_dir=adapter, wall_s=wall, kind=arm.kind,
                                  sweep=arm.sweep, compute={**cost, "est_wall_s": estimate[arm.name]})
             if described:
@@ -254,6 +270,8 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
                 "stages_cached": cache.skipped}
     if pool_facts is not None:
         manifest["pool"] = pool_facts.dump()
+    if rewritten is not None:
+        manifest["rewrite"] = rewritten.result.facts().dump()
     md, html, summary = write_report(out, exp.name, runs, exp.baseline_arm, manifest, exp.bootstrap)
     write_json(out / "manifest.json", manifest)
     return {"report_md": str(md), "report_html": str(html), "summary": summary,

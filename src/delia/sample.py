@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
+from typing_extensions import Self
 
 from delia.artifacts import MergeManifest, MergeSummary, SampleManifest, SampleSummary
 from delia.backends import BackendName, derive_seed
@@ -381,14 +382,65 @@ def _summary(out: Path, pool_rows: int, skipped: Counter[str], shard: str, queri
 # ----------------------------------------------------------------------------- the stage
 
 
-class SampleConfig(ReadOptions):
-    """Options of `delia sample`. Sampling defaults are the paper's: temperature 0.7, top-p 0.95, one answer of
-    at most 512 tokens per query."""
+def auto_or_positive_option(value: Any, info: ValidationInfo) -> int | str:
+    """An option that is 'auto' or a positive integer, also given as text (the command line's form)."""
+    from delia.backends.hf import auto_or_positive
+
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    try:
+        return auto_or_positive(f"`{info.field_name}`", value)
+    except DeliaError as e:
+        raise ValueError(str(e)) from None
+
+
+class EngineOptions(ReadOptions):
+    """How a stage that generates with the model being tuned (`sample`, `rewrite`) reaches it: the back end, and
+    how that back end batches, places and serves the model."""
 
     model: Annotated[str, Flags("--model", "-m")] = "smollm2-135m"
     """Model (bundled name, folder, .gguf or hub id); with `backend` openai, the tokenizer's model."""
     backend: BackendName = "hf"
     """hf (transformers, CPU/GPU), vllm (offline engine) or openai (any OpenAI-compatible server)."""
+    batch_size: int | Literal["auto"] = "auto"
+    """hf: rows per batch at most, or auto (64 on CPU, 512 on GPU)."""
+    batch_tokens: int | Literal["auto"] = "auto"
+    """hf: token budget of a batch: each row in flight reserves its prompt plus `max_new_tokens` of KV cache
+    (padded to the widest row); auto fits it to memory (at most 65536 on CPU). Bounds memory and the work a kill
+    loses; never changes the answers."""
+    device: str | None = None
+    """hf: cpu, cuda, cuda:1 (default: cuda if present)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """hf/vllm: auto, float32, bfloat16 or float16."""
+    tensor_parallel: int = Field(1, ge=1)
+    """vllm: GPUs to split the model across."""
+    base_url: str | None = None
+    """openai: server URL, e.g. http://127.0.0.1:8000/v1 (API key from $OPENAI_API_KEY)."""
+    served_model: str | None = None
+    """openai: model name on the server (default: `model`)."""
+    concurrency: int = Field(8, ge=1)
+    """openai: requests in flight."""
+    timeout: float = Field(300.0, gt=0)
+    """openai: seconds per request before it is retried."""
+    max_retries: int = Field(5, ge=0)
+    """openai: retries per request, with exponential backoff."""
+
+    @field_validator("batch_size", "batch_tokens", mode="before")
+    @classmethod
+    def _auto_or_positive(cls, value: Any, info: ValidationInfo) -> int | str:
+        return auto_or_positive_option(value, info)
+
+    @model_validator(mode="after")
+    def _openai_needs_a_server(self) -> Self:
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("`backend` openai needs `base_url` (e.g. http://127.0.0.1:8000/v1)")
+        return self
+
+
+class SampleConfig(EngineOptions):
+    """Options of `delia sample`. Sampling defaults are the paper's: temperature 0.7, top-p 0.95, one answer of
+    at most 512 tokens per query."""
+
     mode: Mode = "one-shot"
     """one-shot (query, reference, query: the paper's) or zero-shot (query alone, for pools without references)."""
     short_reference: ShortReference = "one-shot"
@@ -427,43 +479,8 @@ class SampleConfig(ReadOptions):
     """Reject answers that copy the reference or talk about 'the reference answer'."""
     drop_duplicates: bool = True
     """Reject exact duplicate answers."""
-    batch_size: int | Literal["auto"] = "auto"
-    """hf: rows per batch at most, or auto (64 on CPU, 512 on GPU)."""
-    batch_tokens: int | Literal["auto"] = "auto"
-    """hf: token budget of a batch: each row in flight reserves its prompt plus `max_new_tokens` of KV cache
-    (padded to the widest row); auto fits it to memory (at most 65536 on CPU). Bounds memory and the work a kill
-    loses; never changes the answers."""
-    device: str | None = None
-    """hf: cpu, cuda, cuda:1 (default: cuda if present)."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """hf/vllm: auto, float32, bfloat16 or float16."""
-    tensor_parallel: int = Field(1, ge=1)
-    """vllm: GPUs to split the model across."""
-    base_url: str | None = None
-    """openai: server URL, e.g. http://127.0.0.1:8000/v1 (API key from $OPENAI_API_KEY)."""
-    served_model: str | None = None
-    """openai: model name on the server (default: `model`)."""
-    concurrency: int = Field(8, ge=1)
-    """openai: requests in flight."""
-    timeout: float = Field(300.0, gt=0)
-    """openai: seconds per request before it is retried."""
-    max_retries: int = Field(5, ge=0)
-    """openai: retries per request, with exponential backoff."""
     overwrite: bool = False
     """Start again instead of resuming an existing OUT."""
-
-    @field_validator("batch_size", "batch_tokens", mode="before")
-    @classmethod
-    def _auto_or_positive(cls, value: Any, info: ValidationInfo) -> int | str:
-        """'auto' or a positive integer, also given as text (the command line's form)."""
-        from delia.backends.hf import auto_or_positive
-
-        if isinstance(value, str) and value.strip().isdigit():
-            value = int(value)
-        try:
-            return auto_or_positive(f"`{info.field_name}`", value)
-        except DeliaError as e:
-            raise ValueError(str(e)) from None
 
     @field_validator("shard")
     @classmethod
@@ -473,12 +490,6 @@ class SampleConfig(ReadOptions):
         except DeliaError as e:
             raise ValueError(str(e)) from None
         return shard
-
-    @model_validator(mode="after")
-    def _openai_needs_a_server(self) -> SampleConfig:
-        if self.backend == "openai" and not self.base_url:
-            raise ValueError("`backend` openai needs `base_url` (e.g. http://127.0.0.1:8000/v1)")
-        return self
 
     @model_validator(mode="after")
     def _short_reference_needs_one_shot(self) -> SampleConfig:
