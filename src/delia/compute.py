@@ -78,21 +78,16 @@ def training_cost(model_path: str | Path, run: TrainedTokens) -> dict[str, float
             "train_flops": fwd * (TRAIN_FORWARDS * trained + forward_only)}
 
 
-def rewriting_cost(model_path: str | Path, rewriting: SampledTokens) -> dict[str, float]:
-    """Tokens and FLOPs of a `delia rewrite` run (`RewriteSummary.generation`, or a plan's estimate), counted as
-    sampling: one generation per task row."""
-    return sampling_cost(model_path, rewriting)
-
-
 def arm_cost(model_path: str | Path, training: TrainedTokens, sampling: SampledTokens | None = None,
              share: float = 0.0, rewriting: SampledTokens | None = None) -> dict[str, float]:
     """One arm at one seed: its share of sampling (none for arms without self-samples), the rewriting of its task
-    rows (arms that train on them as the model rewrote them: all of it, which every seed needs), and its training."""
+    rows (arms that train on them as the model rewrote them: all of it, which every seed needs; a `delia rewrite`
+    run counts as sampling, one generation per task row), and its training."""
     cost = {"sampled_queries": 0.0, "prompt_tokens": 0.0, "generated_tokens": 0.0, "sample_flops": 0.0}
     if sampling is not None and share > 0:
         cost = sampling_cost(model_path, sampling, share)
     if rewriting is not None:
-        cost = {k: v + w for (k, v), w in zip(cost.items(), rewriting_cost(model_path, rewriting).values(),
+        cost = {k: v + w for (k, v), w in zip(cost.items(), sampling_cost(model_path, rewriting).values(),
                                               strict=True)}
     cost.update(training_cost(model_path, training))
     cost["flops"] = cost["sample_flops"] + cost["train_flops"]

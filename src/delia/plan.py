@@ -94,12 +94,9 @@ def _rewriting(exp: Experiment, task_rows: list[dict[str, Any]], tok: Any) -> Sa
     """What `delia rewrite` of the task rows costs (as its summary counts it): each row's rewrite prompt, rendered as
     it renders it, and an answer of at most its token limit."""
     from delia.prompts import prompt_ids
-    from delia.rewrite import MIN_AUTO_TOKENS, rewrite_prompt
+    from delia.rewrite import rewrite_prompt
 
-    limit = exp.rewrite.max_new_tokens
-    if limit == "auto":
-        limit = max(MIN_AUTO_TOKENS, 2 * max(len(tok(r["messages"][-1]["content"], add_special_tokens=False)
-                                                 ["input_ids"]) for r in task_rows))
+    limit = exp.rewrite.token_limit(tok, [r["messages"][-1]["content"] for r in task_rows])
     prompts = [prompt_ids(tok, rewrite_prompt(r["messages"])) for r in task_rows]
     return SampledTokens(queries=len(task_rows), generated=len(task_rows), prompt_tokens=sum(map(len, prompts)),
                          completion_tokens=len(prompts) * limit)

@@ -98,6 +98,13 @@ class RewriteConfig(EngineOptions):
     def _auto_tokens(cls, value: Any, info: ValidationInfo) -> int | str:
         return auto_or_positive_option(value, info)
 
+    def token_limit(self, tokenizer: Any, references: Sequence[str]) -> int:
+        """`max_new_tokens`, with auto resolved: twice the longest reference's tokens, at least MIN_AUTO_TOKENS."""
+        if self.max_new_tokens != "auto":
+            return self.max_new_tokens
+        return max(MIN_AUTO_TOKENS, 2 * max(len(tokenizer(ref, add_special_tokens=False)["input_ids"])
+                                            for ref in references))
+
 
 class RewriteSummary(BaseModel):
     """What `rewrite` returns and writes to `OUT.summary.json`: counts, the model, the options, tokens, time."""
@@ -364,8 +371,7 @@ def rewrite(
     references = [r["messages"][-1]["content"] for r in records]
 
     tokenizer = load_tokenizer(cfg.model)  # for the token limit; prompts are rendered by the back end's
-    max_new_tokens = cfg.max_new_tokens if cfg.max_new_tokens != "auto" else max(MIN_AUTO_TOKENS, 2 * max(
-        len(tokenizer(ref, add_special_tokens=False)["input_ids"]) for ref in references))
+    max_new_tokens = cfg.token_limit(tokenizer, references)
     settings = _settings(cfg, sha256_path(data), max_new_tokens)
     partial = partial_path(out)
     done = _pick_up(partial, settings, cfg.overwrite)
