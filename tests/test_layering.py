@@ -23,7 +23,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", [
         "delia", "delia.errors", "delia.text", "delia.progress", "delia.versions", "delia.files", "delia.config",
-        "delia.artifacts", "delia.compute", "delia.frontier",
+        "delia.artifacts", "delia.stage", "delia.compute", "delia.frontier",
     ]),
     ("upstream patches", [
         "delia.patches", "delia.patches.quiet_loading", "delia.patches.typer_usage", "delia.patches.typer_errors",

@@ -331,16 +331,17 @@ def test_bad_values_and_combinations_are_refused_at_load_before_any_stage(tmp_pa
 def _stage_inputs(experiment_path, monkeypatch) -> dict[str, dict]:
     """The inputs (what a stage's key hashes) of every stage up to the base model's eval, running none of them."""
     from delia.artifacts import ArmCost, CostPlan, StageRecord
-    from delia.run import StageCache
+    from delia.stage import StageCache
 
     seen: dict[str, dict] = {}
     plan = CostPlan.model_construct(arms=[ArmCost.model_construct(arm=a, est_wall_s=0) for a in ("sft", "delia")])
 
-    def record(self, stage, label, inputs, fn, result=None):
-        seen[stage] = inputs
-        if stage == "eval":
+    def record(self, stage, progress=None):
+        seen[stage.name] = stage.identity()
+        if stage.name == "eval":
             raise _Stop
-        return self.root, StageRecord(stage=stage, label=label, inputs=inputs, wall_s=0, result=plan)
+        return self.root, StageRecord(stage=stage.name, label=stage.label, inputs=seen[stage.name], wall_s=0,
+                                      result=plan)
 
     monkeypatch.setattr(StageCache, "run", record)
     with pytest.raises(_Stop):

@@ -390,14 +390,15 @@ class MergeSummary(Part):
 
 
 class SampleManifest(BesideRecord):
-    """`OUT.manifest.json` of `delia sample`: its settings (a resume must match them), written at the start
-    (status running) and again at the end (complete, with the summary)."""
+    """`OUT.manifest.json` of `delia sample`: its settings and identity (a resume must match it), written at the
+    start (status running) and again at the end (complete, with the summary)."""
 
     SUFFIX: ClassVar[str] = ".manifest.json"
 
     stage: str
     status: str
     settings: dict[str, Any]
+    identity: dict[str, Any] | None = None  # the stage's (delia.stage): what a resume must match; None before it
     limit: int | None = None
     backend: str | None = None
     versions: dict[str, Any] = {}

@@ -49,6 +49,9 @@ class StageConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
     verb: ClassVar[str] = ""  # the `delia VERB` these options belong to (default: the class name's stem)
+    # Fields that do not change the work's output (whether to replace or resume it), or that the stage's identity
+    # holds another way (the model, by its fingerprint).
+    NOT_IDENTITY: ClassVar[frozenset[str]] = frozenset({"model", "overwrite"})
 
     @classmethod
     def build(cls, config: StageConfig | None = None, /, *, where: str | None = None, **options: Any) -> Self:
@@ -103,6 +106,10 @@ class StageConfig(BaseModel):
         if problems:
             raise ValueError("; ".join(problems))
         return config
+
+    def options(self) -> dict[str, Any]:
+        """The options set, as written, without the fields in NOT_IDENTITY: what a stage's identity holds."""
+        return {k: v for k, v in self.written().items() if k not in self.NOT_IDENTITY}
 
     def written(self) -> dict[str, Any]:
         """The options set (given, or updated by `model_copy`), as JSON: what a stage's identity holds of them.

@@ -14,8 +14,9 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
@@ -24,10 +25,11 @@ from delia.config import Flags
 from delia.data import Format
 from delia.errors import DeliaError
 from delia.files import check_output, sha256_file, write_jsonl
-from delia.general import GeneralFiles, general_sets, set_files
+from delia.general import GeneralFiles, general_sets, map_files, set_files
 from delia.metrics import MetricConfig, MetricKind
 from delia.models import DEFAULT_MODEL, ModelChoice, load_for_eval
 from delia.progress import Progress, ProgressCallback, report
+from delia.stage import Stage
 from delia.versions import library_versions
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,10 @@ log = logging.getLogger(__name__)
 
 class EvalConfig(ModelChoice):
     """Options of `delia eval`. Decoding is greedy unless `temperature` > 0."""
+
+    # the stage identity holds what is evaluated, the metric, the general and contrast sets and the scale apart
+    NOT_IDENTITY: ClassVar[frozenset[str]] = frozenset({"model", "adapter", "overwrite", "metric", "metric_config",
+                                                        "general", "contrast", "adapter_scale"})
 
     metric: MetricKind | None = None
     """format (the authors' <sep> preset), translation, exact or contains. Default: format, or the kind in
@@ -93,6 +99,33 @@ class EvalConfig(ModelChoice):
         if self.adapter_scale != 1.0 and self.adapter is None:
             raise ValueError("`adapter_scale` scales an `adapter`'s LoRA update: give `adapter`")
         return self
+
+
+@dataclass
+class EvalStage(Stage[EvalScores]):
+    """Evaluation as a stage of `delia run`: its identity is what is evaluated (`subject`: the base model's
+    identity, or the training stage's that made the adapter), the hashes of the eval, general and contrast sets,
+    the metric, the options and the adapter's scale."""
+
+    name: ClassVar[str] = "eval"
+    result: ClassVar[Any] = EvalScores
+
+    data: Path
+    config: EvalConfig
+    subject: dict[str, Any]  # {model: model identity} or {adapter: train stage identity}
+    metric_options: dict[str, Any] | None  # the metric's config as given
+    label: str = ""
+
+    def identity(self) -> dict[str, Any]:
+        cfg = self.config
+        found = {**self.subject, "data": sha256_file(self.data), "metric": cfg.metric,
+                 "metric_config": self.metric_options, "options": cfg.options(),
+                 "general": None if cfg.general is None else map_files(cfg.general, sha256_file),
+                 "contrast": None if cfg.contrast is None else sha256_file(cfg.contrast)}
+        return found | ({"adapter_scale": cfg.adapter_scale} if cfg.adapter_scale != 1.0 else {})
+
+    def run(self, folder: Path, progress: ProgressCallback | None = None) -> EvalScores:
+        return evaluate(self.data, folder, self.config, progress=progress)
 
 
 def evaluate(

@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from pydantic import Field
 
@@ -19,6 +20,8 @@ from delia.config import ConfigError, Flags, StageConfig
 from delia.data import ChatData, check_chat_output, describe, read_chat, row_id, write_chat
 from delia.errors import DeliaError
 from delia.files import check_output, sha256_file
+from delia.progress import ProgressCallback
+from delia.stage import Stage
 
 SOURCES = ("task", "diverse")
 log = logging.getLogger(__name__)
@@ -26,6 +29,9 @@ log = logging.getLogger(__name__)
 
 class MixConfig(StageConfig):
     """Options of `delia mix`: how many diverse rows (exactly one of `ratio` and `diverse_count`), and the seed."""
+
+    # the stage identity holds the ratio and seed apart; the tokenizer only counts tokens for the summary
+    NOT_IDENTITY: ClassVar[frozenset[str]] = frozenset({"ratio", "seed", "tokenizer", "overwrite"})
 
     ratio: float | None = Field(None, ge=0, allow_inf_nan=False)
     """Diverse rows per task row, e.g. 100 (the paper's)."""
@@ -124,6 +130,27 @@ def mix(
     )
     summary.write(out)
     return summary
+
+
+@dataclass
+class MixStage(Stage[MixSummary]):
+    """Mixing as a stage of `delia run`: its identity is the hashes of the task and diverse rows, the ratio, the
+    seed and the other options."""
+
+    name: ClassVar[str] = "mix"
+    result: ClassVar[Any] = MixSummary
+
+    task: Path
+    diverse: Path
+    config: MixConfig
+    label: str = ""
+
+    def identity(self) -> dict[str, Any]:
+        return {"task": sha256_file(self.task), "diverse": sha256_file(self.diverse), "ratio": self.config.ratio,
+                "seed": self.config.seed, "options": self.config.options()}
+
+    def run(self, folder: Path, progress: ProgressCallback | None = None) -> MixSummary:
+        return mix(self.task, self.diverse, folder / "mixed.jsonl", self.config)
 
 
 def _default_tokenizer() -> str | None:

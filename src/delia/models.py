@@ -242,6 +242,12 @@ def _has_safetensors(path: str) -> bool | None:
     return any(p.glob("*.safetensors")) or None
 
 
+def model_identity(name: str, path: str | None = None) -> dict[str, str]:
+    """What a stage's identity holds of its model: the name as given and the fingerprint of what it resolves to
+    (`path`, when resolved already)."""
+    return {"model": name, "fingerprint": model_fingerprint(path or resolve_model(name))}
+
+
 def model_fingerprint(folder: str) -> str:
     """Cheap identity of a model folder: its config and the names and sizes of its weight files."""
     from delia.files import sha256_json

@@ -11,12 +11,38 @@ is estimated from its sources or its requested size, without building it.
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from delia.artifacts import ArmCost, CostPlan, SampledTokens, TrainedTokens
 from delia.compute import STAGE_SHARE_OF_PEAK, arm_cost
 from delia.experiment import SCALED, Experiment
+from delia.progress import ProgressCallback
+from delia.stage import Stage
+
+
+@dataclass
+class PlanStage(Stage[CostPlan]):
+    """The cost plan as a stage of `delia run`: made once, before the first run of these settings, and kept for
+    the report's comparison of estimated and measured time. Its identity is the model's, the data's hashes, the
+    rate and the experiment's arms, seeds, sampling and training."""
+
+    name: ClassVar[str] = "plan"
+    result: ClassVar[Any] = CostPlan
+
+    exp: Experiment
+    model: dict[str, Any]  # the model's identity
+    data: dict[str, Any]  # the hashes of the experiment's files
+    flops_per_s: float | None
+    label: str = "costs"
+
+    def identity(self) -> dict[str, Any]:
+        return {"model": self.model, "data": self.data, "flops_per_s": self.flops_per_s,
+                "experiment": self.exp.model_dump(mode="json", include={"arms", "seeds", "sample", "train"})}
+
+    def run(self, folder: Path, progress: ProgressCallback | None = None) -> CostPlan:
+        return plan_experiment(self.exp, self.flops_per_s)
 
 
 def plan_experiment(exp: Experiment, flops_per_s: float | None = None) -> CostPlan:

@@ -27,8 +27,9 @@ import tempfile
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
@@ -49,6 +50,7 @@ from delia.files import (
 )
 from delia.metrics import script_share, unicode_scripts
 from delia.progress import ProgressCallback
+from delia.stage import Stage
 from delia.text import normalise
 
 HF_PREFIX = "hf:"
@@ -419,6 +421,30 @@ class PoolConfig(ReadOptions):
             if low is not None and high is not None and low > high:
                 raise ValueError(f"`min_{what}_tokens` {low} is above `max_{what}_tokens` {high}")
         return self
+
+
+@dataclass
+class PoolStage(Stage[PoolSummary]):
+    """Building an experiment's pool as a stage of `delia run`: its identity is the model's, the options, the
+    hashes of the task files it is decontaminated against and of the sources (a hub name as given)."""
+
+    name: ClassVar[str] = "pool"
+    result: ClassVar[Any] = PoolSummary
+
+    sources: list[str]
+    options: dict[str, Any]  # PoolConfig fields as the experiment's `pool:` gives them
+    task: list[Path]
+    model: dict[str, Any]  # the model's identity
+    model_path: str
+    label: str = "pool"
+
+    def identity(self) -> dict[str, Any]:
+        return {"model": self.model, "options": self.options, "task": [sha256_file(t) for t in self.task],
+                "sources": [sha256_file(s) if Path(s).is_file() else s for s in self.sources]}
+
+    def run(self, folder: Path, progress: ProgressCallback | None = None) -> PoolSummary:
+        return pool(self.sources, out=folder / "pool.jsonl", task=self.task, model=self.model_path,
+                    progress=progress, overwrite=True, **self.options)
 
 
 def pool(

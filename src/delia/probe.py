@@ -20,8 +20,9 @@ that plain SFT and DELIA move away from.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from pydantic import Field
 
@@ -29,8 +30,10 @@ from delia.artifacts import TrainRecord
 from delia.config import Flags
 from delia.data import Format
 from delia.errors import DeliaError
+from delia.files import sha256_file
 from delia.models import ModelChoice
 from delia.progress import Progress, ProgressCallback, report
+from delia.stage import Stage
 from delia.tokens import TokenInit
 
 PROBE = "probe.json"
@@ -201,6 +204,29 @@ def probe_token(model: Any, tokenizer: Any, token: str, description: str,
     return {"description": description, "id": token_id, "prompts": len(last),
             "cosine_last": avg(last), "cosine_mean": avg(mean), "baseline": avg(base),
             **_embedding_report(model, tokenizer, token_id, description, neighbours)}
+
+
+@dataclass
+class ProbeStage(Stage[dict[str, Any]]):
+    """The probe as a stage of `delia run`: its identity is what is probed (`subject`: the base model's identity,
+    or the training stage's that made the adapter), the tokens with their descriptions, the probe data's hash,
+    and how the base model's new rows are initialised."""
+
+    name: ClassVar[str] = "probe"
+    result: ClassVar[Any] = dict[str, Any]
+
+    config: ProbeConfig  # what to probe and on which data (an adapter reads its tokens from its record)
+    subject: dict[str, Any]
+    tokens: list[str]  # TOKEN=DESCRIPTION of the experiment's described tokens
+    label: str = ""
+
+    def identity(self) -> dict[str, Any]:
+        assert self.config.data is not None
+        return {**self.subject, "token": self.tokens, "data": sha256_file(self.config.data),
+                "init": self.config.init, "seed": self.config.seed}
+
+    def run(self, folder: Path, progress: ProgressCallback | None = None) -> dict[str, Any]:
+        return probe(folder, self.config, progress=progress, overwrite=True)
 
 
 def probe(

@@ -21,18 +21,20 @@ import os
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from delia.artifacts import RewriteFacts, SampledTokens
 from delia.config import Flags
 from delia.errors import DeliaError
-from delia.files import beside, changed_settings, check_output
+from delia.files import beside, check_output, sha256_path
 from delia.metrics import MetricConfig, MetricKind
 from delia.progress import Progress, ProgressCallback, report
 from delia.sample import EngineOptions, auto_or_positive_option
+from delia.stage import Stage
 
 if TYPE_CHECKING:
     from delia.backends import Backend
@@ -68,6 +70,9 @@ def partial_path(out: str | Path) -> Path:
 
 class RewriteConfig(EngineOptions):
     """Options of `delia rewrite`. Decoding is greedy by default, SDFT's setting."""
+
+    # the stage identity holds the model by its fingerprint and the metric apart
+    NOT_IDENTITY: ClassVar[frozenset[str]] = frozenset({"model", "overwrite", "metric", "metric_config"})
 
     metric: MetricKind | None = None
     """The task's metric, which a rewrite must pass against the reference: format (the authors' <sep> preset),
@@ -258,11 +263,49 @@ def check_rewrite(text: str, finish_reason: str, reference: str, metric: MetricC
 # ----------------------------------------------------------------------------- resuming
 
 
-def _settings(cfg: RewriteConfig, data_sha: str, max_new_tokens: int) -> dict[str, Any]:
-    """What the generations depend on: a partial run made with other values is not resumed."""
-    return {"data_sha256": data_sha, "format": cfg.format, "columns": cfg.columns, "skip_invalid": cfg.skip_invalid,
-            "model": cfg.model, "served_model": cfg.served_model, "temperature": cfg.temperature,
-            "top_p": cfg.top_p, "seed": cfg.seed, "max_new_tokens": max_new_tokens, "prompt": PROMPT_VERSION}
+# the options a rewrite's generations depend on; the others only judge them, so a rerun may change them and resume
+GENERATION_OPTIONS = ("format", "columns", "skip_invalid", "backend", "served_model", "temperature", "top_p", "seed")
+
+
+@dataclass
+class RewriteStage(Stage[RewriteSummary]):
+    """Rewriting as a stage: its identity is the model's fingerprint, the data's hash, the metric and the options;
+    `delia run` caches it by that. A rerun resumes an unfinished run's generations when the part of the identity
+    they depend on is the same (`resume_identity`)."""
+
+    name: ClassVar[str] = "rewrite"
+    result: ClassVar[Any] = RewriteSummary
+
+    data: Path
+    config: RewriteConfig
+    model: dict[str, Any]  # {model: as named, fingerprint}
+    metric_options: dict[str, Any] | None  # the metric's config as given
+    label: str = ""
+    token_limit: int | None = None  # max_new_tokens resolved, once the run has read the references
+
+    @classmethod
+    def of(cls, data: Path, cfg: RewriteConfig) -> RewriteStage:
+        """The stage `delia rewrite` runs: the model as `cfg` names it (behind a server: by its name only)."""
+        import yaml
+
+        from delia.models import model_identity
+
+        model = ({"model": cfg.served_model or cfg.model, "fingerprint": None} if cfg.backend == "openai"
+                 else model_identity(cfg.model))
+        metric = cfg.metric_config and yaml.safe_load(cfg.metric_config.read_text(encoding="utf-8"))
+        return cls(data, cfg, model, metric or None)
+
+    def identity(self) -> dict[str, Any]:
+        return {"model": self.model, "data": sha256_path(self.data), "metric": self.config.metric,
+                "metric_config": self.metric_options, "options": self.config.options()}
+
+    def resume_identity(self) -> dict[str, Any]:
+        options = self.config.options()
+        return {"model": self.model, "data": sha256_path(self.data), "max_new_tokens": self.token_limit,
+                "prompt": PROMPT_VERSION, "options": {k: options[k] for k in GENERATION_OPTIONS if k in options}}
+
+    def run(self, folder: Path, progress: ProgressCallback | None = None) -> RewriteSummary:
+        return _rewrite(self, folder / "rewritten.jsonl", progress)
 
 
 def _header(path: Path) -> dict[str, Any] | None:
@@ -275,8 +318,8 @@ def _header(path: Path) -> dict[str, Any] | None:
     return first.get("settings") if isinstance(first, dict) and first.get("delia") == "rewrite-partial" else None
 
 
-def _pick_up(partial: Path, settings: dict[str, Any], overwrite: bool) -> dict[int, dict[str, Any]]:
-    """The generations of an unfinished run with the same settings, by row index (a torn last line dropped),
+def _pick_up(partial: Path, stage: RewriteStage, overwrite: bool) -> dict[int, dict[str, Any]]:
+    """The generations of an unfinished run with the same resume identity, by row index (a torn last line dropped),
     and the partial file ready to append to. A file there that is not ours is refused, even with `overwrite`."""
     from delia.files import JsonlAppender, read_complete_jsonl
 
@@ -287,16 +330,16 @@ def _pick_up(partial: Path, settings: dict[str, Any], overwrite: bool) -> dict[i
                              "another output path")
         rows = read_complete_jsonl(partial)[1:] if previous is not None else []
         if rows and not overwrite:
-            saved = previous or {}  # rows come after a settings line only
-            changed = changed_settings(saved, settings)
-            if changed:
-                diff = ", ".join(f"{k}: {saved.get(k)!r} -> {settings.get(k)!r}" for k in changed)
-                raise DeliaError(f"{partial}: an unfinished rewrite with other settings ({diff}); rerun with the "
-                                 "same settings to resume it, or set `overwrite` to start again")
+            if "options" not in (previous or {}):
+                raise DeliaError(f"{partial}: an unfinished rewrite of an earlier delia version, which this one "
+                                 "cannot resume; set `overwrite` to start again")
+            if changed := stage.changes(previous or {}):
+                raise DeliaError(f"{partial}: an unfinished rewrite with other settings ({', '.join(changed)}); "
+                                 "rerun with the same settings to resume it, or set `overwrite` to start again")
             return {r["index"]: r for r in rows}
         partial.unlink()  # ours, and holding no generation (or `overwrite` starts again)
     with JsonlAppender(partial) as fh:
-        fh.write([{"delia": "rewrite-partial", "settings": settings}])
+        fh.write([{"delia": "rewrite-partial", "settings": stage.resume_identity()}])
     return {}
 
 
@@ -349,16 +392,20 @@ def rewrite(
       delia rewrite task_train.jsonl --out rewritten.jsonl --metric format --metric-config metric.yaml\n
       delia rewrite en-ja.jsonl --out rewritten.jsonl --metric translation --min-chrf 60
     """
+    cfg = RewriteConfig.build(config, **options)
+    return _rewrite(RewriteStage.of(Path(data), cfg), Path(out), progress)
+
+
+def _rewrite(stage: RewriteStage, out: Path, progress: ProgressCallback | None) -> RewriteSummary:
     from delia.backends import SamplingParams, derive_seed
     from delia.data import parse_columns, read_chat
-    from delia.files import JsonlAppender, sha256_path, write_jsonl
+    from delia.files import JsonlAppender, write_jsonl
     from delia.models import load_tokenizer
     from delia.prompts import prompt_ids, supports_system
     from delia.versions import library_versions
 
     start = time.monotonic()
-    cfg = RewriteConfig.build(config, **options)
-    data, out = Path(data), Path(out)
+    cfg, data = stage.config, stage.data
     inputs = [p for p in (data, cfg.metric_config) if p is not None]
     check_output(out, inputs=inputs, overwrite=cfg.overwrite)
     _check_summary(summary_path(out), inputs, cfg.overwrite)
@@ -371,10 +418,9 @@ def rewrite(
     references = [r["messages"][-1]["content"] for r in records]
 
     tokenizer = load_tokenizer(cfg.model)  # for the token limit; prompts are rendered by the back end's
-    max_new_tokens = cfg.token_limit(tokenizer, references)
-    settings = _settings(cfg, sha256_path(data), max_new_tokens)
+    max_new_tokens = stage.token_limit = cfg.token_limit(tokenizer, references)
     partial = partial_path(out)
-    done = _pick_up(partial, settings, cfg.overwrite)
+    done = _pick_up(partial, stage, cfg.overwrite)
     done = {i: r for i, r in done.items() if i < len(records)}
     resumed = len(done)
     todo = [i for i in range(len(records)) if i not in done]
@@ -416,7 +462,7 @@ def rewrite(
 
     completion_tokens = sum(g["completion_tokens"] for g in done.values())
     summary = RewriteSummary(
-        out=str(out), data=str(data), data_sha256=settings["data_sha256"], rows=len(rows), kept=reasons["kept"],
+        out=str(out), data=str(data), data_sha256=sha256_path(data), rows=len(rows), kept=reasons["kept"],
         kept_share=reasons["kept"] / len(rows), kept_identical=identical, reasons={r: reasons[r] for r in REASONS},
         skipped_invalid=len(chat.rejects), resumed=resumed, model=cfg.model, model_path=model_path,
         backend=cfg.backend, metric=metric.model_dump(mode="json"), options=cfg.model_dump(mode="json"),

@@ -1,78 +1,31 @@
-"""`delia run`: every stage of an experiment for every arm and seed, each stage cached by a hash of its inputs.
+"""`delia run`: every stage of an experiment for every arm and seed, each cached by its identity.
 
-A stage's folder is `OUT/stages/<stage>-<hash>/`; it counts as done only when its `stage.json` exists,
-so a rerun skips finished stages and an interrupted one continues where it stopped (sampling and
-training resume inside their folder). Changing any input (data, model, option) changes the hash.
+A stage's folder is `OUT/stages/<stage>-<key>/`, the key hashing the stage's identity (`delia.stage`); it counts
+as done only when its `stage.json` exists, so a rerun skips finished stages and an interrupted one continues where
+it stopped (sampling, rewriting and training resume inside their folder). Changing any input (data, model,
+option) changes the key.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 from pydantic import Field
 
-from delia import __version__
-from delia.artifacts import (
-    CostPlan,
-    EvalScores,
-    MixSummary,
-    PoolFacts,
-    PoolSummary,
-    SampleSummary,
-    StageRecord,
-    TrainRecord,
-)
+from delia.artifacts import CostPlan, PoolFacts, TrainRecord
 from delia.config import Flags, StageConfig
 from delia.errors import DeliaError
 from delia.experiment import SCALED, Arm, Experiment, load_experiment
-from delia.files import (
-    check_output,
-    discard_output,
-    holds_other_files,
-    mark_output,
-    sha256_file,
-    sha256_json,
-    write_json,
-)
+from delia.files import check_output, discard_output, holds_other_files, mark_output, sha256_file, write_json
 from delia.general import map_files
-from delia.models import model_fingerprint
+from delia.models import model_identity
 from delia.progress import ProgressCallback
+from delia.stage import StageCache
 from delia.versions import library_versions
 
 log = logging.getLogger(__name__)
-R = TypeVar("R")
-
-
-class StageCache:
-    """Runs a stage in a folder named by the hash of its inputs, unless that folder is already complete."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.done: list[str] = []
-        self.skipped: list[str] = []
-
-    def run(self, stage: str, label: str, inputs: dict[str, Any], fn: Callable[[Path], Any],
-            result: type[R] = Any) -> tuple[Path, StageRecord[R]]:  # type: ignore[assignment]
-        """(the stage's folder, its stage.json) with the stage's result read as `result`."""
-        key = sha256_json({"stage": stage, "inputs": inputs, "delia": __version__})[:12]
-        folder = self.root / f"{stage}-{key}"
-        record = StageRecord[result]  # type: ignore[valid-type]
-        if record.path(folder).exists():
-            self.skipped.append(f"{stage}:{label}")
-            log.info("cached %s %s -> %s", stage, label, folder)
-            return folder, record.read(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        log.info("-- %s %s -> %s", stage, label, folder)
-        start = time.perf_counter()
-        done = fn(folder)
-        StageRecord(stage=stage, label=label, inputs=inputs, wall_s=round(time.perf_counter() - start, 2),
-                    result=done).write(folder)
-        self.done.append(f"{stage}:{label}")
-        return folder, record.read(folder)
 
 
 RUN_KIND = "run"  # the output marker's kind (files.mark_output)
@@ -112,21 +65,22 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
     Stages report their progress to `progress`. A finished or interrupted run in `out` is resumed, or with
     `overwrite` removed first."""
     from delia.compute import arm_cost
-    from delia.evaluate import evaluate
-    from delia.mix import mix
+    from delia.evaluate import EvalStage
+    from delia.mix import MixStage
     from delia.models import resolve_model
-    from delia.plan import plan_experiment
+    from delia.plan import PlanStage
+    from delia.probe import ProbeConfig, ProbeStage
     from delia.report import ModelResult, write_report
-    from delia.rewrite import RewriteSummary, rewrite
-    from delia.sample import sample
-    from delia.training import train
+    from delia.rewrite import RewriteConfig, RewriteStage
+    from delia.sample import SampleConfig, SampleStage
+    from delia.training import TrainConfig, TrainStage
 
     claim_run_folder(out, overwrite)
     resolve_paths(exp)
     pool_spec = exp.pool if isinstance(exp.pool, dict) else None
     cache = StageCache(out / "stages")
     model_path = resolve_model(exp.model)
-    model_id = {"model": exp.model, "fingerprint": model_fingerprint(model_path)}
+    model_id = model_identity(exp.model, model_path)
     pool_facts = None
     if pool_spec is not None:  # built only when an arm draws diverse rows from it
         exp.pool = None
@@ -138,10 +92,7 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
         if getattr(exp, name) is not None:
             data_hashes[name] = map_files(getattr(exp, name), sha256_file)
     # the estimate made before the first run of these settings, kept for the report's comparison
-    plan = cache.run("plan", "costs", {"model": model_id, "data": data_hashes, "flops_per_s": flops_per_s,
-                                       "experiment": exp.model_dump(mode="json", include={"arms", "seeds", "sample",
-                                                                                           "train"})},
-                     lambda d: plan_experiment(exp, flops_per_s), CostPlan)[1].result
+    plan = cache.run(PlanStage(exp, model_id, data_hashes, flops_per_s))[1].result
     estimate = plan.estimates()
     if (short := plan.short_arms()) and not exp.mix.allow_short:
         raise DeliaError("the pool is too small for the arms' ratios (" + "; ".join(short) + "): use a larger pool "
@@ -155,65 +106,56 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
         metric_cfg.write_text(yaml.safe_dump({"kind": exp.task.metric, **exp.task.metric_config}), encoding="utf-8")
     eval_cfg = exp.eval.model_copy(update={"metric": exp.task.metric, "metric_config": metric_cfg,
                                            "general": exp.general, "contrast": exp.contrast, "overwrite": True})
-    eval_inputs = {"data": data_hashes["task_eval"], "metric": exp.task.metric,
-                   "metric_config": exp.task.metric_config, "options": exp.eval.written(),
-                   "general": data_hashes.get("general"), "contrast": data_hashes.get("contrast")}
+
+    def evaluation(label: str, subject: dict[str, Any], **update: Any) -> EvalStage:
+        """The eval stage of `subject` (the base model, or an adapter as `update` gives it)."""
+        return EvalStage(exp.task.eval, eval_cfg.model_copy(update=update), subject, exp.task.metric_config, label)
+
     token_specs = [f"{t}={d}" if d else t for t, d in exp.task.add_tokens.items()]
-    described = {t: d for t, d in exp.task.add_tokens.items() if d}
+    described = [f"{t}={d}" for t, d in exp.task.add_tokens.items() if d]
     # The base model gets the new tokens the way the first seed's training initialises them.
-    probe_kwargs = {"token": [f"{t}={d}" for t, d in described.items()], "data": exp.task.eval,
-                    "init": exp.train.token_init, "seed": exp.seeds[0]}
+    probe_cfg = ProbeConfig(data=exp.task.eval, init=exp.train.token_init, seed=exp.seeds[0])
 
-    def probed(label: str, key: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    def probed(label: str, subject: dict[str, Any], **update: Any) -> dict[str, Any]:
         """The probe stage's result (what probe.json holds), cached like every stage."""
-        from delia.probe import probe
-
-        inputs = {**key, **probe_kwargs, "data": data_hashes["task_eval"]}
-        return cache.run("probe", label, inputs, lambda d: probe(d, progress=progress, overwrite=True,
-                                                                                **kwargs), dict[str, Any])[1].result
+        stage = ProbeStage(probe_cfg.model_copy(update=update), subject, described, label)
+        return cache.run(stage, progress)[1].result
 
     train_eval = exp.task.eval if exp.train_eval else None
     samples = sampled = None
     if any(a.samples for a in exp.arms):
-        folder, sampled = cache.run("sample", "pool", {"model": model_id, "pool": data_hashes["pool"],
-                                                       "options": exp.sample.written()},
-                                    lambda d: sample(exp.pool, d / "samples.jsonl", exp.sample, model=model_path,
-                                                     progress=progress), SampleSummary)
+        assert isinstance(exp.pool, Path)
+        sampling = SampleConfig.build(exp.sample, model=model_path)
+        folder, sampled = cache.run(SampleStage(exp.pool, sampling, model_id, "pool"), progress)
         samples = folder / "samples.jsonl"
     # the task rows an arm trains on: as given, or (`rewrite`) as the model rewrote them, shown the reference (SDFT)
-    task_rows = {False: (exp.task.train, data_hashes["task_train"])}
+    task_rows = {False: exp.task.train}
     rewritten = None
     if any(a.rewrite for a in exp.arms):
-        folder, rewritten = cache.run(
-            "rewrite", "task", {"model": model_id, "data": data_hashes["task_train"], "metric": exp.task.metric,
-                                "metric_config": exp.task.metric_config, "options": exp.rewrite.written()},
-            lambda d: rewrite(exp.task.train, d / "rewritten.jsonl", exp.rewrite, model=model_path,
-                              metric=exp.task.metric, metric_config=metric_cfg, overwrite=True,
-                              progress=progress).model_dump(mode="json"), RewriteSummary)
-        task_rows[True] = folder / "rewritten.jsonl", sha256_file(folder / "rewritten.jsonl")
+        rewriting = RewriteConfig.build(exp.rewrite, model=model_path, metric=exp.task.metric,
+                                        metric_config=metric_cfg, overwrite=True)
+        folder, rewritten = cache.run(RewriteStage(exp.task.train, rewriting, model_id, exp.task.metric_config,
+                                                   "task"), progress)
+        task_rows[True] = folder / "rewritten.jsonl"
 
     runs: list[ModelResult] = []
     if exp.eval_base:
-        folder, rec = cache.run("eval", "base", {"model": model_id, **eval_inputs},
-                                lambda d: evaluate(exp.task.eval, d, eval_cfg, model=model_path, progress=progress),
-                                EvalScores)
+        folder, rec = cache.run(evaluation("base", {"model": model_id}, model=model_path), progress)
         base = ModelResult("base", None, None, folder, wall_s={"eval": rec.wall_s})
         if described:
-            base.probe = probed("base", {"model": model_id}, model=model_path, **probe_kwargs)
+            base.probe = probed("base", {"model": model_id}, model=model_path, token=described)
         runs.append(base)
 
     def scaled(arm: Arm, of: ModelResult, of_train: dict[str, Any]) -> ModelResult:
         """A scaled arm at the seed of `of`: that arm's adapter (trained as `of_train`) evaluated at the arm's
         scale. It trains nothing, so its compute is the `of` arm's training and no more."""
         assert arm.scale is not None and of.compute is not None
-        scale = {"adapter_scale": arm.scale} if arm.scale != 1.0 else {}  # at 1: the `of` arm's own eval
-        folder, rec = cache.run("eval", f"{arm.name} seed {of.seed}", {"adapter": of_train, **eval_inputs, **scale},
-                                lambda d: evaluate(exp.task.eval, d, eval_cfg, adapter=of.train_dir,
-                                                   progress=progress, **scale), EvalScores)
+        folder, rec = cache.run(evaluation(f"{arm.name} seed {of.seed}", {"adapter": of_train}, adapter=of.train_dir,
+                                           adapter_scale=arm.scale), progress)  # at 1: the `of` arm's own eval
         return ModelResult(arm.name, of.ratio, of.seed, folder, wall_s={"eval": rec.wall_s}, kind=SCALED,
                            of=arm.of, scale=arm.scale, compute={**of.compute, "est_wall_s": estimate[arm.name]})
 
-    trained: dict[tuple[str, int], tuple[ModelResult, dict[str, Any]]] = {}  # (arm, seed): result, train inputs
+    trained: dict[tuple[str, int], tuple[ModelResult, dict[str, Any]]] = {}  # (arm, seed): result, train identity
     for arm in sorted(exp.arms, key=lambda a: a.kind == SCALED):  # a scaled arm after the arm it scales
         for seed in exp.seeds:
             if arm.kind == SCALED:
@@ -222,38 +164,25 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
             label = f"{arm.name} seed {seed}"
             wall: dict[str, float] = {}
             share = 0.0  # of the sampling run this arm's diverse rows took
-            task_file, task_hash = task_rows[arm.rewrite]
+            train_data = task_rows[arm.rewrite]
             if arm.rewrite and rewritten is not None:
                 wall["rewrite"] = rewritten.wall_s
             if arm.ratio > 0:
                 diverse = samples if arm.samples else exp.pool
-                assert diverse is not None
-                mix_inputs = {"task": task_hash,
-                              "diverse": sha256_file(diverse) if arm.samples else data_hashes["pool"],
-                              "ratio": arm.ratio, "seed": seed, "options": exp.mix.written()}
-                mixing = exp.arm_mix(arm, seed)
-                folder, mixed = cache.run("mix", label, mix_inputs, lambda d, c=mixing, dv=diverse, t=task_file: mix(
-                    t, dv, d / "mixed.jsonl", c, tokenizer=model_path, overwrite=True), MixSummary)
-                train_data, data_hash = folder / "mixed.jsonl", sha256_file(folder / "mixed.jsonl")
+                assert isinstance(diverse, Path)
+                mixing = exp.arm_mix(arm, seed).model_copy(update={"tokenizer": model_path, "overwrite": True})
+                folder, mixed = cache.run(MixStage(train_data, diverse, mixing, label), progress)
+                train_data = folder / "mixed.jsonl"
                 wall["mix"] = mixed.wall_s
                 if arm.samples and sampled is not None:  # what sampling only the rows this seed uses would take
                     share = mixed.result.diverse_rows() / max(1, sampled.result.kept)
                     wall["sample"] = round(sampled.wall_s * share, 2)
-            else:
-                train_data, data_hash = task_file, task_hash
-            training = exp.arm_train(arm, seed)
-            train_key = {"model": model_id, "data": data_hash, "tokens": token_specs, "options": training.written()}
-            if train_eval is not None:
-                train_key["eval_data"] = data_hashes["task_eval"]
-            tfolder, trained_rec = cache.run("train", label, train_key,
-                lambda d, td=train_data, c=training: train(td, d / "adapter", c, model=model_path,
-                                                           add_token=token_specs, eval_data=train_eval, resume=True,
-                                                           progress=progress), str)
-            adapter, train_inputs = tfolder / "adapter", trained_rec.inputs
+            training = TrainConfig.build(exp.arm_train(arm, seed), model=model_path, add_token=token_specs,
+                                         eval_data=train_eval, resume=True)
+            tfolder, trained_rec = cache.run(TrainStage(train_data, training, model_id, label), progress)
+            adapter, train_identity = tfolder / "adapter", trained_rec.inputs
             wall["train"] = trained_rec.wall_s
-            efolder, evaluated = cache.run("eval", label, {"adapter": train_inputs, **eval_inputs},
-                                           lambda d, a=adapter: evaluate(exp.task.eval, d, eval_cfg, adapter=a,
-                                                                         progress=progress), EvalScores)
+            efolder, evaluated = cache.run(evaluation(label, {"adapter": train_identity}, adapter=adapter), progress)
             wall["eval"] = evaluated.wall_s
             cost = arm_cost(model_path, TrainRecord.read(adapter).trained_tokens(),
                             sampled.result.sampled_tokens() if sampled else None, share,
@@ -261,9 +190,9 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
             result = ModelResult(arm.name, arm.ratio, seed, efolder, train_dir=adapter, wall_s=wall, kind=arm.kind,
                                  sweep=arm.sweep, compute={**cost, "est_wall_s": estimate[arm.name]})
             if described:
-                result.probe = probed(label, {"adapter": train_inputs}, adapter=adapter, data=exp.task.eval)
+                result.probe = probed(label, {"adapter": train_identity}, adapter=adapter)
             runs.append(result)
-            trained[(arm.name, seed)] = result, train_inputs
+            trained[(arm.name, seed)] = result, train_identity
 
     manifest = {"experiment": exp.model_dump(mode="json"), "model": model_id, "data_sha256": data_hashes,
                 "plan": plan.dump(), "versions": library_versions(), "stages_run": cache.done,
@@ -282,16 +211,12 @@ def build_pool(cache: StageCache, spec: dict[str, Any], model_path: str, model_i
                targets: list[Path], progress: ProgressCallback | None = None) -> tuple[Path, PoolFacts]:
     """The experiment's pool built by `delia pool` as a cached stage, decontaminated against the task's files;
     returns its path and the facts the report shows (counts per step, decontamination, coverage)."""
-    from delia.pool import pool
+    from delia.pool import PoolStage
     from delia.task_data import resolve_data_path
 
     sources = [str(resolve_data_path(s)) for s in spec["sources"]]
     options = {k: v for k, v in spec.items() if k != "sources"}
-    inputs = {"model": model_id, "options": options, "task": [sha256_file(t) for t in targets],
-              "sources": [sha256_file(s) if Path(s).is_file() else s for s in sources]}
-    folder, rec = cache.run("pool", "pool", inputs, lambda d: pool(sources, out=d / "pool.jsonl", task=targets,
-                                                                   model=model_path, progress=progress,
-                                                                   overwrite=True, **options), PoolSummary)
+    folder, rec = cache.run(PoolStage(sources, options, targets, model_id, model_path), progress)
     return folder / "pool.jsonl", rec.result.facts()
 
 

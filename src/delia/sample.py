@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, NamedTuple
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 from typing_extensions import Self
@@ -27,11 +27,12 @@ from delia.backends import BackendName, derive_seed
 from delia.config import Flags, StageConfig
 from delia.data import ReadOptions
 from delia.errors import DataError, DeliaError
-from delia.files import changed_settings, check_output
+from delia.files import changed_settings, check_output, sha256_path
 from delia.filters import REASONS, Filters
 from delia.general import SHORT_REFERENCE_WORDS
 from delia.progress import Progress, ProgressCallback, report
 from delia.prompts import Mode
+from delia.stage import Stage
 from delia.text import normalise
 from delia.versions import library_versions
 
@@ -114,8 +115,9 @@ def _resume(out: Path, rejects: Path, n: int) -> tuple[list[dict], list[dict]]:
     return kept, rejected
 
 
-def _check_resumable(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
-    """Refuse to resume a file that is not ours or was sampled with other settings (with `overwrite`, start again)."""
+def _check_resumable(out: Path, stage: SampleStage, settings: dict[str, Any], overwrite: bool) -> None:
+    """Refuse to resume a file that is not ours or was sampled with another identity (with `overwrite`, start
+    again). A manifest from before the stage protocol has no identity, and is compared by its settings."""
     from delia.data import rejects_path
 
     paths = (out, rejects_path(out), manifest_path(out))
@@ -129,10 +131,13 @@ def _check_resumable(out: Path, settings: dict[str, Any], overwrite: bool) -> No
             raise DeliaError(f"{out} exists but has no {mpath.name}, so it is not a delia sample output to resume; "
                              "set `overwrite` to replace it or choose another path")
         return
-    previous = _read_manifest(mpath, "unreadable manifest; set `overwrite` to start again").settings
-    changed = changed_settings(previous, settings)
-    if changed:
-        diff = ", ".join(f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+    previous = _read_manifest(mpath, "unreadable manifest; set `overwrite` to start again")
+    if previous.identity is not None:
+        diff = ", ".join(stage.changes(previous.identity))
+    else:
+        diff = ", ".join(f"{k}: {previous.settings.get(k)!r} -> {settings.get(k)!r}"
+                         for k in changed_settings(previous.settings, settings))
+    if diff:
         raise DeliaError(f"{out} was sampled with other settings ({diff}); resuming would mix them. "
                          "Rerun with the same settings, set `overwrite`, or choose another output path")
 
@@ -520,11 +525,58 @@ def sample(
       delia sample pool.jsonl --out part0.jsonl --shard 0/4 --backend vllm --tensor-parallel 2\n
       delia sample pool.jsonl --out diverse.jsonl --backend openai --base-url http://127.0.0.1:8000/v1
     """
+    cfg = SampleConfig.build(config, **options)
+    return _sample(SampleStage.of(Path(pool), cfg), Path(out), progress)
+
+
+# the options each query's rows depend on (a resume must match them)
+GENERATION_OPTIONS = ("mode", "system", "temperature", "top_p", "max_new_tokens", "samples_per_query", "seed",
+                      "shard", "max_prompt_tokens", "drop_empty", "drop_truncated", "drop_repetitive",
+                      "drop_reference_copies", "drop_duplicates", "short_reference", "short_reference_words",
+                      "served_model")
+
+
+@dataclass
+class SampleStage(Stage[SampleSummary]):
+    """Sampling as a stage: its identity is the model's fingerprint, the pool's hash and the options; `delia run`
+    caches it by that, and a rerun of `delia sample` resumes only an output whose manifest holds the same."""
+
+    name: ClassVar[str] = "sample"
+    result: ClassVar[Any] = SampleSummary
+
+    pool: Path
+    config: SampleConfig
+    model: dict[str, Any]  # {model: as named, fingerprint}
+    label: str = ""
+
+    @classmethod
+    def of(cls, pool: Path, cfg: SampleConfig) -> SampleStage:
+        """The stage `delia sample` runs: the model as `cfg` names it (behind a server: by its name only)."""
+        from delia.models import model_identity
+
+        if cfg.backend == "openai":
+            return cls(pool, cfg, {"model": cfg.served_model or cfg.model, "fingerprint": None})
+        return cls(pool, cfg, model_identity(cfg.model))
+
+    def identity(self) -> dict[str, Any]:
+        return {"model": self.model, "pool": sha256_path(self.pool), "options": self.config.options()}
+
+    def resume_identity(self) -> dict[str, Any]:
+        """The identity without the options that leave each query's rows as they are (how many queries, the back
+        end and its batching): a rerun may change those and resume."""
+        options = self.config.options()
+        return {"model": self.model, "pool": sha256_path(self.pool),
+                "options": {k: options[k] for k in GENERATION_OPTIONS if k in options}}
+
+    def run(self, folder: Path, progress: ProgressCallback | None = None) -> SampleSummary:
+        return _sample(self, folder / "samples.jsonl", progress)
+
+
+def _sample(stage: SampleStage, out: Path, progress: ProgressCallback | None) -> SampleSummary:
     from delia.backends import SamplingParams
 
     start = time.monotonic()
-    cfg = SampleConfig.build(config, **options)
-    pool, out = Path(pool), Path(out)
+    cfg, pool = stage.config, stage.pool
     params = SamplingParams(cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.seed, cfg.samples_per_query)
     shard_i, shard_n = parse_shard(cfg.shard)
     filters = Filters(cfg.drop_empty, cfg.drop_truncated, cfg.drop_repetitive, cfg.drop_reference_copies,
@@ -539,12 +591,13 @@ def sample(
 
     check_output(out, inputs=[pool], overwrite=True)  # an existing OUT is resumed or refused below
     queries, shots, skipped, pool_rows = _select_queries(pool, cfg)
-    _check_resumable(out, settings, cfg.overwrite)
+    _check_resumable(out, stage, settings, cfg.overwrite)
     todo, tally = _pick_up(out, queries, cfg.samples_per_query, filters, cfg.mode)
     resumed = len(queries) - len(todo)
 
     versions = library_versions("vllm") if cfg.backend == "vllm" else library_versions()
-    manifest = SampleManifest(stage="sample", status="running", settings=settings, limit=cfg.limit,
+    manifest = SampleManifest(stage="sample", status="running", settings=settings, identity=stage.resume_identity(),
+                              limit=cfg.limit,
                               backend=cfg.backend, versions=versions, started=_now())
     manifest.write(out)
     model_path = None

@@ -12,28 +12,31 @@ from typing import Any
 
 from delia.errors import DeliaError
 from delia.files import changed_settings, write_json
+from delia.stage import Stage
 
-RESUME_KEY_FILE = "resume_key.json"  # inside CHECKPOINTS: the settings a --resume must match
+RESUME_KEY_FILE = "resume_key.json"  # inside CHECKPOINTS: the stage identity a --resume must match
 CHECKPOINT_DONE = "delia_checkpoint.json"  # inside a checkpoint: written last, marks it complete
 LEGACY_RESUME_KEY_FILE = "delia_run.json"  # earlier name, still read on --resume
-# Settings that may differ between a killed run and its --resume.
+# Settings of a key written before the stage protocol (delia 0.1.0 before 2026-12-03: every setting) that may
+# differ between a killed run and its --resume.
 _RESUME_FREE = {"resume", "overwrite", "merge", "keep_checkpoints", "out"}
 
 
-def _resume_key(settings: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in settings.items() if k not in _RESUME_FREE}
+def write_resume_key(folder: Path, stage: Stage[Any]) -> None:
+    """Record in the checkpoint folder the identity that a `resume` of this run must match."""
+    write_json(folder / RESUME_KEY_FILE, stage.resume_identity())
 
 
-def write_resume_key(folder: Path, settings: dict[str, Any]) -> None:
-    """Record in the checkpoint folder the settings that a `resume` of this run must match."""
-    write_json(folder / RESUME_KEY_FILE, _resume_key(settings))
-
-
-def check_resume_key(folder: Path, settings: dict[str, Any], out: Path) -> None:
-    """Refuse to resume the checkpoints in `folder` with settings or data that differ from theirs."""
+def check_resume_key(folder: Path, stage: Stage[Any], legacy_settings: dict[str, Any], out: Path) -> None:
+    """Refuse to resume the checkpoints in `folder` with settings or data that differ from theirs. A key written
+    before the stage protocol holds every setting, and is compared with `legacy_settings`."""
     key_file = next((folder / n for n in (RESUME_KEY_FILE, LEGACY_RESUME_KEY_FILE) if (folder / n).exists()), None)
     saved = json.loads(key_file.read_text()) if key_file else {}
-    diff = changed_settings(saved, _resume_key(settings))
+    if "options" in saved:
+        diff = stage.changes(saved)
+    else:
+        free = {k: v for k, v in legacy_settings.items() if k not in _RESUME_FREE}
+        diff = changed_settings({k: v for k, v in saved.items() if k not in _RESUME_FREE}, free)
     if diff:
         raise DeliaError(f"{out}: `resume` with settings or data that differ from the checkpointed run: "
                          f"{', '.join(diff)}")

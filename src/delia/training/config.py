@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -45,6 +45,11 @@ def layer_indices(spec: str | None, layers: int) -> list[int] | None:
 class TrainConfig(StageConfig):
     """Options of `delia train`. Defaults are the paper's: LoRA r=16, alpha=16, dropout 0.05 on q/k/v/o,
     lr 2e-4 constant with 25 warmup steps, 1 epoch."""
+
+    # the stage identity holds the model by its fingerprint, the new tokens and the eval data apart; resuming,
+    # replacing, merging and keeping checkpoints leave the adapter as it is
+    NOT_IDENTITY: ClassVar[frozenset[str]] = frozenset({"model", "add_token", "eval_data", "resume", "overwrite",
+                                                        "merge", "keep_checkpoints"})
 
     model: Annotated[str, Flags("--model", "-m")] = "smollm2-135m"
     """Base model: bundled name, folder or .gguf."""

@@ -8,10 +8,11 @@ initialised by `delia.tokens`; only their embedding rows are trained and saved, 
 without delia. Checkpoints are marked complete and pruned to what `--resume` needs
 (`delia.training.checkpoints`).
 
-`build_trainer` runs the setup as named steps, in order: `_settings` (what is recorded and compared on resume),
-`_take_out` (the output folder), `_read_rows`, `_load_base` (tokenizer, model, new tokens), `_lora_config`,
-`_sft_args`, `_make_trainer`, `_speedups` (token rows, CPU paths), `_callbacks` (progress, logs, checkpoints,
-important-token loss) and `_record` (what delia_train.json will hold).
+`TrainStage` is training as a stage (`delia.stage`): `delia run` caches it by its identity, and `--resume` refuses
+checkpoints saved with another. `build_trainer` runs the setup as named steps, in order: `_settings` (what
+delia_train.json records), `_take_out` (the output folder), `_read_rows`, `_load_base` (tokenizer, model, new
+tokens), `_lora_config`, `_sft_args`, `_make_trainer`, `_speedups` (token rows, CPU paths), `_callbacks`
+(progress, logs, checkpoints, important-token loss) and `_record` (what delia_train.json will hold).
 """
 
 from __future__ import annotations
@@ -19,14 +20,16 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from delia.artifacts import IMPORTANT_LOSS_FILE, TrainRecord
 from delia.errors import DeliaError
 from delia.files import check_output, holds_other_files, mark_output, sha256_path, write_jsonl
-from delia.models import load_trained
+from delia.models import load_trained, model_identity
 from delia.progress import Progress, ProgressCallback, report
+from delia.stage import Stage
 from delia.training.checkpoints import (
     check_resume_key,
     checkpoint_keeper,
@@ -67,6 +70,34 @@ def train(
       accelerate launch --config_file configs/accelerate/zero2.yaml -m delia train mix.jsonl --out runs/delia
     """
     return build_trainer(data, out, config, progress=progress, **options).fit()
+
+
+@dataclass
+class TrainStage(Stage[str]):
+    """Training as a stage: its identity is the base model's fingerprint, the data's and eval data's hashes, the
+    new tokens and the options; `delia run` caches it by that, and `--resume` compares it with the checkpoints'."""
+
+    name: ClassVar[str] = "train"
+    result: ClassVar[Any] = str  # the adapter folder
+
+    data: Path
+    config: TrainConfig
+    model: dict[str, Any]  # {model: as named, fingerprint}
+    label: str = ""
+
+    @classmethod
+    def of(cls, data: Path, cfg: TrainConfig) -> TrainStage:
+        """The stage `delia train` runs: the model as `cfg` names it."""
+        return cls(data, cfg, model_identity(cfg.model))
+
+    def identity(self) -> dict[str, Any]:
+        cfg = self.config
+        found = {"model": self.model, "data": sha256_path(self.data), "tokens": list(cfg.add_token or []),
+                 "options": cfg.options()}
+        return found | ({"eval_data": sha256_path(cfg.eval_data)} if cfg.eval_data else {})
+
+    def run(self, folder: Path, progress: ProgressCallback | None = None) -> str:
+        return str(_build(self, folder / "adapter", progress).fit())
 
 
 class Training:
@@ -138,13 +169,17 @@ class Training:
 def build_trainer(data: str | Path, out: str | Path, config: TrainConfig | None = None, *,
                   progress: ProgressCallback | None = None, **options: Any) -> Training:
     """Everything up to a ready SFTTrainer, for `train` to run (tests and benchmarks inspect or time it)."""
+    cfg = TrainConfig.build(config, **options)
+    return _build(TrainStage.of(Path(data), cfg), Path(out), progress)
+
+
+def _build(stage: TrainStage, out: Path, progress: ProgressCallback | None) -> Training:
     from delia.tokens import parse_token_specs
 
-    cfg = TrainConfig.build(config, **options)
-    data, out = Path(data), Path(out)
+    data, cfg = stage.data, stage.config
     specs = parse_token_specs(cfg.add_token)
     settings = _settings(data, out, cfg)
-    _take_out(data, out, cfg, settings)
+    _take_out(stage, out, settings)
     records, eval_records, anchors = _read_rows(data, cfg)
     path, tokenizer, base, tokens = _load_base(cfg, specs)
     peft_config, modules_to_save, token_rows = _lora_config(base, tokens, cfg)
@@ -157,33 +192,35 @@ def build_trainer(data: str | Path, out: str | Path, config: TrainConfig | None 
     record = _record(trainer, data, cfg, settings, path, records, eval_records, anchors, dropped, precision,
                      peft_config, modules_to_save, token_rows, mask_dropout, tokens, chosen)
     if trainer.is_world_process_zero():
-        write_resume_key(out / CHECKPOINTS, settings)
+        write_resume_key(out / CHECKPOINTS, stage)
     return Training(trainer, tokenizer, out, record, cfg, keeper)
 
 
 def _settings(data: Path, out: Path, cfg: TrainConfig) -> dict[str, Any]:
-    """The settings as recorded and compared on resume: the data, the output, every option and the inputs' hashes."""
+    """The settings as recorded: the data, the output, every option and the inputs' hashes (and as a resume compared
+    them before the stage protocol)."""
     settings: dict[str, Any] = {"data": str(data), "out": str(out), **cfg.model_dump(mode="json")}
     settings["data_sha256"] = sha256_path(data)
     settings["eval_data_sha256"] = sha256_path(cfg.eval_data) if cfg.eval_data else None
     return settings
 
 
-def _take_out(data: Path, out: Path, cfg: TrainConfig, settings: dict[str, Any]) -> None:
+def _take_out(stage: TrainStage, out: Path, settings: dict[str, Any]) -> None:
     """Check the output folder and mark it as a training run's. Under `accelerate launch`: one check per process,
     one cleanup, then all go on."""
     from accelerate import PartialState
 
     state = PartialState()
-    _check_out(data, out, cfg, settings, state.is_main_process)
+    _check_out(stage, out, settings, state.is_main_process)
     state.wait_for_everyone()
     if state.is_main_process:  # after every process's check, which must not see it half-written
         mark_output(out, TRAIN_KIND)  # an interrupted run's folder is recognised as delia's before any checkpoint
 
 
-def _check_out(data: Path, out: Path, cfg: TrainConfig, settings: dict[str, Any], main: bool) -> None:
+def _check_out(stage: TrainStage, out: Path, settings: dict[str, Any], main: bool) -> None:
     """Refuse to mix runs in one folder, or to write into a folder of other files; with --resume, refuse a
-    checkpoint made with other settings."""
+    checkpoint made with another identity."""
+    data, cfg = stage.data, stage.config
     ckpt = out / CHECKPOINTS
     check_output(out, inputs=[p for p in (data, cfg.eval_data) if p], overwrite=True, folder=True)
     if holds_other_files(out, TRAIN_KIND) and not ((out / TRAIN_RECORD).exists() or ckpt.is_dir()):
@@ -202,7 +239,7 @@ def _check_out(data: Path, out: Path, cfg: TrainConfig, settings: dict[str, Any]
         if not cfg.resume:
             raise DeliaError(f"{out}: holds checkpoints of an unfinished run; set `resume` to continue it "
                              "or `overwrite` to start over")
-        check_resume_key(ckpt, settings, out)
+        check_resume_key(ckpt, stage, settings, out)
 
 
 def _read_rows(data: Path, cfg: TrainConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
