@@ -31,6 +31,8 @@ built in a temporary sibling and renamed into place only after every file reads 
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import heapq
 import json
@@ -401,7 +403,17 @@ def scan_wheel(wheel: Path) -> Scan:
     """Read every samples file once (the task's and the other-licence folders' excepted) and partition
     the tasks: one with a long-form row goes to the pool (so the pool is what it was before the partition),
     else one with at least `SEP_MIN_TASK_ROWS` distinct `<sep>` context rows to the `<sep>` builder, else
-    to the general prompts."""
+    to the general prompts.
+
+    A process scans a wheel file once (the scan takes most of a set's build: an experiment that names two
+    prepared sets builds both from one scan); each caller gets its own copy."""
+    stat = wheel.stat()
+    return copy.deepcopy(_scan_once(wheel.resolve(), stat.st_size, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=1)
+def _scan_once(wheel: Path, size: int, mtime_ns: int) -> Scan:
+    """`scan_wheel`'s pass, kept for the file at that size and time."""
     pool: dict[str, list[Pair]] = {}
     general, contexts = SeededDraw(GENERAL_PER_TASK, "general"), SeededDraw(CONTEXTS_PER_TASK, "contexts")
     broad = SeededDraw(BROAD_PER_TASK, "broad")
