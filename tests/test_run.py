@@ -390,6 +390,7 @@ def test_a_sweep_and_two_general_sets_with_kinds_run_end_to_end(experiment, tmp_
                         {"name": "replay", "kind": "replay-reference", "ratios": [0, 1, 2]}])
     config["task"]["add_tokens"] = {"<sep>": None}  # no probe stage
     config["eval"]["max_new_tokens"] = 2  # a random model ends nearly no answer in 2 tokens
+    config["coverage"] = {"least": 1, "threshold": 0.5}
     experiment.write_text(yaml.safe_dump(config))
     result = run_experiment(load_experiment(experiment), tmp_path / "out")
     summary = result["summary"]
@@ -406,6 +407,13 @@ def test_a_sweep_and_two_general_sets_with_kinds_run_end_to_end(experiment, tmp_
         assert head in report
     assert "- Sweep replay (ratios 1, 2): " in report
     assert (tmp_path / "out" / "dose_response.png").stat().st_size > 1000
+    # coverage of the prompt sets by the diverse rows the replay arms train on (the pool, here)
+    covered = json.loads((tmp_path / "out" / "manifest.json").read_text())["coverage"]["files"]
+    assert set(covered) == {"qa", "capitals", "task eval"} and covered["qa"]["prompts"] == len(kinds)
+    section = report.split("## Pool coverage")[1].split("\n## ")[0]
+    assert [line[2:].split(":")[0] for line in section.splitlines() if line.startswith("- ")] == sorted(
+        covered, key=lambda name: covered[name]["nearest"]["p50"])
+    assert "| qa | 4 |" in section and "(< 0.50)" in section
 
 
 def test_a_scaled_arm_evaluates_the_of_arms_adapter_at_each_scale_and_trains_nothing(experiment, tmp_path,

@@ -20,8 +20,9 @@ then read the medians, or give a `threshold`.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -29,8 +30,9 @@ from pydantic import BaseModel, Field
 from delia.config import Flags, StageConfig
 from delia.data import first_turns, read_chat
 from delia.errors import DeliaError
-from delia.files import check_output, write_json
+from delia.files import check_output, sha256_file, write_json
 from delia.progress import ProgressCallback
+from delia.stage import Stage
 from delia.text import shorten
 
 TEXT_CHARS = 200  # of a least-covered prompt in the record
@@ -207,6 +209,38 @@ class CoverageConfig(StageConfig):
     """cpu, cuda, ... (default: cuda if present)."""
     overwrite: bool = False
     """Replace `out` if it exists."""
+
+
+@dataclass
+class CoverageStage(Stage[dict[str, Any]]):
+    """Coverage as a stage of `delia run`: how well the diverse rows the arms train on (the sampled answers' queries,
+    or the pool's) cover each general set and the task's prompts. Its identity is the model's, the hashes of the
+    pool and of each named prompt file, and the options."""
+
+    name: ClassVar[str] = "coverage"
+    result: ClassVar[Any] = dict[str, Any]
+
+    pool: Path
+    prompts: dict[str, Path]  # set name -> its file
+    config: CoverageConfig
+    model: dict[str, Any]  # the model's identity
+    label: str = "pool"
+
+    def identity(self) -> dict[str, Any]:
+        return {"model": self.model, "pool": sha256_file(self.pool), "options": self.config.options(),
+                "prompts": {name: sha256_file(path) for name, path in self.prompts.items()}}
+
+    def run(self, folder: Path, progress: ProgressCallback | None = None) -> dict[str, Any]:
+        """The coverage record, its files named by set; without each prompt's nearest query (kept short)."""
+        record = pool_coverage(self.pool, list(self.prompts.values()), self.config, progress=progress)
+        files = {name: record["files"][str(path)] for name, path in self.prompts.items()}
+        return {**record, "files": {n: {k: v for k, v in f.items() if k != "per_prompt"} for n, f in files.items()}}
+
+
+def coverage_lines(record: dict[str, Any]) -> list[str]:
+    """One line per prompt set, least covered first, naming the prompt the pool is farthest from."""
+    files = {name: Coverage.model_validate({**f, "per_prompt": []}) for name, f in record["files"].items()}
+    return [c.line(name) for name, c in sorted(files.items(), key=lambda kv: kv[1].nearest.p50)]
 
 
 def pool_coverage(

@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from delia.config import StageConfig
+from delia.coverage import CoverageConfig
 from delia.errors import DeliaError
 from delia.evaluate import EvalConfig
 from delia.files import read_yaml
@@ -50,6 +51,7 @@ SECTIONS: dict[str, tuple[type[StageConfig], frozenset[str]]] = {
     "eval": (EvalConfig, frozenset({"model", "adapter", "adapter_scale", "metric", "metric_config", "general",
                                     "contrast", "overwrite"})),
     "rewrite": (RewriteConfig, frozenset({"model", "metric", "metric_config", "overwrite"})),
+    "coverage": (CoverageConfig, frozenset({"model", "out", "overwrite"})),
 }
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # an experiment's name: a folder name, never a path
 
@@ -292,6 +294,9 @@ class Experiment(BaseModel):
     rewrite: RewriteConfig = Field(default_factory=RewriteConfig, description="Options of `delia rewrite`, for "
                                    "arms that train on the task rows as the model rewrote them (kind sdft, or "
                                    "`rewrite: true`).")
+    coverage: CoverageConfig | None = Field(None, description="Options of `delia coverage`: with this section "
+                                            "(`coverage: {}` for the defaults), the report shows how well the diverse "
+                                            "rows' queries cover each general set and the task's prompts.")
     bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples for the 95% intervals.")
 
     @field_validator("name")
@@ -309,15 +314,15 @@ class Experiment(BaseModel):
             raise ValueError(f"seeds must be unique, got {seeds}")
         return seeds
 
-    @field_validator("sample", "mix", "train", "eval", "rewrite", mode="before")
+    @field_validator("sample", "mix", "train", "eval", "rewrite", "coverage", mode="before")
     @classmethod
     def _stage_options(cls, options: Any, info: ValidationInfo) -> Any:
         return section(str(info.field_name), options) if isinstance(options, dict) else options
 
-    @field_serializer("sample", "mix", "train", "eval", "rewrite")
-    def _as_written(self, config: StageConfig) -> dict[str, Any]:
+    @field_serializer("sample", "mix", "train", "eval", "rewrite", "coverage")
+    def _as_written(self, config: StageConfig | None) -> dict[str, Any] | None:
         """A section as the YAML set it: the run's stage keys and manifest hold what the user chose."""
-        return config.written()
+        return None if config is None else config.written()
 
     @field_validator("general")
     @classmethod

@@ -667,6 +667,26 @@ def _pool_blocks(pool: PoolFacts) -> list[Block]:
             ("table", ["step", "rows removed"], [[k, str(v)] for k, v in pool.steps.items()])]
 
 
+def _coverage_blocks(record: dict[str, Any]) -> list[Block]:
+    """How well the diverse rows' queries cover each general set and the task's prompts (`coverage:`)."""
+    from delia.coverage import coverage_lines
+
+    files = record["files"]
+    some = next(iter(files.values()))
+    scale = ("the pool's own typical nearest similarity" if some["threshold_from"] == "pool median"
+             else "the given threshold")
+    rows = [[name, str(f["prompts"]), f"{f['nearest']['p50']:.2f}", f"{f['nearest']['p10']:.2f}–"
+             f"{f['nearest']['p90']:.2f}", f"{f['below_share']:.0%} (< {f['threshold']:.2f})"]
+            for name, f in files.items()]
+    return [("h2", "Pool coverage"),
+            ("p", f"Each prompt's cosine similarity to its nearest query among the {some['pool_queries']} diverse "
+             f"rows' queries, in the model's embedding space (`delia coverage`). Below: the share under {scale}. "
+             "A set with a low median holds prompts unlike any the diverse rows show the model: there the task's "
+             "format is the likelier to leak. Least covered first:"),
+            ("ul", coverage_lines(record)),
+            ("table", ["prompt set", "prompts", "median", "p10–p90", "below"], rows)]
+
+
 def _rewrite_blocks(rewrite: RewriteFacts) -> list[Block]:
     """How many task rows the arms with `rewrite` (SDFT) trained on as the model rewrote them."""
     others = ", ".join(f"{reason.replace('_', ' ')} {n}" for reason, n in rewrite.reasons.items()
@@ -779,6 +799,8 @@ def write_report(folder: Path, title: str, runs: list[ModelResult], baseline: st
         blocks += _pool_blocks(PoolFacts.model_validate(pool))
     if rewrite := manifest.get("rewrite"):
         blocks += _rewrite_blocks(RewriteFacts.model_validate(rewrite))
+    if coverage := manifest.get("coverage"):
+        blocks += _coverage_blocks(coverage)
     blocks += [("h2", "Manifest"), ("pre", json.dumps(manifest, indent=2, default=str))]
 
     md_path, html_path = folder / "report.md", folder / "report.html"

@@ -65,6 +65,7 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
     Stages report their progress to `progress`. A finished or interrupted run in `out` is resumed, or with
     `overwrite` removed first."""
     from delia.compute import arm_cost
+    from delia.coverage import CoverageConfig
     from delia.evaluate import EvalStage
     from delia.mix import MixStage
     from delia.models import resolve_model
@@ -128,6 +129,14 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
         sampling = SampleConfig.build(exp.sample, model=model_path)
         folder, sampled = cache.run(SampleStage(exp.pool, sampling, model_id, "pool"), progress)
         samples = folder / "samples.jsonl"
+    coverage = None
+    if exp.coverage is not None and (diverse_rows := samples or exp.pool) is not None:
+        from delia.coverage import CoverageStage
+
+        sets = {} if exp.general is None else exp.general if isinstance(exp.general, dict) else {"general": exp.general}
+        stage = CoverageStage(Path(diverse_rows), {**sets, "task eval": exp.task.eval},
+                              CoverageConfig.build(exp.coverage, model=model_path), model_id)
+        coverage = cache.run(stage, progress)[1].result
     # the task rows an arm trains on: as given, or (`rewrite`) as the model rewrote them, shown the reference (SDFT)
     task_rows = {False: exp.task.train}
     rewritten = None
@@ -201,6 +210,8 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
         manifest["pool"] = pool_facts.dump()
     if rewritten is not None:
         manifest["rewrite"] = rewritten.result.facts().dump()
+    if coverage is not None:
+        manifest["coverage"] = coverage
     md, html, summary = write_report(out, exp.name, runs, exp.baseline_arm, manifest, exp.bootstrap)
     write_json(out / "manifest.json", manifest)
     return {"report_md": str(md), "report_html": str(html), "summary": summary,
