@@ -90,6 +90,7 @@ def test_probe_needs_descriptions(tiny_model, tmp_path):
     ({"max_prompts": 0}, "field 'max_prompts': max_prompts must be >= 1, got 0"),
     ({"format": "csv"}, "field 'format': unknown format 'csv'"),
     ({"model": "m", "adapter": "a"}, "set `model` or `adapter`, not both"),
+    ({"adapter_scale": 0.5}, "`adapter_scale` scales an `adapter`'s LoRA update: give `adapter`"),
 ])
 def test_probe_options_errors_name_the_field(options, named, tmp_path):
     with pytest.raises(DeliaError) as e:
@@ -129,3 +130,10 @@ def test_eval_and_probe_on_a_trained_adapter(tiny_model, delia_format_data, writ
                  data=delia_format_data / "eval.jsonl", max_prompts=2, neighbours=3)["tokens"]["<sep>"]
     assert base["id"] == entry["id"]  # the base gets the token where training put it
     assert base["embedding_norm"] != pytest.approx(entry["embedding_norm"])  # training moved the row
+
+    # the adapter at another scale: the LoRA update scaled (the token's row kept as trained), as `delia eval` does
+    half = probe(tmp_path / "probe-half", adapter=adapter, adapter_scale=0.5, data=delia_format_data / "eval.jsonl",
+                 max_prompts=2, neighbours=3)
+    assert "0.5" in half["model"] and half["tokens"]["<sep>"]["embedding_norm"] == pytest.approx(
+        entry["embedding_norm"])
+    assert half["tokens"]["<sep>"]["cosine_last"] != pytest.approx(entry["cosine_last"])

@@ -422,13 +422,13 @@ def test_a_scaled_arm_evaluates_the_of_arms_adapter_at_each_scale_and_trains_not
     config = yaml.safe_load(experiment.read_text())
     config.update(seeds=[0], eval_base=False, contrast=None, arms=[
         {"name": "sft", "kind": "sft"}, {"name": "sft-scaled", "kind": "scaled", "of": "sft", "scales": [0.5, 1]}])
-    config["task"]["add_tokens"] = {"<sep>": None}  # no probe stage
     experiment.write_text(yaml.safe_dump(config))
     out = tmp_path / "out"
     first = run_experiment(load_experiment(experiment), out)
-    # no train stage of its own; at scale 1 it is the sft arm's own eval, already done
-    assert first["stages_run"] == ["plan:costs", "train:sft seed 0", "eval:sft seed 0", "eval:sft-scaled-0.5 seed 0"]
-    assert first["stages_cached"] == ["eval:sft-scaled-1 seed 0"]
+    # no train stage of its own; at scale 1 it is the sft arm's own eval and probe, already done
+    assert first["stages_run"] == ["plan:costs", "train:sft seed 0", "eval:sft seed 0", "probe:sft seed 0",
+                                   "eval:sft-scaled-0.5 seed 0", "probe:sft-scaled-0.5 seed 0"]
+    assert first["stages_cached"] == ["eval:sft-scaled-1 seed 0", "probe:sft-scaled-1 seed 0"]
     records = [json.loads((p / "stage.json").read_text()) for p in (out / "stages").iterdir()]
     stages = {f"{r['stage']}:{r['label']}": r for r in records}
     scaled, sft = stages["eval:sft-scaled-0.5 seed 0"], stages["eval:sft seed 0"]
@@ -447,6 +447,9 @@ def test_a_scaled_arm_evaluates_the_of_arms_adapter_at_each_scale_and_trains_not
     plan = {a["arm"]: a for a in json.loads((out / "manifest.json").read_text())["plan"]["arms"]}
     assert plan["sft-scaled-0.5"]["of"] == "sft" and plan["sft-scaled-0.5"]["flops"] == plan["sft"]["flops"]
     assert plan["sft-scaled-0.5"]["est_wall_s"] == 0 and "of" not in plan["sft"]
+    probes = {r["label"]: r for r in records if r["stage"] == "probe"}
+    assert probes["sft-scaled-0.5 seed 0"]["inputs"]["adapter_scale"] == 0.5
+    assert "adapter at 0.5" in probes["sft-scaled-0.5 seed 0"]["result"]["model"]
 
     second = run_experiment(load_experiment(experiment), out)
     assert second["stages_run"] == [] and sorted(second["stages_cached"]) == sorted(

@@ -74,11 +74,6 @@ class EvalConfig(ModelChoice):
     """Score only the first N prompts of each general set (the demo data's sets are shuffled)."""
     general_max_new_tokens: int = Field(64, ge=1)
     """Answer length on general and contrast prompts (greedy)."""
-    adapter_scale: float = Field(1.0, ge=0, allow_inf_nan=False)
-    """Multiply the adapter's LoRA update by this before generating and scoring (task metric, leakage, drift):
-    WiSE-FT-style interpolation, 0 the base model, 1 the trained adapter, above 1 an extrapolation. Embedding rows
-    of new tokens (PEFT trainable tokens) and `--train-rows all` embedding copies are kept as trained, unscaled, so
-    a new token still exists at any scale. Only with `adapter`."""
     base_model: str | None = None
     """Base model for drift when `model` is a merged model (default: a `model` is its own base); not with
     `adapter`, whose base is recorded with it."""
@@ -96,8 +91,6 @@ class EvalConfig(ModelChoice):
             raise ValueError("`contrast` needs `general` (the base answers and leakage rule come with it)")
         if self.base_model is not None and self.adapter is not None:
             raise ValueError("`base_model` is for a merged `model`; an adapter's base is recorded with it")
-        if self.adapter_scale != 1.0 and self.adapter is None:
-            raise ValueError("`adapter_scale` scales an `adapter`'s LoRA update: give `adapter`")
         return self
 
 

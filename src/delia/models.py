@@ -215,10 +215,18 @@ class ModelChoice(StageConfig):
     """Adapter folder written by `delia train`: loads its recorded base model (and `delia probe` reads the token
     descriptions its delia_train.json records)."""
 
+    adapter_scale: float = Field(1.0, ge=0, allow_inf_nan=False)
+    """Multiply the adapter's LoRA update by this before anything runs (eval: answers and scores; probe: hidden
+    states): WiSE-FT-style interpolation, 0 the base model, 1 the trained adapter, above 1 an extrapolation.
+    Embedding rows of new tokens (PEFT trainable tokens) and `--train-rows all` embedding copies are kept as
+    trained, unscaled, so a new token still exists at any scale. Only with `adapter`."""
+
     @model_validator(mode="after")
     def _model_or_adapter(self) -> ModelChoice:
         if self.model is not None and self.adapter is not None:
             raise ValueError(MODEL_OR_ADAPTER)
+        if self.adapter_scale != 1.0 and self.adapter is None:
+            raise ValueError("`adapter_scale` scales an `adapter`'s LoRA update: give `adapter`")
         return self
 
 
@@ -230,7 +238,7 @@ def load_for_eval(model: str | None, adapter: Path | None, device: str | None = 
         if model is not None:
             raise DeliaError(MODEL_OR_ADAPTER)
         m, tok = load_trained(adapter, device=device, scale=adapter_scale)
-        return m, tok, f"{adapter} (adapter)"
+        return m, tok, f"{adapter} (adapter)" if adapter_scale == 1.0 else f"{adapter} (adapter at {adapter_scale:g})"
     m, tok = load_model(model or DEFAULT_MODEL, device=device)
     return m, tok, model or DEFAULT_MODEL
 

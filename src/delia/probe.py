@@ -253,7 +253,7 @@ def probe(
     check_output(Path(out) / PROBE, inputs=[p for p in (cfg.data, cfg.tokens_file) if p is not None],
                  overwrite=cfg.overwrite)
     descriptions = _descriptions(cfg.token, cfg.tokens_file, cfg.adapter, cfg.model)
-    lm, tokenizer, loaded = load_for_eval(cfg.model, cfg.adapter, cfg.device)
+    lm, tokenizer, loaded = load_for_eval(cfg.model, cfg.adapter, cfg.device, cfg.adapter_scale)
     missing = [(t, d) for t, d in descriptions.items() if t not in tokenizer.get_vocab()]
     added = add_tokens(lm, tokenizer, missing, method=cfg.init, seed=cfg.seed) if missing else None
     result: dict[str, Any] = {

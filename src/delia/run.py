@@ -159,10 +159,15 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
         """A scaled arm at the seed of `of`: that arm's adapter (trained as `of_train`) evaluated at the arm's
         scale. It trains nothing, so its compute is the `of` arm's training and no more."""
         assert arm.scale is not None and of.compute is not None
-        folder, rec = cache.run(evaluation(f"{arm.name} seed {of.seed}", {"adapter": of_train}, adapter=of.train_dir,
-                                           adapter_scale=arm.scale), progress)  # at 1: the `of` arm's own eval
-        return ModelResult(arm.name, of.ratio, of.seed, folder, wall_s={"eval": rec.wall_s}, kind=SCALED,
-                           of=arm.of, scale=arm.scale, compute={**of.compute, "est_wall_s": estimate[arm.name]})
+        label = f"{arm.name} seed {of.seed}"
+        folder, rec = cache.run(evaluation(label, {"adapter": of_train}, adapter=of.train_dir, adapter_scale=arm.scale),
+                                progress)  # at 1: the `of` arm's own eval
+        result = ModelResult(arm.name, of.ratio, of.seed, folder, wall_s={"eval": rec.wall_s}, kind=SCALED,
+                             of=arm.of, scale=arm.scale, compute={**of.compute, "est_wall_s": estimate[arm.name]})
+        if described:  # at 1: the `of` arm's own probe
+            scale = {"adapter_scale": arm.scale} if arm.scale != 1.0 else {}
+            result.probe = probed(label, {"adapter": of_train, **scale}, adapter=of.train_dir, **scale)
+        return result
 
     trained: dict[tuple[str, int], tuple[ModelResult, dict[str, Any]]] = {}  # (arm, seed): result, train identity
     for arm in sorted(exp.arms, key=lambda a: a.kind == SCALED):  # a scaled arm after the arm it scales
