@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from delia.artifacts import RewriteFacts, SampledTokens
 from delia.config import Flags
 from delia.errors import DeliaError
-from delia.files import beside, check_output, sha256_path
+from delia.files import beside, check_output, read_yaml, sha256_path
 from delia.metrics import MetricConfig, MetricKind
 from delia.progress import Progress, ProgressCallback, report
 from delia.sample import EngineOptions, auto_or_positive_option
@@ -279,25 +279,21 @@ class RewriteStage(Stage[RewriteSummary]):
     data: Path
     config: RewriteConfig
     model: dict[str, Any]  # {model: as named, fingerprint}
-    metric_options: dict[str, Any] | None  # the metric's config as given
+    metric_options: dict[str, Any] | None  # the metric's config as given (None: as its file holds it)
     label: str = ""
     token_limit: int | None = None  # max_new_tokens resolved, once the run has read the references
 
     @classmethod
     def of(cls, data: Path, cfg: RewriteConfig) -> RewriteStage:
-        """The stage `delia rewrite` runs: the model as `cfg` names it (behind a server: by its name only)."""
-        import yaml
-
-        from delia.models import model_identity
-
-        model = ({"model": cfg.served_model or cfg.model, "fingerprint": None} if cfg.backend == "openai"
-                 else model_identity(cfg.model))
-        metric = cfg.metric_config and yaml.safe_load(cfg.metric_config.read_text(encoding="utf-8"))
-        return cls(data, cfg, model, metric or None)
+        """The stage `delia rewrite` runs: the model as `cfg` names it, the metric's config as its file holds it."""
+        return cls(data, cfg, cfg.model_identity(), None)
 
     def identity(self) -> dict[str, Any]:
+        metric = self.metric_options
+        if metric is None and self.config.metric_config is not None:  # read once the file has been checked
+            metric = read_yaml(self.config.metric_config, "the metric config") or None
         return {"model": self.model, "data": sha256_path(self.data), "metric": self.config.metric,
-                "metric_config": self.metric_options, "options": self.config.options()}
+                "metric_config": metric, "options": self.config.options()}
 
     def resume_identity(self) -> dict[str, Any]:
         options = self.config.options()

@@ -435,6 +435,14 @@ class EngineOptions(ReadOptions):
     def _auto_or_positive(cls, value: Any, info: ValidationInfo) -> int | str:
         return auto_or_positive_option(value, info)
 
+    def model_identity(self) -> dict[str, Any]:
+        """The model as a stage's identity holds it: by its fingerprint, or behind a server by its name only."""
+        from delia.models import model_identity
+
+        if self.backend == "openai":
+            return {"model": self.served_model or self.model, "fingerprint": None}
+        return model_identity(self.model)
+
     @model_validator(mode="after")
     def _openai_needs_a_server(self) -> Self:
         if self.backend == "openai" and not self.base_url:
@@ -551,12 +559,8 @@ class SampleStage(Stage[SampleSummary]):
 
     @classmethod
     def of(cls, pool: Path, cfg: SampleConfig) -> SampleStage:
-        """The stage `delia sample` runs: the model as `cfg` names it (behind a server: by its name only)."""
-        from delia.models import model_identity
-
-        if cfg.backend == "openai":
-            return cls(pool, cfg, {"model": cfg.served_model or cfg.model, "fingerprint": None})
-        return cls(pool, cfg, model_identity(cfg.model))
+        """The stage `delia sample` runs: the model as `cfg` names it."""
+        return cls(pool, cfg, cfg.model_identity())
 
     def identity(self) -> dict[str, Any]:
         return {"model": self.model, "pool": sha256_path(self.pool), "options": self.config.options()}
