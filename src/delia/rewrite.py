@@ -278,30 +278,36 @@ class RewriteStage(Stage[RewriteSummary]):
 
     data: Path
     config: RewriteConfig
-    model: dict[str, Any]  # {model: as named, fingerprint}
-    metric_options: dict[str, Any] | None  # the metric's config as given (None: as its file holds it)
+    model: dict[str, Any] | None = None  # {model: as named, fingerprint}; None: `config`'s, once needed
+    metric_options: dict[str, Any] | None = None  # the metric's config as given (None: as its file holds it)
     label: str = ""
     token_limit: int | None = None  # max_new_tokens resolved, once the run has read the references
 
     @classmethod
     def of(cls, data: Path, cfg: RewriteConfig) -> RewriteStage:
-        """The stage `delia rewrite` runs: the model as `cfg` names it, the metric's config as its file holds it."""
-        return cls(data, cfg, cfg.model_identity(), None)
+        """The stage `delia rewrite` runs: the model as `cfg` names it, the metric's config as its file holds it
+        (both read once the inputs are checked)."""
+        return cls(data, cfg)
 
     def identity(self) -> dict[str, Any]:
         metric = self.metric_options
-        if metric is None and self.config.metric_config is not None:  # read once the file has been checked
+        if metric is None and self.config.metric_config is not None:
             metric = read_yaml(self.config.metric_config, "the metric config") or None
-        return {"model": self.model, "data": sha256_path(self.data), "metric": self.config.metric,
+        return {"model": self._model(), "data": sha256_path(self.data), "metric": self.config.metric,
                 "metric_config": metric, "options": self.config.options()}
 
     def resume_identity(self) -> dict[str, Any]:
         options = self.config.options()
-        return {"model": self.model, "data": sha256_path(self.data), "max_new_tokens": self.token_limit,
+        return {"model": self._model(), "data": sha256_path(self.data), "max_new_tokens": self.token_limit,
                 "prompt": PROMPT_VERSION, "options": {k: options[k] for k in GENERATION_OPTIONS if k in options}}
 
     def run(self, folder: Path, progress: ProgressCallback | None = None) -> RewriteSummary:
         return _rewrite(self, folder / "rewritten.jsonl", progress)
+
+    def _model(self) -> dict[str, Any]:
+        if self.model is None:
+            self.model = self.config.model_identity()
+        return self.model
 
 
 def _header(path: Path) -> dict[str, Any] | None:

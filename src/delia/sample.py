@@ -554,23 +554,28 @@ class SampleStage(Stage[SampleSummary]):
 
     pool: Path
     config: SampleConfig
-    model: dict[str, Any]  # {model: as named, fingerprint}
+    model: dict[str, Any] | None = None  # {model: as named, fingerprint}; None: `config`'s, once needed
     label: str = ""
 
     @classmethod
     def of(cls, pool: Path, cfg: SampleConfig) -> SampleStage:
-        """The stage `delia sample` runs: the model as `cfg` names it."""
-        return cls(pool, cfg, cfg.model_identity())
+        """The stage `delia sample` runs: the model as `cfg` names it (resolved once the inputs are checked)."""
+        return cls(pool, cfg)
 
     def identity(self) -> dict[str, Any]:
-        return {"model": self.model, "pool": sha256_path(self.pool), "options": self.config.options()}
+        return {"model": self._model(), "pool": sha256_path(self.pool), "options": self.config.options()}
 
     def resume_identity(self) -> dict[str, Any]:
         """The identity without the options that leave each query's rows as they are (how many queries, the back
         end and its batching): a rerun may change those and resume."""
         options = self.config.options()
-        return {"model": self.model, "pool": sha256_path(self.pool),
+        return {"model": self._model(), "pool": sha256_path(self.pool),
                 "options": {k: options[k] for k in GENERATION_OPTIONS if k in options}}
+
+    def _model(self) -> dict[str, Any]:
+        if self.model is None:
+            self.model = self.config.model_identity()
+        return self.model
 
     def run(self, folder: Path, progress: ProgressCallback | None = None) -> SampleSummary:
         return _sample(self, folder / "samples.jsonl", progress)

@@ -82,16 +82,18 @@ class TrainStage(Stage[str]):
 
     data: Path
     config: TrainConfig
-    model: dict[str, Any]  # {model: as named, fingerprint}
+    model: dict[str, Any] | None = None  # {model: as named, fingerprint}; None: `config.model`, once needed
     label: str = ""
 
     @classmethod
     def of(cls, data: Path, cfg: TrainConfig) -> TrainStage:
-        """The stage `delia train` runs: the model as `cfg` names it."""
-        return cls(data, cfg, model_identity(cfg.model))
+        """The stage `delia train` runs: the model as `cfg` names it (resolved once the inputs are checked)."""
+        return cls(data, cfg)
 
     def identity(self) -> dict[str, Any]:
         cfg = self.config
+        if self.model is None:
+            self.model = model_identity(cfg.model)
         found = {"model": self.model, "data": sha256_path(self.data), "tokens": list(cfg.add_token or []),
                  "options": cfg.options()}
         return found | ({"eval_data": sha256_path(cfg.eval_data)} if cfg.eval_data else {})
