@@ -411,7 +411,7 @@ def scan_wheel(wheel: Path) -> Scan:
     return copy.deepcopy(_scan_once(wheel.resolve(), stat.st_size, stat.st_mtime_ns))
 
 
-@functools.lru_cache(maxsize=4)  # the real wheel stays while tests scan small fake ones
+@functools.lru_cache(maxsize=16)  # the real wheel stays while tests scan small fake ones
 def _scan_once(wheel: Path, size: int, mtime_ns: int) -> Scan:
     """`scan_wheel`'s pass, kept for the file at that size and time."""
     pool: dict[str, list[Pair]] = {}
