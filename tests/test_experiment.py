@@ -173,3 +173,28 @@ def test_sdft_is_the_rewritten_task_rows_and_combines_with_diverse_rows(tmp_path
 def test_bad_sdft_arms_are_refused(tmp_path, arm, message):
     with pytest.raises(DeliaError, match=message):
         _load(tmp_path, arms=[{"name": "sft", "kind": "sft"}, arm])
+
+
+def test_promot_trains_its_soft_prompt_first_then_lora_beside_it(tmp_path):
+    exp = _load(tmp_path, arms=[{"name": "sft", "kind": "sft"}, {"name": "p", "kind": "promot"},
+                                {"name": "p4", "kind": "promot", "train": {"soft_prompt": 4},
+                                 "prompt_train": {"epochs": 1}}])
+    first, last = exp.arm_phases(exp.arms[1], 0)
+    assert (first.lora, first.soft_prompt, first.learning_rate, first.epochs) == (False, 16, 1e-2, 3)
+    assert (last.lora, last.soft_prompt, last.learning_rate) == (True, 16, exp.train.learning_rate)
+    first, last = exp.arm_phases(exp.arms[2], 0)
+    assert (first.soft_prompt, first.epochs, last.soft_prompt) == (4, 1, 4)
+    assert exp.arm_phases(exp.arms[0], 0) == [exp.arm_train(exp.arms[0], 0)]
+    dumped = exp.model_dump(mode="json")["arms"]
+    assert "prompt_train" not in dumped[0] and dumped[2]["prompt_train"] == {"epochs": 1}
+
+
+@pytest.mark.parametrize("arm, message", [
+    ({"name": "p", "kind": "promot", "ratio": 1}, "kind promot needs ratio 0"),
+    ({"name": "p", "kind": "sft", "prompt_train": {"epochs": 1}}, "`prompt_train` is for kind promot"),
+    ({"name": "p", "kind": "promot", "prompt_train": {"epoch": 1}}, "did you mean 'epochs'"),
+    ({"name": "p", "kind": "promot", "train": {"train_rows": "all"}}, "`train_rows` new"),
+])
+def test_bad_promot_arms_are_refused(tmp_path, arm, message):
+    with pytest.raises(DeliaError, match=message):
+        _load(tmp_path, arms=[{"name": "sft", "kind": "sft"}, arm])

@@ -454,3 +454,36 @@ def test_a_scaled_arm_evaluates_the_of_arms_adapter_at_each_scale_and_trains_not
     second = run_experiment(load_experiment(experiment), out)
     assert second["stages_run"] == [] and sorted(second["stages_cached"]) == sorted(
         first["stages_run"] + first["stages_cached"])
+
+
+def test_a_promot_arm_trains_two_phases_and_puts_its_soft_prompt_before_task_prompts_only(experiment, tmp_path,
+                                                                                           monkeypatch):
+    from delia.artifacts import TrainRecord
+
+    monkeypatch.setenv("DELIA_CACHE", str(tmp_path / "cache"))
+    config = yaml.safe_load(experiment.read_text())
+    config.update(seeds=[0], eval_base=False, arms=[
+        {"name": "sft", "kind": "sft"},
+        {"name": "promot", "kind": "promot", "train": {"soft_prompt": 2}, "prompt_train": {"max_steps": 1}}])
+    config["task"]["add_tokens"] = {"<sep>": None}  # no probe stage
+    experiment.write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    result = run_experiment(load_experiment(experiment), out)
+    trains = {t["label"]: (p, t) for p in (out / "stages").glob("train-*")
+              for t in [json.loads((p / "stage.json").read_text())]}
+    assert sorted(trains) == ["promot seed 0 phase 1", "promot seed 0 phase 2", "sft seed 0"]
+    first, second = (TrainRecord.read(trains[f"promot seed 0 phase {i}"][0] / "adapter") for i in (1, 2))
+    assert (first.settings["lora"], second.settings["lora"]) == (False, True)
+    assert second.settings["token_rows_from"] == str(trains["promot seed 0 phase 1"][0] / "adapter")
+    assert trains["promot seed 0 phase 2"][1]["inputs"]["token_rows_from"]  # keyed by the rows, not the path
+    evals = {json.loads((p / "stage.json").read_text())["label"]: p for p in (out / "stages").glob("eval-*")}
+    scores = json.loads((evals["promot seed 0"] / "scores.json").read_text())
+    assert scores["soft_prompt"] == "<soft_0><soft_1>"
+    prompts = [json.loads(x)["prompt_tokens"] for x in (evals["promot seed 0"] / "predictions.jsonl").open()]
+    sft_prompts = [json.loads(x)["prompt_tokens"] for x in (evals["sft seed 0"] / "predictions.jsonl").open()]
+    assert [a - b for a, b in zip(prompts, sft_prompts, strict=True)] == [2] * 4
+    general = [json.loads(x) for x in (evals["promot seed 0"] / "general.jsonl").open()]
+    assert all("<soft_" not in json.dumps(r) for r in general)
+    arms = result["summary"]["arms"]
+    assert arms["promot"]["compute"]["trained_tokens"] > arms["sft"]["compute"]["trained_tokens"]  # two phases
+    assert not run_experiment(load_experiment(experiment), out)["stages_run"]  # all cached

@@ -245,6 +245,12 @@ class TrainRecord(Record):
         """Ids of the tokens training added ([] for none)."""
         return [t.id for t in self.new_tokens.tokens] if self.new_tokens else []
 
+    def soft_prompt(self) -> str:
+        """The soft prompt the adapter was trained with before task prompts ('' for none; `train.soft_prompt`)."""
+        from delia.tokens import soft_prompt_tokens
+
+        return "".join(soft_prompt_tokens(int(self.settings.get("soft_prompt") or 0)))
+
     def token_descriptions(self) -> dict[str, str]:
         """Token -> description, for the added tokens that have one."""
         return {t.token: t.description for t in self.new_tokens.tokens if t.description} if self.new_tokens else {}
@@ -318,6 +324,7 @@ class EvalScores(Record):
     data_sha256: str | None = None
     model: str | None = None  # what was loaded, as shown
     adapter_scale: float | None = None  # only with an adapter
+    soft_prompt: str | None = None  # the soft prompt put before the task prompts (an adapter trained with one)
     sampling: EvalSampling = Field(default_factory=EvalSampling)
     finish_reasons: dict[str, int] = {}
     tokens: dict[str, int] = {}

@@ -78,6 +78,11 @@ def training_cost(model_path: str | Path, run: TrainedTokens) -> dict[str, float
             "train_flops": fwd * (TRAIN_FORWARDS * trained + forward_only)}
 
 
+def sum_trained(runs: list[TrainedTokens]) -> TrainedTokens:
+    """The token counts of an arm's trainings together (kind promot trains twice)."""
+    return TrainedTokens(**{k: sum(getattr(r, k) for r in runs) for k in TrainedTokens.model_fields})
+
+
 def arm_cost(model_path: str | Path, training: TrainedTokens, sampling: SampledTokens | None = None,
              share: float = 0.0, rewriting: SampledTokens | None = None) -> dict[str, float]:
     """One arm at one seed: its share of sampling (none for arms without self-samples), the rewriting of its task

@@ -20,7 +20,15 @@ from typing import Annotated, Any, ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
-from delia.artifacts import CONTRAST_ROWS, PREDICTIONS, EvalScores, ScoredSet, adapter_base, general_rows_file
+from delia.artifacts import (
+    CONTRAST_ROWS,
+    PREDICTIONS,
+    EvalScores,
+    ScoredSet,
+    TrainRecord,
+    adapter_base,
+    general_rows_file,
+)
 from delia.config import Flags
 from delia.data import Format
 from delia.errors import DeliaError
@@ -74,6 +82,9 @@ class EvalConfig(ModelChoice):
     """Score only the first N prompts of each general set (the demo data's sets are shuffled)."""
     general_max_new_tokens: int = Field(64, ge=1)
     """Answer length on general and contrast prompts (greedy)."""
+    soft_prompt: bool = True
+    """An adapter trained with a soft prompt (ProMoT, `train.soft_prompt`) gets it before every task prompt, never
+    before general or contrast prompts; false: never."""
     base_model: str | None = None
     """Base model for drift when `model` is a merged model (default: a `model` is its own base); not with
     `adapter`, whose base is recorded with it."""
@@ -147,6 +158,7 @@ def evaluate(
     from delia.data import read_chat, row_id
     from delia.metrics import score
     from delia.prompts import prompt_ids
+    from delia.tokens import with_soft_prompt
 
     cfg = EvalConfig.build(config, **options)
     # read after the eval: a missing file must not cost a whole eval first
@@ -167,9 +179,12 @@ def evaluate(
     references = [r["messages"][-1]["content"] for r in records]
 
     lm, tokenizer, loaded = load_for_eval(cfg.model, cfg.adapter, cfg.device, cfg.adapter_scale)
+    soft = ""
     if cfg.adapter is not None:
         lm.merge_adapter()  # LoRA folded into the weights (at its scale): generation at the base model's speed
-    ids = [prompt_ids(tokenizer, p) for p in prompts]
+        if cfg.soft_prompt and (Path(cfg.adapter) / TrainRecord.FILE).exists():  # a plain PEFT adapter has none
+            soft = TrainRecord.read(cfg.adapter).soft_prompt()
+    ids = [prompt_ids(tokenizer, with_soft_prompt(p, soft)) for p in prompts]
     start = time.perf_counter()
     completions: dict[int, Any] = {}
     for i, completion in HFBackend(lm, tokenizer, cfg.batch_size or "auto").generate(ids, params):
@@ -195,6 +210,7 @@ def evaluate(
         "data_sha256": sha256_file(data) if Path(data).is_file() else None,
         "model": loaded,
         **({"adapter_scale": cfg.adapter_scale} if cfg.adapter is not None else {}),
+        **({"soft_prompt": soft} if soft else {}),
         "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
                      "seed": cfg.seed},
         "finish_reasons": dict(Counter(r["finish_reason"] for r in rows)),

@@ -100,12 +100,19 @@ class Task(BaseModel):
 ARM_KINDS: dict[str, tuple[str | None, str | None]] = {
     "sft": (None, None),                      # the task rows alone
     "sdft": (None, None),                     # the task rows as the model rewrote them (SDFT), alone
+    "promot": (None, None),                   # ProMoT: a soft prompt trained first, frozen beside LoRA, task-only
     "delia": ("self", "ce"),                  # the paper: the model's own answers, trained as text
     "delia-kl": ("self", "kl"),               # KL to the base model on the diverse rows (self or reference text)
     "replay-reference": ("reference", "ce"),  # the pool's reference answers as text: does self-sampling matter?
 }
 # The kind that trains nothing: another arm's adapters with their LoRA update scaled (WiSE-FT), one arm per scale.
 SCALED = "scaled"
+ALONE = ("sft", "sdft", "promot")  # the kinds that train on the task rows alone (ratio 0)
+PROMOT = "promot"
+PROMOT_TRAIN = {"soft_prompt": 16}  # kind promot's train settings, under the arm's `train`
+# Its first phase, the soft prompt alone, under the arm's `prompt_train`: prompt tuning needs a higher rate and more
+# steps than LoRA (Lester et al. 2021), and its steps cost what LoRA's do.
+PROMPT_PHASE = {"learning_rate": 1e-2, "epochs": 3}
 
 
 def arm_kind(kind: str | None, ratio: float, diverse: str | None) -> tuple[str, str | None]:
@@ -119,8 +126,8 @@ def arm_kind(kind: str | None, ratio: float, diverse: str | None) -> tuple[str, 
         close = difflib.get_close_matches(kind, [*ARM_KINDS, SCALED], n=1)
         raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join([*ARM_KINDS, SCALED])}"
                          + (f" (did you mean {close[0]!r}?)" if close else ""))
-    if (kind in ("sft", "sdft")) != (ratio == 0):
-        raise ValueError(f"kind {kind} needs " + ("ratio 0" if kind in ("sft", "sdft") else "a ratio above 0"))
+    if (kind in ALONE) != (ratio == 0):
+        raise ValueError(f"kind {kind} needs " + ("ratio 0" if kind in ALONE else "a ratio above 0"))
     text = ARM_KINDS[kind][0]
     if diverse is not None and (kind != "delia-kl" or diverse not in ("self", "reference")):
         raise ValueError("`diverse` is `self` or `reference`, and only for kind delia-kl"
@@ -159,18 +166,22 @@ class Arm(BaseModel):
     scale: float | None = Field(None, description="Kind scaled: this arm's factor (set at load from `scales`).")
     rewrite: bool = Field(False, description="Train on the task rows as the model rewrote them, shown the reference "
                           "(SDFT, `delia rewrite`; kind sdft sets it), beside the arm's diverse rows if it has any.")
+    prompt_train: dict[str, Any] = Field(default_factory=dict, description="Kind promot: overrides of the train "
+                                         "settings for its first phase, the soft prompt trained alone on the task "
+                                         f"rows (default: {PROMPT_PHASE}; the soft prompt's size is the arm's "
+                                         f"`train.soft_prompt`, default {PROMOT_TRAIN['soft_prompt']}).")
 
     @model_serializer(mode="wrap")
     def _without_unset_scaling(self, handler: SerializerFunctionWrapHandler) -> Any:
         """`of`, `scale` and `rewrite` left out where unset: a dump that names them only for the arms that use them
         keeps the other arms' dumps, and the stage keys made of them, as they were before those kinds existed."""
         dumped = handler(self)
-        for key in ("of", "scale", "rewrite"):
-            if isinstance(dumped, dict) and dumped.get(key) in (None, False):
+        for key in ("of", "scale", "rewrite", "prompt_train"):
+            if isinstance(dumped, dict) and dumped.get(key) in (None, False, {}):
                 dumped.pop(key, None)
         return dumped
 
-    @field_validator("train")
+    @field_validator("train", "prompt_train")
     @classmethod
     def _train_options(cls, options: dict[str, Any]) -> dict[str, Any]:
         section("train", options)  # checked here; used over the experiment's train section (`arm_train`)
@@ -183,6 +194,8 @@ class Arm(BaseModel):
         if self.ratios is None:
             self.kind, self.diverse = arm_kind(self.kind, self.ratio, self.diverse)
             self.rewrite = self.rewrite or self.kind == "sdft"
+            if self.prompt_train and self.kind != PROMOT:
+                raise ValueError("`prompt_train` is for kind promot (its soft prompt's phase)")
             return self
         if "ratio" in self.model_fields_set:
             raise ValueError("give `ratio` or `ratios` (a sweep), not both")
@@ -205,9 +218,9 @@ class Arm(BaseModel):
             raise ValueError("give `scales`, a list: each scale is an arm named `<name>-<scale>`")
         if not self.scales or min(self.scales) <= 0 or len(set(self.scales)) != len(self.scales):
             raise ValueError(f"`scales` must be distinct and above 0 (0 is the base model), got {self.scales}")
-        if set(self.model_fields_set) & {"ratio", "ratios", "diverse", "train", "rewrite"}:
-            raise ValueError("kind scaled trains nothing: no `ratio`, `ratios`, `diverse`, `train` or `rewrite` (the "
-                             "`of` arm's training is scaled)")
+        if set(self.model_fields_set) & {"ratio", "ratios", "diverse", "train", "rewrite", "prompt_train"}:
+            raise ValueError("kind scaled trains nothing: no `ratio`, `ratios`, `diverse`, `train`, `rewrite` or "
+                             "`prompt_train` (the `of` arm's training is scaled)")
         return self
 
     @property
@@ -357,7 +370,12 @@ class Experiment(BaseModel):
             raise ValueError(f"baseline {self.baseline!r} is not an arm")
         for arm in (a for a in self.arms if a.kind != SCALED):  # the train section and the arm's overrides, together
             try:
-                TrainConfig.build(self.arm_train(arm, self.seeds[0]))
+                for i, phase in enumerate(self.arm_phases(arm, self.seeds[0])):
+                    # as the run completes it: the task's tokens, and a later phase starts from the earlier one's rows
+                    whole = TrainConfig.build(phase, add_token=list(self.task.add_tokens) or None,
+                                              **({"token_rows_from": "earlier-phase"} if i else {}))
+                    if problem := whole.token_problem():
+                        raise DeliaError(problem)
             except DeliaError as e:
                 raise ValueError(f"arm {arm.name!r}: {e}") from None
         return self
@@ -367,7 +385,17 @@ class Experiment(BaseModel):
         of diverse rows (set only where it is not the default, so the default's stage keys stay as they were).
         Checked whole when the experiment is loaded."""
         update = {**arm.train, "seed": seed} | ({"diverse_loss": arm.diverse_loss} if arm.diverse_loss != "ce" else {})
+        if arm.kind == PROMOT:
+            update = PROMOT_TRAIN | update
         return self.train.model_copy(update=update)
+
+    def arm_phases(self, arm: Arm, seed: int) -> list[TrainConfig]:
+        """The trainings of `arm` at `seed`, in order: one, or for kind promot the soft prompt alone (its
+        `prompt_train` over `PROMPT_PHASE`), then LoRA beside it (`arm_train`; the run gives it the first's rows)."""
+        last = self.arm_train(arm, seed)
+        if arm.kind != PROMOT:
+            return [last]
+        return [last.model_copy(update={**PROMPT_PHASE, **arm.prompt_train, "lora": False}), last]
 
     def arm_mix(self, arm: Arm, seed: int) -> MixConfig:
         """The mixing options of `arm` at `seed`: the mix section with the arm's ratio and the seed."""

@@ -91,11 +91,12 @@ def plan_experiment(exp: Experiment, flops_per_s: float | None = None) -> CostPl
         available = sampled.generated if arm.samples else round(len(references) * scale)
         asked = exp.arm_mix(arm, exp.seeds[0]).diverse_asked(len(task_rows))
         diverse = min(available, asked)
-        training = exp.arm_train(arm, exp.seeds[0])
-        passes = training.epochs
-        if (steps := training.max_steps) > 0:  # max_steps wins over epochs (one process)
-            rows_per_step = training.batch_size * training.grad_accum
-            passes = steps * rows_per_step / (len(task_rows) + diverse)
+        passes = 0.0  # over the task and diverse rows, summed over the arm's trainings
+        for training in exp.arm_phases(arm, exp.seeds[0]):
+            passes += training.epochs
+            if (steps := training.max_steps) > 0:  # max_steps wins over epochs (one process)
+                rows_per_step = training.batch_size * training.grad_accum
+                passes += steps * rows_per_step / (len(task_rows) + diverse) - training.epochs
         diverse_tokens = diverse * (self_row if arm.samples else ref_row)
         data_tokens = task_tokens + diverse_tokens
         training_run = TrainedTokens(rows=len(task_rows) + diverse, train_tokens=data_tokens,

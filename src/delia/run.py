@@ -64,7 +64,7 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
     The report puts the plan's wall-time estimate (at `flops_per_s`, or measured) beside the measured time.
     Stages report their progress to `progress`. A finished or interrupted run in `out` is resumed, or with
     `overwrite` removed first."""
-    from delia.compute import arm_cost
+    from delia.compute import arm_cost, sum_trained
     from delia.coverage import CoverageConfig
     from delia.evaluate import EvalStage
     from delia.mix import MixStage
@@ -191,16 +191,20 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
                 if arm.samples and sampled is not None:  # what sampling only the rows this seed uses would take
                     share = mixed.result.diverse_rows() / max(1, sampled.result.kept)
                     wall["sample"] = round(sampled.wall_s * share, 2)
-            training = TrainConfig.build(exp.arm_train(arm, seed), model=model_path, add_token=token_specs,
-                                         eval_data=train_eval, resume=True)
-            tfolder, trained_rec = cache.run(TrainStage(train_data, training, model_id, label), progress)
-            adapter, train_identity = tfolder / "adapter", trained_rec.inputs
-            wall["train"] = trained_rec.wall_s
+            adapter, trainings = None, []  # a phase after the first starts from the rows the one before ended with
+            for i, phase in enumerate(phases := exp.arm_phases(arm, seed)):
+                training = TrainConfig.build(phase, model=model_path, add_token=token_specs, eval_data=train_eval,
+                                             resume=True, **({"token_rows_from": adapter} if adapter else {}))
+                tfolder, trained_rec = cache.run(TrainStage(train_data, training, model_id, label + (
+                    f" phase {i + 1}" if len(phases) > 1 else "")), progress)
+                adapter, train_identity = tfolder / "adapter", trained_rec.inputs
+                wall["train"] = wall.get("train", 0.0) + trained_rec.wall_s
+                trainings.append(TrainRecord.read(adapter).trained_tokens())
+            assert adapter is not None
             efolder, evaluated = cache.run(evaluation(label, {"adapter": train_identity}, adapter=adapter), progress)
             wall["eval"] = evaluated.wall_s
-            cost = arm_cost(model_path, TrainRecord.read(adapter).trained_tokens(),
-                            sampled.result.sampled_tokens() if sampled else None, share,
-                            rewritten.result.generation() if arm.rewrite and rewritten else None)
+            cost = arm_cost(model_path, sum_trained(trainings), sampled.result.sampled_tokens() if sampled else None,
+                            share, rewritten.result.generation() if arm.rewrite and rewritten else None)
             result = ModelResult(arm.name, arm.ratio, seed, efolder, train_dir=adapter, wall_s=wall, kind=arm.kind,
                                  sweep=arm.sweep, compute={**cost, "est_wall_s": estimate[arm.name]})
             if described:

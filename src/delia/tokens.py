@@ -117,8 +117,36 @@ def add_tokens(model: Any, tokenizer: Any, specs: list[tuple[str, str | None]], 
     }
 
 
+def joined_tokens(first: dict[str, Any], then: dict[str, Any]) -> dict[str, Any]:
+    """What two `add_tokens` calls, `first` then `then`, did together (each token says its own init)."""
+    rows_before, rows_after = first["embedding_rows"], then["embedding_rows"]
+    return {**first,
+            "tokenizer_len": {"before": first["tokenizer_len"]["before"], "after": then["tokenizer_len"]["after"]},
+            "embedding_rows": {"before": rows_before["before"], "after": rows_after["after"],
+                               "resized": rows_before["resized"] or rows_after["resized"]},
+            "tokens": first["tokens"] + then["tokens"]}
+
+
 def embedding_module_names(model: Any) -> tuple[str, str | None]:
     """Leaf names of the input and output embedding modules (e.g. `embed_tokens`, `lm_head`) for PEFT."""
     names = {id(m): n.rsplit(".", 1)[-1] for n, m in model.named_modules()}
     out = model.get_output_embeddings()
     return names[id(model.get_input_embeddings())], (names[id(out)] if out is not None else None)
+
+
+SOFT_TOKEN = "<soft_{}>"  # the name of a soft prompt's i-th token (`train.soft_prompt`, ProMoT)
+
+
+def soft_prompt_tokens(n: int) -> list[str]:
+    """The `n` tokens of a soft prompt, in the order they stand before a task prompt."""
+    return [SOFT_TOKEN.format(i) for i in range(n)]
+
+
+def with_soft_prompt(messages: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
+    """`messages` with `prefix` (a soft prompt's tokens) put before the first user turn's content."""
+    if not prefix:
+        return messages
+    i = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+    if i is None:
+        return messages
+    return [*messages[:i], {**messages[i], "content": prefix + messages[i]["content"]}, *messages[i + 1:]]

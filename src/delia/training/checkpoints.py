@@ -20,6 +20,8 @@ LEGACY_RESUME_KEY_FILE = "delia_run.json"  # earlier name, still read on --resum
 # Settings of a key written before the stage protocol (delia 0.1.0 before 2026-12-03: every setting) that may
 # differ between a killed run and its --resume.
 _RESUME_FREE = {"resume", "overwrite", "merge", "keep_checkpoints", "out"}
+# Settings added since, at the value that such a key's run had.
+_ADDED_SINCE = {"lora": True, "soft_prompt": 0, "token_rows_from": None}
 
 
 def write_resume_key(folder: Path, stage: Stage[Any]) -> None:
@@ -36,7 +38,7 @@ def check_resume_key(folder: Path, stage: Stage[Any], legacy_settings: dict[str,
         diff = stage.changes(saved)
     else:
         free = {k: v for k, v in legacy_settings.items() if k not in _RESUME_FREE}
-        diff = changed_settings({k: v for k, v in saved.items() if k not in _RESUME_FREE}, free)
+        diff = changed_settings({k: v for k, v in (_ADDED_SINCE | saved).items() if k not in _RESUME_FREE}, free)
     if diff:
         raise DeliaError(f"{out}: `resume` with settings or data that differ from the checkpointed run: "
                          f"{', '.join(diff)}")

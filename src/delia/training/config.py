@@ -21,6 +21,7 @@ from delia.tokens import TokenInit
 
 TRAIN_RECORD = TrainRecord.FILE  # written last: its presence marks a finished run
 CHECKPOINTS = "checkpoints"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's file of the adapter's weights
 TRAIN_KIND = "train"  # the output marker's kind (files.mark_output)
 ANCHOR_COLUMN = "anchor"  # per-row flag of diverse_loss kl: trained by KL to the base model, not by CE
 LAYERS = re.compile(r"upper-half|lower-half|\d+(-\d+)?(,\d+(-\d+)?)*")
@@ -49,7 +50,7 @@ class TrainConfig(StageConfig):
     # the stage identity holds the model by its fingerprint, the new tokens and the eval data apart; resuming,
     # replacing, merging and keeping checkpoints leave the adapter as it is
     NOT_IDENTITY: ClassVar[frozenset[str]] = frozenset({"model", "add_token", "eval_data", "resume", "overwrite",
-                                                        "merge", "keep_checkpoints"})
+                                                        "merge", "keep_checkpoints", "token_rows_from"})
 
     model: Annotated[str, Flags("--model", "-m")] = "smollm2-135m"
     """Base model: bundled name, folder or .gguf."""
@@ -98,6 +99,16 @@ class TrainConfig(StageConfig):
     """Init of new token rows: random (normal, std of the matrix, seeded), mean, mean-noise, description."""
     train_rows: Literal["new", "all"] = "new"
     """Embedding rows trained with `add_token`: new (only the added tokens' rows) or all."""
+    lora: bool = True
+    """Train LoRA. Off (--no-lora): only the new tokens' rows train, the model stays as it is (with `soft_prompt`:
+    prompt tuning, ProMoT's first phase)."""
+    soft_prompt: int = Field(0, ge=0)
+    """ProMoT: N new tokens <soft_0>... put before the first user turn of every task row (not before the mix's
+    diverse rows). Trained first alone (LoRA off), then kept frozen while LoRA trains (`token_rows_from`):
+    the soft prompt takes up the task's format. `delia eval` puts it before task prompts only."""
+    token_rows_from: Path | None = None
+    """A training folder with the same new tokens (`add_token`, `soft_prompt`): their rows start from its rows
+    (ProMoT's second phase, from the first's folder)."""
     diverse_loss: Literal["ce", "kl"] = "ce"
     """Loss of the mixture's diverse rows (source 'diverse'): ce (their text, as DELIA) or kl (the base model's
     next-token distribution at every answer position: KL(base || tuned), adapter off)."""
@@ -137,6 +148,28 @@ class TrainConfig(StageConfig):
             raise ValueError(f"unknown scheduler {name!r}" + (f" (did you mean {close[0]!r}?)" if close else
                                                                f"; expected one of {', '.join(names)}"))
         return name
+
+    def soft_tokens(self) -> list[str]:
+        """The soft prompt's tokens ([] for none)."""
+        from delia.tokens import soft_prompt_tokens
+
+        return soft_prompt_tokens(self.soft_prompt)
+
+    def trains_soft_prompt(self) -> bool:
+        """Whether the soft prompt's rows train (its first phase, without LoRA) or stay frozen (beside LoRA)."""
+        return bool(self.soft_prompt) and not self.lora
+
+    def token_problem(self) -> str | None:
+        """What is wrong with the new tokens' options together (None: nothing), checked when the run starts: an
+        experiment sets them in several sections, and one alone may be incomplete."""
+        if not self.lora and not (self.add_token or self.soft_prompt):
+            return "LoRA off (`lora: false`, --no-lora) trains only new tokens' rows: give `add_token` or `soft_prompt`"
+        if (not self.lora or self.soft_prompt) and self.train_rows == "all":
+            return "LoRA off and `soft_prompt` train or freeze only the new tokens' rows: `train_rows` new"
+        if self.soft_prompt and self.lora and self.token_rows_from is None:
+            return ("a soft prompt beside LoRA stays frozen: train it first (LoRA off: `lora: false`, --no-lora), "
+                    "then give that run's folder as `token_rows_from`")
+        return None
 
     @model_validator(mode="after")
     def _kl_rows_apart(self) -> TrainConfig:

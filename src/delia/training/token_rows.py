@@ -8,6 +8,7 @@ one (`_fast_token_rows`), which gives the same values and gradients.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from delia.errors import DeliaError
@@ -32,6 +33,52 @@ def embedding_training(base: Any, tokens: dict[str, Any] | None,
         return [in_name] + untied_head, None
     rows = [t["id"] for t in tokens["tokens"]]
     return None, ({in_name: rows, out_name: rows} if untied_head else rows)
+
+
+def copy_token_rows(base: Any, tokenizer: Any, folder: Path, tokens: list[str]) -> None:
+    """Write the rows that the training run in `folder` ended with for `tokens` into `base` (input embedding, and
+    the output one when untied): a later phase starts from an earlier one's rows. The tokens must have the same
+    ids in both tokenizers."""
+    import torch
+
+    from delia.models import load_trained
+
+    if not (folder / "adapter_config.json").exists():
+        raise DeliaError(f"`token_rows_from` {folder}: not a training run's folder (no adapter_config.json)")
+    trained, trained_tokenizer = load_trained(folder, device="cpu")
+    ids = tokenizer.convert_tokens_to_ids(tokens)
+    vocab = trained_tokenizer.get_vocab()
+    if missing := [t for t, i in zip(tokens, ids, strict=True) if vocab.get(t) != i]:
+        raise DeliaError(f"`token_rows_from` {folder}: its tokenizer lacks {', '.join(missing)} or gives them other "
+                         "ids (its run must add the same tokens: `add_token`, `soft_prompt`)")
+    index = torch.tensor(ids)
+    with torch.no_grad():
+        pairs = [(base.get_input_embeddings(), trained.get_input_embeddings())]
+        if base.get_output_embeddings() is not None and base.get_output_embeddings().weight.data_ptr() != \
+                base.get_input_embeddings().weight.data_ptr():
+            pairs.append((base.get_output_embeddings(), trained.get_output_embeddings()))
+        for mine, theirs in pairs:
+            mine.weight[index] = theirs.weight[index].to(mine.weight.dtype)
+
+
+def freeze_token_rows(model: Any, ids: list[int]) -> None:
+    """Keep the trainable-token rows of `ids` as they are: their gradient is zeroed, so Adam never moves them
+    (they are out of weight decay, `train_token_rows`), and they are saved with the adapter like the others."""
+    import torch
+
+    from delia.patches.token_rows_decay import TOKEN_ROWS
+
+    seen: set[int] = set()
+    for module in model.modules():
+        deltas = getattr(module, TOKEN_ROWS, None)
+        if deltas is None:
+            continue
+        for name, param in deltas.items():
+            if id(param) in seen:  # a tied head shares the input's rows
+                continue
+            seen.add(id(param))
+            keep = torch.tensor([float(i not in ids) for i in module.token_indices[name]], device=param.device)
+            param.register_hook(lambda grad, keep=keep: grad * keep.unsqueeze(-1).to(grad.dtype))
 
 
 def train_token_rows(trainer: Any) -> None:

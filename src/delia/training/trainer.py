@@ -30,6 +30,7 @@ from delia.files import check_output, holds_other_files, mark_output, sha256_pat
 from delia.models import load_trained, model_identity
 from delia.progress import Progress, ProgressCallback, report
 from delia.stage import Stage
+from delia.tokens import with_soft_prompt
 from delia.training.checkpoints import (
     check_resume_key,
     checkpoint_keeper,
@@ -38,6 +39,7 @@ from delia.training.checkpoints import (
     write_resume_key,
 )
 from delia.training.config import (
+    ADAPTER_WEIGHTS,
     ANCHOR_COLUMN,
     CHECKPOINTS,
     TRAIN_KIND,
@@ -96,6 +98,8 @@ class TrainStage(Stage[str]):
             self.model = model_identity(cfg.model)
         found = {"model": self.model, "data": sha256_path(self.data), "tokens": list(cfg.add_token or []),
                  "options": cfg.options()}
+        if cfg.token_rows_from is not None:  # the rows it starts from, whatever folder holds them
+            found["token_rows_from"] = sha256_path(cfg.token_rows_from / ADAPTER_WEIGHTS)
         return found | ({"eval_data": sha256_path(cfg.eval_data)} if cfg.eval_data else {})
 
     def run(self, folder: Path, progress: ProgressCallback | None = None) -> str:
@@ -179,6 +183,8 @@ def _build(stage: TrainStage, out: Path, progress: ProgressCallback | None) -> T
     from delia.tokens import parse_token_specs
 
     data, cfg = stage.data, stage.config
+    if problem := cfg.token_problem():
+        raise DeliaError(problem)
     specs = parse_token_specs(cfg.add_token)
     settings = _settings(data, out, cfg)
     _take_out(stage, out, settings)
@@ -188,6 +194,7 @@ def _build(stage: TrainStage, out: Path, progress: ProgressCallback | None) -> T
     precision = _precision(cfg.precision)
     trainer, dropped = _make_trainer(cfg, base, tokenizer, _sft_args(out, cfg, bool(eval_records), precision),
                                      peft_config, records, eval_records)
+    _freeze(trainer, cfg, tokenizer)
     mask_dropout = _speedups(trainer, token_rows)
     chosen = (cfg.important_token or [t for t, _ in specs]) if eval_records else []
     keeper = _callbacks(trainer, out, progress, tokenizer, eval_records, chosen, cfg.max_length)
@@ -256,6 +263,11 @@ def _read_rows(data: Path, cfg: TrainConfig) -> tuple[list[dict[str, Any]], list
     anchors = sum(r.get("source") == "diverse" for r in records) if kl else 0
     if kl and not anchors:
         raise DeliaError(f"{data}: diverse_loss kl, but no row has source 'diverse' (a `delia mix` output has them)")
+    if cfg.soft_prompt:
+        prefix = "".join(cfg.soft_tokens())
+        records = [r if r.get("source") == "diverse" else {**r, "messages": with_soft_prompt(r["messages"], prefix)}
+                   for r in records]
+        eval_records = [{**r, "messages": with_soft_prompt(r["messages"], prefix)} for r in eval_records]
     return records, eval_records, anchors
 
 
@@ -265,13 +277,19 @@ def _load_base(cfg: TrainConfig, specs: list[tuple[str, str | None]]) -> tuple[s
     from transformers import AutoModelForCausalLM, set_seed
 
     from delia.models import load_tokenizer, resolve_model
-    from delia.tokens import add_tokens
+    from delia.tokens import add_tokens, joined_tokens
+    from delia.training.token_rows import copy_token_rows
 
     set_seed(cfg.seed)
     path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(path, resolved=True)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokens = add_tokens(base, tokenizer, specs, cfg.token_init, cfg.seed) if specs else None
+    if cfg.soft_prompt:  # drawn like a random token's row whatever `token_init` (a soft token has no description)
+        soft = add_tokens(base, tokenizer, [(t, None) for t in cfg.soft_tokens()], "random", cfg.seed)
+        tokens = soft if tokens is None else joined_tokens(tokens, soft)
+    if cfg.token_rows_from is not None:
+        copy_token_rows(base, tokenizer, cfg.token_rows_from, [t["token"] for t in tokens["tokens"]] if tokens else [])
     return path, tokenizer, base, tokens
 
 
@@ -293,6 +311,19 @@ def _lora_config(base: Any, tokens: dict[str, Any] | None, cfg: TrainConfig) -> 
         ensure_weight_tying=bool(modules_to_save and tokens and tokens["tied_embeddings"]),
     )
     return peft_config, modules_to_save, token_rows
+
+
+def _freeze(trainer: Any, cfg: TrainConfig, tokenizer: Any) -> None:
+    """`lora` false: LoRA's matrices stay at their init (B = 0: the model unchanged) and out of the optimizer, so
+    only the new tokens' rows train. A soft prompt beside LoRA: its rows get no gradient (`freeze_token_rows`)."""
+    from delia.training.token_rows import freeze_token_rows
+
+    if not cfg.lora:
+        for name, param in trainer.model.named_parameters():
+            if "lora_" in name:
+                param.requires_grad_(False)
+    elif cfg.soft_prompt:
+        freeze_token_rows(trainer.model, tokenizer.convert_tokens_to_ids(cfg.soft_tokens()))
 
 
 def _precision(precision: str) -> dict[str, bool]:
