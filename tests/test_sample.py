@@ -56,7 +56,7 @@ def pool_rows(n, reference=True):
     for i in range(n):
         msgs = [{"role": "user", "content": f"Question number {i}?"}]
         if reference:
-            msgs.append({"role": "assistant", "content": f"Reference answer {i}."})
+            msgs.append({"role": "assistant", "content": f"Reference answer {i}, long enough to show."})
         rows.append({"messages": msgs})
     return rows
 
@@ -109,7 +109,7 @@ def test_filters_reject_with_reasons_and_can_be_switched_off(scripted, write_jso
         "Question number 0?": ("  \n ", "stop"),
         "Question number 1?": ("A long answer that ran out of", "length"),
         "Question number 2?": ("the cat sat on the mat " * 12, "stop"),
-        "Question number 3?": ("Reference answer 3.", "stop"),
+        "Question number 3?": ("Reference answer 3, long enough to show.", "stop"),
         "Question number 4?": ("As in the reference answer, the result is four.", "stop"),
         "Question number 5?": (PROSE, "stop"),
         "Question number 6?": (PROSE.upper(), "stop"),
@@ -184,7 +184,7 @@ def test_modes_and_references(scripted, write_jsonl, tmp_path):
         sample(refless, tmp_path / "a.jsonl")
     assert sample(refless, tmp_path / "b.jsonl", mode="zero-shot").kept == 3
     prompt = scripted.tokenizer.decode(scripted_prompt(scripted, write_jsonl, tmp_path))
-    assert prompt.count("Question number 0?") == 2 and "Reference answer 0." in prompt
+    assert prompt.count("Question number 0?") == 2 and "Reference answer 0, long enough to show." in prompt
     mixed = write_jsonl("mixed.jsonl", [*pool_rows(2), *pool_rows(3, reference=False)[2:]])
     summary = sample(mixed, tmp_path / "c.jsonl")
     assert summary.skipped == {"no_reference": 1} and summary.kept == 2
@@ -233,13 +233,13 @@ def short_and_long_pool(write_jsonl):
     return write_jsonl("pool.jsonl", rows)
 
 
-def test_short_references_are_prompted_as_the_paper_does_by_default(scripted, write_jsonl, tmp_path):
+def test_short_references_one_shot_are_prompted_as_the_paper_does(scripted, write_jsonl, tmp_path):
     from delia.prompts import delia_prompt
 
     pool, out = short_and_long_pool(write_jsonl), tmp_path / "o.jsonl"
     asked = spy_prompts(scripted)
     scripted.script = {"Question number 0?": ("Short answer 0.", "stop")}  # a copy of the reference
-    summary = sample(pool, out)
+    summary = sample(pool, out, short_reference="one-shot")
     rows = read_complete_jsonl(out) + read_complete_jsonl(tmp_path / "o.rejects.jsonl")
     refs = ["Short answer 0.", "Short answer 1.", "Short answer 2.", PROSE]
     assert sorted(asked) == sorted(rendered(scripted.tokenizer, delia_prompt(f"Question number {i}?", ref))
@@ -252,14 +252,15 @@ def test_short_references_are_prompted_as_the_paper_does_by_default(scripted, wr
     assert "short_reference" not in settings and "short_reference_words" not in settings
 
 
-def test_short_references_zero_shot_asks_the_query_alone_and_keeps_a_right_answer(scripted, write_jsonl, tmp_path):
+def test_short_references_zero_shot_by_default_ask_the_query_alone_and_keep_a_right_answer(scripted, write_jsonl,
+                                                                                           tmp_path):
     from delia.prompts import delia_prompt
 
     pool, out = short_and_long_pool(write_jsonl), tmp_path / "o.jsonl"
     asked = spy_prompts(scripted)
     scripted.script = {"Question number 0?": ("Short answer 0.", "stop"),  # right, though never shown
                        "Question number 3?": (PROSE, "stop")}  # a copy of the reference it was shown
-    summary = sample(pool, out, short_reference="zero-shot")
+    summary = sample(pool, out)
     zero = {rendered(scripted.tokenizer, delia_prompt(f"Question number {i}?", None, "zero-shot")) for i in range(3)}
     assert set(asked) == zero | {rendered(scripted.tokenizer, delia_prompt("Question number 3?", PROSE))}
     rows = {r["id"]: r for r in read_complete_jsonl(out) + read_complete_jsonl(tmp_path / "o.rejects.jsonl")}
@@ -270,8 +271,8 @@ def test_short_references_zero_shot_asks_the_query_alone_and_keeps_a_right_answe
                                     "zero-shot": {"queries": 3, "kept": 3, "rejected": {}}}
     settings = json.loads(manifest_path(out).read_text())["settings"]
     assert (settings["short_reference"], settings["short_reference_words"]) == ("zero-shot", 5)
-    with pytest.raises(DeliaError, match="other settings"):  # the default is another run
-        sample(pool, out)
+    with pytest.raises(DeliaError, match="other settings"):  # the paper's prompt is another run
+        sample(pool, out, short_reference="one-shot")
     assert sample(pool, out, short_reference="zero-shot").by_prompt == summary.by_prompt  # counted on resume
     parts = [tmp_path / f"s{i}.jsonl" for i in range(2)]
     for i, part in enumerate(parts):
@@ -308,7 +309,7 @@ def test_short_references_other_example_shows_a_long_row_drawn_by_seed(scripted,
     with pytest.raises(DeliaError, match="the pool has none"):
         plan_shots(queries, queries, SampleConfig(short_reference="other-example"))
     with pytest.raises(DeliaError, match="`mode` is zero-shot"):
-        SampleConfig.build(short_reference="zero-shot", mode="zero-shot")
+        SampleConfig.build(short_reference="other-example", mode="zero-shot")
 
 
 def test_max_prompt_tokens_skips_long_queries_before_generating(scripted, write_jsonl, tmp_path):

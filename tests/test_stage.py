@@ -110,3 +110,25 @@ def test_train_resume_checks_the_identity_that_run_keys_its_stage_by(tmp_path, t
     assert stage.changes(saved) == []
     with pytest.raises(DeliaError, match="options.lora_r: 2 -> 4"):
         build_trainer(tmp_path / "train.jsonl", out, cfg, lora_r=4, resume=True)
+
+
+def test_a_changed_default_keys_new_work_apart_from_work_done_at_the_old_one(tmp_path):
+    """`short_reference` was one-shot: an identity saved without it stands for one-shot, and the new default
+    (zero-shot) is written into identities, so old cached or unfinished work is not taken for new."""
+    from delia.sample import SampleConfig, SampleStage
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    model = {"model": "m", "fingerprint": "f"}
+
+    def stage(**options):
+        return SampleStage(pool, SampleConfig.build(**options), model)
+
+    assert stage().config.options() == {"short_reference": "zero-shot"}
+    assert stage(short_reference="one-shot").config.options() == {"short_reference": "one-shot"}
+    assert stage(mode="zero-shot").config.options() == {"mode": "zero-shot"}  # prompts it does not change
+    before = {**stage().identity(), "options": {}}  # unset before the change: one-shot
+    assert stage().changes(before) == ["options.short_reference: 'one-shot' -> 'zero-shot'"]
+    assert stage(short_reference="one-shot").changes(before) == []
+    assert stage(mode="zero-shot").changes({**before, "options": {"mode": "zero-shot"}}) == []
+    assert stage().key() == stage(short_reference="zero-shot").key() != stage(short_reference="one-shot").key()

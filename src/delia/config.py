@@ -52,6 +52,9 @@ class StageConfig(BaseModel):
     # Fields that do not change the work's output (whether to replace or resume it), or that the stage's identity
     # holds another way (the model, by its fingerprint).
     NOT_IDENTITY: ClassVar[frozenset[str]] = frozenset({"model", "overwrite"})
+    # Fields whose default changed: the value that an identity without them stands for (its default back then).
+    # A config writes such a field into its identity when it is unset and its value is no longer that one.
+    CHANGED_DEFAULTS: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def build(cls, config: StageConfig | None = None, /, *, where: str | None = None, **options: Any) -> Self:
@@ -108,8 +111,11 @@ class StageConfig(BaseModel):
         return config
 
     def options(self) -> dict[str, Any]:
-        """The options set, as written, without the fields in NOT_IDENTITY: what a stage's identity holds."""
-        return {k: v for k, v in self.written().items() if k not in self.NOT_IDENTITY}
+        """The options set, as written, without the fields in NOT_IDENTITY: what a stage's identity holds. A field
+        whose default changed is also written when unset, unless it has its old default's value."""
+        options = {k: v for k, v in self.written().items() if k not in self.NOT_IDENTITY}
+        now = self.model_dump(mode="json", include=set(self.CHANGED_DEFAULTS))
+        return options | {k: now[k] for k, old in self.CHANGED_DEFAULTS.items() if k not in options and now[k] != old}
 
     def written(self) -> dict[str, Any]:
         """The options set (given, or updated by `model_copy`), as JSON: what a stage's identity holds of them.

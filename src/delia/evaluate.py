@@ -84,7 +84,7 @@ class EvalConfig(ModelChoice):
     """Answer length on general and contrast prompts (greedy)."""
     soft_prompt: bool = True
     """An adapter trained with a soft prompt (ProMoT, `train.soft_prompt`) gets it before every task prompt, never
-    before general or contrast prompts; false: never."""
+    before general or contrast prompts; off (--no-soft-prompt): never."""
     base_model: str | None = None
     """Base model for drift when `model` is a merged model (default: a `model` is its own base); not with
     `adapter`, whose base is recorded with it."""

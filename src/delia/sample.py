@@ -452,15 +452,19 @@ class EngineOptions(ReadOptions):
 
 class SampleConfig(EngineOptions):
     """Options of `delia sample`. Sampling defaults are the paper's: temperature 0.7, top-p 0.95, one answer of
-    at most 512 tokens per query."""
+    at most 512 tokens per query; but a query with a short reference is asked alone (`short_reference`)."""
+
+    # one-shot until 2026-12-03: a stage identity without it stands for that
+    CHANGED_DEFAULTS: ClassVar[dict[str, Any]] = {"short_reference": "one-shot"}
 
     mode: Mode = "one-shot"
     """one-shot (query, reference, query: the paper's) or zero-shot (query alone, for pools without references)."""
-    short_reference: ShortReference = "one-shot"
-    """With `mode` one-shot, how a query whose reference is short is prompted: one-shot (the paper's: its own
-    reference shown, which a small model tends to copy, and the copy filter rejects), zero-shot (asked alone), or
+    short_reference: ShortReference = "zero-shot"
+    """With `mode` one-shot, how a query whose reference is short is prompted: zero-shot (asked alone), one-shot
+    (the paper's: its own reference shown, which a small model tends to copy, and the copy filter rejects), or
     other-example (after another pool row with a longer reference, drawn by `seed`). The summary's `by_prompt`
-    gives each way's yield."""
+    gives each way's yield. The default keeps 3x the rows of the paper's one-shot and drifts less
+    (docs/results/sampling-yield.md)."""
     short_reference_words: int = Field(SHORT_REFERENCE_WORDS, ge=0)
     """A reference of at most this many words is short (for `short_reference`)."""
     system: str | None = None
@@ -506,10 +510,17 @@ class SampleConfig(EngineOptions):
 
     @model_validator(mode="after")
     def _short_reference_needs_one_shot(self) -> SampleConfig:
-        if self.short_reference != "one-shot" and self.mode != "one-shot":
+        if self.short_reference == "other-example" and self.mode != "one-shot":
             raise ValueError(f"`short_reference` {self.short_reference} changes one-shot prompts, and `mode` is "
                              f"{self.mode}")
         return self
+
+    def options(self) -> dict[str, Any]:
+        """As for every stage; `short_reference` only where it changes prompts (`mode` one-shot)."""
+        options = super().options()
+        if self.mode != "one-shot" and "short_reference" not in self.model_fields_set:
+            options.pop("short_reference", None)
+        return options
 
 
 def sample(
@@ -595,7 +606,7 @@ def _sample(stage: SampleStage, out: Path, progress: ProgressCallback | None) ->
                 "samples_per_query": cfg.samples_per_query, "seed": cfg.seed, "shard": f"{shard_i}/{shard_n}",
                 "max_prompt_tokens": cfg.max_prompt_tokens,
                 "filters": {k: getattr(filters, k) for k in Filters.__dataclass_fields__}}
-    if cfg.short_reference != "one-shot":  # absent at the default, so that runs from before the option resume
+    if cfg.short_reference != "one-shot":  # absent at one-shot, so that runs from before the option resume
         settings |= {"short_reference": cfg.short_reference, "short_reference_words": cfg.short_reference_words}
 
     check_output(out, inputs=[pool], overwrite=True)  # an existing OUT is resumed or refused below

@@ -69,7 +69,7 @@ class Stage(ABC, Generic[R]):
         config: StageConfig | None = getattr(self, "config", None)
         if config is not None and isinstance(options, dict):
             with suppress(ValueError):  # options of another version are compared as written
-                options = type(config).model_validate(options).model_dump(mode="json")
+                options = type(config).model_validate(config.CHANGED_DEFAULTS | options).model_dump(mode="json")
         return flat | {f"options.{k}": v for k, v in options.items()}
 
 

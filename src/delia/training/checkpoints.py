@@ -37,8 +37,8 @@ def check_resume_key(folder: Path, stage: Stage[Any], legacy_settings: dict[str,
     if "options" in saved:
         diff = stage.changes(saved)
     else:
-        free = {k: v for k, v in legacy_settings.items() if k not in _RESUME_FREE}
-        diff = changed_settings({k: v for k, v in (_ADDED_SINCE | saved).items() if k not in _RESUME_FREE}, free)
+        diff = changed_settings(*({k: v for k, v in (_ADDED_SINCE | settings).items() if k not in _RESUME_FREE}
+                                  for settings in (saved, legacy_settings)))
     if diff:
         raise DeliaError(f"{out}: `resume` with settings or data that differ from the checkpointed run: "
                          f"{', '.join(diff)}")
