@@ -226,6 +226,7 @@ class TrainRecord(Record):
     precision: str
     peft: PeftFacts
     new_tokens: NewTokens | None
+    soft_prompt: str = ""  # the tokens trained before every task prompt (`train.soft_prompt`; '' for none)
     important_tokens: list[str]
     steps: int
     epochs_run: Number | None
@@ -244,12 +245,6 @@ class TrainRecord(Record):
     def new_token_ids(self) -> list[int]:
         """Ids of the tokens training added ([] for none)."""
         return [t.id for t in self.new_tokens.tokens] if self.new_tokens else []
-
-    def soft_prompt(self) -> str:
-        """The soft prompt the adapter was trained with before task prompts ('' for none; `train.soft_prompt`)."""
-        from delia.tokens import soft_prompt_tokens
-
-        return "".join(soft_prompt_tokens(int(self.settings.get("soft_prompt") or 0)))
 
     def token_descriptions(self) -> dict[str, str]:
         """Token -> description, for the added tokens that have one."""

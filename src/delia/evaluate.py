@@ -183,7 +183,7 @@ def evaluate(
     if cfg.adapter is not None:
         lm.merge_adapter()  # LoRA folded into the weights (at its scale): generation at the base model's speed
         if cfg.soft_prompt and (Path(cfg.adapter) / TrainRecord.FILE).exists():  # a plain PEFT adapter has none
-            soft = TrainRecord.read(cfg.adapter).soft_prompt()
+            soft = TrainRecord.read(cfg.adapter).soft_prompt
     ids = [prompt_ids(tokenizer, with_soft_prompt(p, soft)) for p in prompts]
     start = time.perf_counter()
     completions: dict[int, Any] = {}

@@ -304,11 +304,6 @@ class RewriteStage(Stage[RewriteSummary]):
     def run(self, folder: Path, progress: ProgressCallback | None = None) -> RewriteSummary:
         return _rewrite(self, folder / "rewritten.jsonl", progress)
 
-    def _model(self) -> dict[str, Any]:
-        if self.model is None:
-            self.model = self.config.model_identity()
-        return self.model
-
 
 def _header(path: Path) -> dict[str, Any] | None:
     """The settings line that opens a partial file of ours, else None."""

@@ -583,11 +583,6 @@ class SampleStage(Stage[SampleSummary]):
         return {"model": self._model(), "pool": sha256_path(self.pool),
                 "options": {k: options[k] for k in GENERATION_OPTIONS if k in options}}
 
-    def _model(self) -> dict[str, Any]:
-        if self.model is None:
-            self.model = self.config.model_identity()
-        return self.model
-
     def run(self, folder: Path, progress: ProgressCallback | None = None) -> SampleSummary:
         return _sample(self, folder / "samples.jsonl", progress)
 

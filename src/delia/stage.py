@@ -56,6 +56,17 @@ class Stage(ABC, Generic[R]):
         """What unfinished work saved beside itself must match to be resumed (default: the whole identity)."""
         return self.identity()
 
+    def _model(self) -> dict[str, Any]:
+        """The identity of the model a stage that loads one runs (its `model` field), resolved the first time it is
+        needed (`_resolve_model`): bad input is refused before a model is converted."""
+        if getattr(self, "model", None) is None:
+            self.model = self._resolve_model()
+        return self.model  # type: ignore[no-any-return]
+
+    def _resolve_model(self) -> dict[str, Any]:
+        """The model's identity as the stage's options name it (default: its config's `model_identity()`)."""
+        return self.config.model_identity()  # type: ignore[attr-defined,no-any-return]
+
     def changes(self, saved: Mapping[str, Any]) -> list[str]:
         """`field: saved -> now` for each difference between a saved resume identity and this stage's. Options
         are compared by value: given or left at their default, `epochs: 1` is the same work."""

@@ -94,9 +94,7 @@ class TrainStage(Stage[str]):
 
     def identity(self) -> dict[str, Any]:
         cfg = self.config
-        if self.model is None:
-            self.model = model_identity(cfg.model)
-        found = {"model": self.model, "data": sha256_path(self.data), "tokens": list(cfg.add_token or []),
+        found = {"model": self._model(), "data": sha256_path(self.data), "tokens": list(cfg.add_token or []),
                  "options": cfg.options()}
         if cfg.token_rows_from is not None:  # the rows it starts from, whatever folder holds them
             found["token_rows_from"] = sha256_path(cfg.token_rows_from / ADAPTER_WEIGHTS)
@@ -104,6 +102,9 @@ class TrainStage(Stage[str]):
 
     def run(self, folder: Path, progress: ProgressCallback | None = None) -> str:
         return str(_build(self, folder / "adapter", progress).fit())
+
+    def _resolve_model(self) -> dict[str, Any]:
+        return model_identity(self.config.model)
 
 
 class Training:
@@ -449,6 +450,7 @@ def _record(trainer: Any, data: Path, cfg: TrainConfig, settings: dict[str, Any]
                  "trainable_token_indices": token_rows, "mask_dropout_layers": mask_dropout,
                  "trainable_params": trainable, "total_params": total},
         "new_tokens": tokens,
+        "soft_prompt": "".join(cfg.soft_tokens()),
         "important_tokens": chosen,
     }
 
