@@ -22,9 +22,18 @@ def _row(i, source):
             "source": source}
 
 
-@pytest.fixture
-def mixed(write_jsonl):
-    return write_jsonl("mixed.jsonl", [_row(i, "task" if i % 2 else "diverse") for i in range(12)])
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rows") / "mixed.jsonl"
+    path.write_text("".join(json.dumps(_row(i, "task" if i % 2 else "diverse")) + "\n" for i in range(12)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def phase_one(mixed, tiny_model, tiny_model_untied, tmp_path_factory):
+    """The soft prompt trained alone (LoRA off) on each tiny model, once for the module: {tied: folder}."""
+    return {tied: _phase_one(mixed, tmp_path_factory.mktemp("one"), model)
+            for tied, model in ((True, tiny_model), (False, tiny_model_untied))}
 
 
 def _rows(adapter, tokens):
@@ -40,7 +49,7 @@ def _phase_one(data, out, model, **kw):
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_phase_one_trains_only_the_new_rows(mixed, tmp_path, tiny_model, tiny_model_untied, tied):
+def test_phase_one_trains_only_the_new_rows(mixed, phase_one, tmp_path, tiny_model, tiny_model_untied, tied):
     model = tiny_model if tied else tiny_model_untied
     run = build_trainer(mixed, tmp_path / "look", **FAST, model=str(model), add_token=["<sep>"], soft_prompt=3,
                         lora=False)
@@ -49,7 +58,7 @@ def test_phase_one_trains_only_the_new_rows(mixed, tmp_path, tiny_model, tiny_mo
     trainable = [n for n, p in run.trainer.model.named_parameters() if p.requires_grad]
     assert trainable and all("trainable_tokens_delta" in n for n in trainable)
 
-    out = _phase_one(mixed, tmp_path / "one", model)
+    out = phase_one[tied]
     weights = load_file(out / "adapter_model.safetensors")
     assert all(not v.any() for k, v in weights.items() if "lora_B" in k)  # LoRA left at its init: no change
     record = json.loads((out / "delia_train.json").read_text())
@@ -59,9 +68,9 @@ def test_phase_one_trains_only_the_new_rows(mixed, tmp_path, tiny_model, tiny_mo
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_phase_two_keeps_the_soft_prompt_frozen(mixed, tmp_path, tiny_model, tiny_model_untied, tied):
+def test_phase_two_keeps_the_soft_prompt_frozen(mixed, phase_one, tmp_path, tiny_model, tiny_model_untied, tied):
     model = tiny_model if tied else tiny_model_untied
-    one = _phase_one(mixed, tmp_path / "one", model)
+    one = phase_one[tied]
     two = train(mixed, tmp_path / "two", **FAST, model=str(model), add_token=["<sep>"], soft_prompt=3,
                 token_rows_from=one, max_steps=2)
     assert torch.equal(_rows(two, SOFT), _rows(one, SOFT))  # bit for bit
@@ -70,10 +79,9 @@ def test_phase_two_keeps_the_soft_prompt_frozen(mixed, tmp_path, tiny_model, tin
     assert any(v.any() for k, v in weights.items() if "lora_B" in k)
 
 
-def test_eval_puts_the_soft_prompt_before_task_prompts_only(mixed, tmp_path, tiny_model, write_jsonl):
-    one = _phase_one(mixed, tmp_path / "one", tiny_model)
+def test_eval_puts_the_soft_prompt_before_task_prompts_only(mixed, phase_one, tmp_path, tiny_model, write_jsonl):
     two = train(mixed, tmp_path / "two", **FAST, model=str(tiny_model), add_token=["<sep>"], soft_prompt=3,
-                token_rows_from=one, max_steps=1)
+                token_rows_from=phase_one[True], max_steps=1)
     data = write_jsonl("eval.jsonl", [_row(i, "task") for i in range(3)])
     general = write_jsonl("general.jsonl", [{"messages": [{"role": "user", "content": f"Say hi {i}."}]}
                                             for i in range(3)])
@@ -88,7 +96,7 @@ def test_eval_puts_the_soft_prompt_before_task_prompts_only(mixed, tmp_path, tin
     assert answers[0] == answers[1]  # general prompts never get it
 
 
-def test_soft_prompt_options_are_checked(mixed, tmp_path, tiny_model):
+def test_soft_prompt_options_are_checked(mixed, phase_one, tmp_path, tiny_model):
     assert "train it first (LoRA off: `lora: false`, --no-lora), then give that run" in TrainConfig.build(
         soft_prompt=3).token_problem()
     assert "give `add_token` or `soft_prompt`" in TrainConfig.build(lora=False).token_problem()
@@ -97,7 +105,6 @@ def test_soft_prompt_options_are_checked(mixed, tmp_path, tiny_model):
     with pytest.raises(DeliaError, match="train it first"):
         train(mixed, tmp_path / "none", **FAST, model=str(tiny_model), soft_prompt=3, max_steps=1)
     assert not (tmp_path / "none").exists()  # refused before the output folder is made
-    one = _phase_one(mixed, tmp_path / "one", tiny_model)
     with pytest.raises(DeliaError, match=r"its tokenizer lacks <soft_3>"):
         train(mixed, tmp_path / "two", **FAST, model=str(tiny_model), add_token=["<sep>"], soft_prompt=4,
-              token_rows_from=one, max_steps=1)
+              token_rows_from=phase_one[True], max_steps=1)
