@@ -130,6 +130,10 @@ def test_sampler_draws_from_the_top_p_distribution(monkeypatch, candidates):
     assert torch.allclose(hot[:3], probs[:3].sqrt() / probs[:3].sqrt().sum(), atol=0.03)
     greedy = draw(logits[:2].clone(), [], SamplingParams(temperature=0), 4)
     assert greedy.tolist() == [0, 0]
+    assert draw(logits[:2].clone(), [], SamplingParams(temperature=0), 4, banned=[0]).tolist() == [1, 1]
+    gens = [torch.Generator().manual_seed(i) for i in range(4000)]
+    banned = torch.bincount(draw(logits.clone(), gens, SamplingParams(temperature=1.0), 4, banned=[0, 2]), minlength=4)
+    assert banned[0] == banned[2] == 0 < banned[1]
 
 
 def test_token_budget_bounds_the_batch_and_never_changes_the_answers(backend, prompts, monkeypatch):

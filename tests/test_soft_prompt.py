@@ -74,6 +74,8 @@ def test_phase_two_keeps_the_soft_prompt_frozen(mixed, phase_one, tmp_path, tiny
     two = train(mixed, tmp_path / "two", **FAST, model=str(model), add_token=["<sep>"], soft_prompt=3,
                 token_rows_from=one, max_steps=2)
     assert torch.equal(_rows(two, SOFT), _rows(one, SOFT))  # bit for bit
+    model, tokenizer = load_trained(two, device="cpu")
+    assert model.generation_config.suppress_tokens == tokenizer.convert_tokens_to_ids(SOFT)  # input-only
     assert not torch.equal(_rows(two, ["<sep>"]), _rows(one, ["<sep>"]))  # the task's token trains on
     weights = load_file(two / "adapter_model.safetensors")
     assert any(v.any() for k, v in weights.items() if "lora_B" in k)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import Field, model_validator
 
-from delia.artifacts import adapter_base
+from delia.artifacts import TrainRecord, adapter_base
 from delia.config import Flags, StageConfig
 from delia.errors import DeliaError, ModelNotFoundError
 from delia.files import atomic_dir, atomic_writer, sha256_file, write_json
@@ -172,7 +172,8 @@ def load_trained(adapter: str | Path, device: str | None = None, scale: float = 
 
     The base is `delia.artifacts.adapter_base`: the model named in delia_train.json (resolved again, so a bundled
     name works on another machine), else the adapter config's path; embeddings grow to the tokenizer when it is longer.
-    `scale` multiplies the LoRA update (`scale_adapter`).
+    `scale` multiplies the LoRA update (`scale_adapter`). A soft prompt's tokens (`train.soft_prompt`) are never
+    generated (`generation_config.suppress_tokens`, which delia's `hf` back end and transformers' `generate` obey).
     """
     from peft import PeftModel
     from transformers import AutoTokenizer
@@ -184,6 +185,9 @@ def load_trained(adapter: str | Path, device: str | None = None, scale: float = 
     tokenizer = AutoTokenizer.from_pretrained(str(adapter))
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    if (adapter / TrainRecord.FILE).exists() and (soft := TrainRecord.read(adapter).soft_prompt):
+        # a soft prompt's tokens are input-only: with tied embeddings their trained rows are output rows too
+        model.generation_config.suppress_tokens = tokenizer(soft, add_special_tokens=False)["input_ids"]
     peft = PeftModel.from_pretrained(model, str(adapter)).eval()
     if scale != 1.0:
         scale_adapter(peft, scale)

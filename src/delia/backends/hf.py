@@ -50,13 +50,14 @@ PREFILL_MIN_SHARE = 0.75
 TOP_P_CANDIDATES = 256
 
 
-def draw(scores: Any, generators: Sequence[Any], params: SamplingParams, vocab: int) -> Any:
+def draw(scores: Any, generators: Sequence[Any], params: SamplingParams, vocab: int,
+         banned: Sequence[int] = ()) -> Any:
     """Next token per row: greedy, or top-p then inverse-CDF sampling with one uniform per row from
     that row's own generator (so a row's draw depends on its seed alone).
 
     The top-p cut is found among the top 256 tokens (a full sort per row and step costs more than the
     model's forward pass on CPU), sorting the whole row only when those hold less than `top_p` of the
-    mass. Token ids beyond the tokenizer (padding rows of the embedding) are never chosen.
+    mass. Token ids beyond the tokenizer (padding rows of the embedding) and `banned` ids are never chosen.
     """
     import torch
 
@@ -64,6 +65,8 @@ def draw(scores: Any, generators: Sequence[Any], params: SamplingParams, vocab: 
         scores = scores.float()
         if scores.shape[-1] > vocab:
             scores = scores[:, :vocab]
+        if banned:
+            scores = scores.index_fill(1, torch.tensor(banned, device=scores.device), float("-inf"))
         if params.greedy:
             return scores.argmax(dim=-1)
         probs = (scores / params.temperature).softmax(dim=-1)
@@ -159,6 +162,8 @@ class HFBackend:
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.eos_ids[0]
         self.batching = "continuous" if continuous_batching_supported(model) else "static"
+        # tokens never to generate, as transformers' `generate` reads them (e.g. a soft prompt's: input-only)
+        self.banned = sorted(set(getattr(model.generation_config, "suppress_tokens", None) or []))
 
     @classmethod
     def load(cls, model: str, *, batch_size: int | str = "auto", batch_tokens: int | str = "auto",
@@ -289,7 +294,7 @@ class HFBackend:
                         self.stats["row_steps"] += len(rows)
                         self._count_in_flight(mask, filling)
                         pos = pos + 1
-                        last = draw(logits, [r.generator for r in rows], params, vocab)
+                        last = draw(logits, [r.generator for r in rows], params, vocab, self.banned)
                         fresh = 0
                     keep = take(fresh)
                     if len(keep) < len(rows):
@@ -348,7 +353,7 @@ class HFBackend:
         f.done = end
         if end < f.ids.shape[1]:
             return None
-        return draw(logits, [r.generator for r in f.rows], params, vocab)
+        return draw(logits, [r.generator for r in f.rows], params, vocab, self.banned)
 
     def _count_in_flight(self, mask: Any, filling: _Filling | None) -> None:
         """Record the most tokens of KV cache held at once: the batch's (padding included) and the filling rows'."""
@@ -397,7 +402,7 @@ class HFBackend:
                     self.stats["row_steps"] += len(rows)
                     pos = pos + 1
                     idx = torch.tensor(active, dtype=torch.long, device=self.device)
-                    last = draw(logits[idx], [rows[j].generator for j in active], params, vocab)
+                    last = draw(logits[idx], [rows[j].generator for j in active], params, vocab, self.banned)
                     feed[idx] = last
         except BaseException:
             queue.extendleft((r.index, r.sample, r.seed) for r in reversed(unfinished))
@@ -445,7 +450,7 @@ class HFBackend:
         ids, mask = self._left_padded(prompts, new)
         positions = (mask.cumsum(dim=1) - 1).clamp_(min=0)
         logits = self._forward(ids, mask, positions, cache)
-        return cache, mask, draw(logits, [r.generator for r in new], params, vocab)
+        return cache, mask, draw(logits, [r.generator for r in new], params, vocab, self.banned)
 
     def _completion(self, prompt: Sequence[int], row: _Row, eos: set[int]) -> Completion:
         tokens = row.tokens
