@@ -189,9 +189,26 @@ def test_promot_trains_its_soft_prompt_first_then_lora_beside_it(tmp_path):
     assert "prompt_train" not in dumped[0] and dumped[2]["prompt_train"] == {"epochs": 1}
 
 
+def test_promot_true_gives_an_arm_with_diverse_rows_a_soft_prompt_phase_on_the_task_rows(tmp_path):
+    exp = _load(tmp_path, arms=[{"name": "sft", "kind": "sft"}, {"name": "p", "kind": "promot"},
+                                {"name": "pk", "kind": "delia-kl", "ratio": 2, "promot": True},
+                                {"name": "d", "kind": "delia", "ratios": [1, 2], "promot": True,
+                                 "prompt_train": {"epochs": 1}}])
+    promot, with_kl = exp.arm_phases(exp.arms[1], 0), exp.arm_phases(exp.arms[2], 0)
+    assert with_kl[0] == promot[0]  # the soft prompt's phase knows no diverse rows: one stage for both arms
+    assert (with_kl[1].lora, with_kl[1].soft_prompt, with_kl[1].diverse_loss) == (True, 16, "kl")
+    assert [(a.name, a.promot, len(exp.arm_phases(a, 0))) for a in exp.arms[3:]] == [("d-1", True, 2), ("d-2", True, 2)]
+    assert exp.arm_phases(exp.arms[3], 0)[0].epochs == 1
+    dumped = exp.model_dump(mode="json")["arms"]
+    assert "promot" not in dumped[0] and "promot" not in dumped[1] and dumped[2]["promot"] is True
+
+
 @pytest.mark.parametrize("arm, message", [
-    ({"name": "p", "kind": "promot", "ratio": 1}, "kind promot needs ratio 0"),
+    ({"name": "p", "kind": "promot", "ratio": 1}, "with diverse rows, give the kind of those .* and `promot: true`"),
+    ({"name": "p", "kind": "sft", "promot": True}, "is kind promot: give `kind: promot`"),
+    ({"name": "p", "kind": "delia", "ratio": 1, "prompt_train": {"epochs": 1}}, "`prompt_train` is for kind promot"),
     ({"name": "p", "kind": "sft", "prompt_train": {"epochs": 1}}, "`prompt_train` is for kind promot"),
+    ({"name": "s", "kind": "scaled", "of": "sft", "scales": [0.5], "promot": True}, "`promot` or `prompt_train`"),
     ({"name": "p", "kind": "promot", "prompt_train": {"epoch": 1}}, "did you mean 'epochs'"),
     ({"name": "p", "kind": "promot", "train": {"train_rows": "all"}}, "`train_rows` new"),
 ])

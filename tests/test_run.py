@@ -279,6 +279,21 @@ def test_a_short_pool_is_flagged_by_the_plan_and_refused_by_the_run(experiment, 
     assert not list((tmp_path / "out" / "stages").glob("sample-*"))  # refused before sampling
 
 
+def test_the_plan_counts_a_soft_prompt_phase_on_the_task_rows_alone(experiment):
+    from delia.plan import plan_experiment
+    from delia.run import resolve_paths
+
+    config = yaml.safe_load(experiment.read_text())
+    kl = {"kind": "delia-kl", "diverse": "reference", "ratio": 1}
+    config["arms"] = [{"name": "sft", "ratio": 0}, {"name": "kl", **kl},
+                      {"name": "pk", **kl, "promot": True, "prompt_train": {"epochs": 3}}]
+    config["train"] = {"epochs": 1, "batch_size": 2}
+    experiment.write_text(yaml.safe_dump(config))
+    sft, kl, pk = plan_experiment(resolve_paths(load_experiment(experiment)), 1e9).arms
+    assert pk.trained_tokens == pytest.approx(kl.trained_tokens + 3 * sft.trained_tokens)
+    assert pk.forward_only_tokens == kl.forward_only_tokens > 0  # the soft prompt's phase has no KL rows
+
+
 @pytest.mark.parametrize("arm, message", [
     ({"name": "a", "kind": "sft", "ratio": 1}, "kind sft needs ratio 0"),
     ({"name": "a", "kind": "delia"}, "kind delia needs a ratio above 0"),
@@ -464,18 +479,27 @@ def test_a_promot_arm_trains_two_phases_and_puts_its_soft_prompt_before_task_pro
     config = yaml.safe_load(experiment.read_text())
     config.update(seeds=[0], eval_base=False, arms=[
         {"name": "sft", "kind": "sft"},
-        {"name": "promot", "kind": "promot", "train": {"soft_prompt": 2}, "prompt_train": {"max_steps": 1}}])
+        {"name": "promot", "kind": "promot", "train": {"soft_prompt": 2}, "prompt_train": {"max_steps": 1}},
+        {"name": "promot-kl", "kind": "delia-kl", "diverse": "reference", "ratio": 1, "promot": True,
+         "train": {"soft_prompt": 2}, "prompt_train": {"max_steps": 1}}])
     config["task"]["add_tokens"] = {"<sep>": None}  # no probe stage
     experiment.write_text(yaml.safe_dump(config))
     out = tmp_path / "out"
     result = run_experiment(load_experiment(experiment), out)
     trains = {t["label"]: (p, t) for p in (out / "stages").glob("train-*")
               for t in [json.loads((p / "stage.json").read_text())]}
-    assert sorted(trains) == ["promot seed 0 phase 1", "promot seed 0 phase 2", "sft seed 0"]
+    # the soft prompt's phase trains on the task rows alone, so promot-kl's is promot's, cached
+    assert sorted(trains) == ["promot seed 0 phase 1", "promot seed 0 phase 2", "promot-kl seed 0 phase 2",
+                              "sft seed 0"]
+    assert "train:promot-kl seed 0 phase 1" in result["stages_cached"]
+    data = {label: t["inputs"]["data"] for label, (_, t) in trains.items()}
+    assert data["promot seed 0 phase 1"] == data["sft seed 0"] != data["promot-kl seed 0 phase 2"]
     first, second = (TrainRecord.read(trains[f"promot seed 0 phase {i}"][0] / "adapter") for i in (1, 2))
     assert (first.settings["lora"], second.settings["lora"]) == (False, True)
     assert second.settings["token_rows_from"] == str(trains["promot seed 0 phase 1"][0] / "adapter")
     assert trains["promot seed 0 phase 2"][1]["inputs"]["token_rows_from"]  # keyed by the rows, not the path
+    kl = TrainRecord.read(trains["promot-kl seed 0 phase 2"][0] / "adapter")
+    assert kl.settings["diverse_loss"] == "kl" and kl.settings["token_rows_from"] == second.settings["token_rows_from"]
     evals = {json.loads((p / "stage.json").read_text())["label"]: p for p in (out / "stages").glob("eval-*")}
     scores = json.loads((evals["promot seed 0"] / "scores.json").read_text())
     assert scores["soft_prompt"] == "<soft_0><soft_1>"

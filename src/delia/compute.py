@@ -79,7 +79,7 @@ def training_cost(model_path: str | Path, run: TrainedTokens) -> dict[str, float
 
 
 def sum_trained(runs: list[TrainedTokens]) -> TrainedTokens:
-    """The token counts of an arm's trainings together (kind promot trains twice)."""
+    """The token counts of an arm's trainings together (a `promot` arm trains twice)."""
     return TrainedTokens(**{k: sum(getattr(r, k) for r in runs) for k in TrainedTokens.model_fields})
 
 

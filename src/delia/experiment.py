@@ -122,6 +122,9 @@ def arm_kind(kind: str | None, ratio: float, diverse: str | None) -> tuple[str, 
     if kind == "sdft" and ratio != 0:
         raise ValueError("kind sdft is the rewritten task rows alone (ratio 0); with diverse rows, give the kind "
                          "of those (delia, delia-kl) and `rewrite: true`")
+    if kind == PROMOT and ratio != 0:
+        raise ValueError("kind promot is the task rows alone (ratio 0); with diverse rows, give the kind of those "
+                         "(delia, delia-kl) and `promot: true`")
     if kind not in ARM_KINDS:
         close = difflib.get_close_matches(kind, [*ARM_KINDS, SCALED], n=1)
         raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join([*ARM_KINDS, SCALED])}"
@@ -166,19 +169,24 @@ class Arm(BaseModel):
     scale: float | None = Field(None, description="Kind scaled: this arm's factor (set at load from `scales`).")
     rewrite: bool = Field(False, description="Train on the task rows as the model rewrote them, shown the reference "
                           "(SDFT, `delia rewrite`; kind sdft sets it), beside the arm's diverse rows if it has any.")
-    prompt_train: dict[str, Any] = Field(default_factory=dict, description="Kind promot: overrides of the train "
+    promot: bool = Field(False, description="Train a soft prompt first on the task rows alone, then the arm's "
+                         "training beside it, frozen (ProMoT; kind promot sets it), with the arm's diverse rows if "
+                         "it has any (never prefixed by the soft prompt).")
+    prompt_train: dict[str, Any] = Field(default_factory=dict, description="With `promot`: overrides of the train "
                                          "settings for its first phase, the soft prompt trained alone on the task "
                                          f"rows (default: {PROMPT_PHASE}; the soft prompt's size is the arm's "
                                          f"`train.soft_prompt`, default {PROMOT_TRAIN['soft_prompt']}).")
 
     @model_serializer(mode="wrap")
     def _without_unset_scaling(self, handler: SerializerFunctionWrapHandler) -> Any:
-        """`of`, `scale` and `rewrite` left out where unset: a dump that names them only for the arms that use them
-        keeps the other arms' dumps, and the stage keys made of them, as they were before those kinds existed."""
+        """`of`, `scale`, `rewrite` and `promot` left out where unset: a dump that names them only for the arms that
+        use them keeps the other arms' dumps, and the stage keys made of them, as they were before they existed."""
         dumped = handler(self)
-        for key in ("of", "scale", "rewrite", "prompt_train"):
+        for key in ("of", "scale", "rewrite", "promot", "prompt_train"):
             if isinstance(dumped, dict) and dumped.get(key) in (None, False, {}):
                 dumped.pop(key, None)
+        if isinstance(dumped, dict) and self.kind == PROMOT:  # implied by the kind, as it was before `promot`
+            dumped.pop("promot", None)
         return dumped
 
     @field_validator("train", "prompt_train")
@@ -193,9 +201,7 @@ class Arm(BaseModel):
             return self._scaled()
         if self.ratios is None:
             self.kind, self.diverse = arm_kind(self.kind, self.ratio, self.diverse)
-            self.rewrite = self.rewrite or self.kind == "sdft"
-            if self.prompt_train and self.kind != PROMOT:
-                raise ValueError("`prompt_train` is for kind promot (its soft prompt's phase)")
+            self._set_by_kind()
             return self
         if "ratio" in self.model_fields_set:
             raise ValueError("give `ratio` or `ratios` (a sweep), not both")
@@ -205,8 +211,19 @@ class Arm(BaseModel):
             raise ValueError("`ratios` needs a ratio above 0 (ratio 0 is the sft arm)")
         if self.kind == "sft":
             raise ValueError("kind sft has no diverse rows to sweep: `ratios` needs a kind with them")
-        arm_kind(self.kind, max(self.ratios), self.diverse)  # the rules of every swept arm: all ratios are > 0
+        # the rules of every swept arm: all ratios are > 0
+        self._set_by_kind(arm_kind(self.kind, max(self.ratios), self.diverse)[0])
         return self
+
+    def _set_by_kind(self, kind: str | None = None) -> None:
+        """`rewrite` and `promot` as the kinds sdft and promot imply them (`kind`: a sweep's, else the arm's)."""
+        kind = kind or self.kind
+        self.rewrite = self.rewrite or kind == "sdft"
+        self.promot = self.promot or kind == PROMOT
+        if self.promot and kind == "sft":
+            raise ValueError("kind sft with `promot: true` is kind promot: give `kind: promot`")
+        if self.prompt_train and not self.promot:
+            raise ValueError("`prompt_train` is for kind promot or `promot: true` (its soft prompt's phase)")
 
     def _scaled(self) -> Arm:
         """A scaled arm as written: `of` and `scales`, and nothing that trains."""
@@ -218,9 +235,9 @@ class Arm(BaseModel):
             raise ValueError("give `scales`, a list: each scale is an arm named `<name>-<scale>`")
         if not self.scales or min(self.scales) <= 0 or len(set(self.scales)) != len(self.scales):
             raise ValueError(f"`scales` must be distinct and above 0 (0 is the base model), got {self.scales}")
-        if set(self.model_fields_set) & {"ratio", "ratios", "diverse", "train", "rewrite", "prompt_train"}:
-            raise ValueError("kind scaled trains nothing: no `ratio`, `ratios`, `diverse`, `train`, `rewrite` or "
-                             "`prompt_train` (the `of` arm's training is scaled)")
+        if set(self.model_fields_set) & {"ratio", "ratios", "diverse", "train", "rewrite", "promot", "prompt_train"}:
+            raise ValueError("kind scaled trains nothing: no `ratio`, `ratios`, `diverse`, `train`, `rewrite`, "
+                             "`promot` or `prompt_train` (the `of` arm's training is scaled)")
         return self
 
     @property
@@ -385,17 +402,20 @@ class Experiment(BaseModel):
         of diverse rows (set only where it is not the default, so the default's stage keys stay as they were).
         Checked whole when the experiment is loaded."""
         update = {**arm.train, "seed": seed} | ({"diverse_loss": arm.diverse_loss} if arm.diverse_loss != "ce" else {})
-        if arm.kind == PROMOT:
+        if arm.promot:
             update = PROMOT_TRAIN | update
         return self.train.model_copy(update=update)
 
     def arm_phases(self, arm: Arm, seed: int) -> list[TrainConfig]:
-        """The trainings of `arm` at `seed`, in order: one, or for kind promot the soft prompt alone (its
-        `prompt_train` over `PROMPT_PHASE`), then LoRA beside it (`arm_train`; the run gives it the first's rows)."""
+        """The trainings of `arm` at `seed`, in order: one, or with `promot` the soft prompt alone on the task rows
+        alone (its `prompt_train` over `PROMPT_PHASE`), then LoRA beside it on the arm's rows (`arm_train`; the run
+        gives it the first's rows)."""
         last = self.arm_train(arm, seed)
-        if arm.kind != PROMOT:
+        if not arm.promot:
             return [last]
-        return [last.model_copy(update={**PROMPT_PHASE, **arm.prompt_train, "lora": False}), last]
+        # without the kind's loss of diverse rows, which it has none of: one such phase for promot and delia-kl
+        alone = self.train.model_copy(update={**PROMOT_TRAIN, **arm.train, "seed": seed})
+        return [alone.model_copy(update={**PROMPT_PHASE, **arm.prompt_train, "lora": False}), last]
 
     def arm_mix(self, arm: Arm, seed: int) -> MixConfig:
         """The mixing options of `arm` at `seed`: the mix section with the arm's ratio and the seed."""

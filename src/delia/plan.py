@@ -91,17 +91,19 @@ def plan_experiment(exp: Experiment, flops_per_s: float | None = None) -> CostPl
         available = sampled.generated if arm.samples else round(len(references) * scale)
         asked = exp.arm_mix(arm, exp.seeds[0]).diverse_asked(len(task_rows))
         diverse = min(available, asked)
-        passes = 0.0  # over the task and diverse rows, summed over the arm's trainings
-        for training in exp.arm_phases(arm, exp.seeds[0]):
-            passes += training.epochs
-            if (steps := training.max_steps) > 0:  # max_steps wins over epochs (one process)
-                rows_per_step = training.batch_size * training.grad_accum
-                passes += steps * rows_per_step / (len(task_rows) + diverse) - training.epochs
         diverse_tokens = diverse * (self_row if arm.samples else ref_row)
         data_tokens = task_tokens + diverse_tokens
+        trained = forward_only = 0.0  # summed over the arm's trainings; a soft prompt's trains on the task rows only
+        for training in exp.arm_phases(arm, exp.seeds[0]):
+            alone = training.trains_soft_prompt()
+            rows = len(task_rows) + (0 if alone else diverse)
+            passes = float(training.epochs)
+            if (steps := training.max_steps) > 0:  # max_steps wins over epochs (one process)
+                passes = steps * training.batch_size * training.grad_accum / rows
+            trained += (task_tokens if alone else data_tokens) * passes
+            forward_only += diverse_tokens * passes if arm.diverse_loss == "kl" and not alone else 0
         training_run = TrainedTokens(rows=len(task_rows) + diverse, train_tokens=data_tokens,
-                                     tokens_trained=data_tokens * passes,
-                                     tokens_forward_only=diverse_tokens * passes if arm.diverse_loss == "kl" else 0)
+                                     tokens_trained=trained, tokens_forward_only=forward_only)
         share = diverse / sampled.generated if arm.samples and sampled.generated else 0.0
         cost = arm_cost(model_path, training_run, sampled, share, rewriting if arm.rewrite else None)
         cost["est_wall_s"] = cost["sample_flops"] / rates["sample"] + cost["train_flops"] / rates["train"]

@@ -178,7 +178,7 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
             label = f"{arm.name} seed {seed}"
             wall: dict[str, float] = {}
             share = 0.0  # of the sampling run this arm's diverse rows took
-            train_data = task_rows[arm.rewrite]
+            train_data = alone = task_rows[arm.rewrite]
             if arm.rewrite and rewritten is not None:
                 wall["rewrite"] = rewritten.wall_s
             if arm.ratio > 0:
@@ -195,7 +195,8 @@ def run_experiment(exp: Experiment, out: Path, flops_per_s: float | None = None,
             for i, phase in enumerate(phases := exp.arm_phases(arm, seed)):
                 training = TrainConfig.build(phase, model=model_path, add_token=token_specs, eval_data=train_eval,
                                              resume=True, **({"token_rows_from": adapter} if adapter else {}))
-                tfolder, trained_rec = cache.run(TrainStage(train_data, training, model_id, label + (
+                data = alone if training.trains_soft_prompt() else train_data  # a soft prompt learns the task only
+                tfolder, trained_rec = cache.run(TrainStage(data, training, model_id, label + (
                     f" phase {i + 1}" if len(phases) > 1 else "")), progress)
                 adapter, train_identity = tfolder / "adapter", trained_rec.inputs
                 wall["train"] = wall.get("train", 0.0) + trained_rec.wall_s
