@@ -43,6 +43,21 @@ def test_the_cache_runs_a_stage_once_per_identity(tmp_path):
     assert cache.done == ["count:one", "count:"] and cache.skipped == ["count:"]
 
 
+def test_the_cache_computes_a_stage_identity_once_per_run(tmp_path):
+    """An identity hashes the stage's input files (a pool of megabytes): the key and stage.json share one."""
+    calls = []
+
+    class Hashing(Counting):
+        def identity(self) -> dict[str, Any]:
+            calls.append(self.value)
+            return super().identity()
+
+    cache = StageCache(tmp_path)
+    cache.run(Hashing(3, []))
+    cache.run(Hashing(3, []))  # cached
+    assert calls == [3, 3]
+
+
 def test_a_stage_killed_before_its_record_runs_again(tmp_path):
     runs: list[int] = []
     stage = Counting(3, runs)

@@ -96,10 +96,10 @@ def plan_experiment(exp: Experiment, flops_per_s: float | None = None) -> CostPl
         trained = forward_only = 0.0  # summed over the arm's trainings; a soft prompt's trains on the task rows only
         for training in exp.arm_phases(arm, exp.seeds[0]):
             alone = training.trains_soft_prompt()
-            rows = len(task_rows) + (0 if alone else diverse)
+            phase_rows = len(task_rows) + (0 if alone else diverse)
             passes = float(training.epochs)
             if (steps := training.max_steps) > 0:  # max_steps wins over epochs (one process)
-                passes = steps * training.batch_size * training.grad_accum / rows
+                passes = steps * training.batch_size * training.grad_accum / phase_rows
             trained += (task_tokens if alone else data_tokens) * passes
             forward_only += diverse_tokens * passes if arm.diverse_loss == "kl" and not alone else 0
         training_run = TrainedTokens(rows=len(task_rows) + diverse, train_tokens=data_tokens,

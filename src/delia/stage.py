@@ -43,9 +43,11 @@ class Stage(ABC, Generic[R]):
     def run(self, folder: Path, progress: ProgressCallback | None = None) -> R:
         """Make the output in `folder`; returns what stage.json keeps as the result."""
 
-    def key(self) -> str:
-        """The identity's hash: a stage folder's name, so equal work is found again."""
-        return sha256_json({"stage": self.name, "inputs": self.identity(), "delia": __version__})[:12]
+    def key(self, identity: Mapping[str, Any] | None = None) -> str:
+        """The identity's hash (`identity`: the one already computed): a stage folder's name, so equal work is found
+        again."""
+        inputs = self.identity() if identity is None else identity
+        return sha256_json({"stage": self.name, "inputs": inputs, "delia": __version__})[:12]
 
     def done(self, folder: Path) -> StageRecord[Any] | None:
         """The finished stage's record in `folder`, or None when it did not finish there."""
@@ -94,7 +96,8 @@ class StageCache:
 
     def run(self, stage: Stage[Any], progress: ProgressCallback | None = None) -> tuple[Path, StageRecord[Any]]:
         """(the stage's folder, its stage.json) with the result read as the stage's `result` type."""
-        folder = self.root / f"{stage.name}-{stage.key()}"
+        identity = stage.identity()  # once: it hashes the stage's input files
+        folder = self.root / f"{stage.name}-{stage.key(identity)}"
         if (record := stage.done(folder)) is not None:
             self.skipped.append(f"{stage.name}:{stage.label}")
             log.info("cached %s %s -> %s", stage.name, stage.label, folder)
@@ -103,7 +106,7 @@ class StageCache:
         log.info("-- %s %s -> %s", stage.name, stage.label, folder)
         start = time.perf_counter()
         result = stage.run(folder, progress)
-        StageRecord(stage=stage.name, label=stage.label, inputs=stage.identity(),
+        StageRecord(stage=stage.name, label=stage.label, inputs=identity,
                     wall_s=round(time.perf_counter() - start, 2), result=result).write(folder)
         self.done.append(f"{stage.name}:{stage.label}")
         record = stage.done(folder)
