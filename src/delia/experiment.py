@@ -170,8 +170,8 @@ class Arm(BaseModel):
     rewrite: bool = Field(False, description="Train on the task rows as the model rewrote them, shown the reference "
                           "(SDFT, `delia rewrite`; kind sdft sets it), beside the arm's diverse rows if it has any.")
     promot: bool = Field(False, description="Train a soft prompt first on the task rows alone, then the arm's "
-                         "training beside it, frozen (ProMoT; kind promot sets it), with the arm's diverse rows if "
-                         "it has any (never prefixed by the soft prompt).")
+                         "training beside it, frozen (ProMoT; kind promot implies it), with the arm's diverse rows "
+                         "if it has any (never prefixed by the soft prompt).")
     prompt_train: dict[str, Any] = Field(default_factory=dict, description="With `promot`: overrides of the train "
                                          "settings for its first phase, the soft prompt trained alone on the task "
                                          f"rows (default: {PROMPT_PHASE}; the soft prompt's size is the arm's "
@@ -185,8 +185,6 @@ class Arm(BaseModel):
         for key in ("of", "scale", "rewrite", "promot", "prompt_train"):
             if isinstance(dumped, dict) and dumped.get(key) in (None, False, {}):
                 dumped.pop(key, None)
-        if isinstance(dumped, dict) and self.kind == PROMOT:  # implied by the kind, as it was before `promot`
-            dumped.pop("promot", None)
         return dumped
 
     @field_validator("train", "prompt_train")
@@ -201,7 +199,7 @@ class Arm(BaseModel):
             return self._scaled()
         if self.ratios is None:
             self.kind, self.diverse = arm_kind(self.kind, self.ratio, self.diverse)
-            self._set_by_kind()
+            self._checked_by_kind()
             return self
         if "ratio" in self.model_fields_set:
             raise ValueError("give `ratio` or `ratios` (a sweep), not both")
@@ -211,18 +209,17 @@ class Arm(BaseModel):
             raise ValueError("`ratios` needs a ratio above 0 (ratio 0 is the sft arm)")
         if self.kind == "sft":
             raise ValueError("kind sft has no diverse rows to sweep: `ratios` needs a kind with them")
-        # the rules of every swept arm: all ratios are > 0
-        self._set_by_kind(arm_kind(self.kind, max(self.ratios), self.diverse)[0])
+        arm_kind(self.kind, max(self.ratios), self.diverse)  # the rules of every swept arm: all ratios are > 0
+        self._checked_by_kind()
         return self
 
-    def _set_by_kind(self, kind: str | None = None) -> None:
-        """`rewrite` and `promot` as the kinds sdft and promot imply them (`kind`: a sweep's, else the arm's)."""
-        kind = kind or self.kind
-        self.rewrite = self.rewrite or kind == "sdft"
-        self.promot = self.promot or kind == PROMOT
-        if self.promot and kind == "sft":
+    def _checked_by_kind(self) -> None:
+        """`rewrite` as kind sdft implies it; `promot` and `prompt_train` where they fit the kind (a sweep line's
+        kind, written or not, is never sft, sdft or promot: those are refused before)."""
+        self.rewrite = self.rewrite or self.kind == "sdft"
+        if self.promot and self.kind == "sft":
             raise ValueError("kind sft with `promot: true` is kind promot: give `kind: promot`")
-        if self.prompt_train and not self.promot:
+        if self.prompt_train and not self.soft_prompt_first:
             raise ValueError("`prompt_train` is for kind promot or `promot: true` (its soft prompt's phase)")
 
     def _scaled(self) -> Arm:
@@ -243,6 +240,11 @@ class Arm(BaseModel):
     @property
     def diverse_loss(self) -> str:
         return ARM_KINDS[str(self.kind)][1] or "ce"
+
+    @property
+    def soft_prompt_first(self) -> bool:
+        """Whether the arm trains ProMoT's soft prompt first (kind promot, or `promot: true`)."""
+        return self.promot or self.kind == PROMOT
 
     @property
     def samples(self) -> bool:
@@ -402,7 +404,7 @@ class Experiment(BaseModel):
         of diverse rows (set only where it is not the default, so the default's stage keys stay as they were).
         Checked whole when the experiment is loaded."""
         update = {**arm.train, "seed": seed} | ({"diverse_loss": arm.diverse_loss} if arm.diverse_loss != "ce" else {})
-        if arm.promot:
+        if arm.soft_prompt_first:
             update = PROMOT_TRAIN | update
         return self.train.model_copy(update=update)
 
@@ -411,7 +413,7 @@ class Experiment(BaseModel):
         alone (its `prompt_train` over `PROMPT_PHASE`), then LoRA beside it on the arm's rows (`arm_train`; the run
         gives it the first's rows)."""
         last = self.arm_train(arm, seed)
-        if not arm.promot:
+        if not arm.soft_prompt_first:
             return [last]
         # without the kind's loss of diverse rows, which it has none of: one such phase for promot and delia-kl
         alone = self.train.model_copy(update={**PROMOT_TRAIN, **arm.train, "seed": seed})
