@@ -35,11 +35,21 @@ class FakeServer:
                     count = len(server.requests)
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                released = False
+
+                def release():  # before the last bytes go out: once the client has them, it may send the next
+                    nonlocal released
+                    if not released:
+                        released = True
+                        with server.lock:
+                            server.in_flight -= 1
+
                 try:
                     time.sleep(slow_first if count == 1 else 0.01)
                     if fail_every and count % fail_every == 0:
                         self.send_response(status)
                         self.end_headers()
+                        release()
                         self.wfile.write(b'{"error": "overloaded"}')
                         return
                     prompt = body["prompt"]
@@ -53,12 +63,12 @@ class FakeServer:
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
+                    release()
                     self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client timed out and hung up
                 finally:
-                    with server.lock:
-                        server.in_flight -= 1
+                    release()
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
